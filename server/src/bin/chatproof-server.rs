@@ -1,0 +1,96 @@
+//! `chatproof-server`: parses the command line, wires the services, serves until Ctrl-C.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context};
+use chatproof_server::clock::SystemClock;
+use chatproof_server::config::{LogFormat, ServeArgs, StorageArgs};
+use chatproof_server::service::ChatService;
+use chatproof_server::store::embedded::EmbeddedStore;
+use clap::{Parser, Subcommand};
+
+/// chatproof reference chat server: ordered, durable delivery over WebSocket (protocol v1, see docs/PROTOCOL.md).
+#[derive(Debug, Parser)]
+#[command(name = "chatproof-server", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve clients on embedded storage until Ctrl-C or SIGTERM, then drain connections.
+    Serve(ServeArgs),
+    /// Print a bearer token for a user (for tests and load runs).
+    Token {
+        /// The user id the token asserts.
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+        #[command(flatten)]
+        storage: StorageArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token { user, ttl_secs, storage } => {
+            chatproof_server::protocol::validate_user_id(&user).map_err(|e| anyhow!(e.message))?;
+            let key = storage.token_key().map_err(|e| anyhow!(e))?;
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            println!("{}", key.mint(&user, now + ttl_secs));
+            Ok(())
+        }
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let limits = args.limits().map_err(|e| anyhow!("invalid limits: {e}"))?;
+    let key = args.storage.token_key().map_err(|e| anyhow!(e))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let store = EmbeddedStore::open(&args.storage.data_dir)
+            .with_context(|| format!("opening the store in {}", args.storage.data_dir.display()))?;
+        let service = Arc::new(ChatService::new(Arc::new(store), Arc::new(SystemClock), limits, key));
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let local = listener.local_addr()?;
+        tracing::info!(listen = %local, data_dir = %args.storage.data_dir.display(), "chatproof-server ready");
+        println!("listening on {local}");
+        chatproof_server::run(listener, service, shutdown_signal()).await;
+        tracing::info!("chatproof-server stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

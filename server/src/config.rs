@@ -1,0 +1,107 @@
+//! Command-line and environment configuration (`clap`); every flag has a
+//! `CHATPROOF_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::auth::TokenKey;
+use crate::limits::Limits;
+
+/// Where the server keeps its data and how it is reached.
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Directory for the embedded database and the generated secret.
+    #[arg(long, env = "CHATPROOF_DATA_DIR", default_value = "chatproof-data")]
+    pub data_dir: PathBuf,
+    /// Token signing secret (at least 16 bytes). Default: `DATA_DIR/secret`, created on first use.
+    #[arg(long, env = "CHATPROOF_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `chatproof-server serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTP: /v1/ws, /metrics, /healthz).
+    #[arg(long, env = "CHATPROOF_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Largest text message, in bytes.
+    #[arg(long, env = "CHATPROOF_TEXT_MAX_BYTES", default_value_t = crate::limits::TEXT_LEN_MAX_BYTES_DEFAULT)]
+    pub text_max_bytes: usize,
+    /// Largest WebSocket frame, in bytes; larger frames close the connection.
+    #[arg(long, env = "CHATPROOF_FRAME_MAX_BYTES", default_value_t = crate::limits::FRAME_LEN_MAX_BYTES_DEFAULT)]
+    pub frame_max_bytes: usize,
+    /// Most members in a group, the owner included.
+    #[arg(long, env = "CHATPROOF_GROUP_MAX_MEMBERS", default_value_t = crate::limits::GROUP_MEMBERS_MAX_DEFAULT)]
+    pub group_max_members: usize,
+    /// Most concurrent connections.
+    #[arg(long, env = "CHATPROOF_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+    /// How long messages are kept, in seconds (default 366 days).
+    #[arg(long, env = "CHATPROOF_RETENTION_SECS", default_value_t = crate::limits::RETENTION_DEFAULT.as_secs())]
+    pub retention_secs: u64,
+    /// How often expired messages are deleted, in seconds.
+    #[arg(long, env = "CHATPROOF_EXPIRY_SWEEP_SECS", default_value_t = 600)]
+    pub expiry_sweep_secs: u64,
+    /// Close connections silent for this long, in seconds (the server pings at a third of it).
+    #[arg(long, env = "CHATPROOF_IDLE_TIMEOUT_SECS", default_value_t = 90)]
+    pub idle_timeout_secs: u64,
+    /// Log format.
+    #[arg(long, env = "CHATPROOF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// The limits these flags describe, validated.
+    pub fn limits(&self) -> Result<Limits, String> {
+        let limits = Limits {
+            text_len_max_bytes: self.text_max_bytes,
+            frame_len_max_bytes: self.frame_max_bytes,
+            group_members_max: self.group_max_members,
+            connections_max: self.max_connections,
+            retention: Duration::from_secs(self.retention_secs),
+            expiry_sweep_interval: Duration::from_secs(self.expiry_sweep_secs.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(3)),
+            ..Limits::default()
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
+}
+
+impl StorageArgs {
+    /// The token key: `--secret`, or the secret file in the data directory (created if absent).
+    pub fn token_key(&self) -> Result<TokenKey, String> {
+        match &self.secret {
+            Some(secret) => TokenKey::new(secret.as_bytes()),
+            None => TokenKey::new(load_or_create_secret(&self.data_dir)?.as_bytes()),
+        }
+    }
+}
+
+fn load_or_create_secret(dir: &Path) -> Result<String, String> {
+    let path = dir.join("secret");
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        return Ok(secret.trim().to_owned());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut bytes = [0u8; 32];
+    let mut urandom = std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
+    std::io::Read::read_exact(&mut urandom, &mut bytes).map_err(|e| format!("/dev/urandom: {e}"))?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &secret).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(secret)
+}

@@ -1,0 +1,111 @@
+//! The local hub: which devices are connected to this server, and fan-out to them.
+//!
+//! A pushed frame is serialized once and shared by every receiving device
+//! (`Utf8Bytes` is reference-counted). Each device has a bounded queue; a
+//! device whose queue is full is dropped (its session closes with
+//! `slow_consumer`) rather than letting one slow reader hold memory without bound.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::protocol::{Entry, ProtocolError};
+
+/// Something for one device's session to write.
+#[derive(Debug, Clone)]
+pub enum Push {
+    /// A conversation entry and its pre-serialized `msg` frame.
+    Entry(Arc<Entry>, Utf8Bytes),
+    /// Any other pre-serialized frame (receipts).
+    Frame(Utf8Bytes),
+    /// Close the session with this error.
+    Close(ProtocolError),
+}
+
+struct DeviceSlot {
+    conn_id: u64,
+    device: String,
+    queue: mpsc::Sender<Push>,
+}
+
+/// Registry of connected devices by user, with fan-out.
+#[derive(Default)]
+pub struct Hub {
+    users: Mutex<HashMap<String, Vec<DeviceSlot>>>,
+    next_conn_id: AtomicU64,
+}
+
+/// A device's place in the hub; pass it back to [`Hub::unregister`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId(u64);
+
+impl Hub {
+    /// Registers `device` of `user`; an older connection of the same device is told to close.
+    pub fn register(&self, user: &str, device: &str, queue_len: usize) -> (ConnId, mpsc::Receiver<Push>) {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let mut users = self.users.lock().expect("hub lock");
+        let slots = users.entry(user.to_owned()).or_default();
+        if let Some(i) = slots.iter().position(|s| s.device == device) {
+            let old = slots.swap_remove(i);
+            let _ = old.queue.try_send(Push::Close(ProtocolError::new(
+                crate::protocol::ErrorCode::Replaced,
+                "this device connected again; this connection is closed",
+            )));
+        }
+        slots.push(DeviceSlot {
+            conn_id,
+            device: device.to_owned(),
+            queue: tx,
+        });
+        (ConnId(conn_id), rx)
+    }
+
+    /// Removes a connection (no-op if it was already replaced or dropped).
+    pub fn unregister(&self, user: &str, conn: ConnId) {
+        let mut users = self.users.lock().expect("hub lock");
+        if let Some(slots) = users.get_mut(user) {
+            slots.retain(|s| s.conn_id != conn.0);
+            if slots.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Queues `push` for every connected device of every user in `users`.
+    ///
+    /// Returns how many devices it was queued for. Devices whose queue is full
+    /// are dropped from the hub.
+    pub fn publish(&self, users: &[String], push: &Push) -> usize {
+        let mut queued = 0;
+        let mut users_map = self.users.lock().expect("hub lock");
+        for user in users {
+            let Some(slots) = users_map.get_mut(user) else {
+                continue;
+            };
+            slots.retain(|slot| match slot.queue.try_send(push.clone()) {
+                Ok(()) => {
+                    queued += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(user, device = slot.device, "device queue full; dropping the connection");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+            if slots.is_empty() {
+                users_map.remove(user);
+            }
+        }
+        queued
+    }
+
+    /// Number of connected devices of `user`.
+    pub fn devices_online(&self, user: &str) -> usize {
+        self.users.lock().expect("hub lock").get(user).map_or(0, Vec::len)
+    }
+}

@@ -1,0 +1,26 @@
+//! chatproof reference chat server.
+//!
+//! # Layout
+//! - [`protocol`]: wire frames, error codes and id rules (no I/O).
+//! - [`domain`]: conversations, membership, cursors, and the per-device ordered stream (no I/O).
+//! - [`store`]: the storage trait and its embedded (redb) backend.
+//! - [`hub`]: connected devices on this server and fan-out to them.
+//! - [`service`]: every operation, on top of store and hub; knows no transport.
+//! - [`transport`]: HTTP routing and the WebSocket session loop.
+//! - [`server`]: `run(listener, service, shutdown)`.
+//! - [`auth`], [`clock`], [`limits`], [`metrics`], [`config`]: the edges and knobs.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod transport;
+
+pub use server::run;

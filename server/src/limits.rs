@@ -1,0 +1,75 @@
+//! Limits on everything a client can make the server hold, with units in their names.
+
+use std::time::Duration;
+
+/// Configurable limits; [`Limits::default`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest text body, in bytes.
+    pub text_len_max_bytes: usize,
+    /// Largest WebSocket message; larger ones close the connection with `frame_too_large`.
+    pub frame_len_max_bytes: usize,
+    /// Most members of one group, the owner included.
+    pub group_members_max: usize,
+    /// Largest page of `sync` and `history`, and of each catch-up read.
+    pub page_len_max: u32,
+    /// Concurrent connections; more are refused with `overloaded`.
+    pub connections_max: usize,
+    /// Live events queued for one device before it is dropped as `slow_consumer`.
+    pub device_queue_len_max: usize,
+    /// Entries a brand-new device receives per conversation before it pages `history`.
+    pub new_device_recent_len: u64,
+    /// How long a message is kept.
+    pub retention: Duration,
+    /// How often expired messages are swept.
+    pub expiry_sweep_interval: Duration,
+    /// How long a connection may stay silent before the server closes it.
+    pub idle_timeout: Duration,
+    /// How long shutdown waits for sessions to close.
+    pub drain_timeout: Duration,
+}
+
+/// Default text limit: 64 KiB.
+pub const TEXT_LEN_MAX_BYTES_DEFAULT: usize = 64 * 1024;
+/// Default frame limit: text limit plus room for JSON framing and escaping.
+pub const FRAME_LEN_MAX_BYTES_DEFAULT: usize = 2 * TEXT_LEN_MAX_BYTES_DEFAULT + 4096;
+/// Default group size.
+pub const GROUP_MEMBERS_MAX_DEFAULT: usize = 500;
+/// Default retention: 366 days, so "one year" holds in leap years too.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(366 * 24 * 3600);
+
+const _: () = assert!(FRAME_LEN_MAX_BYTES_DEFAULT > TEXT_LEN_MAX_BYTES_DEFAULT);
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            text_len_max_bytes: TEXT_LEN_MAX_BYTES_DEFAULT,
+            frame_len_max_bytes: FRAME_LEN_MAX_BYTES_DEFAULT,
+            group_members_max: GROUP_MEMBERS_MAX_DEFAULT,
+            page_len_max: 500,
+            connections_max: 100_000,
+            device_queue_len_max: 4096,
+            new_device_recent_len: 100,
+            retention: RETENTION_DEFAULT,
+            expiry_sweep_interval: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(90),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the relations between limits; the server refuses to start otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.frame_len_max_bytes <= self.text_len_max_bytes {
+            return Err("frame limit must exceed the text limit".into());
+        }
+        if self.group_members_max < 2 {
+            return Err("groups must allow at least 2 members".into());
+        }
+        if self.page_len_max == 0 || self.device_queue_len_max == 0 || self.connections_max == 0 {
+            return Err("page, queue and connection limits must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! Prometheus metrics, served as text at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// The server's metrics; cheap to update from any task.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket sessions.
+    pub connections: Gauge,
+    /// Messages accepted (new, not retries).
+    pub messages_in: Counter,
+    /// Retries answered with the original ack.
+    pub messages_duplicate: Counter,
+    /// Entries written to devices.
+    pub messages_out: Counter,
+    /// Error replies by code.
+    pub errors: Family<Vec<(String, String)>, Counter>,
+    /// Sequencing time to device write, seconds.
+    pub delivery_latency: Histogram,
+    /// Durable append time (group commit included), seconds.
+    pub store_append_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("chatproof");
+        let connections = Gauge::default();
+        let messages_in = Counter::default();
+        let messages_duplicate = Counter::default();
+        let messages_out = Counter::default();
+        let errors = Family::<Vec<(String, String)>, Counter>::default();
+        let delivery_latency = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        let store_append_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        registry.register("connections", "Open WebSocket sessions", connections.clone());
+        registry.register("messages_in", "Messages accepted and sequenced", messages_in.clone());
+        registry.register("messages_duplicate", "Send retries answered with the original ack", messages_duplicate.clone());
+        registry.register("messages_out", "Entries written to devices", messages_out.clone());
+        registry.register("errors", "Error replies by code", errors.clone());
+        registry.register("delivery_latency_seconds", "From sequencing to the write to a device", delivery_latency.clone());
+        registry.register("store_append_latency_seconds", "Durable append, group commit included", store_append_latency.clone());
+        Self {
+            registry,
+            connections,
+            messages_in,
+            messages_duplicate,
+            messages_out,
+            errors,
+            delivery_latency,
+            store_append_latency,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts an error reply.
+    pub fn count_error(&self, code: crate::protocol::ErrorCode) {
+        let code = serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        self.errors.get_or_create(&vec![("code".to_owned(), code)]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

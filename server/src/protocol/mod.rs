@@ -1,0 +1,17 @@
+//! Wire protocol v1: request and reply frames, events, error codes and id rules.
+//!
+//! Pure data and validation; no I/O. `docs/PROTOCOL.md` is the human-readable
+//! form of this module and must change with it.
+
+mod error;
+mod frames;
+mod ids;
+
+pub use error::{ErrorCode, ProtocolError};
+pub use frames::{
+    Body, ConvKind, ConvSummary, Entry, MemberAction, Receipt,
+    decode_request, AckRequest, AddMembersRequest, ConversationsRequest, CreateGroupRequest,
+    HelloRequest, HistoryRequest, LeaveRequest, OpenDirectRequest, RemoveMembersRequest, Request,
+    SendRequest, ServerFrame, SyncRequest, PROTOCOL_VERSION,
+};
+pub use ids::{validate_conv_id, validate_device_id, validate_message_id, validate_user_id};

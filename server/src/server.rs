@@ -1,0 +1,122 @@
+//! `run(listener, service, shutdown)`: the accept loop, connection limit,
+//! background expiry, and graceful drain. The library never binds a socket or
+//! installs a signal handler itself; the binary, the tests and the simulator do.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::service::ChatService;
+use crate::transport::http::route;
+
+/// Entries deleted per expiry transaction.
+const EXPIRY_BATCH_LEN: u32 = 10_000;
+
+/// Held by every connection (and the session it upgrades to): counts against
+/// the connection limit and keeps shutdown waiting until it is dropped.
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    _drain: mpsc::Sender<()>,
+}
+
+/// Serves `listener` until `shutdown` resolves, then stops accepting, tells
+/// every session to close, and waits (up to the drain timeout) for them.
+pub async fn run(listener: TcpListener, service: Arc<ChatService>, shutdown: impl Future<Output = ()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    let permits = Arc::new(Semaphore::new(service.limits.connections_max));
+    let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let body = r#"{"code":"overloaded","message":"connection limit reached"}"#;
+                let reply = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+            continue;
+        };
+        let guard = Arc::new(ConnGuard {
+            _permit: permit,
+            _drain: drain_tx.clone(),
+        });
+        let service = Arc::clone(&service);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop_for_routes = stop.clone();
+            let svc = service_fn(move |req| {
+                route(req, Arc::clone(&service), stop_for_routes.clone(), Arc::clone(&guard))
+            });
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(drain_tx);
+    let drain_timeout = service.limits.drain_timeout;
+    if tokio::time::timeout(drain_timeout, drain_rx.recv()).await.is_err() {
+        tracing::warn!(?drain_timeout, "sessions still open after the drain timeout");
+    }
+    expiry.abort();
+}
+
+/// Deletes expired entries every sweep interval, in bounded batches.
+async fn expire_forever(service: Arc<ChatService>) {
+    let mut every = tokio::time::interval(service.limits.expiry_sweep_interval);
+    loop {
+        every.tick().await;
+        let retention_ms = u64::try_from(service.limits.retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff_ms = service.clock.now_ms().saturating_sub(retention_ms);
+        loop {
+            match service.store.expire_before(cutoff_ms, EXPIRY_BATCH_LEN).await {
+                Ok(n) if n == u64::from(EXPIRY_BATCH_LEN) => continue,
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(expired = n, "expired entries past retention");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "expiry sweep failed");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Embedded storage on redb: the single-node default, no external service.
+//!
+//! Writes go to one writer thread that commits them in groups (one fsync for
+//! every write waiting at that moment); the caller's future resolves only after
+//! its group is durable. Reads use redb's MVCC read transactions and see only
+//! committed data. Under madsim this backend is not used (it needs an OS thread);
+//! the simulator models crash semantics with its own store.
+
+mod tables;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase};
+use tokio::sync::{mpsc, oneshot};
+
+use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, SEQS, USER_CONVS};
+use self::writer::{WriteCtx, WriteOp};
+use super::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
+use crate::domain::{ConvRecord, Cursor, GroupChange};
+use crate::protocol::Entry;
+
+/// Most write requests committed together in one transaction.
+pub const GROUP_COMMIT_OPS_MAX: usize = 1024;
+
+pub(crate) fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| backend(format!("corrupt record: {e}")))
+}
+
+/// The redb-backed [`Store`].
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    ops: mpsc::UnboundedSender<WriteOp>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file `dir/chatproof.redb` and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
+        let db = Arc::new(Database::create(dir.join("chatproof.redb")).map_err(backend)?);
+        writer::create_tables(&db)?;
+        let (ops, rx) = mpsc::unbounded_channel();
+        let writer_db = Arc::clone(&db);
+        std::thread::Builder::new()
+            .name("chatproof-store-writer".into())
+            .spawn(move || writer::run(&writer_db, rx))
+            .map_err(backend)?;
+        Ok(Self { db, ops })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let op: WriteOp = Box::new(move |ctx| {
+            let result = op(ctx);
+            if let Err(StoreError::Backend(why)) = &result {
+                ctx.failed.get_or_insert_with(|| why.clone());
+            }
+            Box::new(move |committed: Result<(), StoreError>| {
+                let _ = tx.send(committed.and(result));
+            })
+        });
+        self.ops.send(op).map_err(|_| backend("store writer stopped"))?;
+        rx.await.map_err(|_| backend("store writer stopped"))?
+    }
+
+    fn read_conv(&self, conv: &str) -> Result<Option<ConvState>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let convs = txn.open_table(CONVS).map_err(backend)?;
+        let Some(raw) = convs.get(conv).map_err(backend)? else {
+            return Ok(None);
+        };
+        let record: ConvRecord = decode(raw.value())?;
+        let seqs = txn.open_table(SEQS).map_err(backend)?;
+        let last_seq = seqs.get(conv).map_err(backend)?.map_or(0, |g| g.value().0);
+        Ok(Some(ConvState { record, last_seq }))
+    }
+
+    fn read_entries(
+        &self,
+        conv: &str,
+        range: std::ops::RangeInclusive<u64>,
+        limit: u32,
+        newest_first: bool,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let entries = txn.open_table(ENTRIES).map_err(backend)?;
+        let (lo, hi) = range.into_inner();
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let iter = entries.range((conv, lo)..=(conv, hi)).map_err(backend)?;
+        let decode_row = |row: Result<_, redb::StorageError>| -> Result<Entry, StoreError> {
+            let (_, v): (redb::AccessGuard<'_, (&str, u64)>, redb::AccessGuard<'_, &[u8]>) = row.map_err(backend)?;
+            decode(v.value())
+        };
+        let limit = limit as usize;
+        let mut out: Vec<Entry> = if newest_first {
+            iter.rev().take(limit).map(decode_row).collect::<Result<_, _>>()?
+        } else {
+            iter.take(limit).map(decode_row).collect::<Result<_, _>>()?
+        };
+        if newest_first {
+            out.reverse();
+        }
+        debug_assert!(out.windows(2).all(|w| w[0].seq < w[1].seq));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn open_direct(
+        &self,
+        opener: &str,
+        device: &str,
+        peer: &str,
+        now_ms: u64,
+    ) -> Result<(ConvState, Option<Appended>), StoreError> {
+        let record = ConvRecord::new_direct(opener, peer)?;
+        if let Some(state) = self.read_conv(&record.id)? {
+            return Ok((state, None));
+        }
+        let device = device.to_owned();
+        self.write(move |ctx| ctx.create(record, &device, now_ms, true)).await
+    }
+
+    async fn create_group(
+        &self,
+        conv: &str,
+        owner: &str,
+        device: &str,
+        members: Vec<String>,
+        members_max: usize,
+        now_ms: u64,
+    ) -> Result<(ConvState, Option<Appended>), StoreError> {
+        let record = ConvRecord::new_group(conv.to_owned(), owner, &members, members_max)?;
+        let device = device.to_owned();
+        self.write(move |ctx| ctx.create(record, &device, now_ms, false)).await
+    }
+
+    async fn change_members(
+        &self,
+        conv: &str,
+        by: &str,
+        device: &str,
+        change: GroupChange,
+        members_max: usize,
+        now_ms: u64,
+    ) -> Result<Appended, StoreError> {
+        let (conv, by, device) = (conv.to_owned(), by.to_owned(), device.to_owned());
+        self.write(move |ctx| ctx.change_members(&conv, &by, &device, &change, members_max, now_ms))
+            .await
+    }
+
+    async fn append(&self, message: NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        self.write(move |ctx| ctx.append(&message, now_ms)).await
+    }
+
+    async fn ack(
+        &self,
+        conv: &str,
+        user: &str,
+        device: &str,
+        delivered: Option<u64>,
+        read: Option<u64>,
+    ) -> Result<CursorUpdate, StoreError> {
+        let (conv, user, device) = (conv.to_owned(), user.to_owned(), device.to_owned());
+        self.write(move |ctx| ctx.ack(&conv, &user, &device, delivered, read)).await
+    }
+
+    async fn conversation(&self, conv: &str) -> Result<Option<ConvState>, StoreError> {
+        self.read_conv(conv)
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+        let ids: Vec<String> = {
+            let txn = self.db.begin_read().map_err(backend)?;
+            let index = txn.open_table(USER_CONVS).map_err(backend)?;
+            let mut ids = Vec::new();
+            for row in index.range((user, "")..).map_err(backend)? {
+                let (key, _) = row.map_err(backend)?;
+                let (u, conv) = key.value();
+                if u != user {
+                    break;
+                }
+                ids.push(conv.to_owned());
+            }
+            ids
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.read_conv(&id)?);
+        }
+        Ok(out)
+    }
+
+    async fn read_after(&self, conv: &str, after: u64, until: u64, limit: u32) -> Result<Vec<Entry>, StoreError> {
+        self.read_entries(conv, after.saturating_add(1)..=until, limit, false)
+    }
+
+    async fn read_before(&self, conv: &str, before: u64, limit: u32) -> Result<Vec<Entry>, StoreError> {
+        if before <= 1 {
+            return Ok(Vec::new());
+        }
+        self.read_entries(conv, 1..=before - 1, limit, true)
+    }
+
+    async fn senders_between(&self, conv: &str, after: u64, until: u64, limit: u32) -> Result<Vec<String>, StoreError> {
+        let entries = self.read_entries(conv, after.saturating_add(1)..=until, limit, false)?;
+        let mut senders: Vec<String> = entries.into_iter().map(|e| e.sender).collect();
+        senders.sort();
+        senders.dedup();
+        Ok(senders)
+    }
+
+    async fn device_cursor(&self, user: &str, device: &str, conv: &str) -> Result<Option<Cursor>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let cursors = txn.open_table(DEVICE_CURSORS).map_err(backend)?;
+        let found = cursors.get((user, device, conv)).map_err(backend)?;
+        Ok(found.map(|g| {
+            let (delivered, read) = g.value();
+            Cursor { delivered, read }
+        }))
+    }
+
+    async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {
+        self.write(move |ctx| ctx.expire_before(cutoff_ms, budget)).await
+    }
+}

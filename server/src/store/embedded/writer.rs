@@ -1,0 +1,402 @@
+//! The writer thread: applies write operations in groups inside one redb write
+//! transaction and commits them with one fsync (group commit).
+//!
+//! It owns an in-memory cache of each conversation's record and last seq, so
+//! sequencing costs no read; the cache is dropped whenever a commit fails.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use redb::{Database, ReadableTable, Table, WriteTransaction};
+use tokio::sync::mpsc;
+
+use super::tables::{CONVS, DEVICE_CURSORS, ENTRIES, MESSAGE_IDS, SEQS, USER_CONVS, USER_CURSORS};
+use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
+use crate::domain::{ConvRecord, Cursor, GroupChange};
+use crate::protocol::{Body, ConvKind, Entry, ErrorCode, MemberAction, ProtocolError};
+use crate::store::{Appended, ConvState, CursorUpdate, NewMessage, StoreError};
+
+/// Delivers a write's result once its group's commit outcome is known.
+pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+/// One write: runs inside the group's transaction and returns its completion.
+pub type WriteOp = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Completion + Send>;
+
+struct CachedConv {
+    record: ConvRecord,
+    last_seq: u64,
+    last_time_ms: u64,
+    current: Arc<[String]>,
+    user_cursors: Option<BTreeMap<String, Cursor>>,
+}
+
+impl CachedConv {
+    fn new(record: ConvRecord, last_seq: u64, last_time_ms: u64) -> Self {
+        let current = record.current_members().into();
+        Self {
+            record,
+            last_seq,
+            last_time_ms,
+            current,
+            user_cursors: None,
+        }
+    }
+}
+
+/// Creates every table so that readers never meet a missing one.
+pub fn create_tables(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(backend)?;
+    txn.open_table(ENTRIES).map_err(backend)?;
+    txn.open_table(SEQS).map_err(backend)?;
+    txn.open_table(CONVS).map_err(backend)?;
+    txn.open_table(USER_CONVS).map_err(backend)?;
+    txn.open_table(MESSAGE_IDS).map_err(backend)?;
+    txn.open_table(DEVICE_CURSORS).map_err(backend)?;
+    txn.open_table(USER_CURSORS).map_err(backend)?;
+    txn.commit().map_err(backend)
+}
+
+/// The writer loop: runs until every sender of `ops` is dropped.
+pub fn run(db: &Database, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
+    let mut cache = HashMap::new();
+    while let Some(first) = ops.blocking_recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < GROUP_COMMIT_OPS_MAX {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_group(db, &mut cache, batch);
+    }
+}
+
+fn commit_group(db: &Database, cache: &mut HashMap<String, CachedConv>, batch: Vec<WriteOp>) {
+    let txn = match db.begin_write() {
+        Ok(txn) => txn,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin a write transaction");
+            return; // Dropping the ops fails each caller with "store writer stopped".
+        }
+    };
+    let mut completions = Vec::with_capacity(batch.len());
+    let failed = match WriteCtx::open(&txn, cache) {
+        Ok(mut ctx) => {
+            for op in batch {
+                completions.push(op(&mut ctx));
+            }
+            ctx.failed
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    let outcome = match failed {
+        Some(why) => {
+            let _ = txn.abort();
+            Err(StoreError::Backend(why))
+        }
+        None => txn.commit().map_err(backend),
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "group commit failed; nothing in it was acknowledged");
+        cache.clear();
+    }
+    for complete in completions {
+        complete(outcome.clone());
+    }
+}
+
+/// The open tables of one group's transaction plus the writer's cache.
+pub struct WriteCtx<'t> {
+    entries: Table<'t, (&'static str, u64), &'static [u8]>,
+    seqs: Table<'t, &'static str, (u64, u64)>,
+    convs: Table<'t, &'static str, &'static [u8]>,
+    user_convs: Table<'t, (&'static str, &'static str), ()>,
+    message_ids: Table<'t, (&'static str, &'static str, &'static str), u64>,
+    device_cursors: Table<'t, (&'static str, &'static str, &'static str), (u64, u64)>,
+    user_cursors: Table<'t, (&'static str, &'static str), (u64, u64)>,
+    cache: &'t mut HashMap<String, CachedConv>,
+    /// Set when an operation hit a backend error: the whole group is aborted.
+    pub failed: Option<String>,
+}
+
+fn rejected(code: ErrorCode, message: String) -> StoreError {
+    StoreError::Rejected(ProtocolError::new(code, message))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+impl<'t> WriteCtx<'t> {
+    fn open(txn: &'t WriteTransaction, cache: &'t mut HashMap<String, CachedConv>) -> Result<Self, StoreError> {
+        Ok(Self {
+            entries: txn.open_table(ENTRIES).map_err(backend)?,
+            seqs: txn.open_table(SEQS).map_err(backend)?,
+            convs: txn.open_table(CONVS).map_err(backend)?,
+            user_convs: txn.open_table(USER_CONVS).map_err(backend)?,
+            message_ids: txn.open_table(MESSAGE_IDS).map_err(backend)?,
+            device_cursors: txn.open_table(DEVICE_CURSORS).map_err(backend)?,
+            user_cursors: txn.open_table(USER_CURSORS).map_err(backend)?,
+            cache,
+            failed: None,
+        })
+    }
+
+    /// Loads `conv` into the cache; false if it does not exist.
+    fn load(&mut self, conv: &str) -> Result<bool, StoreError> {
+        if self.cache.contains_key(conv) {
+            return Ok(true);
+        }
+        let Some(raw) = self.convs.get(conv).map_err(backend)? else {
+            return Ok(false);
+        };
+        let record: ConvRecord = decode(raw.value())?;
+        drop(raw);
+        let (last_seq, last_time_ms) = self.seqs.get(conv).map_err(backend)?.map_or((0, 0), |g| g.value());
+        self.cache.insert(conv.to_owned(), CachedConv::new(record, last_seq, last_time_ms));
+        Ok(true)
+    }
+
+    fn require(&mut self, conv: &str) -> Result<&mut CachedConv, StoreError> {
+        if !self.load(conv)? {
+            return Err(rejected(ErrorCode::UnknownConversation, format!("no conversation {conv:?}")));
+        }
+        Ok(self.cache.get_mut(conv).expect("loaded"))
+    }
+
+    /// Writes `body` as the next entry of `conv` and returns it.
+    fn sequence(
+        &mut self,
+        conv: &str,
+        sender: &str,
+        device: &str,
+        message_id: Option<&str>,
+        body: Body,
+        now_ms: u64,
+    ) -> Result<Arc<Entry>, StoreError> {
+        let cached = self.cache.get_mut(conv).expect("sequence on a loaded conversation");
+        let seq = cached.last_seq + 1;
+        let server_time_ms = now_ms.max(cached.last_time_ms);
+        let message_id = message_id.map_or_else(|| format!("member-{seq}"), str::to_owned);
+        let entry = Entry {
+            conv: conv.to_owned(),
+            seq,
+            message_id,
+            sender: sender.to_owned(),
+            sender_device: device.to_owned(),
+            server_time_ms,
+            body,
+        };
+        let prior = self.entries.insert((conv, seq), encode(&entry).as_slice()).map_err(backend)?;
+        assert!(prior.is_none(), "{conv}: seq {seq} allocated twice");
+        drop(prior);
+        self.seqs.insert(conv, (seq, server_time_ms)).map_err(backend)?;
+        cached.last_seq = seq;
+        cached.last_time_ms = server_time_ms;
+        Ok(Arc::new(entry))
+    }
+
+    /// Creates `record` with its `create` entry, or returns the existing conversation.
+    pub fn create(
+        &mut self,
+        record: ConvRecord,
+        device: &str,
+        now_ms: u64,
+        direct: bool,
+    ) -> Result<(ConvState, Option<Appended>), StoreError> {
+        let conv = record.id.clone();
+        if self.load(&conv)? {
+            let cached = &self.cache[&conv];
+            let same_owner = cached.record.owner == record.owner;
+            if !direct && !(same_owner && cached.record.kind == ConvKind::Group) {
+                return Err(rejected(ErrorCode::ConversationExists, format!("{conv} already exists")));
+            }
+            let state = ConvState {
+                record: cached.record.clone(),
+                last_seq: cached.last_seq,
+            };
+            return Ok((state, None));
+        }
+        self.convs.insert(conv.as_str(), encode(&record).as_slice()).map_err(backend)?;
+        for user in record.members.keys() {
+            self.user_convs.insert((user.as_str(), conv.as_str()), ()).map_err(backend)?;
+        }
+        let users = record.current_members();
+        let owner = record.owner.clone();
+        self.cache.insert(conv.clone(), CachedConv::new(record.clone(), 0, 0));
+        let body = Body::Members {
+            action: MemberAction::Create,
+            users: users.clone(),
+        };
+        let entry = self.sequence(&conv, &owner, device, None, body, now_ms)?;
+        assert_eq!(entry.seq, 1, "a new conversation starts at seq 1");
+        let appended = Appended {
+            entry,
+            duplicate: false,
+            recipients: users.into(),
+        };
+        Ok((ConvState { record, last_seq: 1 }, Some(appended)))
+    }
+
+    /// Applies a membership change as the next entry.
+    pub fn change_members(
+        &mut self,
+        conv: &str,
+        by: &str,
+        device: &str,
+        change: &GroupChange,
+        members_max: usize,
+        now_ms: u64,
+    ) -> Result<Appended, StoreError> {
+        let cached = self.require(conv)?;
+        let mut record = cached.record.clone();
+        let seq = cached.last_seq + 1;
+        let (action, users, recipients) = record.apply_change(by, change, seq, members_max)?;
+        self.convs.insert(conv, encode(&record).as_slice()).map_err(backend)?;
+        for user in &users {
+            self.user_convs.insert((user.as_str(), conv), ()).map_err(backend)?;
+        }
+        let entry = self.sequence(conv, by, device, None, Body::Members { action, users }, now_ms)?;
+        assert_eq!(entry.seq, seq);
+        let cached = self.cache.get_mut(conv).expect("loaded");
+        cached.current = record.current_members().into();
+        cached.record = record;
+        Ok(Appended {
+            entry,
+            duplicate: false,
+            recipients: recipients.into(),
+        })
+    }
+
+    /// Sequences a message unless its id was seen before.
+    pub fn append(&mut self, m: &NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
+        let cached = self.require(&m.conv)?;
+        cached.record.require_member(&m.sender)?;
+        let recipients = Arc::clone(&cached.current);
+        let key = (m.conv.as_str(), m.sender.as_str(), m.message_id.as_str());
+        let seen = self.message_ids.get(key).map_err(backend)?.map(|g| g.value());
+        if let Some(seq) = seen {
+            let raw = self.entries.get((m.conv.as_str(), seq)).map_err(backend)?;
+            let raw = raw.ok_or_else(|| backend(format!("{}: seq {seq} indexed but missing", m.conv)))?;
+            let entry: Entry = decode(raw.value())?;
+            return Ok(Appended {
+                entry: Arc::new(entry),
+                duplicate: true,
+                recipients,
+            });
+        }
+        let entry = self.sequence(&m.conv, &m.sender, &m.sender_device, Some(&m.message_id), m.body.clone(), now_ms)?;
+        self.message_ids.insert(key, entry.seq).map_err(backend)?;
+        Ok(Appended {
+            entry,
+            duplicate: false,
+            recipients,
+        })
+    }
+
+    fn user_cursor_map(&mut self, conv: &str) -> Result<&mut BTreeMap<String, Cursor>, StoreError> {
+        let loaded = self.cache[conv].user_cursors.is_some();
+        if !loaded {
+            let mut map = BTreeMap::new();
+            for row in self.user_cursors.range((conv, "")..).map_err(backend)? {
+                let (k, v) = row.map_err(backend)?;
+                let (c, user) = k.value();
+                if c != conv {
+                    break;
+                }
+                let (delivered, read) = v.value();
+                map.insert(user.to_owned(), Cursor { delivered, read });
+            }
+            self.cache.get_mut(conv).expect("loaded").user_cursors = Some(map);
+        }
+        Ok(self.cache.get_mut(conv).expect("loaded").user_cursors.as_mut().expect("loaded"))
+    }
+
+    /// Advances a device cursor and the user's cursor.
+    pub fn ack(
+        &mut self,
+        conv: &str,
+        user: &str,
+        device: &str,
+        delivered: Option<u64>,
+        read: Option<u64>,
+    ) -> Result<CursorUpdate, StoreError> {
+        let cached = self.require(conv)?;
+        let membership = cached.record.require_reader(user)?;
+        let visible_max = cached.last_seq.min(membership.visible_until());
+        let group = cached.record.kind == ConvKind::Group;
+        let current = Arc::clone(&cached.current);
+        let old = self
+            .device_cursors
+            .get((user, device, conv))
+            .map_err(backend)?
+            .map_or(Cursor::default(), |g| {
+                let (delivered, read) = g.value();
+                Cursor { delivered, read }
+            });
+        let new = old.advance(delivered, read, visible_max)?;
+        if new != old {
+            self.device_cursors
+                .insert((user, device, conv), (new.delivered, new.read))
+                .map_err(backend)?;
+        }
+        let users = self.user_cursor_map(conv)?;
+        let user_before = users.get(user).copied().unwrap_or_default();
+        let user_after = user_before.max(new);
+        if user_after != user_before {
+            users.insert(user.to_owned(), user_after);
+            self.user_cursors
+                .insert((conv, user), (user_after.delivered, user_after.read))
+                .map_err(backend)?;
+        }
+        let users = self.cache[conv].user_cursors.as_ref().expect("loaded");
+        let all_members = group.then(|| {
+            let of = |u: &String| users.get(u).copied().unwrap_or_default();
+            Cursor {
+                delivered: current.iter().map(|u| of(u).delivered).min().unwrap_or(0),
+                read: current.iter().map(|u| of(u).read).min().unwrap_or(0),
+            }
+        });
+        Ok(CursorUpdate {
+            device: new,
+            user_before,
+            user_after,
+            all_members,
+        })
+    }
+
+    /// Deletes up to `budget` entries older than `cutoff_ms`, oldest first per conversation.
+    pub fn expire_before(&mut self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {
+        let mut convs = Vec::new();
+        for row in self.convs.iter().map_err(backend)? {
+            convs.push(row.map_err(backend)?.0.value().to_owned());
+        }
+        let mut removed = 0u64;
+        for conv in convs {
+            let mut doomed = Vec::new();
+            for row in self.entries.range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX)).map_err(backend)? {
+                if removed + doomed.len() as u64 >= u64::from(budget) {
+                    break;
+                }
+                let (_, v) = row.map_err(backend)?;
+                let entry: Entry = decode(v.value())?;
+                if entry.server_time_ms >= cutoff_ms {
+                    break; // Times never decrease within a conversation.
+                }
+                doomed.push(entry);
+            }
+            for entry in &doomed {
+                self.entries.remove((conv.as_str(), entry.seq)).map_err(backend)?;
+                if matches!(entry.body, Body::Text { .. }) {
+                    let key = (conv.as_str(), entry.sender.as_str(), entry.message_id.as_str());
+                    self.message_ids.remove(key).map_err(backend)?;
+                }
+            }
+            removed += doomed.len() as u64;
+            if removed >= u64::from(budget) {
+                break;
+            }
+        }
+        Ok(removed)
+    }
+}

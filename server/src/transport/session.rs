@@ -1,0 +1,429 @@
+//! One WebSocket session: `hello`, then requests, pushes and catch-up on one socket.
+//!
+//! Every entry reaches the device through its [`DeviceStream`], so the device
+//! sees each conversation in seq order, without gaps or duplicates, whether an
+//! entry arrives by catch-up, by a live push, or by a fill after a missed push.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::domain::{DeviceStream, GroupChange, StreamStep};
+use crate::hub::{ConnId, Push};
+use crate::protocol::{
+    decode_request, validate_device_id, Body, Entry, ErrorCode, HelloRequest, MemberAction,
+    ProtocolError, Request, ServerFrame, PROTOCOL_VERSION,
+};
+use crate::service::{Caller, ChatService};
+
+type WsResult<T> = Result<T, WsError>;
+
+/// Why the session loop ended, for logs.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    /// Closes after an error frame that was already sent.
+    Replied(ProtocolError),
+    Error(ProtocolError),
+    Transport(#[allow(dead_code, reason = "read through Debug in logs")] WsError),
+    Idle,
+}
+
+struct Session<S> {
+    ws: WebSocketStream<S>,
+    service: Arc<ChatService>,
+    caller: Option<Caller>,
+    stream: DeviceStream,
+    catch_up: VecDeque<String>,
+    caught_up_sent: bool,
+    hub_rx: Option<(ConnId, mpsc::Receiver<Push>)>,
+}
+
+/// Runs one session until the client leaves, an error closes it, or shutdown.
+pub async fn run<S>(ws: WebSocketStream<S>, service: Arc<ChatService>, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    service.metrics.connections.inc();
+    let mut session = Session {
+        ws,
+        service: Arc::clone(&service),
+        caller: None,
+        stream: DeviceStream::default(),
+        catch_up: VecDeque::new(),
+        caught_up_sent: false,
+        hub_rx: None,
+    };
+    let end = session.drive(&mut shutdown).await;
+    if let Some(caller) = &session.caller {
+        tracing::debug!(user = caller.user, device = caller.device, ?end, "session ended");
+    }
+    if let End::Error(e) = &end {
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.reply_error(None, e.clone())).await;
+    }
+    let close = match &end {
+        End::Error(e) | End::Replied(e) => Some(CloseFrame {
+            code: if e.code == ErrorCode::FrameTooLarge { CloseCode::Size } else if e.code == ErrorCode::ShuttingDown { CloseCode::Away } else { CloseCode::Policy },
+            reason: Utf8Bytes::from(e.message.clone()),
+        }),
+        End::Idle => Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: Utf8Bytes::from_static("idle timeout"),
+        }),
+        End::ClientClosed | End::Transport(_) => None,
+    };
+    if let Some(frame) = close {
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.ws.close(Some(frame))).await;
+    }
+    service.metrics.connections.dec();
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn drive(&mut self, shutdown: &mut watch::Receiver<bool>) -> End {
+        let idle = self.service.limits.idle_timeout;
+        let mut ping_every = tokio::time::interval(idle / 3);
+        let mut last_heard = tokio::time::Instant::now();
+        let end = loop {
+            let catching_up = !self.catch_up.is_empty();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    break End::Error(ProtocolError::new(ErrorCode::ShuttingDown, "server shutting down"));
+                }
+                incoming = self.ws.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    match incoming {
+                        None => break End::ClientClosed,
+                        Some(Err(WsError::Capacity(e))) => {
+                            break End::Error(ProtocolError::new(ErrorCode::FrameTooLarge, format!("frame too large: {e}")));
+                        }
+                        Some(Err(e)) => break End::Transport(e),
+                        Some(Ok(Message::Text(text))) => {
+                            match self.on_text(&text).await {
+                                Ok(None) => {}
+                                Ok(Some(end)) => break end,
+                                Err(e) => break End::Transport(e),
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let err = ProtocolError::new(ErrorCode::BadFrame, "binary frames are not part of protocol v1; send JSON text");
+                            if let Err(e) = self.reply_error(None, err).await { break End::Transport(e) }
+                        }
+                        Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                        Some(Ok(_)) => {} // Ping (answered by tungstenite), Pong, raw frames.
+                    }
+                }
+                push = recv(&mut self.hub_rx) => {
+                    let result = match push {
+                        None => break End::Error(ProtocolError::new(ErrorCode::SlowConsumer, "too far behind on live events; reconnect to catch up")),
+                        Some(Push::Close(err)) => break End::Error(err),
+                        Some(Push::Frame(frame)) => self.ws.send(Message::Text(frame)).await,
+                        Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await,
+                    };
+                    if let Err(e) = result { break End::Transport(e) }
+                }
+                _ = std::future::ready(()), if catching_up => {
+                    if let Err(e) = self.catch_up_one_page().await { break End::Transport(e) }
+                }
+                _ = ping_every.tick() => {
+                    if last_heard.elapsed() > idle { break End::Idle }
+                    if let Err(e) = self.ws.send(Message::Ping(Default::default())).await { break End::Transport(e) }
+                }
+            }
+        };
+        if let (Some(caller), Some((conn, _))) = (&self.caller, &self.hub_rx) {
+            self.service.hub.unregister(&caller.user, *conn);
+        }
+        end
+    }
+
+
+    async fn reply_ok(&mut self, rid: String, result: serde_json::Value) -> WsResult<()> {
+        let frame = ServerFrame::Ok { rid, result };
+        self.ws.send(Message::Text(frame.to_json().into())).await
+    }
+
+    async fn reply_error(&mut self, rid: Option<String>, err: ProtocolError) -> WsResult<()> {
+        self.service.metrics.count_error(err.code);
+        self.ws.send(Message::Text(ServerFrame::error(rid, err).to_json().into())).await
+    }
+
+    /// Handles one text frame; `Some(end)` closes the session.
+    async fn on_text(&mut self, text: &str) -> WsResult<Option<End>> {
+        let (rid, request) = match decode_request(text) {
+            Ok(decoded) => decoded,
+            Err((rid, err)) => {
+                self.reply_error(rid, err).await?;
+                return Ok(None);
+            }
+        };
+        let Some(caller) = self.caller.clone() else {
+            return match request {
+                Request::Hello(hello) => self.hello(rid, hello).await,
+                _ => {
+                    let err = ProtocolError::new(ErrorCode::HelloRequired, "send hello first");
+                    self.reply_error(Some(rid), err).await.map(|()| None)
+                }
+            };
+        };
+        match self.dispatch(&caller, request).await {
+            Ok(result) => self.reply_ok(rid, result).await?,
+            Err(err) => self.reply_error(Some(rid), err).await?,
+        }
+        Ok(None)
+    }
+
+    async fn dispatch(&mut self, caller: &Caller, request: Request) -> Result<serde_json::Value, ProtocolError> {
+        let svc = Arc::clone(&self.service);
+        match request {
+            Request::Hello(_) => Err(ProtocolError::new(ErrorCode::AlreadyAuthenticated, "hello was already accepted")),
+            Request::OpenDirect(r) => svc.open_direct(caller, &r.peer).await,
+            Request::CreateGroup(r) => svc.create_group(caller, r.conv, r.members).await,
+            Request::AddMembers(r) => svc.change_members(caller, &r.conv, GroupChange::Add(r.users)).await,
+            Request::RemoveMembers(r) => svc.change_members(caller, &r.conv, GroupChange::Remove(r.users)).await,
+            Request::Leave(r) => svc.change_members(caller, &r.conv, GroupChange::Leave).await,
+            Request::Send(r) => svc.send(caller, r).await,
+            Request::Ack(r) => svc.ack(caller, r).await,
+            Request::Sync(r) => svc.sync(caller, r).await,
+            Request::History(r) => svc.history(caller, r).await,
+            Request::Conversations(_) => {
+                let states = svc.conversations(caller).await?;
+                Ok(json!({ "conversations": ChatService::summaries(caller, &states) }))
+            }
+            Request::Ping => Ok(json!({ "server_time_ms": svc.clock.now_ms() })),
+        }
+    }
+
+    /// Authenticates, registers the device, and starts catch-up.
+    async fn hello(&mut self, rid: String, hello: HelloRequest) -> WsResult<Option<End>> {
+        let svc = Arc::clone(&self.service);
+        if !hello.versions.contains(&PROTOCOL_VERSION) {
+            let err = ProtocolError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("this server speaks protocol versions [{PROTOCOL_VERSION}]"),
+            );
+            self.reply_error(Some(rid), err.clone()).await?;
+            return Ok(Some(End::Replied(err)));
+        }
+        let claims = match svc.tokens.verify(&hello.token, svc.clock.now_ms() / 1000) {
+            Ok(claims) => claims,
+            Err(err) => {
+                self.reply_error(Some(rid), err.clone()).await?;
+                return Ok(Some(End::Replied(err)));
+            }
+        };
+        if let Err(err) = validate_device_id(&hello.device) {
+            return self.reply_error(Some(rid), err).await.map(|()| None);
+        }
+        let caller = Caller {
+            user: claims.sub,
+            device: hello.device,
+        };
+        // Register before reading state: anything sequenced later is pushed,
+        // anything earlier is in the store, so nothing falls between.
+        let (conn, rx) = svc.hub.register(&caller.user, &caller.device, svc.limits.device_queue_len_max);
+        let started = self.start_streams(&caller, &hello.cursors).await;
+        let states = match started {
+            Ok(states) => states,
+            Err(err) => {
+                svc.hub.unregister(&caller.user, conn);
+                self.stream = DeviceStream::default();
+                self.catch_up.clear();
+                return self.reply_error(Some(rid), err).await.map(|()| None);
+            }
+        };
+        self.hub_rx = Some((conn, rx));
+        let result = json!({
+            "version": PROTOCOL_VERSION,
+            "user": caller.user,
+            "device": caller.device,
+            "server_time_ms": svc.clock.now_ms(),
+            "conversations": ChatService::summaries(&caller, &states),
+        });
+        self.caller = Some(caller);
+        self.reply_ok(rid, result).await?;
+        if self.catch_up.is_empty() {
+            self.send_caught_up().await?;
+        }
+        Ok(None)
+    }
+
+    async fn start_streams(
+        &mut self,
+        caller: &Caller,
+        cursors: &BTreeMap<String, u64>,
+    ) -> Result<Vec<crate::store::ConvState>, ProtocolError> {
+        let svc = Arc::clone(&self.service);
+        let states = svc.conversations(caller).await?;
+        for (conv, cursor) in cursors {
+            let state = states.iter().find(|s| &s.record.id == conv);
+            let Some(state) = state else {
+                // Distinguish unknown from foreign conversations.
+                svc.readable(caller, conv).await?;
+                return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of {conv}")));
+            };
+            let m = state.record.require_reader(&caller.user)?;
+            let visible_max = state.last_seq.min(m.visible_until());
+            if *cursor > visible_max {
+                return Err(ProtocolError::new(
+                    ErrorCode::CursorAhead,
+                    format!("cursor {cursor} for {conv} is beyond its last entry you may see ({visible_max})"),
+                ));
+            }
+        }
+        for state in &states {
+            let conv = &state.record.id;
+            let m = state.record.require_reader(&caller.user)?;
+            let start = svc.stream_start(caller, state, cursors.get(conv).copied(), true).await?;
+            self.stream.start(conv, start, m.visible_until());
+            if start <= state.last_seq.min(m.visible_until()) {
+                self.catch_up.push_back(conv.clone());
+            }
+        }
+        Ok(states)
+    }
+
+    async fn send_caught_up(&mut self) -> WsResult<()> {
+        self.caught_up_sent = true;
+        let frame = ServerFrame::CaughtUp {}.to_json();
+        self.ws.send(Message::Text(frame.into())).await
+    }
+
+    /// Sends the next page of the first conversation still behind.
+    async fn catch_up_one_page(&mut self) -> WsResult<()> {
+        let conv = self.catch_up.front().expect("catch-up queue is not empty").clone();
+        let svc = Arc::clone(&self.service);
+        let page = svc.limits.page_len_max;
+        let (Some(next), Some(until)) = (self.stream.next_seq(&conv), self.stream.visible_until(&conv)) else {
+            self.catch_up.pop_front();
+            return Ok(());
+        };
+        match svc.store.read_after(&conv, next - 1, until, page).await {
+            Ok(entries) => {
+                let full_page = entries.len() == page as usize;
+                for entry in entries {
+                    self.write_stored(entry, false).await?;
+                }
+                self.ws.flush().await?;
+                if !full_page {
+                    self.catch_up.pop_front();
+                }
+            }
+            Err(e) => {
+                tracing::error!(conv, error = %e, "catch-up read failed; retrying on the next turn");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if self.catch_up.is_empty() && !self.caught_up_sent {
+            self.send_caught_up().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes an entry read from the store, if the device does not have it yet.
+    async fn write_stored(&mut self, entry: Entry, flush: bool) -> WsResult<()> {
+        let next = self.stream.next_seq(&entry.conv).expect("started conversation");
+        if entry.seq < next || entry.seq > self.stream.visible_until(&entry.conv).unwrap_or(0) {
+            return Ok(());
+        }
+        let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::new(entry.clone())).to_json());
+        self.write_entry(&entry, frame, flush).await
+    }
+
+    async fn write_entry(&mut self, entry: &Entry, frame: Utf8Bytes, flush: bool) -> WsResult<()> {
+        if flush {
+            self.ws.send(Message::Text(frame)).await?;
+        } else {
+            self.ws.feed(Message::Text(frame)).await?;
+        }
+        self.stream.delivered(&entry.conv, entry.seq);
+        let svc = &self.service;
+        svc.metrics.messages_out.inc();
+        let lag_ms = svc.clock.now_ms().saturating_sub(entry.server_time_ms);
+        svc.metrics.delivery_latency.observe(lag_ms as f64 / 1000.0);
+        if self.concerns_me(entry, &[MemberAction::Remove, MemberAction::Leave]) {
+            self.stream.close_at(&entry.conv, entry.seq);
+        }
+        Ok(())
+    }
+
+    fn concerns_me(&self, entry: &Entry, actions: &[MemberAction]) -> bool {
+        let Body::Members { action, users } = &entry.body else {
+            return false;
+        };
+        let me = &self.caller.as_ref().expect("authenticated").user;
+        actions.contains(action) && users.contains(me)
+    }
+
+    /// A live push: deliver, drop, or fill the gap before it from the store.
+    async fn on_push(&mut self, entry: &Arc<Entry>, frame: Utf8Bytes) -> WsResult<()> {
+        if self.concerns_me(entry, &[MemberAction::Add]) {
+            self.stream.start(&entry.conv, entry.seq, u64::MAX);
+        }
+        let mut step = self.stream.on_push(&entry.conv, entry.seq);
+        if step == StreamStep::Unknown {
+            let caller = self.caller.clone().expect("authenticated");
+            let svc = Arc::clone(&self.service);
+            let started = match svc.readable(&caller, &entry.conv).await {
+                Ok((state, m)) => svc
+                    .stream_start(&caller, &state, None, false)
+                    .await
+                    .map(|start| (start, m.visible_until())),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok((start, visible)) => self.stream.start(&entry.conv, start, visible),
+                Err(e) => {
+                    tracing::error!(conv = entry.conv, error = %e, "cannot start stream for a push");
+                    return Ok(());
+                }
+            }
+            step = self.stream.on_push(&entry.conv, entry.seq);
+        }
+        match step {
+            StreamStep::Deliver => self.write_entry(entry, frame, true).await,
+            StreamStep::Duplicate | StreamStep::NotVisible => Ok(()),
+            StreamStep::Fill { from, to } => self.fill(&entry.conv, from, to).await,
+            StreamStep::Unknown => unreachable!("stream was just started"),
+        }
+    }
+
+    /// Delivers `from..=to` of `conv` from the store, page by page.
+    async fn fill(&mut self, conv: &str, from: u64, to: u64) -> WsResult<()> {
+        let svc = Arc::clone(&self.service);
+        let mut after = from - 1;
+        while after < to {
+            let entries = match svc.store.read_after(conv, after, to, svc.limits.page_len_max).await {
+                Ok(entries) => entries,
+                Err(e) => {
+                    tracing::error!(conv, error = %e, "gap fill failed; the next push or reconnect retries");
+                    return Ok(());
+                }
+            };
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                break; // Expired meanwhile: nothing left to deliver.
+            };
+            for entry in entries {
+                self.write_stored(entry, false).await?;
+            }
+            after = last;
+        }
+        self.ws.flush().await
+    }
+}
+
+async fn recv(rx: &mut Option<(ConnId, mpsc::Receiver<Push>)>) -> Option<Push> {
+    match rx {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
