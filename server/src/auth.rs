@@ -40,7 +40,9 @@ impl TokenKey {
     /// A key from a secret of at least [`SECRET_LEN_MIN_BYTES`].
     pub fn new(secret: &[u8]) -> Result<Self, String> {
         if secret.len() < SECRET_LEN_MIN_BYTES {
-            return Err(format!("the secret must be at least {SECRET_LEN_MIN_BYTES} bytes"));
+            return Err(format!(
+                "the secret must be at least {SECRET_LEN_MIN_BYTES} bytes"
+            ));
         }
         Ok(Self {
             secret: secret.to_vec(),
@@ -61,13 +63,19 @@ impl TokenKey {
         })
         .expect("claims serialize");
         let signature = self.mac(&claims).finalize().into_bytes();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&claims), URL_SAFE_NO_PAD.encode(signature))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&claims),
+            URL_SAFE_NO_PAD.encode(signature)
+        )
     }
 
     /// Verifies signature and expiry at `now_unix_s`; returns the claims.
     pub fn verify(&self, token: &str, now_unix_s: u64) -> Result<Claims, ProtocolError> {
         let unauthorized = |why: &str| ProtocolError::new(ErrorCode::Unauthorized, why.to_owned());
-        let (payload, signature) = token.split_once('.').ok_or_else(|| unauthorized("malformed token"))?;
+        let (payload, signature) = token
+            .split_once('.')
+            .ok_or_else(|| unauthorized("malformed token"))?;
         let payload = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|_| unauthorized("malformed token"))?;
@@ -79,7 +87,8 @@ impl TokenKey {
             .map_err(|_| unauthorized("token signature does not match"))?;
         let claims: Claims =
             serde_json::from_slice(&payload).map_err(|_| unauthorized("malformed token claims"))?;
-        validate_user_id(&claims.sub).map_err(|_| unauthorized("token names an invalid user id"))?;
+        validate_user_id(&claims.sub)
+            .map_err(|_| unauthorized("token names an invalid user id"))?;
         if claims.exp <= now_unix_s {
             return Err(ProtocolError::new(ErrorCode::TokenExpired, "token expired"));
         }
@@ -97,13 +106,29 @@ mod tests {
         let key = TokenKey::new(b"0123456789abcdef0123").unwrap();
         let token = key.mint("alice", 1_000);
         assert_eq!(key.verify(&token, 999).unwrap().sub, "alice");
-        assert_eq!(key.verify(&token, 1_000).unwrap_err().code, ErrorCode::TokenExpired);
+        assert_eq!(
+            key.verify(&token, 1_000).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
         let other = TokenKey::new(b"another-secret-of-16").unwrap();
-        assert_eq!(other.verify(&token, 0).unwrap_err().code, ErrorCode::Unauthorized);
+        assert_eq!(
+            other.verify(&token, 0).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
         let forged = key.mint("mallory", 1_000);
-        let spliced = format!("{}.{}", forged.split('.').next().unwrap(), token.split('.').nth(1).unwrap());
-        assert_eq!(key.verify(&spliced, 0).unwrap_err().code, ErrorCode::Unauthorized);
-        assert_eq!(key.verify("nonsense", 0).unwrap_err().code, ErrorCode::Unauthorized);
+        let spliced = format!(
+            "{}.{}",
+            forged.split('.').next().unwrap(),
+            token.split('.').nth(1).unwrap()
+        );
+        assert_eq!(
+            key.verify(&spliced, 0).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
+        assert_eq!(
+            key.verify("nonsense", 0).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
         assert!(TokenKey::new(b"short").is_err());
     }
 }

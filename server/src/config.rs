@@ -99,8 +99,10 @@ fn load_or_create_secret(dir: &Path) -> Result<String, String> {
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut bytes = [0u8; 32];
-    let mut urandom = std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
-    std::io::Read::read_exact(&mut urandom, &mut bytes).map_err(|e| format!("/dev/urandom: {e}"))?;
+    let mut urandom =
+        std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
+    std::io::Read::read_exact(&mut urandom, &mut bytes)
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&path, &secret).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(secret)

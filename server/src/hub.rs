@@ -44,7 +44,12 @@ pub struct ConnId(u64);
 
 impl Hub {
     /// Registers `device` of `user`; an older connection of the same device is told to close.
-    pub fn register(&self, user: &str, device: &str, queue_len: usize) -> (ConnId, mpsc::Receiver<Push>) {
+    pub fn register(
+        &self,
+        user: &str,
+        device: &str,
+        queue_len: usize,
+    ) -> (ConnId, mpsc::Receiver<Push>) {
         let (tx, rx) = mpsc::channel(queue_len);
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let mut users = self.users.lock().expect("hub lock");
@@ -92,7 +97,11 @@ impl Hub {
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(user, device = slot.device, "device queue full; dropping the connection");
+                    tracing::warn!(
+                        user,
+                        device = slot.device,
+                        "device queue full; dropping the connection"
+                    );
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -106,6 +115,10 @@ impl Hub {
 
     /// Number of connected devices of `user`.
     pub fn devices_online(&self, user: &str) -> usize {
-        self.users.lock().expect("hub lock").get(user).map_or(0, Vec::len)
+        self.users
+            .lock()
+            .expect("hub lock")
+            .get(user)
+            .map_or(0, Vec::len)
     }
 }

@@ -36,13 +36,37 @@ impl Default for Metrics {
         let errors = Family::<Vec<(String, String)>, Counter>::default();
         let delivery_latency = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
         let store_append_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        registry.register("connections", "Open WebSocket sessions", connections.clone());
-        registry.register("messages_in", "Messages accepted and sequenced", messages_in.clone());
-        registry.register("messages_duplicate", "Send retries answered with the original ack", messages_duplicate.clone());
-        registry.register("messages_out", "Entries written to devices", messages_out.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket sessions",
+            connections.clone(),
+        );
+        registry.register(
+            "messages_in",
+            "Messages accepted and sequenced",
+            messages_in.clone(),
+        );
+        registry.register(
+            "messages_duplicate",
+            "Send retries answered with the original ack",
+            messages_duplicate.clone(),
+        );
+        registry.register(
+            "messages_out",
+            "Entries written to devices",
+            messages_out.clone(),
+        );
         registry.register("errors", "Error replies by code", errors.clone());
-        registry.register("delivery_latency_seconds", "From sequencing to the write to a device", delivery_latency.clone());
-        registry.register("store_append_latency_seconds", "Durable append, group commit included", store_append_latency.clone());
+        registry.register(
+            "delivery_latency_seconds",
+            "From sequencing to the write to a device",
+            delivery_latency.clone(),
+        );
+        registry.register(
+            "store_append_latency_seconds",
+            "Durable append, group commit included",
+            store_append_latency.clone(),
+        );
         Self {
             registry,
             connections,
@@ -59,8 +83,13 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts an error reply.
     pub fn count_error(&self, code: crate::protocol::ErrorCode) {
-        let code = serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        self.errors.get_or_create(&vec![("code".to_owned(), code)]).inc();
+        let code = serde_json::to_value(code)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.errors
+            .get_or_create(&vec![("code".to_owned(), code)])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -28,7 +28,11 @@ pub struct ConnGuard {
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting, tells
 /// every session to close, and waits (up to the drain timeout) for them.
-pub async fn run(listener: TcpListener, service: Arc<ChatService>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    listener: TcpListener,
+    service: Arc<ChatService>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(service.limits.connections_max));
@@ -68,7 +72,12 @@ pub async fn run(listener: TcpListener, service: Arc<ChatService>, shutdown: imp
         tokio::spawn(async move {
             let stop_for_routes = stop.clone();
             let svc = service_fn(move |req| {
-                route(req, Arc::clone(&service), stop_for_routes.clone(), Arc::clone(&guard))
+                route(
+                    req,
+                    Arc::clone(&service),
+                    stop_for_routes.clone(),
+                    Arc::clone(&guard),
+                )
             });
             let conn = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -90,10 +99,17 @@ pub async fn run(listener: TcpListener, service: Arc<ChatService>, shutdown: imp
     let _ = stop_tx.send(true);
     drop(drain_tx);
     let drain_timeout = service.limits.drain_timeout;
-    if tokio::time::timeout(drain_timeout, drain_rx.recv()).await.is_err() {
-        tracing::warn!(?drain_timeout, "sessions still open after the drain timeout");
+    if tokio::time::timeout(drain_timeout, drain_rx.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain_timeout,
+            "sessions still open after the drain timeout"
+        );
     }
     expiry.abort();
+    let _ = expiry.await;
 }
 
 /// Deletes expired entries every sweep interval, in bounded batches.
@@ -104,7 +120,11 @@ async fn expire_forever(service: Arc<ChatService>) {
         let retention_ms = u64::try_from(service.limits.retention.as_millis()).unwrap_or(u64::MAX);
         let cutoff_ms = service.clock.now_ms().saturating_sub(retention_ms);
         loop {
-            match service.store.expire_before(cutoff_ms, EXPIRY_BATCH_LEN).await {
+            match service
+                .store
+                .expire_before(cutoff_ms, EXPIRY_BATCH_LEN)
+                .await
+            {
                 Ok(n) if n == u64::from(EXPIRY_BATCH_LEN) => continue,
                 Ok(n) => {
                     if n > 0 {

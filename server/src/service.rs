@@ -55,14 +55,22 @@ fn reject(err: StoreError) -> ProtocolError {
         StoreError::Rejected(e) => e,
         StoreError::Backend(why) => {
             tracing::error!(%why, "store failure");
-            ProtocolError::new(ErrorCode::Internal, "storage failure; nothing was acknowledged, retry")
+            ProtocolError::new(
+                ErrorCode::Internal,
+                "storage failure; nothing was acknowledged, retry",
+            )
         }
     }
 }
 
 impl ChatService {
     /// Wires the services together.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, limits: Limits, tokens: TokenKey) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        tokens: TokenKey,
+    ) -> Self {
         let boot_ms = clock.now_ms();
         Self {
             store,
@@ -82,15 +90,30 @@ impl ChatService {
             return;
         }
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
-        self.hub.publish(&appended.recipients, &Push::Entry(Arc::clone(&appended.entry), frame));
+        self.hub.publish(
+            &appended.recipients,
+            &Push::Entry(Arc::clone(&appended.entry), frame),
+        );
     }
 
     /// The conversation, if `caller` is or was a member; errors otherwise.
-    pub async fn readable(&self, caller: &Caller, conv: &str) -> Result<(ConvState, crate::domain::Membership), ProtocolError> {
+    pub async fn readable(
+        &self,
+        caller: &Caller,
+        conv: &str,
+    ) -> Result<(ConvState, crate::domain::Membership), ProtocolError> {
         validate_conv_id(conv)?;
-        let state = self.store.conversation(conv).await.map_err(reject)?.ok_or_else(|| {
-            ProtocolError::new(ErrorCode::UnknownConversation, format!("no conversation {conv:?}"))
-        })?;
+        let state = self
+            .store
+            .conversation(conv)
+            .await
+            .map_err(reject)?
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::UnknownConversation,
+                    format!("no conversation {conv:?}"),
+                )
+            })?;
         let membership = state.record.require_reader(&caller.user)?;
         Ok((state, membership))
     }
@@ -115,18 +138,30 @@ impl ChatService {
 
     fn mint_group_id(&self, owner: &str) -> String {
         let n = self.group_ids_minted.fetch_add(1, Ordering::Relaxed);
-        let digest = Sha256::digest(format!("{owner}\0{}\0{}\0{n}", self.boot_ms, self.clock.now_ms()));
+        let digest = Sha256::digest(format!(
+            "{owner}\0{}\0{}\0{n}",
+            self.boot_ms,
+            self.clock.now_ms()
+        ));
         let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
         format!("g:{hex}")
     }
 
     /// `create_group`.
-    pub async fn create_group(&self, caller: &Caller, conv: Option<String>, members: Vec<String>) -> Result<Value, ProtocolError> {
+    pub async fn create_group(
+        &self,
+        caller: &Caller,
+        conv: Option<String>,
+        members: Vec<String>,
+    ) -> Result<Value, ProtocolError> {
         let conv = match conv {
             Some(conv) => {
                 validate_conv_id(&conv)?;
                 if !conv.starts_with("g:") {
-                    return Err(ProtocolError::new(ErrorCode::InvalidId, "group ids start with \"g:\""));
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidId,
+                        "group ids start with \"g:\"",
+                    ));
                 }
                 conv
             }
@@ -135,7 +170,14 @@ impl ChatService {
         let now = self.clock.now_ms();
         let (state, created) = self
             .store
-            .create_group(&conv, &caller.user, &caller.device, members, self.limits.group_members_max, now)
+            .create_group(
+                &conv,
+                &caller.user,
+                &caller.device,
+                members,
+                self.limits.group_members_max,
+                now,
+            )
             .await
             .map_err(reject)?;
         if let Some(created) = &created {
@@ -145,12 +187,24 @@ impl ChatService {
     }
 
     /// `add_members`, `remove_members` and `leave`.
-    pub async fn change_members(&self, caller: &Caller, conv: &str, change: GroupChange) -> Result<Value, ProtocolError> {
+    pub async fn change_members(
+        &self,
+        caller: &Caller,
+        conv: &str,
+        change: GroupChange,
+    ) -> Result<Value, ProtocolError> {
         validate_conv_id(conv)?;
         let now = self.clock.now_ms();
         let appended = self
             .store
-            .change_members(conv, &caller.user, &caller.device, change, self.limits.group_members_max, now)
+            .change_members(
+                conv,
+                &caller.user,
+                &caller.device,
+                change,
+                self.limits.group_members_max,
+                now,
+            )
             .await
             .map_err(reject)?;
         self.publish(&appended);
@@ -164,7 +218,11 @@ impl ChatService {
         if req.text.len() > self.limits.text_len_max_bytes {
             return Err(ProtocolError::new(
                 ErrorCode::TextTooLarge,
-                format!("text is {} bytes; the limit is {}", req.text.len(), self.limits.text_len_max_bytes),
+                format!(
+                    "text is {} bytes; the limit is {}",
+                    req.text.len(),
+                    self.limits.text_len_max_bytes
+                ),
             ));
         }
         let message = NewMessage {
@@ -175,8 +233,14 @@ impl ChatService {
             body: Body::Text { text: req.text },
         };
         let started = tokio::time::Instant::now();
-        let appended = self.store.append(message, self.clock.now_ms()).await.map_err(reject)?;
-        self.metrics.store_append_latency.observe(started.elapsed().as_secs_f64());
+        let appended = self
+            .store
+            .append(message, self.clock.now_ms())
+            .await
+            .map_err(reject)?;
+        self.metrics
+            .store_append_latency
+            .observe(started.elapsed().as_secs_f64());
         if appended.duplicate {
             self.metrics.messages_duplicate.inc();
         } else {
@@ -194,18 +258,35 @@ impl ChatService {
     pub async fn ack(&self, caller: &Caller, req: AckRequest) -> Result<Value, ProtocolError> {
         validate_conv_id(&req.conv)?;
         if req.delivered.is_none() && req.read.is_none() {
-            return Err(ProtocolError::new(ErrorCode::BadRequest, "ack needs \"delivered\" or \"read\""));
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "ack needs \"delivered\" or \"read\"",
+            ));
         }
         let update = self
             .store
-            .ack(&req.conv, &caller.user, &caller.device, req.delivered, req.read)
+            .ack(
+                &req.conv,
+                &caller.user,
+                &caller.device,
+                req.delivered,
+                req.read,
+            )
             .await
             .map_err(reject)?;
         if update.user_after != update.user_before {
-            self.send_receipts(caller, &req.conv, update.user_before, update.user_after, update.all_members)
-                .await?;
+            self.send_receipts(
+                caller,
+                &req.conv,
+                update.user_before,
+                update.user_after,
+                update.all_members,
+            )
+            .await?;
         }
-        Ok(json!({ "conv": req.conv, "delivered": update.device.delivered, "read": update.device.read }))
+        Ok(
+            json!({ "conv": req.conv, "delivered": update.device.delivered, "read": update.device.read }),
+        )
     }
 
     async fn send_receipts(
@@ -220,10 +301,15 @@ impl ChatService {
         let until = after.delivered;
         let mut targets = if until - from > RECEIPT_SCAN_LEN_MAX {
             let state = self.store.conversation(conv).await.map_err(reject)?;
-            state.map(|s| s.record.current_members()).unwrap_or_default()
+            state
+                .map(|s| s.record.current_members())
+                .unwrap_or_default()
         } else {
             let limit = u32::try_from(until - from).expect("bounded by RECEIPT_SCAN_LEN_MAX");
-            self.store.senders_between(conv, from, until, limit).await.map_err(reject)?
+            self.store
+                .senders_between(conv, from, until, limit)
+                .await
+                .map_err(reject)?
         };
         targets.retain(|u| *u != caller.user);
         if targets.is_empty() {
@@ -243,7 +329,9 @@ impl ChatService {
     }
 
     fn page_len(&self, limit: Option<u32>) -> u32 {
-        limit.unwrap_or(self.limits.page_len_max).clamp(1, self.limits.page_len_max)
+        limit
+            .unwrap_or(self.limits.page_len_max)
+            .clamp(1, self.limits.page_len_max)
     }
 
     /// `sync`: entries after a cursor, within what the caller may see.
@@ -253,12 +341,19 @@ impl ChatService {
         if req.after > visible_max {
             return Err(ProtocolError::new(
                 ErrorCode::CursorAhead,
-                format!("after {} is beyond the last entry you may see ({visible_max})", req.after),
+                format!(
+                    "after {} is beyond the last entry you may see ({visible_max})",
+                    req.after
+                ),
             ));
         }
         let limit = self.page_len(req.limit);
         let after = req.after.max(m.joined_seq - 1);
-        let entries = self.store.read_after(&req.conv, after, visible_max, limit).await.map_err(reject)?;
+        let entries = self
+            .store
+            .read_after(&req.conv, after, visible_max, limit)
+            .await
+            .map_err(reject)?;
         let next_after = entries.last().map_or(visible_max, |e| e.seq);
         Ok(json!({
             "conv": req.conv, "entries": entries, "last_seq": visible_max,
@@ -267,12 +362,23 @@ impl ChatService {
     }
 
     /// `history`: the newest entries before a seq, ascending, within what the caller may see.
-    pub async fn history(&self, caller: &Caller, req: HistoryRequest) -> Result<Value, ProtocolError> {
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        req: HistoryRequest,
+    ) -> Result<Value, ProtocolError> {
         let (state, m) = self.readable(caller, &req.conv).await?;
         let visible_max = state.last_seq.min(m.visible_until());
-        let before = req.before.unwrap_or(u64::MAX).min(visible_max.saturating_add(1));
+        let before = req
+            .before
+            .unwrap_or(u64::MAX)
+            .min(visible_max.saturating_add(1));
         let limit = self.page_len(req.limit);
-        let mut entries = self.store.read_before(&req.conv, before, limit).await.map_err(reject)?;
+        let mut entries = self
+            .store
+            .read_before(&req.conv, before, limit)
+            .await
+            .map_err(reject)?;
         entries.retain(|e| e.seq >= m.joined_seq);
         let has_more = entries.first().is_some_and(|e| e.seq > m.joined_seq);
         Ok(json!({ "conv": req.conv, "entries": entries, "has_more": has_more }))
@@ -280,7 +386,10 @@ impl ChatService {
 
     /// `conversations`: every conversation the caller is or was in.
     pub async fn conversations(&self, caller: &Caller) -> Result<Vec<ConvState>, ProtocolError> {
-        self.store.conversations_of(&caller.user).await.map_err(reject)
+        self.store
+            .conversations_of(&caller.user)
+            .await
+            .map_err(reject)
     }
 
     /// Summaries of `states` as `caller` sees them.
@@ -309,7 +418,9 @@ impl ChatService {
         };
         let start = match stored {
             Some(delivered) => delivered + 1,
-            None if new_device_window => (state.last_seq + 1).saturating_sub(self.limits.new_device_recent_len),
+            None if new_device_window => {
+                (state.last_seq + 1).saturating_sub(self.limits.new_device_recent_len)
+            }
             None => m.joined_seq,
         };
         Ok(start.max(m.joined_seq).max(1))

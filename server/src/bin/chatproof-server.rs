@@ -38,7 +38,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Token { user, ttl_secs, storage } => {
+        Command::Token {
+            user,
+            ttl_secs,
+            storage,
+        } => {
             chatproof_server::protocol::validate_user_id(&user).map_err(|e| anyhow!(e.message))?;
             let key = storage.token_key().map_err(|e| anyhow!(e))?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
@@ -53,7 +57,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
     let limits = args.limits().map_err(|e| anyhow!("invalid limits: {e}"))?;
     let key = args.storage.token_key().map_err(|e| anyhow!(e))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let store = EmbeddedStore::open(&args.storage.data_dir)
             .with_context(|| format!("opening the store in {}", args.storage.data_dir.display()))?;
@@ -88,7 +94,9 @@ async fn shutdown_signal() {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

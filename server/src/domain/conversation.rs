@@ -71,7 +71,10 @@ fn check_distinct_users(users: &[String]) -> Result<(), ProtocolError> {
     for user in users {
         validate_user_id(user)?;
         if !seen.insert(user.as_str()) {
-            return Err(err(ErrorCode::DuplicateMember, format!("user {user:?} is listed twice")));
+            return Err(err(
+                ErrorCode::DuplicateMember,
+                format!("user {user:?} is listed twice"),
+            ));
         }
     }
     Ok(())
@@ -82,7 +85,10 @@ impl ConvRecord {
     pub fn new_direct(opener: &str, peer: &str) -> Result<Self, ProtocolError> {
         validate_user_id(peer)?;
         if opener == peer {
-            return Err(err(ErrorCode::BadRequest, "a direct conversation needs two different users"));
+            return Err(err(
+                ErrorCode::BadRequest,
+                "a direct conversation needs two different users",
+            ));
         }
         let joined = Membership {
             joined_seq: 1,
@@ -105,7 +111,10 @@ impl ConvRecord {
     ) -> Result<Self, ProtocolError> {
         check_distinct_users(others)?;
         if others.iter().any(|u| u == owner) {
-            return Err(err(ErrorCode::DuplicateMember, "the creator is a member already; do not list them"));
+            return Err(err(
+                ErrorCode::DuplicateMember,
+                "the creator is a member already; do not list them",
+            ));
         }
         if others.len() + 1 > members_max {
             return Err(err(
@@ -175,7 +184,10 @@ impl ConvRecord {
         members_max: usize,
     ) -> Result<(MemberAction, Vec<String>, Vec<String>), ProtocolError> {
         if self.kind != ConvKind::Group {
-            return Err(err(ErrorCode::NotGroup, "membership of a direct conversation cannot change"));
+            return Err(err(
+                ErrorCode::NotGroup,
+                "membership of a direct conversation cannot change",
+            ));
         }
         self.require_member(by)?;
         let (action, users) = match change {
@@ -184,14 +196,22 @@ impl ConvRecord {
                 if users.is_empty() {
                     return Err(err(ErrorCode::BadRequest, "no users to add"));
                 }
-                if let Some(u) = users.iter().find(|u| self.members.get(*u).is_some_and(Membership::is_current)) {
-                    return Err(err(ErrorCode::DuplicateMember, format!("user {u:?} is already a member")));
+                if let Some(u) = users
+                    .iter()
+                    .find(|u| self.members.get(*u).is_some_and(Membership::is_current))
+                {
+                    return Err(err(
+                        ErrorCode::DuplicateMember,
+                        format!("user {u:?} is already a member"),
+                    ));
                 }
                 let after = self.current_members().len() + users.len();
                 if after > members_max {
                     return Err(err(
                         ErrorCode::TooManyMembers,
-                        format!("a group holds at most {members_max} members; this would make {after}"),
+                        format!(
+                            "a group holds at most {members_max} members; this would make {after}"
+                        ),
                     ));
                 }
                 (MemberAction::Add, users.clone())
@@ -202,10 +222,16 @@ impl ConvRecord {
                     return Err(err(ErrorCode::BadRequest, "no users to remove"));
                 }
                 if by != self.owner {
-                    return Err(err(ErrorCode::Forbidden, "only the group owner may remove members"));
+                    return Err(err(
+                        ErrorCode::Forbidden,
+                        "only the group owner may remove members",
+                    ));
                 }
                 if let Some(u) = users.iter().find(|u| self.require_member(u).is_err()) {
-                    return Err(err(ErrorCode::NotMember, format!("user {u:?} is not a member")));
+                    return Err(err(
+                        ErrorCode::NotMember,
+                        format!("user {u:?} is not a member"),
+                    ));
                 }
                 if users.iter().any(|u| u == by) {
                     return Err(err(ErrorCode::BadRequest, "use leave to remove yourself"));
@@ -269,26 +295,45 @@ mod tests {
     fn group_rules() {
         let mut g = ConvRecord::new_group("g:a".into(), "o", &users(&["a", "b"]), 4).unwrap();
         assert_eq!(
-            ConvRecord::new_group("g:x".into(), "o", &users(&["a", "a"]), 4).unwrap_err().code,
+            ConvRecord::new_group("g:x".into(), "o", &users(&["a", "a"]), 4)
+                .unwrap_err()
+                .code,
             ErrorCode::DuplicateMember
         );
         assert_eq!(
-            ConvRecord::new_group("g:x".into(), "o", &users(&["a", "b", "c", "d"]), 4).unwrap_err().code,
+            ConvRecord::new_group("g:x".into(), "o", &users(&["a", "b", "c", "d"]), 4)
+                .unwrap_err()
+                .code,
             ErrorCode::TooManyMembers
         );
         let add = GroupChange::Add(users(&["c", "d"]));
-        assert_eq!(g.apply_change("a", &add, 2, 4).unwrap_err().code, ErrorCode::TooManyMembers);
+        assert_eq!(
+            g.apply_change("a", &add, 2, 4).unwrap_err().code,
+            ErrorCode::TooManyMembers
+        );
         let add = GroupChange::Add(users(&["c"]));
-        assert_eq!(g.apply_change("zed", &add, 2, 4).unwrap_err().code, ErrorCode::NotMember);
+        assert_eq!(
+            g.apply_change("zed", &add, 2, 4).unwrap_err().code,
+            ErrorCode::NotMember
+        );
         let (_, _, to) = g.apply_change("a", &add, 2, 4).unwrap();
         assert_eq!(to, users(&["a", "b", "c", "o"]));
         assert_eq!(g.membership("c").unwrap().joined_seq, 2);
         let remove = GroupChange::Remove(users(&["b"]));
-        assert_eq!(g.apply_change("a", &remove, 3, 4).unwrap_err().code, ErrorCode::Forbidden);
+        assert_eq!(
+            g.apply_change("a", &remove, 3, 4).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
         let (_, _, to) = g.apply_change("o", &remove, 3, 4).unwrap();
-        assert!(to.contains(&"b".to_owned()), "the removed user receives the removal");
+        assert!(
+            to.contains(&"b".to_owned()),
+            "the removed user receives the removal"
+        );
         assert_eq!(g.membership("b").unwrap().left_seq, Some(3));
-        assert_eq!(g.require_member("b").unwrap_err().code, ErrorCode::NotMember);
+        assert_eq!(
+            g.require_member("b").unwrap_err().code,
+            ErrorCode::NotMember
+        );
         g.apply_change("o", &GroupChange::Leave, 4, 4).unwrap();
         assert_eq!(g.owner, "a", "ownership passes on when the owner leaves");
     }
@@ -296,7 +341,10 @@ mod tests {
     /// Direct ids do not depend on who opens the conversation.
     #[test]
     fn direct_ids_are_symmetric() {
-        assert_eq!(direct_conv_id("bob", "alice"), direct_conv_id("alice", "bob"));
+        assert_eq!(
+            direct_conv_id("bob", "alice"),
+            direct_conv_id("alice", "bob")
+        );
         assert!(ConvRecord::new_direct("a", "a").is_err());
     }
 }

@@ -58,9 +58,24 @@ mod tests {
     #[test]
     fn advance_is_monotonic() {
         let c = Cursor::default().advance(Some(5), None, 10).unwrap();
-        assert_eq!(c, Cursor { delivered: 5, read: 0 });
+        assert_eq!(
+            c,
+            Cursor {
+                delivered: 5,
+                read: 0
+            }
+        );
         let c = c.advance(Some(3), Some(7), 10).unwrap();
-        assert_eq!(c, Cursor { delivered: 7, read: 7 });
-        assert_eq!(c.advance(Some(11), None, 10).unwrap_err().code, ErrorCode::CursorAhead);
+        assert_eq!(
+            c,
+            Cursor {
+                delivered: 7,
+                read: 7
+            }
+        );
+        assert_eq!(
+            c.advance(Some(11), None, 10).unwrap_err().code,
+            ErrorCode::CursorAhead
+        );
     }
 }

@@ -87,8 +87,15 @@ impl DeviceStream {
     ///
     /// Panics if `seq` is below the next expected seq: that would be a duplicate.
     pub fn delivered(&mut self, conv: &str, seq: u64) {
-        let p = self.positions.get_mut(conv).expect("delivered on a started conversation");
-        assert!(seq >= p.next_seq, "{conv}: seq {seq} delivered twice (next {})", p.next_seq);
+        let p = self
+            .positions
+            .get_mut(conv)
+            .expect("delivered on a started conversation");
+        assert!(
+            seq >= p.next_seq,
+            "{conv}: seq {seq} delivered twice (next {})",
+            p.next_seq
+        );
         p.next_seq = seq + 1;
     }
 
@@ -100,7 +107,10 @@ impl DeviceStream {
     }
 
     /// Conversations where the store may hold entries beyond what was delivered, given each one's last seq.
-    pub fn behind<'a>(&'a self, last_seqs: &'a [(String, u64)]) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn behind<'a>(
+        &'a self,
+        last_seqs: &'a [(String, u64)],
+    ) -> impl Iterator<Item = &'a str> + 'a {
         last_seqs.iter().filter_map(|(conv, last)| {
             let p = self.positions.get(conv)?;
             (p.next_seq <= (*last).min(p.visible_until)).then_some(conv.as_str())

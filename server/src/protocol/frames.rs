@@ -170,17 +170,27 @@ fn body<T: serde::de::DeserializeOwned>(op: &str, fields: Value) -> Result<T, Pr
 ///
 /// On failure returns the rid when one could be read, so the error reply can echo it.
 pub fn decode_request(text: &str) -> Result<(String, Request), (Option<String>, ProtocolError)> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| (None, ProtocolError::new(ErrorCode::BadFrame, format!("not JSON: {e}"))))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            ProtocolError::new(ErrorCode::BadFrame, format!("not JSON: {e}")),
+        )
+    })?;
     let Value::Object(mut fields) = value else {
-        return Err((None, ProtocolError::new(ErrorCode::BadFrame, "a frame must be a JSON object")));
+        return Err((
+            None,
+            ProtocolError::new(ErrorCode::BadFrame, "a frame must be a JSON object"),
+        ));
     };
     let rid = match fields.remove("rid") {
         Some(Value::String(rid)) if !rid.is_empty() && rid.len() <= 64 => rid,
         _ => {
             return Err((
                 None,
-                ProtocolError::new(ErrorCode::BadRequest, "\"rid\" must be a string of 1-64 bytes"),
+                ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "\"rid\" must be a string of 1-64 bytes",
+                ),
             ))
         }
     };
@@ -207,9 +217,14 @@ pub fn decode_request(text: &str) -> Result<(String, Request), (Option<String>, 
         "history" => body(&op, fields).map(Request::History),
         "conversations" => body(&op, fields).map(Request::Conversations),
         "ping" => body::<ConversationsRequest>(&op, fields).map(|_| Request::Ping),
-        _ => Err(ProtocolError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}"))),
+        _ => Err(ProtocolError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op {op:?}"),
+        )),
     };
-    request.map(|r| (rid.clone(), r)).map_err(|e| (Some(rid), e))
+    request
+        .map(|r| (rid.clone(), r))
+        .map_err(|e| (Some(rid), e))
 }
 
 /// What a conversation entry carries.
@@ -364,12 +379,24 @@ mod tests {
     #[test]
     fn decode_errors_are_classified() {
         assert_eq!(decode_request("{").unwrap_err().1.code, ErrorCode::BadFrame);
-        assert_eq!(decode_request("[1]").unwrap_err().1.code, ErrorCode::BadFrame);
-        assert_eq!(decode_request(r#"{"op":"send"}"#).unwrap_err().1.code, ErrorCode::BadRequest);
+        assert_eq!(
+            decode_request("[1]").unwrap_err().1.code,
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            decode_request(r#"{"op":"send"}"#).unwrap_err().1.code,
+            ErrorCode::BadRequest
+        );
         let (rid, err) = decode_request(r#"{"rid":"r1","op":"fly"}"#).unwrap_err();
-        assert_eq!((rid.as_deref(), err.code), (Some("r1"), ErrorCode::UnknownOp));
+        assert_eq!(
+            (rid.as_deref(), err.code),
+            (Some("r1"), ErrorCode::UnknownOp)
+        );
         let (rid, err) = decode_request(r#"{"rid":"r2","op":"send","conv":1}"#).unwrap_err();
-        assert_eq!((rid.as_deref(), err.code), (Some("r2"), ErrorCode::BadRequest));
+        assert_eq!(
+            (rid.as_deref(), err.code),
+            (Some("r2"), ErrorCode::BadRequest)
+        );
         let (rid, req) =
             decode_request(r#"{"rid":"r3","op":"send","conv":"g:a","message_id":"m","text":"hi"}"#)
                 .unwrap();
@@ -389,7 +416,8 @@ mod tests {
             server_time_ms: 5,
             body: Body::Text { text: "hi".into() },
         };
-        let json: Value = serde_json::from_str(&ServerFrame::Msg(Arc::new(entry)).to_json()).unwrap();
+        let json: Value =
+            serde_json::from_str(&ServerFrame::Msg(Arc::new(entry)).to_json()).unwrap();
         assert_eq!(json["type"], "msg");
         assert_eq!(json["seq"], 7);
         assert_eq!(json["body"]["kind"], "text");

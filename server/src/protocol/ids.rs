@@ -6,11 +6,14 @@ use super::{ErrorCode, ProtocolError};
 pub const ID_LEN_MAX_BYTES: usize = 64;
 
 fn check(kind: &str, id: &str, extra_allowed: &[u8]) -> Result<(), ProtocolError> {
-    let ok_char = |b: &u8| b.is_ascii_alphanumeric() || b"_-.".contains(b) || extra_allowed.contains(b);
+    let ok_char =
+        |b: &u8| b.is_ascii_alphanumeric() || b"_-.".contains(b) || extra_allowed.contains(b);
     if id.is_empty() || id.len() > ID_LEN_MAX_BYTES || !id.as_bytes().iter().all(ok_char) {
         return Err(ProtocolError::new(
             ErrorCode::InvalidId,
-            format!("{kind} id {id:?} must be 1-{ID_LEN_MAX_BYTES} characters of A-Z a-z 0-9 _ - ."),
+            format!(
+                "{kind} id {id:?} must be 1-{ID_LEN_MAX_BYTES} characters of A-Z a-z 0-9 _ - ."
+            ),
         ));
     }
     Ok(())
@@ -70,10 +73,16 @@ mod tests {
         assert!(validate_user_id(&"x".repeat(65)).is_err());
         assert!(validate_message_id("m:1").is_ok());
         assert!(validate_conv_id("d:alice:bob").is_ok());
-        assert!(validate_conv_id("d:bob:alice").is_err(), "direct ids are ordered");
+        assert!(
+            validate_conv_id("d:bob:alice").is_err(),
+            "direct ids are ordered"
+        );
         assert!(validate_conv_id("d:alice:alice").is_err());
         assert!(validate_conv_id("g:team-1").is_ok());
         assert!(validate_conv_id("x:1").is_err());
-        assert_eq!(validate_conv_id("g:").unwrap_err().code, ErrorCode::InvalidId);
+        assert_eq!(
+            validate_conv_id("g:").unwrap_err().code,
+            ErrorCode::InvalidId
+        );
     }
 }

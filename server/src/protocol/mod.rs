@@ -9,9 +9,9 @@ mod ids;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frames::{
-    Body, ConvKind, ConvSummary, Entry, MemberAction, Receipt,
-    decode_request, AckRequest, AddMembersRequest, ConversationsRequest, CreateGroupRequest,
-    HelloRequest, HistoryRequest, LeaveRequest, OpenDirectRequest, RemoveMembersRequest, Request,
-    SendRequest, ServerFrame, SyncRequest, PROTOCOL_VERSION,
+    decode_request, AckRequest, AddMembersRequest, Body, ConvKind, ConvSummary,
+    ConversationsRequest, CreateGroupRequest, Entry, HelloRequest, HistoryRequest, LeaveRequest,
+    MemberAction, OpenDirectRequest, Receipt, RemoveMembersRequest, Request, SendRequest,
+    ServerFrame, SyncRequest, PROTOCOL_VERSION,
 };
 pub use ids::{validate_conv_id, validate_device_id, validate_message_id, validate_user_id};

@@ -139,7 +139,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Entry>, StoreError>;
 
     /// Up to `limit` entries with `seq < before`, the newest of them, ascending.
-    async fn read_before(&self, conv: &str, before: u64, limit: u32) -> Result<Vec<Entry>, StoreError>;
+    async fn read_before(
+        &self,
+        conv: &str,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError>;
 
     /// Senders of the entries with `after < seq <= until`, at most `limit` entries scanned.
     async fn senders_between(
@@ -151,7 +156,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<String>, StoreError>;
 
     /// The cursor a device last acknowledged in `conv`.
-    async fn device_cursor(&self, user: &str, device: &str, conv: &str) -> Result<Option<Cursor>, StoreError>;
+    async fn device_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+    ) -> Result<Option<Cursor>, StoreError>;
 
     /// Deletes up to `budget` entries older than `cutoff_ms`; returns how many.
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError>;

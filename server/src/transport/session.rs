@@ -49,8 +49,11 @@ struct Session<S> {
 }
 
 /// Runs one session until the client leaves, an error closes it, or shutdown.
-pub async fn run<S>(ws: WebSocketStream<S>, service: Arc<ChatService>, mut shutdown: watch::Receiver<bool>)
-where
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    service: Arc<ChatService>,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     service.metrics.connections.inc();
@@ -65,14 +68,26 @@ where
     };
     let end = session.drive(&mut shutdown).await;
     if let Some(caller) = &session.caller {
-        tracing::debug!(user = caller.user, device = caller.device, ?end, "session ended");
+        tracing::debug!(
+            user = caller.user,
+            device = caller.device,
+            ?end,
+            "session ended"
+        );
     }
     if let End::Error(e) = &end {
-        let _ = tokio::time::timeout(Duration::from_secs(1), session.reply_error(None, e.clone())).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), session.reply_error(None, e.clone()))
+            .await;
     }
     let close = match &end {
         End::Error(e) | End::Replied(e) => Some(CloseFrame {
-            code: if e.code == ErrorCode::FrameTooLarge { CloseCode::Size } else if e.code == ErrorCode::ShuttingDown { CloseCode::Away } else { CloseCode::Policy },
+            code: if e.code == ErrorCode::FrameTooLarge {
+                CloseCode::Size
+            } else if e.code == ErrorCode::ShuttingDown {
+                CloseCode::Away
+            } else {
+                CloseCode::Policy
+            },
             reason: Utf8Bytes::from(e.message.clone()),
         }),
         End::Idle => Some(CloseFrame {
@@ -146,7 +161,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         end
     }
 
-
     async fn reply_ok(&mut self, rid: String, result: serde_json::Value) -> WsResult<()> {
         let frame = ServerFrame::Ok { rid, result };
         self.ws.send(Message::Text(frame.to_json().into())).await
@@ -154,7 +168,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     async fn reply_error(&mut self, rid: Option<String>, err: ProtocolError) -> WsResult<()> {
         self.service.metrics.count_error(err.code);
-        self.ws.send(Message::Text(ServerFrame::error(rid, err).to_json().into())).await
+        self.ws
+            .send(Message::Text(ServerFrame::error(rid, err).to_json().into()))
+            .await
     }
 
     /// Handles one text frame; `Some(end)` closes the session.
@@ -182,15 +198,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Ok(None)
     }
 
-    async fn dispatch(&mut self, caller: &Caller, request: Request) -> Result<serde_json::Value, ProtocolError> {
+    async fn dispatch(
+        &mut self,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<serde_json::Value, ProtocolError> {
         let svc = Arc::clone(&self.service);
         match request {
-            Request::Hello(_) => Err(ProtocolError::new(ErrorCode::AlreadyAuthenticated, "hello was already accepted")),
+            Request::Hello(_) => Err(ProtocolError::new(
+                ErrorCode::AlreadyAuthenticated,
+                "hello was already accepted",
+            )),
             Request::OpenDirect(r) => svc.open_direct(caller, &r.peer).await,
             Request::CreateGroup(r) => svc.create_group(caller, r.conv, r.members).await,
-            Request::AddMembers(r) => svc.change_members(caller, &r.conv, GroupChange::Add(r.users)).await,
-            Request::RemoveMembers(r) => svc.change_members(caller, &r.conv, GroupChange::Remove(r.users)).await,
-            Request::Leave(r) => svc.change_members(caller, &r.conv, GroupChange::Leave).await,
+            Request::AddMembers(r) => {
+                svc.change_members(caller, &r.conv, GroupChange::Add(r.users))
+                    .await
+            }
+            Request::RemoveMembers(r) => {
+                svc.change_members(caller, &r.conv, GroupChange::Remove(r.users))
+                    .await
+            }
+            Request::Leave(r) => {
+                svc.change_members(caller, &r.conv, GroupChange::Leave)
+                    .await
+            }
             Request::Send(r) => svc.send(caller, r).await,
             Request::Ack(r) => svc.ack(caller, r).await,
             Request::Sync(r) => svc.sync(caller, r).await,
@@ -230,7 +262,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Register before reading state: anything sequenced later is pushed,
         // anything earlier is in the store, so nothing falls between.
-        let (conn, rx) = svc.hub.register(&caller.user, &caller.device, svc.limits.device_queue_len_max);
+        let (conn, rx) = svc.hub.register(
+            &caller.user,
+            &caller.device,
+            svc.limits.device_queue_len_max,
+        );
         let started = self.start_streams(&caller, &hello.cursors).await;
         let states = match started {
             Ok(states) => states,
@@ -269,7 +305,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let Some(state) = state else {
                 // Distinguish unknown from foreign conversations.
                 svc.readable(caller, conv).await?;
-                return Err(ProtocolError::new(ErrorCode::NotMember, format!("not a member of {conv}")));
+                return Err(ProtocolError::new(
+                    ErrorCode::NotMember,
+                    format!("not a member of {conv}"),
+                ));
             };
             let m = state.record.require_reader(&caller.user)?;
             let visible_max = state.last_seq.min(m.visible_until());
@@ -283,7 +322,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for state in &states {
             let conv = &state.record.id;
             let m = state.record.require_reader(&caller.user)?;
-            let start = svc.stream_start(caller, state, cursors.get(conv).copied(), true).await?;
+            let start = svc
+                .stream_start(caller, state, cursors.get(conv).copied(), true)
+                .await?;
             self.stream.start(conv, start, m.visible_until());
             if start <= state.last_seq.min(m.visible_until()) {
                 self.catch_up.push_back(conv.clone());
@@ -300,10 +341,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends the next page of the first conversation still behind.
     async fn catch_up_one_page(&mut self) -> WsResult<()> {
-        let conv = self.catch_up.front().expect("catch-up queue is not empty").clone();
+        let conv = self
+            .catch_up
+            .front()
+            .expect("catch-up queue is not empty")
+            .clone();
         let svc = Arc::clone(&self.service);
         let page = svc.limits.page_len_max;
-        let (Some(next), Some(until)) = (self.stream.next_seq(&conv), self.stream.visible_until(&conv)) else {
+        let (Some(next), Some(until)) = (
+            self.stream.next_seq(&conv),
+            self.stream.visible_until(&conv),
+        ) else {
             self.catch_up.pop_front();
             return Ok(());
         };
@@ -331,7 +379,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Writes an entry read from the store, if the device does not have it yet.
     async fn write_stored(&mut self, entry: Entry, flush: bool) -> WsResult<()> {
-        let next = self.stream.next_seq(&entry.conv).expect("started conversation");
+        let next = self
+            .stream
+            .next_seq(&entry.conv)
+            .expect("started conversation");
         if entry.seq < next || entry.seq > self.stream.visible_until(&entry.conv).unwrap_or(0) {
             return Ok(());
         }
@@ -402,7 +453,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let svc = Arc::clone(&self.service);
         let mut after = from - 1;
         while after < to {
-            let entries = match svc.store.read_after(conv, after, to, svc.limits.page_len_max).await {
+            let entries = match svc
+                .store
+                .read_after(conv, after, to, svc.limits.page_len_max)
+                .await
+            {
                 Ok(entries) => entries,
                 Err(e) => {
                     tracing::error!(conv, error = %e, "gap fill failed; the next push or reconnect retries");

@@ -36,7 +36,19 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
 /// The redb-backed [`Store`].
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    ops: mpsc::UnboundedSender<WriteOp>,
+    ops: Option<mpsc::UnboundedSender<WriteOp>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Lets the writer finish every queued group, then waits for it, so the
+    /// database file is closed (and can be reopened) once the store is gone.
+    fn drop(&mut self) {
+        drop(self.ops.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl EmbeddedStore {
@@ -47,11 +59,15 @@ impl EmbeddedStore {
         writer::create_tables(&db)?;
         let (ops, rx) = mpsc::unbounded_channel();
         let writer_db = Arc::clone(&db);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("chatproof-store-writer".into())
             .spawn(move || writer::run(&writer_db, rx))
             .map_err(backend)?;
-        Ok(Self { db, ops })
+        Ok(Self {
+            db,
+            ops: Some(ops),
+            writer: Some(writer),
+        })
     }
 
     async fn write<T: Send + 'static>(
@@ -68,7 +84,8 @@ impl EmbeddedStore {
                 let _ = tx.send(committed.and(result));
             })
         });
-        self.ops.send(op).map_err(|_| backend("store writer stopped"))?;
+        let ops = self.ops.as_ref().expect("open until dropped");
+        ops.send(op).map_err(|_| backend("store writer stopped"))?;
         rx.await.map_err(|_| backend("store writer stopped"))?
     }
 
@@ -99,12 +116,18 @@ impl EmbeddedStore {
         }
         let iter = entries.range((conv, lo)..=(conv, hi)).map_err(backend)?;
         let decode_row = |row: Result<_, redb::StorageError>| -> Result<Entry, StoreError> {
-            let (_, v): (redb::AccessGuard<'_, (&str, u64)>, redb::AccessGuard<'_, &[u8]>) = row.map_err(backend)?;
+            let (_, v): (
+                redb::AccessGuard<'_, (&str, u64)>,
+                redb::AccessGuard<'_, &[u8]>,
+            ) = row.map_err(backend)?;
             decode(v.value())
         };
         let limit = limit as usize;
         let mut out: Vec<Entry> = if newest_first {
-            iter.rev().take(limit).map(decode_row).collect::<Result<_, _>>()?
+            iter.rev()
+                .take(limit)
+                .map(decode_row)
+                .collect::<Result<_, _>>()?
         } else {
             iter.take(limit).map(decode_row).collect::<Result<_, _>>()?
         };
@@ -130,7 +153,8 @@ impl Store for EmbeddedStore {
             return Ok((state, None));
         }
         let device = device.to_owned();
-        self.write(move |ctx| ctx.create(record, &device, now_ms, true)).await
+        self.write(move |ctx| ctx.create(record, &device, now_ms, true))
+            .await
     }
 
     async fn create_group(
@@ -144,7 +168,8 @@ impl Store for EmbeddedStore {
     ) -> Result<(ConvState, Option<Appended>), StoreError> {
         let record = ConvRecord::new_group(conv.to_owned(), owner, &members, members_max)?;
         let device = device.to_owned();
-        self.write(move |ctx| ctx.create(record, &device, now_ms, false)).await
+        self.write(move |ctx| ctx.create(record, &device, now_ms, false))
+            .await
     }
 
     async fn change_members(
@@ -174,7 +199,8 @@ impl Store for EmbeddedStore {
         read: Option<u64>,
     ) -> Result<CursorUpdate, StoreError> {
         let (conv, user, device) = (conv.to_owned(), user.to_owned(), device.to_owned());
-        self.write(move |ctx| ctx.ack(&conv, &user, &device, delivered, read)).await
+        self.write(move |ctx| ctx.ack(&conv, &user, &device, delivered, read))
+            .await
     }
 
     async fn conversation(&self, conv: &str) -> Result<Option<ConvState>, StoreError> {
@@ -203,18 +229,35 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
-    async fn read_after(&self, conv: &str, after: u64, until: u64, limit: u32) -> Result<Vec<Entry>, StoreError> {
+    async fn read_after(
+        &self,
+        conv: &str,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError> {
         self.read_entries(conv, after.saturating_add(1)..=until, limit, false)
     }
 
-    async fn read_before(&self, conv: &str, before: u64, limit: u32) -> Result<Vec<Entry>, StoreError> {
+    async fn read_before(
+        &self,
+        conv: &str,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<Entry>, StoreError> {
         if before <= 1 {
             return Ok(Vec::new());
         }
         self.read_entries(conv, 1..=before - 1, limit, true)
     }
 
-    async fn senders_between(&self, conv: &str, after: u64, until: u64, limit: u32) -> Result<Vec<String>, StoreError> {
+    async fn senders_between(
+        &self,
+        conv: &str,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
         let entries = self.read_entries(conv, after.saturating_add(1)..=until, limit, false)?;
         let mut senders: Vec<String> = entries.into_iter().map(|e| e.sender).collect();
         senders.sort();
@@ -222,7 +265,12 @@ impl Store for EmbeddedStore {
         Ok(senders)
     }
 
-    async fn device_cursor(&self, user: &str, device: &str, conv: &str) -> Result<Option<Cursor>, StoreError> {
+    async fn device_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+    ) -> Result<Option<Cursor>, StoreError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let cursors = txn.open_table(DEVICE_CURSORS).map_err(backend)?;
         let found = cursors.get((user, device, conv)).map_err(backend)?;
@@ -233,6 +281,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {
-        self.write(move |ctx| ctx.expire_before(cutoff_ms, budget)).await
+        self.write(move |ctx| ctx.expire_before(cutoff_ms, budget))
+            .await
     }
 }

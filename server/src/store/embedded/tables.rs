@@ -11,9 +11,11 @@ pub const CONVS: TableDefinition<&str, &[u8]> = TableDefinition::new("convs");
 /// `(user, conv)` → `()`: the conversations a user is or was in.
 pub const USER_CONVS: TableDefinition<(&str, &str), ()> = TableDefinition::new("user_convs");
 /// `(conv, sender, message_id)` → seq: the idempotency index.
-pub const MESSAGE_IDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("message_ids");
+pub const MESSAGE_IDS: TableDefinition<(&str, &str, &str), u64> =
+    TableDefinition::new("message_ids");
 /// `(user, device, conv)` → `(delivered, read)`.
 pub const DEVICE_CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> =
     TableDefinition::new("device_cursors");
 /// `(conv, user)` → `(delivered, read)`: the maximum over the user's devices.
-pub const USER_CURSORS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("user_cursors");
+pub const USER_CURSORS: TableDefinition<(&str, &str), (u64, u64)> =
+    TableDefinition::new("user_cursors");

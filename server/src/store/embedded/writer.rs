@@ -128,7 +128,10 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl<'t> WriteCtx<'t> {
-    fn open(txn: &'t WriteTransaction, cache: &'t mut HashMap<String, CachedConv>) -> Result<Self, StoreError> {
+    fn open(
+        txn: &'t WriteTransaction,
+        cache: &'t mut HashMap<String, CachedConv>,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
             entries: txn.open_table(ENTRIES).map_err(backend)?,
             seqs: txn.open_table(SEQS).map_err(backend)?,
@@ -152,14 +155,24 @@ impl<'t> WriteCtx<'t> {
         };
         let record: ConvRecord = decode(raw.value())?;
         drop(raw);
-        let (last_seq, last_time_ms) = self.seqs.get(conv).map_err(backend)?.map_or((0, 0), |g| g.value());
-        self.cache.insert(conv.to_owned(), CachedConv::new(record, last_seq, last_time_ms));
+        let (last_seq, last_time_ms) = self
+            .seqs
+            .get(conv)
+            .map_err(backend)?
+            .map_or((0, 0), |g| g.value());
+        self.cache.insert(
+            conv.to_owned(),
+            CachedConv::new(record, last_seq, last_time_ms),
+        );
         Ok(true)
     }
 
     fn require(&mut self, conv: &str) -> Result<&mut CachedConv, StoreError> {
         if !self.load(conv)? {
-            return Err(rejected(ErrorCode::UnknownConversation, format!("no conversation {conv:?}")));
+            return Err(rejected(
+                ErrorCode::UnknownConversation,
+                format!("no conversation {conv:?}"),
+            ));
         }
         Ok(self.cache.get_mut(conv).expect("loaded"))
     }
@@ -174,7 +187,10 @@ impl<'t> WriteCtx<'t> {
         body: Body,
         now_ms: u64,
     ) -> Result<Arc<Entry>, StoreError> {
-        let cached = self.cache.get_mut(conv).expect("sequence on a loaded conversation");
+        let cached = self
+            .cache
+            .get_mut(conv)
+            .expect("sequence on a loaded conversation");
         let seq = cached.last_seq + 1;
         let server_time_ms = now_ms.max(cached.last_time_ms);
         let message_id = message_id.map_or_else(|| format!("member-{seq}"), str::to_owned);
@@ -187,10 +203,15 @@ impl<'t> WriteCtx<'t> {
             server_time_ms,
             body,
         };
-        let prior = self.entries.insert((conv, seq), encode(&entry).as_slice()).map_err(backend)?;
+        let prior = self
+            .entries
+            .insert((conv, seq), encode(&entry).as_slice())
+            .map_err(backend)?;
         assert!(prior.is_none(), "{conv}: seq {seq} allocated twice");
         drop(prior);
-        self.seqs.insert(conv, (seq, server_time_ms)).map_err(backend)?;
+        self.seqs
+            .insert(conv, (seq, server_time_ms))
+            .map_err(backend)?;
         cached.last_seq = seq;
         cached.last_time_ms = server_time_ms;
         Ok(Arc::new(entry))
@@ -207,9 +228,12 @@ impl<'t> WriteCtx<'t> {
         let conv = record.id.clone();
         if self.load(&conv)? {
             let cached = &self.cache[&conv];
-            let same_owner = cached.record.owner == record.owner;
-            if !direct && !(same_owner && cached.record.kind == ConvKind::Group) {
-                return Err(rejected(ErrorCode::ConversationExists, format!("{conv} already exists")));
+            let owners_retry = cached.record.owner == record.owner && cached.record.kind == ConvKind::Group;
+            if !(direct || owners_retry) {
+                return Err(rejected(
+                    ErrorCode::ConversationExists,
+                    format!("{conv} already exists"),
+                ));
             }
             let state = ConvState {
                 record: cached.record.clone(),
@@ -217,13 +241,18 @@ impl<'t> WriteCtx<'t> {
             };
             return Ok((state, None));
         }
-        self.convs.insert(conv.as_str(), encode(&record).as_slice()).map_err(backend)?;
+        self.convs
+            .insert(conv.as_str(), encode(&record).as_slice())
+            .map_err(backend)?;
         for user in record.members.keys() {
-            self.user_convs.insert((user.as_str(), conv.as_str()), ()).map_err(backend)?;
+            self.user_convs
+                .insert((user.as_str(), conv.as_str()), ())
+                .map_err(backend)?;
         }
         let users = record.current_members();
         let owner = record.owner.clone();
-        self.cache.insert(conv.clone(), CachedConv::new(record.clone(), 0, 0));
+        self.cache
+            .insert(conv.clone(), CachedConv::new(record.clone(), 0, 0));
         let body = Body::Members {
             action: MemberAction::Create,
             users: users.clone(),
@@ -235,7 +264,13 @@ impl<'t> WriteCtx<'t> {
             duplicate: false,
             recipients: users.into(),
         };
-        Ok((ConvState { record, last_seq: 1 }, Some(appended)))
+        Ok((
+            ConvState {
+                record,
+                last_seq: 1,
+            },
+            Some(appended),
+        ))
     }
 
     /// Applies a membership change as the next entry.
@@ -252,11 +287,22 @@ impl<'t> WriteCtx<'t> {
         let mut record = cached.record.clone();
         let seq = cached.last_seq + 1;
         let (action, users, recipients) = record.apply_change(by, change, seq, members_max)?;
-        self.convs.insert(conv, encode(&record).as_slice()).map_err(backend)?;
+        self.convs
+            .insert(conv, encode(&record).as_slice())
+            .map_err(backend)?;
         for user in &users {
-            self.user_convs.insert((user.as_str(), conv), ()).map_err(backend)?;
+            self.user_convs
+                .insert((user.as_str(), conv), ())
+                .map_err(backend)?;
         }
-        let entry = self.sequence(conv, by, device, None, Body::Members { action, users }, now_ms)?;
+        let entry = self.sequence(
+            conv,
+            by,
+            device,
+            None,
+            Body::Members { action, users },
+            now_ms,
+        )?;
         assert_eq!(entry.seq, seq);
         let cached = self.cache.get_mut(conv).expect("loaded");
         cached.current = record.current_members().into();
@@ -274,10 +320,15 @@ impl<'t> WriteCtx<'t> {
         cached.record.require_member(&m.sender)?;
         let recipients = Arc::clone(&cached.current);
         let key = (m.conv.as_str(), m.sender.as_str(), m.message_id.as_str());
-        let seen = self.message_ids.get(key).map_err(backend)?.map(|g| g.value());
+        let seen = self
+            .message_ids
+            .get(key)
+            .map_err(backend)?
+            .map(|g| g.value());
         if let Some(seq) = seen {
             let raw = self.entries.get((m.conv.as_str(), seq)).map_err(backend)?;
-            let raw = raw.ok_or_else(|| backend(format!("{}: seq {seq} indexed but missing", m.conv)))?;
+            let raw =
+                raw.ok_or_else(|| backend(format!("{}: seq {seq} indexed but missing", m.conv)))?;
             let entry: Entry = decode(raw.value())?;
             return Ok(Appended {
                 entry: Arc::new(entry),
@@ -285,7 +336,14 @@ impl<'t> WriteCtx<'t> {
                 recipients,
             });
         }
-        let entry = self.sequence(&m.conv, &m.sender, &m.sender_device, Some(&m.message_id), m.body.clone(), now_ms)?;
+        let entry = self.sequence(
+            &m.conv,
+            &m.sender,
+            &m.sender_device,
+            Some(&m.message_id),
+            m.body.clone(),
+            now_ms,
+        )?;
         self.message_ids.insert(key, entry.seq).map_err(backend)?;
         Ok(Appended {
             entry,
@@ -309,7 +367,13 @@ impl<'t> WriteCtx<'t> {
             }
             self.cache.get_mut(conv).expect("loaded").user_cursors = Some(map);
         }
-        Ok(self.cache.get_mut(conv).expect("loaded").user_cursors.as_mut().expect("loaded"))
+        Ok(self
+            .cache
+            .get_mut(conv)
+            .expect("loaded")
+            .user_cursors
+            .as_mut()
+            .expect("loaded"))
     }
 
     /// Advances a device cursor and the user's cursor.
@@ -374,7 +438,11 @@ impl<'t> WriteCtx<'t> {
         let mut removed = 0u64;
         for conv in convs {
             let mut doomed = Vec::new();
-            for row in self.entries.range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX)).map_err(backend)? {
+            for row in self
+                .entries
+                .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
+                .map_err(backend)?
+            {
                 if removed + doomed.len() as u64 >= u64::from(budget) {
                     break;
                 }
@@ -386,9 +454,15 @@ impl<'t> WriteCtx<'t> {
                 doomed.push(entry);
             }
             for entry in &doomed {
-                self.entries.remove((conv.as_str(), entry.seq)).map_err(backend)?;
+                self.entries
+                    .remove((conv.as_str(), entry.seq))
+                    .map_err(backend)?;
                 if matches!(entry.body, Body::Text { .. }) {
-                    let key = (conv.as_str(), entry.sender.as_str(), entry.message_id.as_str());
+                    let key = (
+                        conv.as_str(),
+                        entry.sender.as_str(),
+                        entry.message_id.as_str(),
+                    );
                     self.message_ids.remove(key).map_err(backend)?;
                 }
             }

@@ -1,0 +1,153 @@
+//! Starts a server on a loopback port with a temporary store, and logs clients in.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatproof_client::{Client, ErrorReply};
+use chatproof_server::auth::TokenKey;
+use chatproof_server::clock::{Clock, SystemClock};
+use chatproof_server::limits::Limits;
+use chatproof_server::service::ChatService;
+use chatproof_server::store::embedded::EmbeddedStore;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+pub const SECRET: &[u8] = b"test-secret-0123456789";
+pub const WAIT: Duration = Duration::from_secs(10);
+pub const QUIET: Duration = Duration::from_millis(300);
+
+pub struct TestServer {
+    pub url: String,
+    pub key: TokenKey,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, limits).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, limits: Limits) -> Self {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let key = TokenKey::new(SECRET).unwrap();
+        let service = Arc::new(ChatService::new(
+            Arc::new(store),
+            Arc::new(SystemClock),
+            limits,
+            key.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(chatproof_server::run(listener, service, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url,
+            key,
+            stop: Some(stop),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    /// Graceful shutdown; returns the data directory for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        self.dir
+    }
+
+    pub fn http_base(&self) -> String {
+        self.url
+            .trim_end_matches("/v1/ws")
+            .replacen("ws://", "http://", 1)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.key.mint(user, SystemClock.now_ms() / 1000 + 3600)
+    }
+
+    /// Logs in and consumes events up to `caught_up`; returns them too.
+    pub async fn login(&self, user: &str, device: &str) -> (Client, Vec<Value>) {
+        self.login_with(user, device, json!({})).await
+    }
+
+    pub async fn login_with(
+        &self,
+        user: &str,
+        device: &str,
+        cursors: Value,
+    ) -> (Client, Vec<Value>) {
+        let (mut client, _welcome) = Client::login(&self.url, &self.token(user), device, cursors)
+            .await
+            .unwrap();
+        let mut events = client
+            .events_until(WAIT, |e| e["type"] == "caught_up")
+            .await
+            .unwrap();
+        events.pop();
+        (client, events)
+    }
+}
+
+#[track_caller]
+pub fn ok(reply: Result<Value, ErrorReply>) -> Value {
+    match reply {
+        Ok(v) => v,
+        Err(e) => panic!("expected ok, got error {} ({})", e.code, e.message),
+    }
+}
+
+#[track_caller]
+pub fn err_code(reply: Result<Value, ErrorReply>) -> String {
+    match reply {
+        Ok(v) => panic!("expected an error, got ok {v}"),
+        Err(e) => {
+            assert!(!e.message.is_empty(), "error {} has no message", e.code);
+            e.code
+        }
+    }
+}
+
+pub async fn send(client: &mut Client, conv: &str, message_id: &str, text: &str) -> Value {
+    ok(client
+        .request(json!({"op": "send", "conv": conv, "message_id": message_id, "text": text}))
+        .await
+        .unwrap())
+}
+
+pub async fn open_direct(client: &mut Client, peer: &str) -> String {
+    let r = ok(client
+        .request(json!({"op": "open_direct", "peer": peer}))
+        .await
+        .unwrap());
+    r["conversation"]["conv"].as_str().unwrap().to_owned()
+}
+
+/// Collects `msg` events until one with `seq` in `conv` arrives.
+pub async fn msgs_until(client: &mut Client, conv: &str, seq: u64) -> Vec<Value> {
+    let events = client
+        .events_until(WAIT, |e| {
+            e["type"] == "msg" && e["conv"] == conv && e["seq"] == seq
+        })
+        .await
+        .unwrap();
+    events.into_iter().filter(|e| e["type"] == "msg").collect()
+}
+
+/// Seqs of the `msg` events of `conv`.
+pub fn seqs(events: &[Value], conv: &str) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "msg" && e["conv"] == conv)
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect()
+}

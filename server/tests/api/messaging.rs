@@ -1,0 +1,231 @@
+//! Sending, fan-out to every device, idempotent retries, receipts and ordering.
+
+use serde_json::json;
+
+use crate::harness::*;
+
+/// A 1:1 message reaches every device of both users, in order, once; acks carry the seq.
+#[tokio::test]
+async fn direct_messages_reach_every_device_in_order() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob_phone, _) = server.login("bob", "phone").await;
+    let (mut bob_desk, _) = server.login("bob", "desktop").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    assert_eq!(conv, "d:alice:bob");
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = send(&mut alice, &conv, &format!("m{i}"), &format!("hello {i}")).await;
+        assert_eq!(ack["duplicate"], false);
+        acked.push(ack["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        acked,
+        (2..=21).collect::<Vec<_>>(),
+        "seqs are gap-free after the create entry"
+    );
+    for device in [&mut bob_phone, &mut bob_desk, &mut alice] {
+        let got = msgs_until(device, &conv, 21).await;
+        assert_eq!(seqs(&got, &conv), (1..=21).collect::<Vec<_>>());
+        assert_eq!(got[5]["body"], json!({"kind": "text", "text": "hello 4"}));
+        assert_eq!(got[5]["sender"], "alice");
+        assert_eq!(got[5]["sender_device"], "phone");
+        assert!(
+            !device.has_event_within(QUIET).await.unwrap(),
+            "nothing is delivered twice"
+        );
+    }
+}
+
+/// A retry with the same message id returns the original ack and creates nothing.
+#[tokio::test]
+async fn retry_with_same_id_is_idempotent() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob, _) = server.login("bob", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let first = send(&mut alice, &conv, "same-id", "hi").await;
+    let retry = send(&mut alice, &conv, "same-id", "hi").await;
+    assert_eq!(retry["seq"], first["seq"]);
+    assert_eq!(retry["server_time_ms"], first["server_time_ms"]);
+    assert_eq!(
+        (first["duplicate"].as_bool(), retry["duplicate"].as_bool()),
+        (Some(false), Some(true))
+    );
+    let next = send(&mut alice, &conv, "other-id", "again").await;
+    assert_eq!(
+        next["seq"].as_u64(),
+        first["seq"].as_u64().map(|s| s + 1),
+        "no hole after a retry"
+    );
+    let got = msgs_until(&mut bob, &conv, 3).await;
+    assert_eq!(seqs(&got, &conv), vec![1, 2, 3]);
+    assert!(!bob.has_event_within(QUIET).await.unwrap());
+    // The same id from another sender is a different message.
+    let bobs = send(&mut bob, &conv, "same-id", "mine").await;
+    assert_eq!(bobs["duplicate"], false);
+    assert_eq!(bobs["seq"], 4);
+}
+
+/// Two senders racing in one group still give every member one gap-free order.
+#[tokio::test]
+async fn concurrent_senders_share_one_order() {
+    let server = TestServer::start().await;
+    let (mut owner, _) = server.login("owner", "d").await;
+    let created = ok(owner
+        .request(json!({"op": "create_group", "conv": "g:race", "members": ["a", "b", "watcher"]}))
+        .await
+        .unwrap());
+    assert_eq!(created["conversation"]["last_seq"], 1);
+    let (mut watcher, backlog) = server.login("watcher", "d").await;
+    assert_eq!(seqs(&backlog, "g:race"), vec![1]);
+    let mut tasks = Vec::new();
+    for user in ["a", "b"] {
+        let (mut client, _) = server.login(user, "d").await;
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..50 {
+                seqs.push(
+                    send(&mut client, "g:race", &format!("{user}-{i}"), "x").await["seq"]
+                        .as_u64()
+                        .unwrap(),
+                );
+            }
+            seqs
+        }));
+    }
+    let mut all: Vec<u64> = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one sender's acks increase"
+        );
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (2..=101).collect::<Vec<_>>(),
+        "every seq used once, no holes"
+    );
+    let got = msgs_until(&mut watcher, "g:race", 101).await;
+    assert_eq!(seqs(&got, "g:race"), (2..=101).collect::<Vec<_>>());
+    let _ = &mut owner;
+}
+
+/// Delivered and read receipts reach the sender, never go back, and never overclaim.
+#[tokio::test]
+async fn receipts_are_truthful_and_monotonic() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob, _) = server.login("bob", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    for i in 0..3 {
+        send(&mut alice, &conv, &format!("m{i}"), "hi").await;
+    }
+    msgs_until(&mut bob, &conv, 4).await;
+    msgs_until(&mut alice, &conv, 4).await;
+    let r = ok(bob
+        .request(json!({"op": "ack", "conv": conv, "delivered": 4}))
+        .await
+        .unwrap());
+    assert_eq!(
+        (r["delivered"].as_u64(), r["read"].as_u64()),
+        (Some(4), Some(0))
+    );
+    let receipt = alice.next_event(WAIT).await.unwrap();
+    assert_eq!(receipt["type"], "receipt");
+    assert_eq!(
+        (
+            receipt["user"].as_str(),
+            receipt["delivered"].as_u64(),
+            receipt["read"].as_u64()
+        ),
+        (Some("bob"), Some(4), Some(0))
+    );
+    ok(bob
+        .request(json!({"op": "ack", "conv": conv, "read": 3}))
+        .await
+        .unwrap());
+    let receipt = alice.next_event(WAIT).await.unwrap();
+    assert_eq!(
+        (receipt["delivered"].as_u64(), receipt["read"].as_u64()),
+        (Some(4), Some(3))
+    );
+    let r = ok(bob
+        .request(json!({"op": "ack", "conv": conv, "delivered": 2}))
+        .await
+        .unwrap());
+    assert_eq!(r["delivered"], 4, "cursors never go back");
+    assert!(
+        !alice.has_event_within(QUIET).await.unwrap(),
+        "no receipt when nothing moved"
+    );
+    let code = err_code(
+        bob.request(json!({"op": "ack", "conv": conv, "delivered": 99}))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(code, "cursor_ahead");
+    let code = err_code(
+        bob.request(json!({"op": "ack", "conv": conv}))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(code, "bad_request");
+}
+
+/// In a group each member's receipt reaches the sender with the all-members summary.
+#[tokio::test]
+async fn group_receipts_carry_all_member_summary() {
+    let server = TestServer::start().await;
+    let (mut owner, _) = server.login("owner", "d").await;
+    ok(owner
+        .request(json!({"op": "create_group", "conv": "g:r", "members": ["a", "b"]}))
+        .await
+        .unwrap());
+    let (mut a, _) = server.login("a", "d").await;
+    let (mut b, _) = server.login("b", "d").await;
+    send(&mut owner, "g:r", "m1", "hi").await;
+    msgs_until(&mut a, "g:r", 2).await;
+    msgs_until(&mut b, "g:r", 2).await;
+    ok(
+        a.request(json!({"op": "ack", "conv": "g:r", "delivered": 2}))
+            .await
+            .unwrap(),
+    );
+    let first = owner
+        .events_until(WAIT, |e| e["type"] == "receipt")
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (first["user"].as_str(), first["all_delivered"].as_u64()),
+        (Some("a"), Some(0))
+    );
+    ok(owner
+        .request(json!({"op": "ack", "conv": "g:r", "delivered": 2}))
+        .await
+        .unwrap());
+    ok(
+        b.request(json!({"op": "ack", "conv": "g:r", "delivered": 2, "read": 2}))
+            .await
+            .unwrap(),
+    );
+    let last = owner
+        .events_until(WAIT, |e| e["type"] == "receipt" && e["user"] == "b")
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (
+            last["all_delivered"].as_u64(),
+            last["all_read"].as_u64(),
+            last["read"].as_u64()
+        ),
+        (Some(2), Some(0), Some(2))
+    );
+}
