@@ -228,7 +228,8 @@ impl<'t> WriteCtx<'t> {
         let conv = record.id.clone();
         if self.load(&conv)? {
             let cached = &self.cache[&conv];
-            let owners_retry = cached.record.owner == record.owner && cached.record.kind == ConvKind::Group;
+            let owners_retry =
+                cached.record.owner == record.owner && cached.record.kind == ConvKind::Group;
             if !(direct || owners_retry) {
                 return Err(rejected(
                     ErrorCode::ConversationExists,
