@@ -8,6 +8,7 @@
 //! - [`service`]: every operation, on top of store and hub; knows no transport.
 //! - [`transport`]: HTTP routing and the WebSocket session loop.
 //! - [`server`]: `run(listener, service, shutdown)`.
+//! - [`launch`]: a complete single-node server from its flags (binary and load generator).
 //! - [`auth`], [`clock`], [`limits`], [`metrics`], [`config`]: the edges and knobs.
 
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod hub;
+pub mod launch;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;

@@ -1,13 +1,9 @@
 //! `chatproof-server`: parses the command line, wires the services, serves until Ctrl-C.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context};
-use chatproof_server::clock::SystemClock;
+use anyhow::anyhow;
 use chatproof_server::config::{LogFormat, ServeArgs, StorageArgs};
-use chatproof_server::service::ChatService;
-use chatproof_server::store::embedded::EmbeddedStore;
 use clap::{Parser, Subcommand};
 
 /// chatproof reference chat server: ordered, durable delivery over WebSocket (protocol v1, see docs/PROTOCOL.md).
@@ -55,25 +51,15 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logs(args.log_format);
-    let limits = args.limits().map_err(|e| anyhow!("invalid limits: {e}"))?;
-    let key = args.storage.token_key().map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let store = EmbeddedStore::open(&args.storage.data_dir)
-            .with_context(|| format!("opening the store in {}", args.storage.data_dir.display()))?;
-        let service = Arc::new(ChatService::new(Arc::new(store), Arc::new(SystemClock), limits, key));
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let local = listener.local_addr()?;
-        tracing::info!(listen = %local, data_dir = %args.storage.data_dir.display(), "chatproof-server ready");
-        println!("listening on {local}");
-        chatproof_server::run(listener, service, shutdown_signal()).await;
-        tracing::info!("chatproof-server stopped");
-        Ok(())
-    })
+    runtime.block_on(chatproof_server::launch::serve_embedded(
+        &args,
+        |local| println!("listening on {local}"),
+        shutdown_signal(),
+    ))?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,280 @@
+//! One simulated device: a WebSocket connection that sends on schedule (pipelined,
+//! never waiting for acks) and checks and times everything it receives.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::check::{OrderCheck, Violations};
+use crate::metrics::{record_us, LatencyStats};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Sends in flight per device before new sends are refused locally.
+pub const PENDING_SENDS_MAX: usize = 10_000;
+/// How long connecting plus catch-up may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Microseconds since the Unix epoch: the stamp carried in every message, comparable across processes.
+pub fn now_us() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A completed send, for the driver to report to goose.
+#[derive(Debug)]
+pub struct AckDone {
+    /// From the scheduled send time to the ack.
+    pub latency: Duration,
+    /// The error code, if the server refused it.
+    pub error: Option<String>,
+}
+
+struct Pending {
+    scheduled_us: u64,
+}
+
+/// What a device observed; read after the run.
+pub struct DeviceState {
+    pending: HashMap<String, Pending>,
+    member_convs: HashSet<String>,
+    order: OrderCheck,
+    /// Contract violations seen by this device.
+    pub violations: Violations,
+    /// `(conv, seq)` of this device's acknowledged sends.
+    pub acked: Vec<(String, u64)>,
+    /// Sends refused by the server or locally.
+    pub send_errors: u64,
+    /// Entries received.
+    pub received: u64,
+    /// False once the connection ended.
+    pub connected: bool,
+}
+
+impl DeviceState {
+    /// True if the device holds `seq` of `conv`.
+    pub fn holds(&self, conv: &str, seq: u64) -> bool {
+        self.order.holds(conv, seq)
+    }
+}
+
+/// A connected device.
+pub struct Device {
+    /// `user/device`, for reports.
+    pub name: String,
+    sink: tokio::sync::Mutex<SplitSink<Ws, Message>>,
+    /// What it observed.
+    pub state: Arc<Mutex<DeviceState>>,
+    next_rid: AtomicU64,
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+impl Device {
+    /// Connects, says hello as `user`/`device`, and waits for the end of catch-up.
+    pub async fn connect(
+        url: &str,
+        token: &str,
+        user: &str,
+        device: &str,
+        member_convs: HashSet<String>,
+        acks: mpsc::UnboundedSender<AckDone>,
+        stats: Arc<Mutex<LatencyStats>>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (ws, _) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+        )
+        .await
+        .map_err(|_| anyhow!("connect timed out"))?
+        .with_context(|| format!("connecting to {url}"))?;
+        let (mut sink, stream) = ws.split();
+        let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": token, "device": device});
+        sink.send(Message::Text(hello.to_string().into())).await?;
+        let state = Arc::new(Mutex::new(DeviceState {
+            pending: HashMap::new(),
+            member_convs,
+            order: OrderCheck::default(),
+            violations: Violations::default(),
+            acked: Vec::new(),
+            send_errors: 0,
+            received: 0,
+            connected: true,
+        }));
+        let name = format!("{user}/{device}");
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(read_loop(
+            stream,
+            Arc::clone(&state),
+            stats,
+            name.clone(),
+            acks,
+            ready_tx,
+        ));
+        match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => bail!("{name}: {why}"),
+            Ok(Err(_)) => bail!("{name}: connection closed during hello"),
+            Err(_) => bail!("{name}: catch-up did not finish in {CONNECT_TIMEOUT:?}"),
+        }
+        Ok(Arc::new(Self {
+            name,
+            sink: tokio::sync::Mutex::new(sink),
+            state,
+            next_rid: AtomicU64::new(0),
+        }))
+    }
+
+    /// Sends a message scheduled at `scheduled_us` without waiting for its ack.
+    pub async fn send(
+        &self,
+        conv: &str,
+        message_id: &str,
+        text: &str,
+        scheduled_us: u64,
+    ) -> anyhow::Result<()> {
+        let rid = format!("s{}", self.next_rid.fetch_add(1, Ordering::Relaxed));
+        {
+            let mut state = self.state.lock().expect("device state");
+            if state.pending.len() >= PENDING_SENDS_MAX {
+                state.send_errors += 1;
+                bail!(
+                    "{}: {PENDING_SENDS_MAX} sends already waiting for acks",
+                    self.name
+                );
+            }
+            state.pending.insert(rid.clone(), Pending { scheduled_us });
+        }
+        let frame =
+            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
+        let sent = self
+            .sink
+            .lock()
+            .await
+            .send(Message::Text(frame.to_string().into()))
+            .await;
+        if let Err(e) = sent {
+            let mut state = self.state.lock().expect("device state");
+            state.pending.remove(&rid);
+            state.send_errors += 1;
+            bail!("{}: {e}", self.name);
+        }
+        Ok(())
+    }
+
+    /// Sends still waiting for an ack.
+    pub fn pending(&self) -> usize {
+        self.state.lock().expect("device state").pending.len()
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        let _ = self.sink.lock().await.close().await;
+    }
+}
+
+async fn read_loop(
+    mut stream: SplitStream<Ws>,
+    state: Arc<Mutex<DeviceState>>,
+    stats: Arc<Mutex<LatencyStats>>,
+    name: String,
+    acks: mpsc::UnboundedSender<AckDone>,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let mut ready = Some(ready);
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        let now = now_us();
+        let mut s = state.lock().expect("device state");
+        match (frame["type"].as_str(), frame["rid"].as_str()) {
+            (Some("error"), Some("hello")) => {
+                let why = format!("hello refused: {} {}", frame["code"], frame["message"]);
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(why));
+                }
+            }
+            (Some("ok"), Some("hello")) => {}
+            (Some("ok"), Some(rid)) => {
+                if let Some(p) = s.pending.remove(rid) {
+                    let latency_us = now.saturating_sub(p.scheduled_us);
+                    record_us(&mut stats.lock().expect("stats").ack, latency_us);
+                    let result = &frame["result"];
+                    if let (Some(conv), Some(seq)) =
+                        (result["conv"].as_str(), result["seq"].as_u64())
+                    {
+                        s.acked.push((conv.to_owned(), seq));
+                    }
+                    let _ = acks.send(AckDone {
+                        latency: Duration::from_micros(latency_us),
+                        error: None,
+                    });
+                }
+            }
+            (Some("error"), Some(rid)) => {
+                if let Some(p) = s.pending.remove(rid) {
+                    s.send_errors += 1;
+                    let code = frame["code"].as_str().unwrap_or("unknown").to_owned();
+                    let latency = Duration::from_micros(now.saturating_sub(p.scheduled_us));
+                    let _ = acks.send(AckDone {
+                        latency,
+                        error: Some(code),
+                    });
+                }
+            }
+            (Some("msg"), _) => {
+                s.received += 1;
+                let conv = frame["conv"].as_str().unwrap_or_default();
+                let seq = frame["seq"].as_u64().unwrap_or(0);
+                let member = s.member_convs.contains(conv);
+                let DeviceState {
+                    order, violations, ..
+                } = &mut *s;
+                order.on_msg(&name, conv, seq, member, violations);
+                let stamp = frame["body"]["text"]
+                    .as_str()
+                    .and_then(|t| t.strip_prefix("lg:"))
+                    .and_then(|t| t.split(':').next());
+                if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
+                    record_us(
+                        &mut stats.lock().expect("stats").delivery,
+                        now.saturating_sub(scheduled_us),
+                    );
+                }
+            }
+            (Some("caught_up"), _) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+    state.lock().expect("device state").connected = false;
+    if let Some(r) = ready.take() {
+        let _ = r.send(Err("connection closed".into()));
+    }
+}

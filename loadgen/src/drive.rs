@@ -1,0 +1,315 @@
+//! The goose side: one goose user per driver. Each driver connects its share of
+//! the devices (on start), waits until every driver is connected, then sends on
+//! an open-model schedule: message k of driver i is due at `start + (k + i/drivers) * interval`
+//! whatever the server does, and latency is measured from that due time.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use chatproof_server::auth::TokenKey;
+use goose::prelude::*;
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, Barrier};
+use tokio::time::Instant;
+
+use crate::device::{now_us, AckDone, Device};
+use crate::metrics::{latency_histogram, record_us, LatencyStats};
+use crate::scenario::Scenario as LoadScenario;
+use crate::world::{mix, World};
+
+/// Shared state of one run (goose transactions are plain functions, so it is global).
+pub struct Run {
+    /// The scenario.
+    pub scenario: LoadScenario,
+    /// Its population.
+    pub world: World,
+    /// `ws://HOST:PORT/v1/ws`.
+    pub url: String,
+    /// Mints device tokens.
+    pub key: TokenKey,
+    /// Prefix of message ids.
+    pub run_id: String,
+    /// Every connected device.
+    pub devices: Mutex<Vec<Arc<Device>>>,
+    /// Connect + catch-up time per device, µs.
+    pub connect: Mutex<Histogram<u64>>,
+    /// How late the generator sent, versus the schedule, µs.
+    pub lag: Mutex<Histogram<u64>>,
+    /// Latency histograms, one set per driver.
+    pub stats: Vec<Arc<Mutex<LatencyStats>>>,
+    /// One point per second of the run.
+    pub timeline: Mutex<Vec<crate::report::TimelinePoint>>,
+    /// Devices that failed to connect.
+    pub connect_failures: AtomicU64,
+    /// Sends written to a socket.
+    pub sent: AtomicU64,
+    /// Sends due by the schedule.
+    pub scheduled: AtomicU64,
+    everyone_connected: Barrier,
+}
+
+static RUN: OnceLock<Arc<Run>> = OnceLock::new();
+
+impl Run {
+    /// Creates the run's shared state; there is one run per process.
+    pub fn install(
+        scenario: LoadScenario,
+        world: World,
+        url: String,
+        key: TokenKey,
+        run_id: String,
+    ) -> Arc<Self> {
+        let drivers = scenario.load.drivers as usize;
+        let run = Arc::new(Self {
+            scenario,
+            world,
+            url,
+            key,
+            run_id,
+            devices: Mutex::new(Vec::new()),
+            connect: Mutex::new(latency_histogram()),
+            lag: Mutex::new(latency_histogram()),
+            stats: (0..drivers)
+                .map(|_| Arc::new(Mutex::new(LatencyStats::default())))
+                .collect(),
+            timeline: Mutex::new(Vec::new()),
+            connect_failures: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            scheduled: AtomicU64::new(0),
+            everyone_connected: Barrier::new(drivers),
+        });
+        assert!(RUN.set(Arc::clone(&run)).is_ok(), "one run per process");
+        run
+    }
+
+    /// All latency histograms merged.
+    pub fn merged_stats(&self) -> LatencyStats {
+        let mut all = LatencyStats::default();
+        for stats in &self.stats {
+            let s = stats.lock().expect("stats");
+            all.delivery.add(&s.delivery).expect("same bounds");
+            all.ack.add(&s.ack).expect("same bounds");
+        }
+        all
+    }
+
+    /// Sends each driver makes: the total rate over the duration, split evenly.
+    pub fn sends_per_driver(&self) -> u64 {
+        let l = &self.scenario.load;
+        let total = l.messages_per_sec * l.duration_secs as f64;
+        ((total / f64::from(l.drivers)).ceil() as u64).max(1)
+    }
+
+    fn interval(&self) -> Duration {
+        let l = &self.scenario.load;
+        Duration::from_secs_f64(f64::from(l.drivers) / l.messages_per_sec)
+    }
+}
+
+struct Driver {
+    index: u32,
+    users: Vec<u32>,
+    devices: Vec<Vec<Arc<Device>>>,
+    acks: mpsc::UnboundedReceiver<AckDone>,
+    start: Instant,
+    next_k: u64,
+}
+
+#[derive(Clone)]
+struct DriverSession(Arc<tokio::sync::Mutex<Driver>>);
+
+fn run_state() -> Arc<Run> {
+    Arc::clone(RUN.get().expect("Run::install before goose starts"))
+}
+
+fn failed(msg: String) -> TransactionError {
+    TransactionError::Custom(msg)
+}
+
+/// On start: connect this driver's devices, then wait for every other driver.
+async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
+    let run = run_state();
+    let drivers = run.scenario.load.drivers;
+    let index = u32::try_from(user.weighted_users_index).unwrap_or(0) % drivers;
+    let users = run.world.users_of_driver(index, drivers);
+    let (acks_tx, acks) = mpsc::unbounded_channel();
+    let mut devices = Vec::with_capacity(users.len());
+    for &u in &users {
+        let user_id = run.world.user_id(u);
+        let token = run.key.mint(&user_id, now_us() / 1_000_000 + 24 * 3600);
+        let convs: HashSet<String> = run
+            .world
+            .convs
+            .iter()
+            .filter(|c| c.members.contains(&u))
+            .map(|c| c.id.clone())
+            .collect();
+        let mut of_user = Vec::new();
+        for d in 0..run.world.devices_per_user() {
+            let started = std::time::Instant::now();
+            let result = Device::connect(
+                &run.url,
+                &token,
+                &user_id,
+                &World::device_id(d),
+                convs.clone(),
+                acks_tx.clone(),
+                Arc::clone(&run.stats[index as usize]),
+            )
+            .await;
+            let took = started.elapsed();
+            match result {
+                Ok(device) => {
+                    record_us(
+                        &mut run.connect.lock().expect("histogram"),
+                        took.as_micros() as u64,
+                    );
+                    run.devices
+                        .lock()
+                        .expect("devices")
+                        .push(Arc::clone(&device));
+                    of_user.push(device);
+                    user.record_custom_request_duration("WS", "connect", took, true, None, None)
+                        .await?;
+                }
+                Err(e) => {
+                    run.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("{e:#}");
+                    user.record_custom_request_duration(
+                        "WS",
+                        "connect",
+                        took,
+                        false,
+                        None,
+                        Some(&why),
+                    )
+                    .await?;
+                }
+            }
+        }
+        devices.push(of_user);
+    }
+    run.everyone_connected.wait().await;
+    let phase = run
+        .interval()
+        .mul_f64(f64::from(index) / f64::from(drivers));
+    let driver = Driver {
+        index,
+        users,
+        devices,
+        acks,
+        start: Instant::now() + phase,
+        next_k: 0,
+    };
+    user.set_session_data(DriverSession(Arc::new(tokio::sync::Mutex::new(driver))));
+    Ok(())
+}
+
+/// One scheduled send, then reporting of the acks that came back meanwhile.
+async fn send_scheduled(user: &mut GooseUser) -> TransactionResult {
+    let run = run_state();
+    let session = user
+        .get_session_data::<DriverSession>()
+        .cloned()
+        .ok_or_else(|| Box::new(failed("driver not connected".into())))?;
+    let mut d = session.0.lock().await;
+    let k = d.next_k;
+    d.next_k += 1;
+    let due = d.start + run.interval() * u32::try_from(k).unwrap_or(u32::MAX);
+    tokio::time::sleep_until(due).await;
+    let lag = Instant::now().saturating_duration_since(due);
+    record_us(
+        &mut run.lag.lock().expect("histogram"),
+        lag.as_micros() as u64,
+    );
+    run.scheduled.fetch_add(1, Ordering::Relaxed);
+    let scheduled_us = now_us().saturating_sub(lag.as_micros() as u64);
+
+    let h = mix(run.scenario.seed ^ (u64::from(d.index) << 40) ^ k);
+    let slot = (h % d.users.len() as u64) as usize;
+    let u = d.users[slot];
+    let want_group = ((h >> 32) as f64 / f64::from(u32::MAX)) < run.scenario.load.group_share;
+    let conv = match run.world.group_of(u) {
+        Some(g) if want_group => g,
+        _ => run.world.direct_of(u),
+    };
+    let conv = run.world.convs[conv].id.clone();
+    let sender = d.devices[slot]
+        .get(((h >> 16) % u64::from(run.world.devices_per_user())) as usize)
+        .cloned();
+    let mut text = format!("lg:{scheduled_us}:");
+    text.extend(std::iter::repeat_n(
+        'x',
+        run.scenario.load.text_bytes.saturating_sub(text.len()),
+    ));
+    let message_id = format!("{}-{}-{k}", run.run_id, d.index);
+    let outcome = match sender {
+        Some(device) => device.send(&conv, &message_id, &text, scheduled_us).await,
+        None => Err(anyhow::anyhow!("sender device is not connected")),
+    };
+    match outcome {
+        Ok(()) => {
+            run.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            user.record_custom_request_duration("WS", "send", lag, false, None, Some(&why))
+                .await?;
+        }
+    }
+    while let Ok(done) = d.acks.try_recv() {
+        let ok = done.error.is_none();
+        user.record_custom_request_duration(
+            "WS",
+            "send→ack",
+            done.latency,
+            ok,
+            None,
+            done.error.as_deref(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs the goose attack; returns goose's metrics.
+pub async fn run_goose(
+    run: &Run,
+    host: &str,
+    goose_report: &str,
+) -> anyhow::Result<goose::metrics::GooseMetrics> {
+    let drivers = run.scenario.load.drivers.to_string();
+    let iterations = run.sends_per_driver().to_string();
+    let args = [
+        "--host",
+        host,
+        "--users",
+        &drivers,
+        "--increase-rate",
+        &drivers,
+        "--iterations",
+        &iterations,
+        "--report-file",
+        goose_report,
+        "--no-print-metrics",
+        "--quiet",
+        "--no-telnet",
+    ];
+    let config = goose::config::GooseConfiguration::parse_args_default(&args)
+        .map_err(|e| anyhow::anyhow!("goose configuration: {e}"))?;
+    let metrics = GooseAttack::initialize_with_config(config)?
+        .register_scenario(
+            scenario!("chat")
+                .register_transaction(
+                    transaction!(connect_devices)
+                        .set_on_start()
+                        .set_name("connect"),
+                )
+                .register_transaction(transaction!(send_scheduled).set_name("send")),
+        )
+        .execute()
+        .await?;
+    Ok(metrics)
+}

@@ -1,0 +1,64 @@
+//! The reference server the generator starts when no `--target` is given: this same
+//! executable, re-run as `serve-reference` in a child process, on a free loopback
+//! port with a temporary data directory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// A running reference server; killed and its data removed on drop.
+pub struct ReferenceServer {
+    child: Child,
+    _data: tempfile::TempDir,
+    /// `HOST:PORT`.
+    pub addr: String,
+}
+
+impl ReferenceServer {
+    /// Starts the child and waits until it listens.
+    pub fn start(secret: &str) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir().context("creating a temporary data directory")?;
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve-reference",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+                "--data-dir",
+            ])
+            .arg(data.path())
+            .env("CHATPROOF_SECRET", secret)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the reference server")?;
+        let stdout = child.stdout.take().context("reference server stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the reference server's address")?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("the reference server did not start (it printed {line:?})");
+        };
+        Ok(Self {
+            addr: addr.to_owned(),
+            child,
+            _data: data,
+        })
+    }
+}
+
+impl Drop for ReferenceServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,377 @@
+//! Results: computed from every device's observations, written as `summary.json`
+//! (machine-readable, usable as a baseline), `report.md` and `.hgrm` files.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::check::Violations;
+use crate::drive::Run;
+use crate::metrics::{hgrm, summarize, LatencySummary};
+use crate::scenario::Scenario;
+
+/// One second of the run, sampled by the progress task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// Seconds since the first device connected.
+    pub t_secs: f64,
+    /// Devices with an open connection.
+    pub devices_connected: u64,
+    /// Sends written in this second.
+    pub sent: u64,
+    /// Deliveries (timed) in this second.
+    pub delivered: u64,
+    /// Delivery latency p99 within this second, ms.
+    pub delivery_p99_ms: f64,
+    /// Delivery latency p50 within this second, ms.
+    pub delivery_p50_ms: f64,
+}
+
+/// One target and what was measured against it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SloResult {
+    /// What is measured.
+    pub name: String,
+    /// The target (upper bound).
+    pub target: f64,
+    /// The measurement.
+    pub measured: f64,
+    /// `measured <= target`.
+    pub pass: bool,
+}
+
+/// Latency figures of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latencies {
+    /// Scheduled send → receipt at each recipient device.
+    pub delivery: LatencySummary,
+    /// Scheduled send → ack at the sender.
+    pub send_ack: LatencySummary,
+    /// Connect + hello + catch-up per device.
+    pub connect: LatencySummary,
+    /// How late the generator itself sent versus the schedule.
+    pub generator_lag: LatencySummary,
+}
+
+/// Message counts of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counts {
+    /// Sends due by the schedule.
+    pub scheduled: u64,
+    /// Sends written to a socket.
+    pub sent: u64,
+    /// Sends acknowledged.
+    pub acked: u64,
+    /// Sends refused (by the server or the generator's own bounds).
+    pub send_errors: u64,
+    /// (acknowledged message × member device) pairs that should arrive.
+    pub deliveries_expected: u64,
+    /// Of those, how many arrived.
+    pub deliveries_received: u64,
+    /// Devices planned, connected, failed to connect, and still connected at the end.
+    pub devices_planned: u64,
+    /// Devices that connected.
+    pub devices_connected: u64,
+    /// Devices that could not connect.
+    pub devices_failed: u64,
+    /// Connected devices whose connection ended before the end of the run.
+    pub devices_dropped: u64,
+}
+
+/// Everything a run produced: `summary.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Scenario name.
+    pub scenario: String,
+    /// Run id (prefix of user, group and message ids).
+    pub run_id: String,
+    /// Where the load went.
+    pub target: String,
+    /// True when the generator started its own reference server.
+    pub reference_server: bool,
+    /// Wall-clock seconds from first connect to the end of the drain.
+    pub wall_secs: f64,
+    /// The open-file limit the process found (bounds connections per process).
+    pub open_files_limit: Option<u64>,
+    /// Counts.
+    pub counts: Counts,
+    /// Latencies.
+    pub latency: Latencies,
+    /// Contract violations seen.
+    pub violations: Violations,
+    /// Each target and its result.
+    pub slo: Vec<SloResult>,
+    /// One point per second.
+    pub timeline: Vec<TimelinePoint>,
+    /// False when the generator, not the server, was the bottleneck (or devices failed).
+    pub valid: bool,
+    /// Why the run is invalid.
+    pub invalid_reasons: Vec<String>,
+    /// Every target met, no violation, and the run valid.
+    pub pass: bool,
+    /// The scenario as run.
+    pub config: Scenario,
+}
+
+/// Computes the summary from every device's observations.
+pub fn summarize_run(
+    run: &Run,
+    target: &str,
+    reference_server: bool,
+    wall_secs: f64,
+) -> (Summary, Histograms) {
+    let devices = run.devices.lock().expect("devices").clone();
+    let merged = run.merged_stats();
+    let (delivery, ack) = (merged.delivery, merged.ack);
+    let mut violations = Violations::default();
+    let mut counts = Counts {
+        devices_planned: run.scenario.devices(),
+        ..Counts::default()
+    };
+    counts.devices_connected = devices.len() as u64;
+    counts.devices_failed = run
+        .connect_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    counts.scheduled = run.scheduled.load(std::sync::atomic::Ordering::Relaxed);
+    counts.sent = run.sent.load(std::sync::atomic::Ordering::Relaxed);
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    for device in &devices {
+        let s = device.state.lock().expect("device state");
+        violations.absorb(&s.violations);
+        counts.send_errors += s.send_errors;
+        acked.extend(s.acked.iter().cloned());
+        counts.devices_dropped += u64::from(!s.connected);
+    }
+    counts.acked = acked.len() as u64;
+    // Lost: every acknowledged message must be held by every connected device of every member.
+    let by_conv: std::collections::HashMap<&str, &crate::world::Conv> =
+        run.world.convs.iter().map(|c| (c.id.as_str(), c)).collect();
+    let device_of_user = |name: &str| name.split('/').next().unwrap_or_default().to_owned();
+    for (conv, seq) in &acked {
+        let Some(c) = by_conv.get(conv.as_str()) else {
+            continue;
+        };
+        let member_ids: Vec<String> = c.members.iter().map(|u| run.world.user_id(*u)).collect();
+        for device in devices
+            .iter()
+            .filter(|d| member_ids.contains(&device_of_user(&d.name)))
+        {
+            counts.deliveries_expected += 1;
+            if device.state.lock().expect("device state").holds(conv, *seq) {
+                counts.deliveries_received += 1;
+            } else {
+                violations.lost += 1;
+                violations.note(format!(
+                    "lost: {} never received {conv} seq {seq}",
+                    device.name
+                ));
+            }
+        }
+    }
+    let connect = run.connect.lock().expect("histogram").clone();
+    let lag = run.lag.lock().expect("histogram").clone();
+    let latency = Latencies {
+        delivery: summarize(&delivery),
+        send_ack: summarize(&ack),
+        connect: summarize(&connect),
+        generator_lag: summarize(&lag),
+    };
+    let slo_cfg = &run.scenario.slo;
+    let slo = vec![
+        slo_result(
+            "delivery p99 (ms)",
+            slo_cfg.delivery_p99_ms,
+            latency.delivery.p99_ms,
+        ),
+        slo_result(
+            "send→ack p99 (ms)",
+            slo_cfg.ack_p99_ms,
+            latency.send_ack.p99_ms,
+        ),
+        slo_result(
+            "lost deliveries",
+            slo_cfg.lost_max as f64,
+            violations.lost as f64,
+        ),
+    ];
+    let mut invalid_reasons = Vec::new();
+    let lag_max_ms = slo_cfg.generator_lag_p99_ms;
+    if latency.generator_lag.p99_ms > lag_max_ms {
+        invalid_reasons.push(format!(
+            "generator lag p99 {:.1} ms exceeds {lag_max_ms:.1} ms: the generator, not the server, was the bottleneck",
+            latency.generator_lag.p99_ms
+        ));
+    }
+    if counts.devices_failed > 0 {
+        invalid_reasons.push(format!(
+            "{} of {} devices could not connect",
+            counts.devices_failed, counts.devices_planned
+        ));
+    }
+    if counts.acked == 0 {
+        invalid_reasons.push("no message was acknowledged".into());
+    }
+    let valid = invalid_reasons.is_empty();
+    let pass =
+        valid && slo.iter().all(|s| s.pass) && violations.total() == 0 && counts.send_errors == 0;
+    let summary = Summary {
+        scenario: run.scenario.name.clone(),
+        run_id: run.run_id.clone(),
+        target: target.to_owned(),
+        reference_server,
+        wall_secs,
+        open_files_limit: open_files_limit(),
+        counts,
+        latency,
+        violations,
+        slo,
+        timeline: run.timeline.lock().expect("timeline").clone(),
+        valid,
+        invalid_reasons,
+        pass,
+        config: run.scenario.clone(),
+    };
+    (
+        summary,
+        Histograms {
+            delivery,
+            ack,
+            connect,
+            lag,
+        },
+    )
+}
+
+fn slo_result(name: &str, target: f64, measured: f64) -> SloResult {
+    SloResult {
+        name: name.to_owned(),
+        target,
+        measured,
+        pass: measured <= target,
+    }
+}
+
+/// The merged histograms of a run.
+pub struct Histograms {
+    /// Delivery latency, µs.
+    pub delivery: hdrhistogram::Histogram<u64>,
+    /// Send→ack latency, µs.
+    pub ack: hdrhistogram::Histogram<u64>,
+    /// Connect time, µs.
+    pub connect: hdrhistogram::Histogram<u64>,
+    /// Generator lag, µs.
+    pub lag: hdrhistogram::Histogram<u64>,
+}
+
+/// The soft open-file limit of this process, from `/proc/self/limits`.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// Writes `summary.json`, `report.md` and the `.hgrm` files into `dir`.
+pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string_pretty(summary)?,
+    )?;
+    std::fs::write(dir.join("delivery.hgrm"), hgrm(&h.delivery))?;
+    std::fs::write(dir.join("send_ack.hgrm"), hgrm(&h.ack))?;
+    std::fs::write(dir.join("connect.hgrm"), hgrm(&h.connect))?;
+    std::fs::write(dir.join("generator_lag.hgrm"), hgrm(&h.lag))?;
+    let md = markdown(summary);
+    std::fs::write(dir.join("report.md"), &md)?;
+    std::fs::write(dir.join("report.html"), html(summary, h, &md))?;
+    Ok(())
+}
+
+fn markdown(s: &Summary) -> String {
+    let verdict = if s.pass {
+        "PASS"
+    } else if !s.valid {
+        "INVALID"
+    } else {
+        "FAIL"
+    };
+    let mut md = format!(
+        "# Load run `{}`: {verdict}\n\nTarget `{}`{}; run id `{}`; {:.1} s wall; open-file limit {}.\n\n",
+        s.scenario,
+        s.target,
+        if s.reference_server { " (reference server started by the generator)" } else { "" },
+        s.run_id,
+        s.wall_secs,
+        s.open_files_limit.map_or("unknown".into(), |n| n.to_string()),
+    );
+    md.push_str("## Targets\n\n| what | target | measured | |\n|---|---|---|---|\n");
+    for r in &s.slo {
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {} |\n",
+            r.name,
+            r.target,
+            r.measured,
+            if r.pass { "pass" } else { "**miss**" }
+        ));
+    }
+    for reason in &s.invalid_reasons {
+        md.push_str(&format!("\n**Invalid run:** {reason}\n"));
+    }
+    md.push_str("\n## Latency (ms)\n\n| | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n");
+    for (name, l) in [
+        ("delivery (scheduled send → recipient)", &s.latency.delivery),
+        ("send → ack", &s.latency.send_ack),
+        ("connect + catch-up", &s.latency.connect),
+        ("generator lag", &s.latency.generator_lag),
+    ] {
+        md.push_str(&format!(
+            "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        ));
+    }
+    let c = &s.counts;
+    md.push_str(&format!(
+        "\n## Counts\n\n- devices: {} planned, {} connected, {} failed, {} dropped during the run\n- messages: {} scheduled, {} sent, {} acknowledged, {} refused\n- deliveries: {} of {} expected\n",
+        c.devices_planned, c.devices_connected, c.devices_failed, c.devices_dropped, c.scheduled, c.sent, c.acked, c.send_errors, c.deliveries_received, c.deliveries_expected
+    ));
+    let v = &s.violations;
+    md.push_str(&format!(
+        "\n## Delivery contract\n\nlost {} · duplicate {} · reorder {} · gap {} · phantom {}\n",
+        v.lost, v.duplicate, v.reorder, v.gap, v.phantom
+    ));
+    for e in &v.examples {
+        md.push_str(&format!("- {e}\n"));
+    }
+    md.push_str("\nFiles: `summary.json`, `*.hgrm` (percentile distributions, ms), `goose.html` (goose's own report).\n");
+    md
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A self-contained page: the Markdown report as text plus inline SVG charts.
+fn html(s: &Summary, h: &Histograms, md: &str) -> String {
+    let charts = [
+        crate::plots::percentile_spectrum(&h.delivery, &h.ack),
+        crate::plots::latency_over_time(&s.timeline),
+        crate::plots::throughput_over_time(&s.timeline),
+        crate::plots::devices_over_time(&s.timeline),
+    ];
+    let mut page = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>chatproof load run {}</title>\n\
+         <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}pre{{white-space:pre-wrap}}</style></head><body>\n",
+        escape(&s.scenario)
+    );
+    page.push_str(&format!("<pre>{}</pre>\n", escape(md)));
+    for chart in charts {
+        page.push_str("<div>");
+        page.push_str(&chart);
+        page.push_str("</div>\n");
+    }
+    page.push_str("</body></html>\n");
+    page
+}

@@ -1,0 +1,159 @@
+//! Scenarios as data: `scenarios/load/*.toml`, each opening with comments on what it
+//! models and what must hold.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// One load scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Short name; reports go to `reports/<name>/<timestamp>/`.
+    pub name: String,
+    /// Decides the population's conversations and every message's conversation.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Who exists and who talks to whom.
+    pub population: Population,
+    /// How much traffic, for how long.
+    pub load: Load,
+    /// What must hold; any miss makes the exit status non-zero.
+    #[serde(default)]
+    pub slo: Slo,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// Users, devices and conversations.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Population {
+    /// Users; each has one 1:1 partner and belongs to one group.
+    pub users: u32,
+    /// Connected devices per user (phone + desktop = 2).
+    #[serde(default = "one")]
+    pub devices_per_user: u32,
+    /// Members per group (the last group may be smaller).
+    pub group_size: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Offered load (open model: sends are scheduled, never wait for acks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    /// Measured period, seconds.
+    pub duration_secs: u64,
+    /// Messages per second over the whole population.
+    pub messages_per_sec: f64,
+    /// Share of messages sent to groups (the rest are 1:1).
+    pub group_share: f64,
+    /// Text size in bytes (the timestamp stamp included).
+    #[serde(default = "default_text_bytes")]
+    pub text_bytes: usize,
+    /// Goose users; each drives an equal share of the devices and the rate.
+    #[serde(default = "default_drivers")]
+    pub drivers: u32,
+    /// After the measured period, how long to wait for deliveries in flight, seconds.
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u64,
+}
+
+fn default_text_bytes() -> usize {
+    64
+}
+fn default_drivers() -> u32 {
+    10
+}
+fn default_drain_secs() -> u64 {
+    5
+}
+
+/// Targets; defaults: delivery p99 < 500 ms, nothing lost.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slo {
+    /// End-to-end delivery latency target at p99, milliseconds.
+    #[serde(default = "default_p99_ms")]
+    pub delivery_p99_ms: f64,
+    /// Send→ack latency target at p99, milliseconds.
+    #[serde(default = "default_p99_ms")]
+    pub ack_p99_ms: f64,
+    /// Lost deliveries tolerated.
+    #[serde(default)]
+    pub lost_max: u64,
+    /// Generator lag (its own lateness versus the schedule) at p99 above which the run
+    /// is invalid: the generator, not the server, was the bottleneck. Milliseconds.
+    #[serde(default = "default_lag_p99_ms")]
+    pub generator_lag_p99_ms: f64,
+}
+
+fn default_lag_p99_ms() -> f64 {
+    50.0
+}
+
+fn default_p99_ms() -> f64 {
+    500.0
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self {
+            delivery_p99_ms: default_p99_ms(),
+            ack_p99_ms: default_p99_ms(),
+            lost_max: 0,
+            generator_lag_p99_ms: default_lag_p99_ms(),
+        }
+    }
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let scenario: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        scenario
+            .validate()
+            .with_context(|| format!("checking {}", path.display()))?;
+        Ok(scenario)
+    }
+
+    /// Refuses scenarios that cannot run as written.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let p = &self.population;
+        let l = &self.load;
+        if p.users < 2 || !p.users.is_multiple_of(2) {
+            bail!("population.users must be an even number of at least 2 (users are paired 1:1)");
+        }
+        if p.devices_per_user == 0 || p.group_size < 2 || p.group_size > 500 {
+            bail!("devices_per_user must be positive and group_size 2..=500");
+        }
+        if l.messages_per_sec.is_nan()
+            || l.messages_per_sec <= 0.0
+            || !(0.0..=1.0).contains(&l.group_share)
+        {
+            bail!("messages_per_sec must be positive and group_share within 0..=1");
+        }
+        if l.drivers == 0 || l.drivers > p.users {
+            bail!("load.drivers must be 1..=population.users");
+        }
+        if l.duration_secs == 0 || l.text_bytes < 32 || l.text_bytes > 64 * 1024 {
+            bail!("duration_secs must be positive and text_bytes 32..=65536");
+        }
+        Ok(())
+    }
+
+    /// Total devices.
+    pub fn devices(&self) -> u64 {
+        u64::from(self.population.users) * u64::from(self.population.devices_per_user)
+    }
+}

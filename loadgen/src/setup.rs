@@ -1,0 +1,74 @@
+//! Creates the population's conversations over the protocol before the load starts.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use chatproof_server::auth::TokenKey;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::device::now_us;
+use crate::world::World;
+
+/// Conversations created concurrently.
+const SETUP_CONCURRENCY: usize = 32;
+
+async fn request(url: &str, token: &str, op: Value) -> anyhow::Result<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let hello =
+        json!({"rid": "h", "op": "hello", "versions": [1], "token": token, "device": "setup"});
+    ws.send(Message::Text(hello.to_string().into())).await?;
+    let mut op = op;
+    op["rid"] = json!("op");
+    ws.send(Message::Text(op.to_string().into())).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| anyhow!("setup timed out"))?;
+        let Some(Ok(Message::Text(text))) = frame else {
+            if frame.is_none() {
+                bail!("connection closed during setup");
+            }
+            continue;
+        };
+        let v: Value = serde_json::from_str(&text)?;
+        if v["type"] == "error" {
+            bail!("setup refused: {} {}", v["code"], v["message"]);
+        }
+        if v["type"] == "ok" && v["rid"] == "op" {
+            let _ = ws.close(None).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Opens every 1:1 conversation and creates every group.
+pub async fn create_conversations(world: &World, url: &str, key: &TokenKey) -> anyhow::Result<()> {
+    let exp = now_us() / 1_000_000 + 3600;
+    let jobs: Vec<(String, Value)> = world
+        .convs
+        .iter()
+        .map(|c| {
+            let owner = world.user_id(c.members[0]);
+            let op = if c.group {
+                let others: Vec<String> =
+                    c.members[1..].iter().map(|u| world.user_id(*u)).collect();
+                json!({"op": "create_group", "conv": c.id, "members": others})
+            } else {
+                json!({"op": "open_direct", "peer": world.user_id(c.members[1])})
+            };
+            (key.mint(&owner, exp), op)
+        })
+        .collect();
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(jobs)
+        .map(|(token, op)| async move { request(url, &token, op).await })
+        .buffer_unordered(SETUP_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! The load generator end to end: a tiny scenario against the reference server it starts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn scenario(dir: &Path, name: &str, delivery_p99_ms: f64) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "# A tiny test scenario.\nname = \"{name}\"\n[population]\nusers = 6\ndevices_per_user = 2\ngroup_size = 3\n\
+         [load]\nduration_secs = 2\nmessages_per_sec = 30\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
+         [slo]\ndelivery_p99_ms = {delivery_p99_ms}\nack_p99_ms = 1000\ngenerator_lag_p99_ms = 1000\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(scenario: &Path, out: &Path) -> (i32, Option<PathBuf>) {
+    let status = Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+        .arg("run")
+        .arg(scenario)
+        .arg("--out-dir")
+        .arg(out)
+        .status()
+        .unwrap();
+    let name = scenario.file_stem().unwrap();
+    let report = std::fs::read_dir(out.join(name))
+        .ok()
+        .and_then(|mut d| d.next())
+        .map(|e| e.unwrap().path());
+    (status.code().unwrap(), report)
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+/// A healthy run passes with every delivery checked and every report file written; an
+/// unmeetable target makes the exit status 1; a broken scenario file gives 2.
+#[test]
+fn tiny_scenario_reports_and_gates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (code, report) = run(
+        &scenario(tmp.path(), "tiny", 500.0),
+        &tmp.path().join("reports"),
+    );
+    let report = report.expect("a report directory");
+    let s = summary(&report);
+    assert_eq!(code, 0, "{s:#}");
+    for file in [
+        "summary.json",
+        "report.md",
+        "delivery.hgrm",
+        "send_ack.hgrm",
+        "connect.hgrm",
+        "goose.html",
+    ] {
+        assert!(report.join(file).is_file(), "{file} missing");
+    }
+    let c = &s["counts"];
+    assert_eq!(c["scheduled"], 60);
+    assert_eq!(c["acked"], 60);
+    assert_eq!(c["devices_connected"], 12);
+    assert!(
+        c["deliveries_expected"].as_u64().unwrap() >= 60 * 4,
+        "each message reaches at least 2 users x 2 devices"
+    );
+    assert_eq!(c["deliveries_received"], c["deliveries_expected"]);
+    assert_eq!(s["violations"]["lost"], 0);
+    assert_eq!(s["pass"], true);
+    assert_eq!(s["latency"]["delivery"]["count"], c["deliveries_expected"]);
+
+    let (code, report) = run(
+        &scenario(tmp.path(), "impossible", 0.001),
+        &tmp.path().join("reports"),
+    );
+    let s = summary(&report.unwrap());
+    assert_eq!(code, 1, "a missed target fails the run: {s:#}");
+    assert_eq!(s["pass"], false);
+    assert_eq!(s["slo"][0]["pass"], false);
+
+    let broken = tmp.path().join("broken.toml");
+    std::fs::write(&broken, "name = \"broken\"\n[population]\nusers = 3\n").unwrap();
+    assert_eq!(run(&broken, &tmp.path().join("reports")).0, 2);
+}
