@@ -8,6 +8,7 @@
 //! - [`service`]: every operation, on top of store and hub; knows no transport.
 //! - [`transport`]: HTTP routing and the WebSocket session loop.
 //! - [`server`]: `run(listener, service, shutdown)`.
+//! - [`mutants`]: deliberate bugs for the simulator (simulation builds only).
 //! - [`launch`]: a complete single-node server from its flags (binary and load generator).
 //! - [`auth`], [`clock`], [`limits`], [`metrics`], [`config`]: the edges and knobs.
 
@@ -19,6 +20,7 @@ pub mod hub;
 pub mod launch;
 pub mod limits;
 pub mod metrics;
+pub mod mutants;
 pub mod protocol;
 pub mod server;
 pub mod service;

@@ -40,6 +40,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
@@ -84,6 +85,7 @@ pub async fn run(
                 .with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
+                biased;
                 result = conn.as_mut() => result,
                 _ = stop.changed() => {
                     conn.as_mut().graceful_shutdown();

@@ -37,7 +37,7 @@ pub struct ChatService {
     /// Durable storage.
     pub store: Arc<dyn Store>,
     /// Connected devices.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
     /// Wall time.
     pub clock: Arc<dyn Clock>,
     /// Limits.
@@ -74,7 +74,7 @@ impl ChatService {
         let boot_ms = clock.now_ms();
         Self {
             store,
-            hub: Hub::default(),
+            hub: Arc::new(Hub::default()),
             clock,
             limits,
             metrics: Metrics::default(),
@@ -90,10 +90,20 @@ impl ChatService {
             return;
         }
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
-        self.hub.publish(
-            &appended.recipients,
-            &Push::Entry(Arc::clone(&appended.entry), frame),
-        );
+        let push = Push::Entry(Arc::clone(&appended.entry), frame);
+        // Under the simulator, model what a multi-threaded runtime does for free: two
+        // sends that commit in one order may fan out in the other.
+        #[cfg(madsim)]
+        if madsim::rand::random::<u8>() < 128 {
+            let (hub, recipients) = (Arc::clone(&self.hub), Arc::clone(&appended.recipients));
+            let delay = std::time::Duration::from_millis(u64::from(madsim::rand::random::<u8>()));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                hub.publish(&recipients, &push);
+            });
+            return;
+        }
+        self.hub.publish(&appended.recipients, &push);
     }
 
     /// The conversation, if `caller` is or was a member; errors otherwise.
@@ -407,6 +417,11 @@ impl ChatService {
         new_device_window: bool,
     ) -> Result<u64, ProtocolError> {
         let m = state.record.require_reader(&caller.user)?;
+        if crate::mutants::active(crate::mutants::Mutant::ForgetCursorOnReconnect)
+            && presented.is_some()
+        {
+            return Ok((state.last_seq + 1).max(m.joined_seq));
+        }
         let stored = match presented {
             Some(c) => Some(c),
             None => self

@@ -440,6 +440,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             step = self.stream.on_push(&entry.conv, entry.seq);
         }
+        if crate::mutants::active(crate::mutants::Mutant::FanoutOutOfOrder)
+            && matches!(step, StreamStep::Fill { .. })
+        {
+            self.ws.send(Message::Text(frame)).await?;
+            self.stream.start(
+                &entry.conv,
+                entry.seq + 1,
+                self.stream.visible_until(&entry.conv).unwrap_or(u64::MAX),
+            );
+            return Ok(());
+        }
         match step {
             StreamStep::Deliver => self.write_entry(entry, frame, true).await,
             StreamStep::Duplicate | StreamStep::NotVisible => Ok(()),

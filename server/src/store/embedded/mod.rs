@@ -3,8 +3,12 @@
 //! Writes go to one writer thread that commits them in groups (one fsync for
 //! every write waiting at that moment); the caller's future resolves only after
 //! its group is durable. Reads use redb's MVCC read transactions and see only
-//! committed data. Under madsim this backend is not used (it needs an OS thread);
-//! the simulator models crash semantics with its own store.
+//! committed data.
+//!
+//! Under madsim (`--cfg madsim`) the writer is a task instead of an OS thread and the
+//! simulator hands in a database on redb's in-memory backend that outlives node
+//! crashes: a commit is one synchronous step, so a crash loses exactly the writes
+//! that were queued but not yet committed, none of which was acknowledged.
 
 mod tables;
 mod writer;
@@ -37,6 +41,7 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
 pub struct EmbeddedStore {
     db: Arc<Database>,
     ops: Option<mpsc::UnboundedSender<WriteOp>>,
+    #[cfg(not(madsim))]
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -45,6 +50,7 @@ impl Drop for EmbeddedStore {
     /// database file is closed (and can be reopened) once the store is gone.
     fn drop(&mut self) {
         drop(self.ops.take());
+        #[cfg(not(madsim))]
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
@@ -56,16 +62,25 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
         let db = Arc::new(Database::create(dir.join("chatproof.redb")).map_err(backend)?);
+        Self::with_database(db)
+    }
+
+    /// Uses an open database (the simulator passes one on redb's in-memory backend).
+    pub fn with_database(db: Arc<Database>) -> Result<Self, StoreError> {
         writer::create_tables(&db)?;
         let (ops, rx) = mpsc::unbounded_channel();
         let writer_db = Arc::clone(&db);
+        #[cfg(not(madsim))]
         let writer = std::thread::Builder::new()
             .name("chatproof-store-writer".into())
             .spawn(move || writer::run(&writer_db, rx))
             .map_err(backend)?;
+        #[cfg(madsim)]
+        tokio::spawn(async move { writer::run_task(&writer_db, rx).await });
         Ok(Self {
             db,
             ops: Some(ops),
+            #[cfg(not(madsim))]
             writer: Some(writer),
         })
     }

@@ -55,20 +55,69 @@ pub fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.commit().map_err(backend)
 }
 
-/// The writer loop: runs until every sender of `ops` is dropped.
+/// The writer loop on an OS thread: runs until every sender of `ops` is dropped.
+#[cfg(not(madsim))]
 pub fn run(db: &Database, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
     let mut cache = HashMap::new();
     while let Some(first) = ops.blocking_recv() {
-        let mut batch = Vec::with_capacity(16);
-        batch.push(first);
-        while batch.len() < GROUP_COMMIT_OPS_MAX {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        commit_group(db, &mut cache, batch);
+        commit_group(db, &mut cache, take_group(first, &mut ops));
     }
+}
+
+/// The writer loop as a task (the simulator forbids OS threads).
+#[cfg(madsim)]
+pub async fn run_task(db: &Database, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
+    let mut cache = HashMap::new();
+    while let Some(first) = ops.recv().await {
+        let group = take_group(first, &mut ops);
+        if crate::mutants::active(crate::mutants::Mutant::AckBeforeDurable) {
+            commit_group_acking_first(db, &mut cache, group).await;
+            continue;
+        }
+        commit_group(db, &mut cache, group);
+        // Let the callers run before the next group, as the thread would.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The `AckBeforeDurable` mutant: acknowledge, give a crash time to strike, then commit.
+#[cfg(madsim)]
+async fn commit_group_acking_first(
+    db: &Database,
+    cache: &mut HashMap<String, CachedConv>,
+    batch: Vec<WriteOp>,
+) {
+    let Ok(txn) = db.begin_write() else { return };
+    let mut completions = Vec::with_capacity(batch.len());
+    let failed = match WriteCtx::open(&txn, cache) {
+        Ok(mut ctx) => {
+            for op in batch {
+                completions.push(op(&mut ctx));
+            }
+            ctx.failed
+        }
+        Err(e) => Some(e.to_string()),
+    };
+    for complete in completions {
+        complete(Ok(()));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if failed.is_none() {
+        let _ = txn.commit();
+    }
+}
+
+/// `first` plus every write already waiting, up to the group limit.
+fn take_group(first: WriteOp, ops: &mut mpsc::UnboundedReceiver<WriteOp>) -> Vec<WriteOp> {
+    let mut batch = Vec::with_capacity(16);
+    batch.push(first);
+    while batch.len() < GROUP_COMMIT_OPS_MAX {
+        match ops.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 fn commit_group(db: &Database, cache: &mut HashMap<String, CachedConv>, batch: Vec<WriteOp>) {
@@ -155,11 +204,14 @@ impl<'t> WriteCtx<'t> {
         };
         let record: ConvRecord = decode(raw.value())?;
         drop(raw);
-        let (last_seq, last_time_ms) = self
+        let (mut last_seq, last_time_ms) = self
             .seqs
             .get(conv)
             .map_err(backend)?
             .map_or((0, 0), |g| g.value());
+        if crate::mutants::active(crate::mutants::Mutant::SeqReuseAfterRestart) {
+            last_seq = last_seq.saturating_sub(1);
+        }
         self.cache.insert(
             conv.to_owned(),
             CachedConv::new(record, last_seq, last_time_ms),
@@ -207,7 +259,11 @@ impl<'t> WriteCtx<'t> {
             .entries
             .insert((conv, seq), encode(&entry).as_slice())
             .map_err(backend)?;
-        assert!(prior.is_none(), "{conv}: seq {seq} allocated twice");
+        let reuse_allowed = crate::mutants::active(crate::mutants::Mutant::SeqReuseAfterRestart);
+        assert!(
+            prior.is_none() || reuse_allowed,
+            "{conv}: seq {seq} allocated twice"
+        );
         drop(prior);
         self.seqs
             .insert(conv, (seq, server_time_ms))
@@ -325,7 +381,8 @@ impl<'t> WriteCtx<'t> {
             .message_ids
             .get(key)
             .map_err(backend)?
-            .map(|g| g.value());
+            .map(|g| g.value())
+            .filter(|_| !crate::mutants::active(crate::mutants::Mutant::SkipIdempotency));
         if let Some(seq) = seen {
             let raw = self.entries.get((m.conv.as_str(), seq)).map_err(backend)?;
             let raw =
@@ -399,7 +456,10 @@ impl<'t> WriteCtx<'t> {
                 let (delivered, read) = g.value();
                 Cursor { delivered, read }
             });
-        let new = old.advance(delivered, read, visible_max)?;
+        let mut new = old.advance(delivered, read, visible_max)?;
+        if crate::mutants::active(crate::mutants::Mutant::ReceiptRegress) {
+            new.delivered = delivered.unwrap_or(new.delivered).max(read.unwrap_or(0));
+        }
         if new != old {
             self.device_cursors
                 .insert((user, device, conv), (new.delivered, new.read))
@@ -407,7 +467,10 @@ impl<'t> WriteCtx<'t> {
         }
         let users = self.user_cursor_map(conv)?;
         let user_before = users.get(user).copied().unwrap_or_default();
-        let user_after = user_before.max(new);
+        let mut user_after = user_before.max(new);
+        if crate::mutants::active(crate::mutants::Mutant::ReceiptRegress) {
+            user_after.delivered = new.delivered;
+        }
         if user_after != user_before {
             users.insert(user.to_owned(), user_after);
             self.user_cursors

@@ -1,0 +1,72 @@
+//! Deliberate bugs the simulator can switch on to prove its checker catches them.
+//!
+//! They exist only in simulation builds (`--cfg madsim`); in every other build
+//! [`active`] is a constant `false` and the compiler removes the buggy paths.
+
+/// One deliberate bug, each breaking one guarantee of the delivery contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mutant {
+    /// Durable: the writer acknowledges a group before committing it.
+    AckBeforeDurable = 1,
+    /// Idempotent: a retry with a known message id is sequenced again.
+    SkipIdempotency = 2,
+    /// One order: after a restart the writer forgets the last seq and hands it out again.
+    SeqReuseAfterRestart = 3,
+    /// Complete, in order: pushes are written as they come, without the per-device stream.
+    FanoutOutOfOrder = 4,
+    /// Complete: a reconnecting device's cursor is ignored; it resumes at the newest entry.
+    ForgetCursorOnReconnect = 5,
+    /// Receipts: a device's lower ack moves its cursor (and the receipt) backwards.
+    ReceiptRegress = 6,
+}
+
+impl Mutant {
+    /// Every mutant, in order.
+    pub const ALL: [Mutant; 6] = [
+        Mutant::AckBeforeDurable,
+        Mutant::SkipIdempotency,
+        Mutant::SeqReuseAfterRestart,
+        Mutant::FanoutOutOfOrder,
+        Mutant::ForgetCursorOnReconnect,
+        Mutant::ReceiptRegress,
+    ];
+
+    /// A stable kebab-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutant::AckBeforeDurable => "ack-before-durable",
+            Mutant::SkipIdempotency => "skip-idempotency",
+            Mutant::SeqReuseAfterRestart => "seq-reuse-after-restart",
+            Mutant::FanoutOutOfOrder => "fanout-out-of-order",
+            Mutant::ForgetCursorOnReconnect => "forget-cursor-on-reconnect",
+            Mutant::ReceiptRegress => "receipt-regress",
+        }
+    }
+}
+
+#[cfg(madsim)]
+static ACTIVE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Switches `mutant` on (or all off with `None`); simulation builds only.
+#[cfg(madsim)]
+pub fn set(mutant: Option<Mutant>) {
+    ACTIVE.store(
+        mutant.map_or(0, |m| m as u8),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
+
+/// True when `mutant` is switched on (always false outside simulation builds).
+#[inline]
+pub fn active(mutant: Mutant) -> bool {
+    #[cfg(madsim)]
+    {
+        ACTIVE.load(std::sync::atomic::Ordering::SeqCst) == mutant as u8
+    }
+    #[cfg(not(madsim))]
+    {
+        let _ = mutant;
+        false
+    }
+}

@@ -1,0 +1,416 @@
+//! The checker: holds a run's history to the delivery contract (`GUARANTEES.md`),
+//! naming each violation as the contract does.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use crate::history::{DeviceKey, History};
+
+/// A conversation of the simulated world: id and member user indexes.
+#[derive(Debug, Clone)]
+pub struct ConvSpec {
+    /// Id.
+    pub id: String,
+    /// Members.
+    pub members: Vec<u32>,
+}
+
+/// One broken promise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The contract's name: lost, duplicate, reorder, gap, conflict, phantom,
+    /// receipt-regress, receipt-overclaim, slow.
+    pub kind: &'static str,
+    /// Conversation.
+    pub conv: String,
+    /// What exactly (seq, message id, device).
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} in {}: {}", self.kind, self.conv, self.detail)
+    }
+}
+
+/// What the checker needs besides the history.
+pub struct World<'a> {
+    /// Conversations.
+    pub convs: &'a [ConvSpec],
+    /// Devices of each user.
+    pub devices_per_user: &'a [u32],
+    /// A delivery slower than this outside fault windows is `slow`.
+    pub latency_bound_ms: u64,
+}
+
+/// After a fault ends, the network needs a moment to recover (TCP retransmission
+/// backoff, reconnects); deliveries that start within this grace are not `slow`.
+pub const FAULT_RECOVERY_GRACE_MS: u64 = 3_000;
+
+fn overlaps(
+    faults: &[crate::history::FaultWindow],
+    devices: &[DeviceKey],
+    start: u64,
+    end: u64,
+) -> bool {
+    faults.iter().any(|w| {
+        w.start_ms <= end
+            && start <= w.end_ms + FAULT_RECOVERY_GRACE_MS
+            && w.device.is_none_or(|d| devices.contains(&d))
+    })
+}
+
+/// Checks everything; returns every violation found.
+pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut v = |kind: &'static str, conv: &str, detail: String| {
+        out.push(Violation {
+            kind,
+            conv: conv.to_owned(),
+            detail,
+        })
+    };
+    let members: HashMap<&str, &Vec<u32>> = world
+        .convs
+        .iter()
+        .map(|c| (c.id.as_str(), &c.members))
+        .collect();
+    let sent: HashMap<(&str, &str), &crate::history::Sent> = h
+        .sent
+        .iter()
+        .map(|s| ((s.conv.as_str(), s.message_id.as_str()), s))
+        .collect();
+
+    // Order per device: gap-free, once, in seq order.
+    let mut next: HashMap<(DeviceKey, &str), u64> = HashMap::new();
+    let mut skipped: HashMap<(DeviceKey, &str), BTreeSet<u64>> = HashMap::new();
+    let mut held: HashMap<(DeviceKey, &str), BTreeSet<u64>> = HashMap::new();
+    let mut at_seq: HashMap<(&str, u64), &str> = HashMap::new();
+    let mut seqs_of_id: HashMap<(&str, &str), BTreeSet<u64>> = HashMap::new();
+    for r in &h.received {
+        let key = (r.device, r.conv.as_str());
+        if !members
+            .get(r.conv.as_str())
+            .is_some_and(|m| m.contains(&r.device.0))
+        {
+            v(
+                "phantom",
+                &r.conv,
+                format!(
+                    "device {:?} got seq {} of a conversation it is not in",
+                    r.device, r.seq
+                ),
+            );
+            continue;
+        }
+        if !r.system && !sent.contains_key(&(r.conv.as_str(), r.message_id.as_str())) {
+            v(
+                "phantom",
+                &r.conv,
+                format!(
+                    "device {:?} got seq {} ({}) that no client sent",
+                    r.device, r.seq, r.message_id
+                ),
+            );
+        }
+        match at_seq.get(&(r.conv.as_str(), r.seq)) {
+            Some(other) if *other != r.message_id => {
+                v(
+                    "conflict",
+                    &r.conv,
+                    format!(
+                        "seq {} is {} on one device and {} on {:?}",
+                        r.seq, other, r.message_id, r.device
+                    ),
+                );
+            }
+            _ => {
+                at_seq.insert((r.conv.as_str(), r.seq), &r.message_id);
+            }
+        }
+        if !r.system {
+            seqs_of_id
+                .entry((r.conv.as_str(), r.message_id.as_str()))
+                .or_default()
+                .insert(r.seq);
+        }
+        let expected = next.entry(key).or_insert(1);
+        if r.seq == *expected {
+            *expected += 1;
+        } else if r.seq < *expected {
+            if skipped.entry(key).or_default().remove(&r.seq) {
+                v(
+                    "reorder",
+                    &r.conv,
+                    format!("device {:?} got seq {} after a higher seq", r.device, r.seq),
+                );
+            } else {
+                v(
+                    "duplicate",
+                    &r.conv,
+                    format!("device {:?} was shown seq {} twice", r.device, r.seq),
+                );
+            }
+        } else {
+            v(
+                "gap",
+                &r.conv,
+                format!(
+                    "device {:?} expected seq {} and got {}",
+                    r.device, expected, r.seq
+                ),
+            );
+            skipped.entry(key).or_default().extend(*expected..r.seq);
+            *expected = r.seq + 1;
+        }
+        held.entry(key).or_default().insert(r.seq);
+    }
+
+    // Idempotency and acks agree with what devices were shown.
+    for a in &h.acked {
+        match at_seq.get(&(a.conv.as_str(), a.seq)) {
+            Some(shown) if *shown != a.message_id => {
+                v(
+                    "conflict",
+                    &a.conv,
+                    format!(
+                        "{} was acked at seq {} but devices were shown {} there",
+                        a.message_id, a.seq, shown
+                    ),
+                );
+            }
+            _ => {}
+        }
+        seqs_of_id
+            .entry((a.conv.as_str(), a.message_id.as_str()))
+            .or_default()
+            .insert(a.seq);
+    }
+    for ((conv, id), seqs) in &seqs_of_id {
+        if seqs.len() > 1 {
+            v(
+                "duplicate",
+                conv,
+                format!("message {id} exists under seqs {seqs:?}"),
+            );
+        }
+    }
+
+    // Nothing acknowledged is lost: every device of every member holds it.
+    let mut acked_seqs: BTreeMap<(&str, u64), &str> = BTreeMap::new();
+    for a in &h.acked {
+        acked_seqs.insert((a.conv.as_str(), a.seq), &a.message_id);
+    }
+    for ((conv, seq), id) in &acked_seqs {
+        for &user in members.get(conv).map(|m| m.as_slice()).unwrap_or_default() {
+            for d in 0..world.devices_per_user[user as usize] {
+                if !held
+                    .get(&((user, d), *conv))
+                    .is_some_and(|s| s.contains(seq))
+                {
+                    v(
+                        "lost",
+                        conv,
+                        format!(
+                            "acknowledged {id} (seq {seq}) never reached device {:?}",
+                            (user, d)
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    // Receipts never go back and never claim more than the user's devices held.
+    let mut best_held: HashMap<(u32, &str), u64> = HashMap::new();
+    for ((device, conv), seqs) in &held {
+        let contiguous = (1..).take_while(|s| seqs.contains(s)).last().unwrap_or(0);
+        let best = best_held.entry((device.0, *conv)).or_insert(0);
+        *best = (*best).max(contiguous);
+    }
+    let mut last_receipt: HashMap<(DeviceKey, &str, u32), (u64, u64)> = HashMap::new();
+    for r in &h.receipts {
+        let key = (r.device, r.conv.as_str(), r.user);
+        if let Some((d, rd)) = last_receipt.get(&key) {
+            if r.delivered < *d || r.read < *rd {
+                v(
+                    "receipt-regress",
+                    &r.conv,
+                    format!(
+                        "user {} went from ({d}, {rd}) to ({}, {}) as seen by {:?}",
+                        r.user, r.delivered, r.read, r.device
+                    ),
+                );
+            }
+        }
+        last_receipt.insert(key, (r.delivered, r.read));
+        let held_max = best_held
+            .get(&(r.user, r.conv.as_str()))
+            .copied()
+            .unwrap_or(0);
+        if r.delivered > held_max || r.read > r.delivered {
+            v(
+                "receipt-overclaim",
+                &r.conv,
+                format!(
+                    "user {} claimed delivered {} read {} but held {held_max}",
+                    r.user, r.delivered, r.read
+                ),
+            );
+        }
+    }
+
+    // Fast when healthy: outside fault windows, deliveries stay under the bound.
+    for r in h.received.iter().filter(|r| !r.system) {
+        let Some(s) = sent.get(&(r.conv.as_str(), r.message_id.as_str())) else {
+            continue;
+        };
+        let latency = r.t_ms.saturating_sub(s.t_ms);
+        if latency > world.latency_bound_ms
+            && !overlaps(&h.faults, &[s.device, r.device], s.t_ms, r.t_ms)
+        {
+            v(
+                "slow",
+                &r.conv,
+                format!(
+                    "{} took {latency} ms to reach {:?} with no fault active",
+                    r.message_id, r.device
+                ),
+            );
+        }
+    }
+    out.sort_by(|a, b| (a.kind, &a.conv, &a.detail).cmp(&(b.kind, &b.conv, &b.detail)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{Acked, ReceiptSeen, Received, Sent};
+
+    fn recv(device: DeviceKey, seq: u64, id: &str) -> Received {
+        Received {
+            device,
+            conv: "c".into(),
+            seq,
+            message_id: id.into(),
+            system: id.starts_with("member"),
+            t_ms: 10,
+        }
+    }
+
+    fn world_check(h: &History) -> Vec<&'static str> {
+        let convs = [ConvSpec {
+            id: "c".into(),
+            members: vec![0, 1],
+        }];
+        let world = World {
+            convs: &convs,
+            devices_per_user: &[1, 1],
+            latency_bound_ms: 1000,
+        };
+        check(h, &world).into_iter().map(|v| v.kind).collect()
+    }
+
+    fn base() -> History {
+        let mut h = History::default();
+        h.sent.push(Sent {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m1".into(),
+            t_ms: 0,
+        });
+        h.acked.push(Acked {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m1".into(),
+            seq: 2,
+            t_ms: 5,
+        });
+        h
+    }
+
+    /// A clean history passes; each kind of broken history is named by the contract.
+    #[test]
+    fn names_each_violation() {
+        let mut h = base();
+        for d in [(0, 0), (1, 0)] {
+            h.received.push(recv(d, 1, "member-1"));
+            h.received.push(recv(d, 2, "m1"));
+        }
+        h.receipts.push(ReceiptSeen {
+            device: (0, 0),
+            conv: "c".into(),
+            user: 1,
+            delivered: 2,
+            read: 1,
+        });
+        assert!(world_check(&h).is_empty(), "{:?}", world_check(&h));
+
+        let mut lost = base();
+        lost.received.push(recv((0, 0), 1, "member-1"));
+        lost.received.push(recv((0, 0), 2, "m1"));
+        lost.received.push(recv((1, 0), 1, "member-1"));
+        assert_eq!(world_check(&lost), vec!["lost"]);
+
+        let mut dup = base();
+        for d in [(0, 0), (1, 0)] {
+            dup.received.push(recv(d, 1, "member-1"));
+            dup.received.push(recv(d, 2, "m1"));
+        }
+        dup.received.push(recv((1, 0), 2, "m1"));
+        assert_eq!(world_check(&dup), vec!["duplicate"]);
+
+        let mut gap = base();
+        for d in [(0, 0), (1, 0)] {
+            gap.received.push(recv(d, 2, "m1"));
+        }
+        gap.received.push(recv((0, 0), 1, "member-1"));
+        assert_eq!(world_check(&gap), vec!["gap", "gap", "reorder"]);
+
+        let mut phantom = base();
+        phantom.received.push(recv((0, 0), 3, "never-sent"));
+        assert!(world_check(&phantom).contains(&"phantom"));
+
+        let mut regress = base();
+        for d in [(0, 0), (1, 0)] {
+            regress.received.push(recv(d, 1, "member-1"));
+            regress.received.push(recv(d, 2, "m1"));
+        }
+        regress.receipts.push(ReceiptSeen {
+            device: (0, 0),
+            conv: "c".into(),
+            user: 1,
+            delivered: 2,
+            read: 0,
+        });
+        regress.receipts.push(ReceiptSeen {
+            device: (0, 0),
+            conv: "c".into(),
+            user: 1,
+            delivered: 1,
+            read: 0,
+        });
+        regress.receipts.push(ReceiptSeen {
+            device: (0, 0),
+            conv: "c".into(),
+            user: 1,
+            delivered: 5,
+            read: 0,
+        });
+        assert_eq!(
+            world_check(&regress),
+            vec!["receipt-overclaim", "receipt-regress"]
+        );
+
+        let mut twice = base();
+        twice.acked.push(Acked {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m1".into(),
+            seq: 3,
+            t_ms: 5,
+        });
+        assert!(world_check(&twice).contains(&"duplicate"));
+    }
+}

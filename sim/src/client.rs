@@ -1,0 +1,256 @@
+//! A simulated device speaking protocol v1 over simulated TCP, and the shared
+//! progress the harness reads to decide convergence.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::cluster::{sim_ms, Shared, SERVER_ADDR};
+use crate::history::{Acked, DeviceKey, FaultWindow, ReceiptSeen, Received, Sent};
+use crate::options::SeedRng;
+
+/// Messages in flight per device.
+const OUTSTANDING_MAX: usize = 3;
+/// A send without an ack after this is retried with the same id.
+const RETRY_AFTER_MS: u64 = 1_500;
+/// A connection silent for this long is dropped and re-made.
+const SILENCE_MAX_MS: u64 = 6_000;
+
+/// What the harness reads to decide whether a device has converged.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// Highest contiguous seq held per conversation.
+    pub cursors: BTreeMap<String, u64>,
+    /// Sends not yet acknowledged.
+    pub outstanding: usize,
+}
+
+/// One device's fixed description.
+pub struct DeviceSpec {
+    /// `(user, device)`.
+    pub key: DeviceKey,
+    /// Token for its user.
+    pub token: String,
+    /// Conversations its user is in.
+    pub convs: Vec<String>,
+    /// New messages to make in the safety phase.
+    pub to_send: u32,
+    /// Length of the safety phase, so new messages spread over all of it.
+    pub safety_secs: u64,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Connects and upgrades to WebSocket over simulated TCP.
+pub async fn connect() -> Option<Ws> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(SERVER_ADDR))
+        .await
+        .ok()?
+        .ok()?;
+    let url = format!("ws://{SERVER_ADDR}/v1/ws");
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(ws)
+}
+
+/// Sends `frame` and waits for the reply with the same rid (ignoring events).
+pub async fn roundtrip(ws: &mut Ws, frame: Value) -> Option<Value> {
+    let rid = frame["rid"].as_str()?.to_owned();
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .ok()?;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(3), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(text) = next {
+            let v: Value = serde_json::from_str(&text).ok()?;
+            if v["rid"] == rid.as_str() {
+                return Some(v);
+            }
+        }
+    }
+}
+
+struct Pending {
+    conv: String,
+    /// When it was last written to a connection; `None`: due now.
+    last_attempt_ms: Option<u64>,
+}
+
+/// Runs a device until the harness says stop.
+pub async fn run_device(
+    spec: DeviceSpec,
+    shared: Arc<Shared>,
+    progress: Arc<Mutex<Progress>>,
+    seed: u64,
+) {
+    let (user, device) = spec.key;
+    let mut rng = SeedRng::new(seed, 1000 + u64::from(user) * 16 + u64::from(device));
+    let mut cursors: BTreeMap<String, u64> = spec.convs.iter().map(|c| (c.clone(), 0)).collect();
+    let mut acked_cursor: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
+    let mut made = 0u32;
+    let mut last_written: Option<(String, String)> = None;
+    // Set while the device has no working connection (a fault window for the checker).
+    let mut offline_since: Option<u64> = Some(0);
+    let mut rid = 0u64;
+    let ticks = (spec.safety_secs * 1000 / 50).max(1) as f64;
+    let send_chance = (f64::from(spec.to_send) * 1.5 / ticks).min(1.0);
+    while !shared.stop_all.load(Ordering::SeqCst) {
+        let Some(mut ws) = connect().await else {
+            tokio::time::sleep(Duration::from_millis(rng.range(100, 600))).await;
+            continue;
+        };
+        let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": spec.token,
+                           "device": format!("d{device}"), "cursors": cursors});
+        if ws
+            .send(Message::Text(hello.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        shared.note(format!(
+            "device {:?} connected, cursors {cursors:?}",
+            spec.key
+        ));
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut last_heard = sim_ms();
+        'session: loop {
+            tokio::select! {
+                biased;
+                frame = ws.next() => {
+                    let Some(Ok(frame)) = frame else { break 'session };
+                    last_heard = sim_ms();
+                    let Message::Text(text) = frame else { continue };
+                    let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                    match (v["type"].as_str(), v["rid"].as_str()) {
+                        (Some("ok"), Some(r)) if r.starts_with('s') => {
+                            let res = &v["result"];
+                            let (Some(conv), Some(id), Some(seq)) = (res["conv"].as_str(), res["message_id"].as_str(), res["seq"].as_u64()) else { continue };
+                            pending.remove(id);
+                            shared.note(format!("device {:?} acked {id} seq {seq}", spec.key));
+                            shared.with(|h| h.acked.push(Acked { device: spec.key, conv: conv.into(), message_id: id.into(), seq, t_ms: sim_ms() }));
+                        }
+                        (Some("ok"), Some("h")) => {
+                            if let Some(since) = offline_since.take() {
+                                shared.with(|h| h.faults.push(FaultWindow { kind: "device offline".into(), start_ms: since, end_ms: sim_ms(), device: Some(spec.key) }));
+                            }
+                            shared.note(format!("device {:?} hello accepted", spec.key));
+                        }
+                        (Some("caught_up"), _) => shared.note(format!("device {:?} caught up", spec.key)),
+                        (Some("error"), Some("h")) => {
+                            shared.note(format!("device {:?} hello refused: {}", spec.key, v["code"]));
+                            break 'session;
+                        }
+                        (Some("error"), None) => break 'session,
+                        (Some("msg"), _) => {
+                            let (Some(conv), Some(seq)) = (v["conv"].as_str(), v["seq"].as_u64()) else { continue };
+                            let id = v["message_id"].as_str().unwrap_or_default().to_owned();
+                            let system = v["body"]["kind"] == "members";
+                            shared.with(|h| h.received.push(Received { device: spec.key, conv: conv.into(), seq, message_id: id, system, t_ms: sim_ms() }));
+                            if let Some(c) = cursors.get_mut(conv) {
+                                if seq == *c + 1 {
+                                    *c = seq;
+                                }
+                            }
+                        }
+                        (Some("receipt"), _) => {
+                            let (Some(conv), Some(u), Some(d), Some(r)) = (v["conv"].as_str(), v["user"].as_str(), v["delivered"].as_u64(), v["read"].as_u64()) else { continue };
+                            let user = u.trim_start_matches('u').parse().unwrap_or(u32::MAX);
+                            shared.with(|h| h.receipts.push(ReceiptSeen { device: spec.key, conv: conv.into(), user, delivered: d, read: r }));
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = sim_ms();
+                    if shared.stop_all.load(Ordering::SeqCst) || now - last_heard > SILENCE_MAX_MS {
+                        break 'session;
+                    }
+                    if shared.take_disconnect(spec.key) {
+                        // Drop the connection in the middle of a send: write every
+                        // unacknowledged message once more, then go without waiting.
+                        for (id, p) in &pending {
+                            rid += 1;
+                            let frame = json!({"rid": format!("s{rid}"), "op": "send", "conv": p.conv, "message_id": id, "text": format!("hello from {user}/{device}")});
+                            let _ = ws.send(Message::Text(frame.to_string().into())).await;
+                        }
+                        // Its ack may have been lost with the connection: retry it after reconnecting.
+                        if let Some((id, conv)) = last_written.take() {
+                            pending.entry(id).or_insert(Pending { conv, last_attempt_ms: None });
+                        }
+                        shared.note(format!("device {:?} dropped its connection mid-send", spec.key));
+                        break 'session;
+                    }
+                    if !shared.stop_sending.load(Ordering::SeqCst) && !spec.convs.is_empty() && rng.chance(send_chance) {
+                        // Sometimes a burst, as a user typing fast does.
+                        let burst = if rng.chance(0.3) { OUTSTANDING_MAX } else { 1 };
+                        let conv = spec.convs[rng.range(0, spec.convs.len() as u64 - 1) as usize].clone();
+                        for _ in 0..burst {
+                            if made >= spec.to_send || pending.len() >= OUTSTANDING_MAX {
+                                break;
+                            }
+                            let id = format!("m-{user}-{device}-{made}");
+                            shared.note(format!("device {:?} sends {id}", spec.key));
+                            made += 1;
+                            shared.with(|h| h.sent.push(Sent { device: spec.key, conv: conv.clone(), message_id: id.clone(), t_ms: now }));
+                            pending.insert(id, Pending { conv: conv.clone(), last_attempt_ms: None });
+                        }
+                    }
+                    let mut frames = Vec::new();
+                    for (id, p) in pending.iter_mut().filter(|(_, p)| p.last_attempt_ms.is_none_or(|t| now - t >= RETRY_AFTER_MS)) {
+                        p.last_attempt_ms = Some(now);
+                        last_written = Some((id.clone(), p.conv.clone()));
+                        rid += 1;
+                        frames.push(json!({"rid": format!("s{rid}"), "op": "send", "conv": p.conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
+                    }
+                    for (conv, &c) in &cursors {
+                        let last = acked_cursor.get(conv).copied().unwrap_or(0);
+                        if c > last {
+                            rid += 1;
+                            let read = if rng.chance(0.5) { c } else { last };
+                            frames.push(json!({"rid": format!("a{rid}"), "op": "ack", "conv": conv, "delivered": c, "read": read}));
+                            acked_cursor.insert(conv.clone(), c);
+                        } else if c > 1 && rng.chance(0.01) {
+                            // A stale ack, as a client replaying an old one after a reconnect would send.
+                            rid += 1;
+                            frames.push(json!({"rid": format!("a{rid}"), "op": "ack", "conv": conv, "delivered": c / 2}));
+                        }
+                    }
+                    for frame in frames {
+                        if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                            break 'session;
+                        }
+                    }
+                    *progress.lock().expect("progress") = Progress { cursors: cursors.clone(), outstanding: pending.len() };
+                }
+            }
+        }
+        offline_since.get_or_insert(last_heard);
+        // Retry everything unacknowledged after the reconnect.
+        for p in pending.values_mut() {
+            p.last_attempt_ms = None;
+        }
+        acked_cursor.clear();
+        tokio::time::sleep(Duration::from_millis(rng.range(50, 400))).await;
+    }
+    *progress.lock().expect("progress") = Progress {
+        cursors,
+        outstanding: pending.len(),
+    };
+}

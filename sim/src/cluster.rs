@@ -1,0 +1,313 @@
+//! The simulated cluster: the real server on one node over a store that survives its
+//! crashes, one node per client device, and the harness that runs the two phases.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatproof_server::auth::TokenKey;
+use chatproof_server::clock::{Clock, SystemClock};
+use chatproof_server::limits::Limits;
+use chatproof_server::service::ChatService;
+use chatproof_server::store::embedded::EmbeddedStore;
+use madsim::runtime::Handle;
+use serde_json::json;
+
+use crate::checker::ConvSpec;
+use crate::client::{self, DeviceSpec, Progress};
+use crate::faults;
+use crate::history::{DeviceKey, History};
+use crate::options::SimOptions;
+
+/// The server's simulated address (virtual: no packet leaves the process).
+pub const SERVER_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8080);
+const SECRET: &[u8] = b"chatproof-sim-secret-0123";
+
+/// Simulated milliseconds since the run began.
+pub fn sim_ms() -> u64 {
+    let start = START
+        .with(std::cell::Cell::get)
+        .expect("sim_ms inside a run");
+    tokio::time::Instant::now()
+        .duration_since(start)
+        .as_millis() as u64
+}
+
+thread_local! {
+    // Set at the start of every run: each run has its own simulated clock.
+    static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// State shared by the harness, the fault injector and every device.
+pub struct Shared {
+    /// The history being recorded.
+    pub history: Mutex<History>,
+    /// Devices stop making new messages (liveness phase).
+    pub stop_sending: AtomicBool,
+    /// Devices stop altogether.
+    pub stop_all: AtomicBool,
+    /// Clock skew applied to the server at its next start, ms.
+    pub skew_ms: AtomicI64,
+    disconnect: Mutex<BTreeSet<DeviceKey>>,
+}
+
+impl Shared {
+    /// Records into the history.
+    pub fn with(&self, f: impl FnOnce(&mut History)) {
+        f(&mut self.history.lock().expect("history"));
+    }
+
+    /// Adds a trace line.
+    pub fn note(&self, line: String) {
+        let t = sim_ms();
+        self.with(|h| h.note(t, line));
+    }
+
+    /// Asks a device to drop its connection.
+    pub fn request_disconnect(&self, device: DeviceKey) {
+        self.disconnect.lock().expect("disconnect").insert(device);
+    }
+
+    /// True once per request for `device`.
+    pub fn take_disconnect(&self, device: DeviceKey) -> bool {
+        self.disconnect.lock().expect("disconnect").remove(&device)
+    }
+}
+
+/// The server clock, skewed by the harness.
+struct SkewedClock(i64);
+
+impl Clock for SkewedClock {
+    fn now_ms(&self) -> u64 {
+        SystemClock.now_ms().saturating_add_signed(self.0)
+    }
+}
+
+async fn serve(db: Arc<redb::Database>, shared: Arc<Shared>) {
+    let store = EmbeddedStore::with_database(db).expect("opening the simulated disk");
+    let skew = shared.skew_ms.load(Ordering::SeqCst);
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let key = TokenKey::new(SECRET).expect("secret");
+    let service = Arc::new(ChatService::new(
+        Arc::new(store),
+        Arc::new(SkewedClock(skew)),
+        limits,
+        key,
+    ));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SERVER_ADDR.port(),
+    ))
+    .await
+    .expect("binding the server port");
+    chatproof_server::run(listener, service, std::future::pending()).await;
+}
+
+fn device_ip(i: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        0,
+        1 + (i / 250) as u8,
+        (i % 250 + 1) as u8,
+    ))
+}
+
+/// The conversations of a run: 1:1 between neighbours, then the groups.
+pub fn conversations(opts: &SimOptions) -> Vec<ConvSpec> {
+    let mut convs: Vec<ConvSpec> = (0..opts.users / 2 * 2)
+        .step_by(2)
+        .map(|a| ConvSpec {
+            id: chatproof_server::domain::direct_conv_id(&format!("u{a}"), &format!("u{}", a + 1)),
+            members: vec![a, a + 1],
+        })
+        .collect();
+    convs.extend(opts.groups.iter().enumerate().map(|(k, m)| ConvSpec {
+        id: format!("g:s{k}"),
+        members: m.clone(),
+    }));
+    convs
+}
+
+/// What the harness concluded.
+pub struct Outcome {
+    /// The history.
+    pub history: History,
+    /// The conversations.
+    pub convs: Vec<ConvSpec>,
+    /// Every device converged before the liveness deadline.
+    pub converged: bool,
+    /// Why not, if not.
+    pub liveness_detail: String,
+    /// Simulated time the run took, ms.
+    pub sim_ms: u64,
+}
+
+/// Runs one simulation inside the madsim runtime.
+pub async fn simulate(opts: SimOptions) -> Outcome {
+    START.with(|s| s.set(Some(tokio::time::Instant::now())));
+    let handle = Handle::current();
+    let shared = Arc::new(Shared {
+        history: Mutex::new(History::default()),
+        stop_sending: AtomicBool::new(false),
+        stop_all: AtomicBool::new(false),
+        skew_ms: AtomicI64::new(0),
+        disconnect: Mutex::new(BTreeSet::new()),
+    });
+    shared.note(format!("options: {opts}"));
+    let db = Arc::new(
+        redb::Builder::new()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("in-memory database"),
+    );
+    let server = {
+        let (db, shared) = (Arc::clone(&db), Arc::clone(&shared));
+        handle
+            .create_node()
+            .name("server")
+            .ip(SERVER_ADDR.ip())
+            .init(move || serve(Arc::clone(&db), Arc::clone(&shared)))
+            .build()
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let convs = conversations(&opts);
+    let key = TokenKey::new(SECRET).expect("secret");
+    let exp = SystemClock.now_ms() / 1000 + 30 * 24 * 3600;
+    let setup = handle
+        .create_node()
+        .name("setup")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 200, 1)))
+        .build();
+    {
+        let (convs, key) = (convs.clone(), key.clone());
+        setup
+            .spawn(async move {
+                for c in &convs {
+                    let owner = format!("u{}", c.members[0]);
+                    let op = if c.id.starts_with("g:") {
+                        let others: Vec<String> = c.members[1..].iter().map(|u| format!("u{u}")).collect();
+                        json!({"rid": "op", "op": "create_group", "conv": c.id, "members": others})
+                    } else {
+                        json!({"rid": "op", "op": "open_direct", "peer": format!("u{}", c.members[1])})
+                    };
+                    loop {
+                        if let Some(mut ws) = client::connect().await {
+                            let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": key.mint(&owner, exp), "device": "setup"});
+                            if client::roundtrip(&mut ws, hello).await.is_some() && client::roundtrip(&mut ws, op.clone()).await.is_some() {
+                                let _ = futures_util::SinkExt::close(&mut ws).await;
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            })
+            .await
+            .expect("setup");
+    }
+    shared.note("conversations created".into());
+
+    let mut devices = Vec::new();
+    let mut progress = Vec::new();
+    let mut index = 0;
+    for user in 0..opts.users {
+        for device in 0..opts.devices_per_user[user as usize] {
+            let spec = DeviceSpec {
+                key: (user, device),
+                token: key.mint(&format!("u{user}"), exp),
+                convs: convs
+                    .iter()
+                    .filter(|c| c.members.contains(&user))
+                    .map(|c| c.id.clone())
+                    .collect(),
+                to_send: opts.messages[user as usize][device as usize],
+                safety_secs: opts.safety_secs,
+            };
+            let p = Arc::new(Mutex::new(Progress::default()));
+            progress.push(((user, device), Arc::clone(&p)));
+            let node = handle
+                .create_node()
+                .name(format!("device-{user}-{device}"))
+                .ip(device_ip(index))
+                .build();
+            index += 1;
+            devices.push(node.spawn(client::run_device(spec, Arc::clone(&shared), p, opts.seed)));
+        }
+    }
+    let device_nodes: Vec<_> = (0..index).map(device_ip).collect();
+    let _ = device_nodes;
+
+    // Safety phase: faults on.
+    let injector = faults::Injector::new(&opts, server.id(), Arc::clone(&shared));
+    injector
+        .run_for(Duration::from_secs(opts.safety_secs), &handle)
+        .await;
+    injector.heal(&handle);
+    shared.note("healed; liveness phase".into());
+    shared.stop_sending.store(true, Ordering::SeqCst);
+
+    // Liveness phase: everything must converge by the deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.liveness_secs);
+    let mut detail = String::new();
+    let converged = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match lagging(&shared, &convs, &progress) {
+            None => break true,
+            Some(why) => detail = why,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+    };
+    shared.stop_all.store(true, Ordering::SeqCst);
+    for d in devices {
+        let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
+    }
+    let history = shared.history.lock().expect("history").clone();
+    Outcome {
+        history,
+        convs,
+        converged,
+        liveness_detail: detail,
+        sim_ms: sim_ms(),
+    }
+}
+
+/// The first reason a device has not converged yet, if any.
+fn lagging(
+    shared: &Shared,
+    convs: &[ConvSpec],
+    progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
+) -> Option<String> {
+    let h = shared.history.lock().expect("history");
+    for (device, p) in progress {
+        let p = p.lock().expect("progress");
+        if p.outstanding > 0 {
+            return Some(format!(
+                "device {device:?} still has {} unacknowledged sends",
+                p.outstanding
+            ));
+        }
+        for c in convs.iter().filter(|c| c.members.contains(&device.0)) {
+            let top = h
+                .acked
+                .iter()
+                .filter(|a| a.conv == c.id)
+                .map(|a| a.seq)
+                .max()
+                .unwrap_or(1);
+            let held = p.cursors.get(&c.id).copied().unwrap_or(0);
+            if held < top {
+                return Some(format!(
+                    "device {device:?} holds {} up to {held}, acknowledged up to {top}",
+                    c.id
+                ));
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,164 @@
+//! The fault injector. During the safety phase it draws, from the seed, one fault at a
+//! time: server crash and restart (its store keeps exactly what was committed), clock
+//! skew on restart, two-way and one-way partitions of the server, a partition of one
+//! client's link, latency spikes, packet loss, and clients dropping their connection
+//! (possibly mid-send). The system must survive all of them and converge after `heal`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use madsim::net::NetSim;
+use madsim::runtime::Handle;
+use madsim::task::NodeId;
+
+use crate::cluster::{sim_ms, Shared};
+use crate::history::{DeviceKey, FaultWindow};
+use crate::options::{FaultWeights, SeedRng, SimOptions};
+
+/// Draws and applies faults.
+pub struct Injector {
+    rng: std::cell::RefCell<SeedRng>,
+    weights: [u32; 8],
+    interval_ms: u64,
+    server: NodeId,
+    devices: Vec<DeviceKey>,
+    shared: Arc<Shared>,
+}
+
+impl Injector {
+    /// An injector for `opts` acting on `server`.
+    pub fn new(opts: &SimOptions, server: NodeId, shared: Arc<Shared>) -> Self {
+        let devices = (0..opts.users)
+            .flat_map(|u| (0..opts.devices_per_user[u as usize]).map(move |d| (u, d)))
+            .collect();
+        Self {
+            rng: std::cell::RefCell::new(SeedRng::new(opts.seed, 7)),
+            weights: opts.faults.weights(),
+            interval_ms: opts.fault_interval_ms.max(10),
+            server,
+            devices,
+            shared,
+        }
+    }
+
+    fn range(&self, lo: u64, hi: u64) -> u64 {
+        self.rng.borrow_mut().range(lo, hi)
+    }
+
+    fn window(&self, kind: &str, start_ms: u64, device: Option<DeviceKey>) {
+        let end_ms = sim_ms();
+        self.shared.note(format!(
+            "fault {kind} from {start_ms} ms to {end_ms} ms{}",
+            device.map(|d| format!(" on {d:?}")).unwrap_or_default()
+        ));
+        self.shared.with(|h| {
+            h.faults.push(FaultWindow {
+                kind: kind.to_owned(),
+                start_ms,
+                end_ms,
+                device,
+            })
+        });
+    }
+
+    /// Injects faults for `length`.
+    pub async fn run_for(&self, length: Duration, handle: &Handle) {
+        let end = tokio::time::Instant::now() + length;
+        if self.weights.iter().all(|w| *w == 0) {
+            tokio::time::sleep_until(end).await;
+            return;
+        }
+        let net = NetSim::current();
+        loop {
+            let pause =
+                Duration::from_millis(self.range(self.interval_ms / 2, self.interval_ms * 3 / 2));
+            if tokio::time::Instant::now() + pause >= end {
+                tokio::time::sleep_until(end).await;
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            let kind = self.rng.borrow_mut().weighted(&self.weights);
+            let hold = Duration::from_millis(self.range(200, 2_500));
+            let start = sim_ms();
+            let name = FaultWeights::NAMES[kind];
+            let mut device = None;
+            match name {
+                "server_crash" => {
+                    handle.kill(self.server);
+                    tokio::time::sleep(hold).await;
+                    handle.restart(self.server);
+                }
+                "clock_skew" => {
+                    let skew = self.range(0, 60_000) as i64 - 30_000;
+                    self.shared.skew_ms.store(skew, Ordering::SeqCst);
+                    handle.kill(self.server);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    handle.restart(self.server);
+                }
+                "partition" => {
+                    net.clog_node(self.server);
+                    tokio::time::sleep(hold).await;
+                    net.unclog_node(self.server);
+                }
+                "partition_one_way" => {
+                    if self.range(0, 1) == 0 {
+                        net.clog_node_in(self.server);
+                        tokio::time::sleep(hold).await;
+                        net.unclog_node_in(self.server);
+                    } else {
+                        net.clog_node_out(self.server);
+                        tokio::time::sleep(hold).await;
+                        net.unclog_node_out(self.server);
+                    }
+                }
+                "link_partition" => {
+                    let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
+                    device = Some(d);
+                    let node = handle
+                        .get_node(format!("device-{}-{}", d.0, d.1))
+                        .map(|n| n.id());
+                    if let Some(node) = node {
+                        net.clog_link(node, self.server);
+                        net.clog_link(self.server, node);
+                        tokio::time::sleep(hold).await;
+                        net.unclog_link(node, self.server);
+                        net.unclog_link(self.server, node);
+                    }
+                }
+                "latency_spike" => {
+                    let high = Duration::from_millis(self.range(50, 400));
+                    net.update_config(|c| c.send_latency = high / 2..high);
+                    tokio::time::sleep(hold).await;
+                    net.update_config(|c| {
+                        c.send_latency = Duration::from_millis(1)..Duration::from_millis(10)
+                    });
+                }
+                "packet_loss" => {
+                    net.update_config(|c| c.packet_loss_rate = 0.1);
+                    tokio::time::sleep(hold).await;
+                    net.update_config(|c| c.packet_loss_rate = 0.0);
+                }
+                "client_disconnect" => {
+                    let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
+                    device = Some(d);
+                    self.shared.request_disconnect(d);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => unreachable!("unknown fault {other}"),
+            }
+            self.window(name, start, device);
+        }
+    }
+
+    /// Ends every fault: network back to normal, server running.
+    pub fn heal(&self, handle: &Handle) {
+        let net = NetSim::current();
+        net.unclog_node(self.server);
+        net.update_config(|c| {
+            c.packet_loss_rate = 0.0;
+            c.send_latency = Duration::from_millis(1)..Duration::from_millis(10);
+        });
+        let _ = handle;
+    }
+}

@@ -1,0 +1,126 @@
+//! What happened in a run, as the clients saw it: the checker's only input.
+
+use std::fmt::Write as _;
+
+/// A device: `(user index, device index)`.
+pub type DeviceKey = (u32, u32);
+
+/// A new message a device decided to send (retries are not new sends).
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// Sending device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// Client-chosen id.
+    pub message_id: String,
+    /// Simulated time of the first attempt, ms.
+    pub t_ms: u64,
+}
+
+/// An acknowledgement the sender received.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    /// Sending device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// Client-chosen id.
+    pub message_id: String,
+    /// The seq the server gave it.
+    pub seq: u64,
+    /// Simulated time the ack arrived, ms.
+    pub t_ms: u64,
+}
+
+/// An entry shown to a device.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Receiving device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// Seq.
+    pub seq: u64,
+    /// Message id (membership entries: `member-SEQ`).
+    pub message_id: String,
+    /// True for membership entries.
+    pub system: bool,
+    /// Simulated time, ms.
+    pub t_ms: u64,
+}
+
+/// A receipt shown to a device.
+#[derive(Debug, Clone)]
+pub struct ReceiptSeen {
+    /// Receiving device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// Whose cursor.
+    pub user: u32,
+    /// Delivered up to.
+    pub delivered: u64,
+    /// Read up to.
+    pub read: u64,
+}
+
+/// A period during which a fault was active.
+#[derive(Debug, Clone)]
+pub struct FaultWindow {
+    /// What (shown in traces and reports).
+    #[allow(dead_code, reason = "kept for reports and debugging")]
+    pub kind: String,
+    /// Start, simulated ms.
+    pub start_ms: u64,
+    /// End, simulated ms.
+    pub end_ms: u64,
+    /// The device it concerned, if only one.
+    pub device: Option<DeviceKey>,
+}
+
+/// The full history of a run.
+#[derive(Debug, Default, Clone)]
+pub struct History {
+    /// New messages.
+    pub sent: Vec<Sent>,
+    /// Acks.
+    pub acked: Vec<Acked>,
+    /// Entries shown to devices, in the order each device saw them.
+    pub received: Vec<Received>,
+    /// Receipts shown to devices.
+    pub receipts: Vec<ReceiptSeen>,
+    /// Fault windows.
+    pub faults: Vec<FaultWindow>,
+    /// Human-readable event trace (`--trace`).
+    pub trace: Vec<String>,
+}
+
+impl History {
+    /// Appends a trace line stamped with the simulated time.
+    pub fn note(&mut self, t_ms: u64, line: impl AsRef<str>) {
+        self.trace.push(format!("{t_ms:>8} ms  {}", line.as_ref()));
+    }
+
+    /// A fingerprint of everything observed, to compare two runs of one seed.
+    pub fn fingerprint(&self) -> u64 {
+        let mut text = String::new();
+        for r in &self.received {
+            let _ = write!(
+                text,
+                "r{:?}{}{}{}{};",
+                r.device, r.conv, r.seq, r.message_id, r.t_ms
+            );
+        }
+        for a in &self.acked {
+            let _ = write!(text, "a{:?}{}{}{};", a.device, a.conv, a.message_id, a.seq);
+        }
+        for line in &self.trace {
+            text.push_str(line);
+        }
+        // FNV-1a: stable across processes and builds.
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}

@@ -1,0 +1,347 @@
+//! Everything a run does follows from one `u64` seed and a preset: [`SimOptions::derive`]
+//! turns them into concrete options, printed before the run starts.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// A preset from `scenarios/sim/*.toml`: ranges the seed picks from, and fault weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// Name, for reports.
+    pub name: String,
+    /// Users: `[min, max]`.
+    pub users: [u32; 2],
+    /// Devices per user: `[min, max]`.
+    pub devices_per_user: [u32; 2],
+    /// Group size: `[min, max]` (groups are cut from the users; 1:1 chats pair neighbours).
+    pub group_size: [u32; 2],
+    /// New messages each sending device makes in the safety phase: `[min, max]`.
+    pub messages_per_device: [u32; 2],
+    /// Share of devices that send (the others only receive), 0..=1.
+    #[serde(default = "all")]
+    pub sender_share: f64,
+    /// Safety phase length (faults on), simulated seconds.
+    pub safety_secs: u64,
+    /// Liveness deadline after healing, simulated seconds.
+    pub liveness_secs: u64,
+    /// Mean time between faults, simulated milliseconds.
+    pub fault_interval_ms: u64,
+    /// Relative weight of each fault kind (0 disables it).
+    pub faults: FaultWeights,
+}
+
+fn all() -> f64 {
+    1.0
+}
+
+/// Relative weights of fault kinds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FaultWeights {
+    /// Kill the server (its store loses what was not committed) and restart it.
+    #[serde(default)]
+    pub server_crash: u32,
+    /// Cut the server off both ways.
+    #[serde(default)]
+    pub partition: u32,
+    /// Cut one direction only (in or out) of the server.
+    #[serde(default)]
+    pub partition_one_way: u32,
+    /// Cut one client's link to the server.
+    #[serde(default)]
+    pub link_partition: u32,
+    /// Raise network latency for a while.
+    #[serde(default)]
+    pub latency_spike: u32,
+    /// Drop a share of packets for a while.
+    #[serde(default)]
+    pub packet_loss: u32,
+    /// A client drops its connection (possibly mid-send).
+    #[serde(default)]
+    pub client_disconnect: u32,
+    /// The server restarts with its clock skewed.
+    #[serde(default)]
+    pub clock_skew: u32,
+}
+
+impl FaultWeights {
+    /// Names of the fault kinds, in field order.
+    pub const NAMES: [&'static str; 8] = [
+        "server_crash",
+        "partition",
+        "partition_one_way",
+        "link_partition",
+        "latency_spike",
+        "packet_loss",
+        "client_disconnect",
+        "clock_skew",
+    ];
+
+    /// Weights in [`Self::NAMES`] order.
+    pub fn weights(&self) -> [u32; 8] {
+        [
+            self.server_crash,
+            self.partition,
+            self.partition_one_way,
+            self.link_partition,
+            self.latency_spike,
+            self.packet_loss,
+            self.client_disconnect,
+            self.clock_skew,
+        ]
+    }
+
+    /// Keeps only the named kinds (`--faults a,b`); unknown names are an error.
+    pub fn only(&self, names: &[String]) -> anyhow::Result<Self> {
+        let mut w = self.weights();
+        for name in names {
+            anyhow::ensure!(
+                Self::NAMES.contains(&name.as_str()),
+                "unknown fault {name:?}; known: {:?}",
+                Self::NAMES
+            );
+        }
+        for (i, n) in Self::NAMES.iter().enumerate() {
+            if !names.iter().any(|x| x == n) {
+                w[i] = 0;
+            } else if w[i] == 0 {
+                w[i] = 1;
+            }
+        }
+        Ok(Self {
+            server_crash: w[0],
+            partition: w[1],
+            partition_one_way: w[2],
+            link_partition: w[3],
+            latency_spike: w[4],
+            packet_loss: w[5],
+            client_disconnect: w[6],
+            clock_skew: w[7],
+        })
+    }
+}
+
+impl Preset {
+    /// Reads a preset file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let preset: Self =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(
+            preset.users[0] >= 2 && preset.users[0] <= preset.users[1],
+            "users range"
+        );
+        anyhow::ensure!(
+            preset.group_size[0] >= 2 && preset.group_size[1] <= 500,
+            "group_size within 2..=500"
+        );
+        anyhow::ensure!(
+            preset.devices_per_user[0] >= 1,
+            "devices_per_user at least 1"
+        );
+        Ok(preset)
+    }
+
+    /// The built-in smoke preset (also `scenarios/sim/smoke.toml`).
+    pub fn smoke() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/smoke.toml"))
+            .expect("built-in preset parses")
+    }
+}
+
+/// A deterministic generator (SplitMix64) for deriving options and workload choices.
+#[derive(Debug, Clone)]
+pub struct SeedRng(u64);
+
+impl SeedRng {
+    /// Starts from `seed` and a stream id, so independent choices do not correlate.
+    pub fn new(seed: u64, stream: u64) -> Self {
+        Self(seed ^ stream.wrapping_mul(0xA076_1D64_78BD_642F))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi, "empty range {lo}..={hi}");
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        unit < p
+    }
+
+    /// An index chosen by `weights` (at least one must be positive).
+    pub fn weighted(&mut self, weights: &[u32]) -> usize {
+        let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+        assert!(total > 0, "no positive weight");
+        let mut pick = self.next_u64() % total;
+        for (i, w) in weights.iter().enumerate() {
+            if pick < u64::from(*w) {
+                return i;
+            }
+            pick -= u64::from(*w);
+        }
+        unreachable!("pick < total")
+    }
+}
+
+/// The concrete options of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimOptions {
+    /// The seed.
+    pub seed: u64,
+    /// The preset's name.
+    pub preset: String,
+    /// Users.
+    pub users: u32,
+    /// Devices of each user.
+    pub devices_per_user: Vec<u32>,
+    /// Groups as member user indexes.
+    pub groups: Vec<Vec<u32>>,
+    /// New messages each device sends (0 for receive-only devices), by (user, device).
+    pub messages: Vec<Vec<u32>>,
+    /// Safety phase, simulated seconds.
+    pub safety_secs: u64,
+    /// Liveness deadline, simulated seconds.
+    pub liveness_secs: u64,
+    /// Mean time between faults, ms.
+    pub fault_interval_ms: u64,
+    /// Fault weights.
+    pub faults: FaultWeights,
+    /// The mutant switched on, if any.
+    pub mutant: Option<String>,
+}
+
+impl SimOptions {
+    /// Derives every option from `seed` within `preset`.
+    pub fn derive(seed: u64, preset: &Preset) -> Self {
+        let mut rng = SeedRng::new(seed, 1);
+        let users = rng.range(u64::from(preset.users[0]), u64::from(preset.users[1])) as u32;
+        let devices_per_user: Vec<u32> = (0..users)
+            .map(|_| {
+                rng.range(
+                    u64::from(preset.devices_per_user[0]),
+                    u64::from(preset.devices_per_user[1]),
+                ) as u32
+            })
+            .collect();
+        let mut groups = Vec::new();
+        let mut start = 0;
+        while start + 1 < users {
+            let size = rng.range(
+                u64::from(preset.group_size[0]),
+                u64::from(preset.group_size[1]),
+            ) as u32;
+            let end = (start + size).min(users);
+            groups.push((start..end).collect());
+            start = end;
+        }
+        let messages = devices_per_user
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| {
+                        if rng.chance(preset.sender_share) {
+                            rng.range(
+                                u64::from(preset.messages_per_device[0]),
+                                u64::from(preset.messages_per_device[1]),
+                            ) as u32
+                        } else {
+                            0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            seed,
+            preset: preset.name.clone(),
+            users,
+            devices_per_user,
+            groups,
+            messages,
+            safety_secs: preset.safety_secs,
+            liveness_secs: preset.liveness_secs,
+            fault_interval_ms: preset.fault_interval_ms,
+            faults: preset.faults.clone(),
+            mutant: None,
+        }
+    }
+
+    /// Total devices.
+    pub fn devices(&self) -> u32 {
+        self.devices_per_user.iter().sum()
+    }
+}
+
+impl fmt::Display for SimOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sizes: Vec<usize> = self.groups.iter().map(Vec::len).collect();
+        let msgs: u32 = self.messages.iter().flatten().sum();
+        write!(
+            f,
+            "seed={} preset={} users={} devices={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
+            self.seed,
+            self.preset,
+            self.users,
+            self.devices(),
+            sizes,
+            msgs,
+            self.safety_secs,
+            self.liveness_secs,
+            self.fault_interval_ms,
+            self.faults.weights(),
+            self.mutant.as_deref().unwrap_or("none"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same seed derives the same options; different seeds explore different ones.
+    #[test]
+    fn derivation_is_deterministic() {
+        let preset = Preset::smoke();
+        assert_eq!(
+            SimOptions::derive(7, &preset),
+            SimOptions::derive(7, &preset)
+        );
+        let distinct: std::collections::BTreeSet<String> = (0..20)
+            .map(|s| SimOptions::derive(s, &preset).to_string())
+            .collect();
+        assert!(distinct.len() > 10);
+        let o = SimOptions::derive(3, &preset);
+        assert!(o.groups.iter().all(|g| g.len() >= 2));
+        assert!(o.users >= preset.users[0] && o.users <= preset.users[1]);
+    }
+
+    /// `--faults` keeps only the named kinds and refuses unknown names.
+    #[test]
+    fn fault_filter() {
+        let w = FaultWeights {
+            server_crash: 3,
+            partition: 2,
+            ..FaultWeights::default()
+        };
+        let only = w.only(&["partition".into(), "packet_loss".into()]).unwrap();
+        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0]);
+        assert!(w.only(&["meteor".into()]).is_err());
+    }
+}

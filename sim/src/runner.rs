@@ -1,0 +1,429 @@
+//! The command line: `run`, `replay`, `mutants`, `determinism`; one seed at a time
+//! through [`run_one`], which never lets a panic escape.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use chatproof_server::mutants::{self, Mutant};
+use clap::{Parser, Subcommand};
+
+use crate::checker::{check, Violation, World};
+use crate::cluster::{simulate, Outcome};
+use crate::options::{Preset, SimOptions};
+
+/// Deterministic fault simulator for chatproof.
+#[derive(Debug, Parser)]
+#[command(name = "chatproof-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, clap::Args, Clone)]
+struct Common {
+    /// Preset file (scenarios/sim/*.toml); default: the built-in smoke preset.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Only these fault kinds, comma-separated (server_crash, partition, partition_one_way,
+    /// link_partition, latency_spike, packet_loss, client_disconnect, clock_skew).
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<String>>,
+    /// Print the event trace of every seed (always printed for a failing seed).
+    #[arg(long)]
+    trace: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a range of seeds: `--seeds 1..500` (end exclusive) or `--seeds 42`.
+    Run {
+        /// Seeds.
+        #[arg(long, default_value = "1..11")]
+        seeds: String,
+        #[command(flatten)]
+        common: Common,
+        /// Write a JUnit XML report (one test case per seed).
+        #[arg(long)]
+        junit: Option<PathBuf>,
+    },
+    /// Run one seed again, printing its trace.
+    Replay {
+        /// The seed.
+        seed: u64,
+        #[command(flatten)]
+        common: Common,
+        /// Switch on a mutant (as `mutants` does).
+        #[arg(long)]
+        mutant: Option<String>,
+    },
+    /// Switch on each built-in bug and require the checker to catch it within `--seeds-max` seeds.
+    Mutants {
+        /// Most seeds tried per mutant.
+        #[arg(long, default_value_t = 20)]
+        seeds_max: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run each seed twice and require identical histories.
+    Determinism {
+        /// Seeds.
+        #[arg(long, default_value = "1..4")]
+        seeds: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+static CHECK_OPTIONS: std::sync::Mutex<Option<SimOptions>> = std::sync::Mutex::new(None);
+
+/// How one seed ended.
+pub enum Verdict {
+    /// Everything held.
+    Pass,
+    /// The checker found violations.
+    Correctness(Vec<Violation>),
+    /// No convergence by the deadline.
+    Liveness(String),
+    /// A panic.
+    Crash(String),
+}
+
+impl Verdict {
+    fn code(&self) -> i32 {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Correctness(_) => 1,
+            Verdict::Liveness(_) => 2,
+            Verdict::Crash(_) => 3,
+        }
+    }
+}
+
+/// The result of one seed.
+pub struct SeedResult {
+    /// The verdict.
+    pub verdict: Verdict,
+    /// The history (if the run finished).
+    pub outcome: Option<Outcome>,
+    /// Wall time, seconds.
+    pub wall_secs: f64,
+}
+
+fn parse_seeds(text: &str) -> anyhow::Result<Vec<u64>> {
+    if let Some((a, b)) = text.split_once("..") {
+        let (a, b): (u64, u64) = (a.parse()?, b.parse()?);
+        anyhow::ensure!(a < b, "empty seed range {text}");
+        return Ok((a..b).collect());
+    }
+    Ok(vec![text.parse()?])
+}
+
+fn preset(common: &Common) -> anyhow::Result<Preset> {
+    let mut preset = match &common.scenario {
+        Some(path) => Preset::load(path)?,
+        None => Preset::smoke(),
+    };
+    if let Some(only) = &common.faults {
+        preset.faults = preset.faults.only(only)?;
+    }
+    Ok(preset)
+}
+
+/// Runs one seed in a fresh runtime.
+pub fn run_one(opts: &SimOptions, mutant: Option<Mutant>) -> SeedResult {
+    let started = Instant::now();
+    mutants::set(mutant);
+    let task = opts.clone();
+    // A fresh thread per seed: thread-local state (such as std's hash seeds, drawn once
+    // per thread from the simulator's generator) must not leak from one run into the next.
+    let result = std::thread::spawn(move || {
+        let runtime =
+            madsim::runtime::Runtime::with_seed_and_config(task.seed, madsim::Config::default());
+        runtime.block_on(simulate(task))
+    })
+    .join();
+    mutants::set(None);
+    let wall_secs = started.elapsed().as_secs_f64();
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "panic".into());
+            return SeedResult {
+                verdict: Verdict::Crash(msg),
+                outcome: None,
+                wall_secs,
+            };
+        }
+    };
+    let world = World {
+        convs: &outcome.convs,
+        devices_per_user: &opts.devices_per_user,
+        latency_bound_ms: 1_000,
+    };
+    let violations = check(&outcome.history, &world);
+    let verdict = if !violations.is_empty() {
+        Verdict::Correctness(violations)
+    } else if !outcome.converged {
+        Verdict::Liveness(outcome.liveness_detail.clone())
+    } else {
+        Verdict::Pass
+    };
+    SeedResult {
+        verdict,
+        outcome: Some(outcome),
+        wall_secs,
+    }
+}
+
+fn replay_command(common: &Common, seed: u64, mutant: Option<Mutant>) -> String {
+    let mut cmd = format!("scripts/sim.sh replay {seed}");
+    if let Some(s) = &common.scenario {
+        cmd.push_str(&format!(" --scenario {}", s.display()));
+    }
+    if let Some(f) = &common.faults {
+        cmd.push_str(&format!(" --faults {}", f.join(",")));
+    }
+    if let Some(m) = mutant {
+        cmd.push_str(&format!(" --mutant {}", m.name()));
+    }
+    cmd
+}
+
+fn describe(result: &SeedResult) -> String {
+    match &result.verdict {
+        Verdict::Pass => "pass".into(),
+        Verdict::Correctness(v) => {
+            let mut s = format!("{} violation(s):", v.len());
+            for x in v.iter().take(10) {
+                s.push_str(&format!("\n    {x}"));
+            }
+            s
+        }
+        Verdict::Liveness(why) => format!("liveness: {why}"),
+        Verdict::Crash(why) => format!("crash: {why}"),
+    }
+}
+
+fn print_trace(result: &SeedResult) {
+    if let Some(o) = &result.outcome {
+        for line in &o.history.trace {
+            eprintln!("  {line}");
+        }
+        if std::env::var_os("CHATPROOF_SIM_DUMP").is_some() {
+            for a in &o.history.acked {
+                eprintln!(
+                    "  ack {:?} {} {} seq {} at {} ms",
+                    a.device, a.conv, a.message_id, a.seq, a.t_ms
+                );
+            }
+            for r in &o.history.received {
+                eprintln!(
+                    "  recv {:?} {} seq {} {} at {} ms",
+                    r.device, r.conv, r.seq, r.message_id, r.t_ms
+                );
+            }
+        }
+    }
+}
+
+/// Entry point; returns the exit status.
+pub fn main() -> i32 {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chatproof-sim: {e:#}");
+            4
+        }
+    }
+}
+
+fn execute(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Cmd::Run {
+            seeds,
+            common,
+            junit,
+        } => {
+            let preset = preset(&common)?;
+            let seeds = parse_seeds(&seeds)?;
+            let started = Instant::now();
+            let (mut sim_ms, mut messages, mut worst) = (0u64, 0usize, 0);
+            let mut cases = Vec::new();
+            for (i, &seed) in seeds.iter().enumerate() {
+                let opts = SimOptions::derive(seed, &preset);
+                eprintln!("[{}/{}] {opts}", i + 1, seeds.len());
+                let result = run_one(&opts, None);
+                if let Some(o) = &result.outcome {
+                    sim_ms += o.sim_ms;
+                    messages += o.history.acked.len();
+                }
+                let code = result.verdict.code();
+                if code != 0 {
+                    eprintln!(
+                        "  FAIL seed {seed}: {}\n  replay: {}",
+                        describe(&result),
+                        replay_command(&common, seed, None)
+                    );
+                    print_trace(&result);
+                    worst = worst.max(code);
+                } else if common.trace {
+                    print_trace(&result);
+                }
+                cases.push((seed, result.wall_secs, code, describe(&result)));
+            }
+            let wall = started.elapsed().as_secs_f64();
+            let failed = cases.iter().filter(|c| c.2 != 0).count();
+            println!(
+                "chatproof-sim: preset {} | {} seeds, {failed} failed | {:.1} s simulated in {wall:.1} s wall (x{:.0}) | {:.1} seeds/min | {messages} acknowledged messages checked",
+                preset.name,
+                seeds.len(),
+                sim_ms as f64 / 1000.0,
+                sim_ms as f64 / 1000.0 / wall.max(1e-9),
+                seeds.len() as f64 / wall.max(1e-9) * 60.0,
+            );
+            if let Some(path) = junit {
+                std::fs::write(&path, junit_xml(&preset.name, &cases))?;
+            }
+            Ok(worst)
+        }
+        Cmd::Replay {
+            seed,
+            common,
+            mutant,
+        } => {
+            let preset = preset(&common)?;
+            let mutant = match mutant {
+                Some(name) => Some(
+                    Mutant::ALL
+                        .into_iter()
+                        .find(|m| m.name() == name)
+                        .ok_or_else(|| anyhow::anyhow!("unknown mutant {name}"))?,
+                ),
+                None => None,
+            };
+            let mut opts = SimOptions::derive(seed, &preset);
+            opts.mutant = mutant.map(|m| m.name().to_owned());
+            eprintln!("{opts}");
+            let result = run_one(&opts, mutant);
+            print_trace(&result);
+            println!("seed {seed}: {}", describe(&result));
+            Ok(result.verdict.code())
+        }
+        Cmd::Mutants { seeds_max, common } => {
+            let preset = preset(&common)?;
+            let mut escaped = 0;
+            for mutant in Mutant::ALL {
+                let mut caught = None;
+                for seed in 1..=seeds_max {
+                    let mut opts = SimOptions::derive(seed, &preset);
+                    opts.mutant = Some(mutant.name().to_owned());
+                    let result = run_one(&opts, Some(mutant));
+                    if result.verdict.code() != 0 {
+                        caught = Some((seed, describe(&result)));
+                        break;
+                    }
+                }
+                match caught {
+                    Some((seed, how)) => {
+                        let first = how.lines().nth(1).unwrap_or(&how).trim().to_owned();
+                        println!(
+                            "mutant {:<28} caught after {seed:>3} seed(s): {first}",
+                            mutant.name()
+                        );
+                    }
+                    None => {
+                        escaped += 1;
+                        println!("mutant {:<28} ESCAPED {seeds_max} seeds", mutant.name());
+                    }
+                }
+            }
+            Ok(if escaped > 0 { 5 } else { 0 })
+        }
+        Cmd::Determinism { seeds, common } => {
+            let preset = preset(&common)?;
+            let mut differing = 0;
+            for seed in parse_seeds(&seeds)? {
+                let opts = SimOptions::derive(seed, &preset);
+                let a = run_one(&opts, None);
+                let b = run_one(&opts, None);
+                let fa = a.outcome.as_ref().map(|o| o.history.fingerprint());
+                let fb = b.outcome.as_ref().map(|o| o.history.fingerprint());
+                let same = fa.is_some() && fa == fb;
+                // madsim's own check: every random draw, in order and at the same simulated time.
+                *CHECK_OPTIONS.lock().expect("options") = Some(opts.clone());
+                let draws_match = std::panic::catch_unwind(|| {
+                    madsim::runtime::Runtime::check_determinism(
+                        seed,
+                        madsim::Config::default(),
+                        || async {
+                            let opts = CHECK_OPTIONS.lock().expect("options").clone().expect("set");
+                            let _ = simulate(opts).await;
+                        },
+                    );
+                })
+                .is_ok();
+                let same = same && draws_match;
+                println!(
+                    "seed {seed}: {} (history {fa:x?} vs {fb:x?}; madsim draw log {})",
+                    if same { "deterministic" } else { "DIFFERENT" },
+                    if draws_match { "identical" } else { "diverged" }
+                );
+                if let (false, Some(x), Some(y)) = (same, &a.outcome, &b.outcome) {
+                    let first = x
+                        .history
+                        .trace
+                        .iter()
+                        .zip(&y.history.trace)
+                        .find(|(l, r)| l != r);
+                    if let Some((l, r)) = first {
+                        println!("  first difference:\n    {l}\n    {r}");
+                    }
+                }
+                differing += usize::from(!same);
+            }
+            Ok(if differing > 0 { 1 } else { 0 })
+        }
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn junit_xml(preset: &str, cases: &[(u64, f64, i32, String)]) -> String {
+    let failures = cases.iter().filter(|c| c.2 != 0).count();
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"chatproof-sim.{}\" tests=\"{}\" failures=\"{failures}\">\n",
+        xml_escape(preset),
+        cases.len()
+    );
+    for (seed, wall, code, detail) in cases {
+        xml.push_str(&format!(
+            "  <testcase classname=\"chatproof-sim.{}\" name=\"seed-{seed}\" time=\"{wall:.3}\">",
+            xml_escape(preset)
+        ));
+        if *code != 0 {
+            xml.push_str(&format!(
+                "<failure message=\"exit {code}\">{}</failure>",
+                xml_escape(detail)
+            ));
+        }
+        xml.push_str("</testcase>\n");
+    }
+    xml.push_str("</testsuite>\n");
+    xml
+}
