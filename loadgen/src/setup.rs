@@ -14,12 +14,12 @@ use crate::world::World;
 /// Conversations created concurrently.
 const SETUP_CONCURRENCY: usize = 32;
 
-async fn request(url: &str, token: &str, op: Value) -> anyhow::Result<()> {
+async fn request(url: &str, token: &str, device: &str, op: Value) -> anyhow::Result<()> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let hello =
-        json!({"rid": "h", "op": "hello", "versions": [1], "token": token, "device": "setup"});
+        json!({"rid": "h", "op": "hello", "versions": [1], "token": token, "device": device});
     ws.send(Message::Text(hello.to_string().into())).await?;
     let mut op = op;
     op["rid"] = json!("op");
@@ -49,10 +49,13 @@ async fn request(url: &str, token: &str, op: Value) -> anyhow::Result<()> {
 /// Opens every 1:1 conversation and creates every group.
 pub async fn create_conversations(world: &World, url: &str, key: &TokenKey) -> anyhow::Result<()> {
     let exp = now_us() / 1_000_000 + 3600;
-    let jobs: Vec<(String, Value)> = world
+    // Each job is its own device: one owner's jobs run concurrently, and a second
+    // connection of the same device would replace the first.
+    let jobs: Vec<(String, String, Value)> = world
         .convs
         .iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(k, c)| {
             let owner = world.user_id(c.members[0]);
             let op = if c.group {
                 let others: Vec<String> =
@@ -61,11 +64,11 @@ pub async fn create_conversations(world: &World, url: &str, key: &TokenKey) -> a
             } else {
                 json!({"op": "open_direct", "peer": world.user_id(c.members[1])})
             };
-            (key.mint(&owner, exp), op)
+            (key.mint(&owner, exp), format!("setup-{k}"), op)
         })
         .collect();
     let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(jobs)
-        .map(|(token, op)| async move { request(url, &token, op).await })
+        .map(|(token, device, op)| async move { request(url, &token, &device, op).await })
         .buffer_unordered(SETUP_CONCURRENCY)
         .collect()
         .await;

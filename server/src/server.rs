@@ -9,7 +9,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -61,6 +61,12 @@ pub async fn run(
                     body.len()
                 );
                 let _ = stream.write_all(reply.as_bytes()).await;
+                // Close politely: a socket closed with unread request bytes sends a
+                // reset, and the client would lose the reply.
+                let _ = stream.shutdown().await;
+                let mut sink = [0u8; 4096];
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), stream.read(&mut sink)).await;
             });
             continue;
         };

@@ -260,3 +260,35 @@ async fn http_get(base: &str, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// The same device connecting again replaces the older connection, which is told why.
+#[tokio::test]
+async fn same_device_again_replaces_the_old_connection() {
+    let server = TestServer::start().await;
+    let (mut first, _) = server.login("alice", "phone").await;
+    let (mut second, _) = server.login("alice", "phone").await;
+    let events = first
+        .events_until(WAIT, |e| e["type"] == "error")
+        .await
+        .unwrap();
+    assert_eq!(events.last().unwrap()["code"], "replaced");
+    assert!(closed(&mut first).await);
+    still_alive(&mut second).await;
+}
+
+/// Past the connection limit the server answers 503 `overloaded` and serves the others.
+#[tokio::test]
+async fn connection_limit_refuses_with_overloaded() {
+    let limits = Limits {
+        connections_max: 1,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(limits).await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let refused = http_get(&server.http_base(), "/healthz").await;
+    assert!(
+        refused.starts_with("HTTP/1.1 503") && refused.contains("overloaded"),
+        "{refused}"
+    );
+    still_alive(&mut alice).await;
+}

@@ -88,8 +88,25 @@ async fn commit_group_acking_first(
     batch: Vec<WriteOp>,
 ) {
     let Ok(txn) = db.begin_write() else { return };
+    let (completions, failed) = apply_group(&txn, cache, batch);
+    for complete in completions {
+        complete(Ok(()));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    if failed.is_none() {
+        let _ = txn.commit();
+    }
+}
+
+/// Runs every write of `batch` inside `txn`; returns their completions and, if one
+/// hit a backend error, why the whole group must be aborted.
+fn apply_group(
+    txn: &WriteTransaction,
+    cache: &mut HashMap<String, CachedConv>,
+    batch: Vec<WriteOp>,
+) -> (Vec<Completion>, Option<String>) {
     let mut completions = Vec::with_capacity(batch.len());
-    let failed = match WriteCtx::open(&txn, cache) {
+    let failed = match WriteCtx::open(txn, cache) {
         Ok(mut ctx) => {
             for op in batch {
                 completions.push(op(&mut ctx));
@@ -98,13 +115,7 @@ async fn commit_group_acking_first(
         }
         Err(e) => Some(e.to_string()),
     };
-    for complete in completions {
-        complete(Ok(()));
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    if failed.is_none() {
-        let _ = txn.commit();
-    }
+    (completions, failed)
 }
 
 /// `first` plus every write already waiting, up to the group limit.
@@ -128,16 +139,7 @@ fn commit_group(db: &Database, cache: &mut HashMap<String, CachedConv>, batch: V
             return; // Dropping the ops fails each caller with "store writer stopped".
         }
     };
-    let mut completions = Vec::with_capacity(batch.len());
-    let failed = match WriteCtx::open(&txn, cache) {
-        Ok(mut ctx) => {
-            for op in batch {
-                completions.push(op(&mut ctx));
-            }
-            ctx.failed
-        }
-        Err(e) => Some(e.to_string()),
-    };
+    let (completions, failed) = apply_group(&txn, cache, batch);
     let outcome = match failed {
         Some(why) => {
             let _ = txn.abort();
