@@ -292,3 +292,47 @@ async fn connection_limit_refuses_with_overloaded() {
     );
     still_alive(&mut alice).await;
 }
+
+/// A device that stops reading is dropped once its bounded queue fills (told
+/// `slow_consumer` when its socket still takes the frame); the sender is unaffected,
+/// and a reconnect catches the slow device up with nothing lost.
+#[tokio::test]
+async fn stalled_reader_is_dropped_as_slow_consumer() {
+    let limits = Limits {
+        device_queue_len_max: 4,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(limits).await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob, _) = server.login("bob", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let big = "x".repeat(60 * 1024);
+    for i in 0..200 {
+        send(&mut alice, &conv, &format!("m{i}"), &big).await;
+    }
+    let ended = loop {
+        match bob.next_event(WAIT).await {
+            Ok(e) if e["type"] == "error" => {
+                assert_eq!(e["code"], "slow_consumer");
+                assert!(closed(&mut bob).await);
+                break true;
+            }
+            Ok(_) => continue,
+            Err(ClientError::Closed | ClientError::Ws(_)) => break true,
+            Err(ClientError::Timeout(_) | ClientError::Protocol(_)) => break false,
+        }
+    };
+    assert!(
+        ended,
+        "the stalled device's connection was dropped, not left open"
+    );
+    still_alive(&mut alice).await;
+    let (_bob, backlog) = server
+        .login_with("bob", "laptop", json!({ conv.clone(): 0 }))
+        .await;
+    assert_eq!(
+        seqs(&backlog, &conv),
+        (1..=201).collect::<Vec<_>>(),
+        "nothing was lost"
+    );
+}
