@@ -5,9 +5,12 @@
 //! 2 usage or setup error; 3 invalid run (the generator was the bottleneck or devices failed).
 
 mod check;
+mod compare;
 mod device;
 mod drive;
+mod merge;
 mod metrics;
+mod plan;
 mod plots;
 mod reference;
 mod report;
@@ -42,6 +45,35 @@ struct Cli {
 enum Cmd {
     /// Run a scenario (scenarios/load/*.toml) and write reports/<scenario>/<timestamp>/.
     Run(RunArgs),
+    /// Merge the runs of several generator processes or machines into one report.
+    Merge {
+        /// Run directories (each with summary.json and histograms.json).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where the merged report goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compare a run with a baseline; exit 1 when a figure regressed.
+    Compare {
+        /// Baseline summary.json (or its run directory).
+        baseline: PathBuf,
+        /// Run summary.json (or its run directory).
+        run: PathBuf,
+        /// How much worse (percent) a figure may be before it counts as a regression.
+        #[arg(long, default_value_t = 10.0)]
+        tolerance_pct: f64,
+    },
+    /// Size a fleet for a scenario's [design] point from a calibration run's measurements.
+    Plan {
+        /// Scenario with a [design] table (e.g. scenarios/load/design-point.toml).
+        scenario: PathBuf,
+        /// summary.json of a run against the reference server (its server_usage figures).
+        #[arg(long)]
+        calibration: PathBuf,
+        #[command(flatten)]
+        hardware: plan::Hardware,
+    },
     /// Serve the reference server in this process (what `run` starts without --target).
     #[command(hide = true)]
     ServeReference(chatproof_server::config::ServeArgs),
@@ -66,6 +98,23 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Cmd::ServeReference(args) => serve_reference(args),
+        Cmd::Merge { runs, out } => report_errors(merge::run(&runs, &out).map(|s| {
+            eprintln!(
+                "{}",
+                std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
+            );
+            i32::from(!s.pass)
+        })),
+        Cmd::Compare {
+            baseline,
+            run,
+            tolerance_pct,
+        } => report_errors(compare_cmd(&baseline, &run, tolerance_pct)),
+        Cmd::Plan {
+            scenario,
+            calibration,
+            hardware,
+        } => report_errors(plan_cmd(&scenario, &calibration, &hardware)),
         Cmd::Run(args) => match run(args) {
             Ok(code) => code,
             Err(e) => {
@@ -75,6 +124,55 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn report_errors(result: anyhow::Result<i32>) -> i32 {
+    result.unwrap_or_else(|e| {
+        eprintln!("chatproof-loadgen: {e:#}");
+        2
+    })
+}
+
+fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
+    let file = if path.is_dir() {
+        path.join("summary.json")
+    } else {
+        path.to_owned()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
+fn compare_cmd(
+    baseline: &std::path::Path,
+    run: &std::path::Path,
+    tolerance_pct: f64,
+) -> anyhow::Result<i32> {
+    let rows = compare::compare(&read_summary(baseline)?, &read_summary(run)?, tolerance_pct);
+    println!("{}", compare::table(&rows));
+    Ok(i32::from(rows.iter().any(|r| r.regressed)))
+}
+
+fn plan_cmd(
+    scenario: &std::path::Path,
+    calibration: &std::path::Path,
+    hardware: &plan::Hardware,
+) -> anyhow::Result<i32> {
+    let scenario = Scenario::load(scenario)?;
+    let design = scenario
+        .design
+        .ok_or_else(|| anyhow!("{} has no [design] table", scenario.name))?;
+    let usage = read_summary(calibration)?
+        .server_usage
+        .ok_or_else(|| anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server"))?;
+    let cal = plan::Calibration {
+        bytes_per_connection: usage.bytes_per_connection.max(1.0),
+        deliveries_per_core_sec: usage.deliveries_per_cpu_sec,
+    };
+    let fleet = plan::plan(&design, hardware, &cal);
+    println!("{}", plan::report(&design, hardware, &cal, &fleet));
+    Ok(0)
 }
 
 fn serve_reference(args: chatproof_server::config::ServeArgs) -> i32 {
@@ -146,6 +244,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let summary = runtime.block_on(async {
         let started = Instant::now();
         setup::create_conversations(&world, &url, &key).await?;
+        let usage_before = server.as_ref().and_then(ReferenceServer::usage);
         let drain = Duration::from_secs(scenario.load.drain_secs);
         let run = Run::install(scenario, world, url.clone(), key, run_id);
         let progress = tokio::spawn(progress(Arc::clone(&run)));
@@ -158,12 +257,10 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         .await?;
         settle(&run, drain).await;
         progress.abort();
-        let (summary, histograms) = report::summarize_run(
-            &run,
-            &url,
-            server.is_some(),
-            started.elapsed().as_secs_f64(),
-        );
+        let usage_after = server.as_ref().and_then(ReferenceServer::usage);
+        let usage = usage_before.zip(usage_after);
+        let (summary, histograms) =
+            report::summarize_run(&run, &url, usage, started.elapsed().as_secs_f64());
         report::write(&out, &summary, &histograms)?;
         let devices = run.devices.lock().expect("devices").clone();
         for device in devices {

@@ -56,6 +56,51 @@ impl ReferenceServer {
     }
 }
 
+/// CPU time and memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ProcUsage {
+    /// User + system CPU time so far, seconds.
+    pub cpu_secs: f64,
+    /// Resident memory now, KiB.
+    pub rss_kib: u64,
+    /// Peak resident memory, KiB.
+    pub rss_peak_kib: u64,
+}
+
+impl ProcUsage {
+    /// Reads the usage of process `pid` (Linux).
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may contain spaces) start after ')'.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib = |key: &str| -> Option<u64> {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        // The kernel reports CPU time in clock ticks of 1/100 s on Linux.
+        Some(Self {
+            cpu_secs: ticks / 100.0,
+            rss_kib: kib("VmRSS:")?,
+            rss_peak_kib: kib("VmHWM:")?,
+        })
+    }
+}
+
+impl ReferenceServer {
+    /// The server process's current usage.
+    pub fn usage(&self) -> Option<ProcUsage> {
+        ProcUsage::of(self.child.id())
+    }
+}
+
 impl Drop for ReferenceServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

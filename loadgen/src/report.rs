@@ -79,6 +79,25 @@ pub struct Counts {
     pub devices_dropped: u64,
 }
 
+/// What the reference server used during the run (only when the generator started it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServerUsage {
+    /// CPU seconds the server used from first connect to the end of the drain.
+    pub cpu_secs: f64,
+    /// Resident memory before any device connected, KiB.
+    pub rss_before_kib: u64,
+    /// Resident memory with every device connected, at the end, KiB.
+    pub rss_connected_kib: u64,
+    /// Peak resident memory, KiB.
+    pub rss_peak_kib: u64,
+    /// Server memory per connected device: (connected − before) / devices, bytes.
+    pub bytes_per_connection: f64,
+    /// Deliveries (message × recipient device) per server CPU second.
+    pub deliveries_per_cpu_sec: f64,
+    /// Acknowledged messages per server CPU second.
+    pub messages_per_cpu_sec: f64,
+}
+
 /// Everything a run produced: `summary.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
@@ -94,6 +113,9 @@ pub struct Summary {
     pub wall_secs: f64,
     /// The open-file limit the process found (bounds connections per process).
     pub open_files_limit: Option<u64>,
+    /// The reference server's resource use, when the generator started it.
+    #[serde(default)]
+    pub server_usage: Option<ServerUsage>,
     /// Counts.
     pub counts: Counts,
     /// Latencies.
@@ -118,9 +140,10 @@ pub struct Summary {
 pub fn summarize_run(
     run: &Run,
     target: &str,
-    reference_server: bool,
+    usage: Option<(crate::reference::ProcUsage, crate::reference::ProcUsage)>,
     wall_secs: f64,
 ) -> (Summary, Histograms) {
+    let reference_server = usage.is_some();
     let devices = run.devices.lock().expect("devices").clone();
     let merged = run.merged_stats();
     let (delivery, ack) = (merged.delivery, merged.ack);
@@ -177,61 +200,39 @@ pub fn summarize_run(
         connect: summarize(&connect),
         generator_lag: summarize(&lag),
     };
-    let slo_cfg = &run.scenario.slo;
-    let slo = vec![
-        slo_result(
-            "delivery p99 (ms)",
-            slo_cfg.delivery_p99_ms,
-            latency.delivery.p99_ms,
-        ),
-        slo_result(
-            "send→ack p99 (ms)",
-            slo_cfg.ack_p99_ms,
-            latency.send_ack.p99_ms,
-        ),
-        slo_result(
-            "lost deliveries",
-            slo_cfg.lost_max as f64,
-            violations.lost as f64,
-        ),
-    ];
-    let mut invalid_reasons = Vec::new();
-    let lag_max_ms = slo_cfg.generator_lag_p99_ms;
-    if latency.generator_lag.p99_ms > lag_max_ms {
-        invalid_reasons.push(format!(
-            "generator lag p99 {:.1} ms exceeds {lag_max_ms:.1} ms: the generator, not the server, was the bottleneck",
-            latency.generator_lag.p99_ms
-        ));
-    }
-    if counts.devices_failed > 0 {
-        invalid_reasons.push(format!(
-            "{} of {} devices could not connect",
-            counts.devices_failed, counts.devices_planned
-        ));
-    }
-    if counts.acked == 0 {
-        invalid_reasons.push("no message was acknowledged".into());
-    }
-    let valid = invalid_reasons.is_empty();
-    let pass =
-        valid && slo.iter().all(|s| s.pass) && violations.total() == 0 && counts.send_errors == 0;
-    let summary = Summary {
+    let mut summary = Summary {
         scenario: run.scenario.name.clone(),
         run_id: run.run_id.clone(),
         target: target.to_owned(),
         reference_server,
         wall_secs,
         open_files_limit: open_files_limit(),
+        server_usage: None,
         counts,
         latency,
         violations,
-        slo,
+        slo: Vec::new(),
         timeline: run.timeline.lock().expect("timeline").clone(),
-        valid,
-        invalid_reasons,
-        pass,
+        valid: false,
+        invalid_reasons: Vec::new(),
+        pass: false,
         config: run.scenario.clone(),
     };
+    evaluate(&mut summary);
+    if let Some((before, after)) = usage {
+        let cpu_secs = (after.cpu_secs - before.cpu_secs).max(0.01);
+        let devices = summary.counts.devices_connected.max(1) as f64;
+        summary.server_usage = Some(ServerUsage {
+            cpu_secs,
+            rss_before_kib: before.rss_kib,
+            rss_connected_kib: after.rss_kib,
+            rss_peak_kib: after.rss_peak_kib,
+            bytes_per_connection: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
+                / devices,
+            deliveries_per_cpu_sec: summary.counts.deliveries_received as f64 / cpu_secs,
+            messages_per_cpu_sec: summary.counts.acked as f64 / cpu_secs,
+        });
+    }
     (
         summary,
         Histograms {
@@ -241,6 +242,50 @@ pub fn summarize_run(
             lag,
         },
     )
+}
+
+/// Judges a summary against its scenario's targets: sets `slo`, validity and `pass`.
+pub fn evaluate(s: &mut Summary) {
+    let slo_cfg = &s.config.slo;
+    s.slo = vec![
+        slo_result(
+            "delivery p99 (ms)",
+            slo_cfg.delivery_p99_ms,
+            s.latency.delivery.p99_ms,
+        ),
+        slo_result(
+            "send→ack p99 (ms)",
+            slo_cfg.ack_p99_ms,
+            s.latency.send_ack.p99_ms,
+        ),
+        slo_result(
+            "lost deliveries",
+            slo_cfg.lost_max as f64,
+            s.violations.lost as f64,
+        ),
+    ];
+    s.invalid_reasons.clear();
+    let lag_max_ms = slo_cfg.generator_lag_p99_ms;
+    if s.latency.generator_lag.p99_ms > lag_max_ms {
+        s.invalid_reasons.push(format!(
+            "generator lag p99 {:.1} ms exceeds {lag_max_ms:.1} ms: the generator, not the server, was the bottleneck",
+            s.latency.generator_lag.p99_ms
+        ));
+    }
+    if s.counts.devices_failed > 0 {
+        s.invalid_reasons.push(format!(
+            "{} of {} devices could not connect",
+            s.counts.devices_failed, s.counts.devices_planned
+        ));
+    }
+    if s.counts.acked == 0 {
+        s.invalid_reasons.push("no message was acknowledged".into());
+    }
+    s.valid = s.invalid_reasons.is_empty();
+    s.pass = s.valid
+        && s.slo.iter().all(|r| r.pass)
+        && s.violations.total() == 0
+        && s.counts.send_errors == 0;
 }
 
 fn slo_result(name: &str, target: f64, measured: f64) -> SloResult {
@@ -284,6 +329,16 @@ pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()
     std::fs::write(dir.join("generator_lag.hgrm"), hgrm(&h.lag))?;
     let md = markdown(summary);
     std::fs::write(dir.join("report.md"), &md)?;
+    let encoded = serde_json::json!({
+        "delivery": crate::metrics::encode(&h.delivery),
+        "send_ack": crate::metrics::encode(&h.ack),
+        "connect": crate::metrics::encode(&h.connect),
+        "generator_lag": crate::metrics::encode(&h.lag),
+    });
+    std::fs::write(
+        dir.join("histograms.json"),
+        serde_json::to_string_pretty(&encoded)?,
+    )?;
     std::fs::write(dir.join("report.html"), html(summary, h, &md))?;
     Ok(())
 }
@@ -335,6 +390,12 @@ fn markdown(s: &Summary) -> String {
         "\n## Counts\n\n- devices: {} planned, {} connected, {} failed, {} dropped during the run\n- messages: {} scheduled, {} sent, {} acknowledged, {} refused\n- deliveries: {} of {} expected\n",
         c.devices_planned, c.devices_connected, c.devices_failed, c.devices_dropped, c.scheduled, c.sent, c.acked, c.send_errors, c.deliveries_received, c.deliveries_expected
     ));
+    if let Some(u) = &s.server_usage {
+        md.push_str(&format!(
+            "\n## Reference server\n\n- CPU: {:.2} s; {:.0} messages and {:.0} deliveries per CPU second\n- memory: {} KiB before connects, {} KiB connected, {} KiB peak; {:.0} bytes per connection\n",
+            u.cpu_secs, u.messages_per_cpu_sec, u.deliveries_per_cpu_sec, u.rss_before_kib, u.rss_connected_kib, u.rss_peak_kib, u.bytes_per_connection
+        ));
+    }
     let v = &s.violations;
     md.push_str(&format!(
         "\n## Delivery contract\n\nlost {} · duplicate {} · reorder {} · gap {} · phantom {}\n",
@@ -343,7 +404,7 @@ fn markdown(s: &Summary) -> String {
     for e in &v.examples {
         md.push_str(&format!("- {e}\n"));
     }
-    md.push_str("\nFiles: `summary.json`, `*.hgrm` (percentile distributions, ms), `goose.html` (goose's own report).\n");
+    md.push_str("\nFiles: `summary.json`, `histograms.json` (lossless, for `merge`), `*.hgrm` (percentile distributions, ms), `report.html`, `goose.html` (goose's own report).\n");
     md
 }
 

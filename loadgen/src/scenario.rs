@@ -22,6 +22,9 @@ pub struct Scenario {
     /// What must hold; any miss makes the exit status non-zero.
     #[serde(default)]
     pub slo: Slo,
+    /// The full-scale design point this scenario is a slice of (for `plan`).
+    #[serde(default)]
+    pub design: Option<crate::plan::Design>,
 }
 
 fn default_seed() -> u64 {

@@ -32,6 +32,13 @@ fn run(scenario: &Path, out: &Path) -> (i32, Option<PathBuf>) {
     (status.code().unwrap(), report)
 }
 
+fn loadgen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn summary(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
 }

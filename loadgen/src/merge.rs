@@ -1,0 +1,102 @@
+//! `merge`: combines the runs of several generator processes (or machines) on one
+//! schedule into one report. Histograms add losslessly; counts and violations add up.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context};
+
+use crate::metrics::{decode, summarize};
+use crate::report::{evaluate, write, Histograms, Summary};
+
+/// Reads a run directory's `summary.json` and `histograms.json`.
+pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
+    let summary: Summary = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("summary.json"))
+            .with_context(|| format!("reading {}/summary.json", dir.display()))?,
+    )
+    .with_context(|| format!("parsing {}/summary.json", dir.display()))?;
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("histograms.json"))
+            .with_context(|| format!("reading {}/histograms.json", dir.display()))?,
+    )?;
+    let get = |name: &str| -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+        decode(
+            raw[name]
+                .as_str()
+                .with_context(|| format!("{}: histograms.json lacks {name}", dir.display()))?,
+        )
+    };
+    let histograms = Histograms {
+        delivery: get("delivery")?,
+        ack: get("send_ack")?,
+        connect: get("connect")?,
+        lag: get("generator_lag")?,
+    };
+    Ok((summary, histograms))
+}
+
+/// Merges `runs` into one summary (with its histograms).
+pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histograms)> {
+    let mut runs = runs.into_iter();
+    let (mut s, mut h) = runs.next().context("nothing to merge")?;
+    s.server_usage = None;
+    for (other, oh) in runs {
+        ensure!(
+            other.scenario == s.scenario,
+            "runs of different scenarios: {} and {}",
+            s.scenario,
+            other.scenario
+        );
+        h.delivery.add(&oh.delivery)?;
+        h.ack.add(&oh.ack)?;
+        h.connect.add(&oh.connect)?;
+        h.lag.add(&oh.lag)?;
+        let (c, o) = (&mut s.counts, &other.counts);
+        c.scheduled += o.scheduled;
+        c.sent += o.sent;
+        c.acked += o.acked;
+        c.send_errors += o.send_errors;
+        c.deliveries_expected += o.deliveries_expected;
+        c.deliveries_received += o.deliveries_received;
+        c.devices_planned += o.devices_planned;
+        c.devices_connected += o.devices_connected;
+        c.devices_failed += o.devices_failed;
+        c.devices_dropped += o.devices_dropped;
+        s.violations.absorb(&other.violations);
+        s.wall_secs = s.wall_secs.max(other.wall_secs);
+        s.run_id = format!("{}+{}", s.run_id, other.run_id);
+        if !s.target.split(' ').any(|t| t == other.target) {
+            s.target = format!("{} {}", s.target, other.target);
+        }
+        // Per-second points add up; a second's percentiles keep the worst part's value.
+        for (i, p) in other.timeline.iter().enumerate() {
+            match s.timeline.get_mut(i) {
+                Some(q) => {
+                    q.devices_connected += p.devices_connected;
+                    q.sent += p.sent;
+                    q.delivered += p.delivered;
+                    q.delivery_p99_ms = q.delivery_p99_ms.max(p.delivery_p99_ms);
+                    q.delivery_p50_ms = q.delivery_p50_ms.max(p.delivery_p50_ms);
+                }
+                None => s.timeline.push(p.clone()),
+            }
+        }
+    }
+    s.latency.delivery = summarize(&h.delivery);
+    s.latency.send_ack = summarize(&h.ack);
+    s.latency.connect = summarize(&h.connect);
+    s.latency.generator_lag = summarize(&h.lag);
+    evaluate(&mut s);
+    Ok((s, h))
+}
+
+/// `chatproof-loadgen merge DIR... --out DIR`.
+pub fn run(dirs: &[PathBuf], out: &Path) -> anyhow::Result<Summary> {
+    let runs = dirs
+        .iter()
+        .map(|d| read_run(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (summary, histograms) = merge(runs)?;
+    write(out, &summary, &histograms)?;
+    Ok(summary)
+}

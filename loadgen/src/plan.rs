@@ -1,0 +1,311 @@
+//! `plan`: the capacity model. Turns a design point (`[design]` of a scenario) and
+//! per-server figures measured by a calibration run into a fleet, printing every
+//! assumption beside the result.
+
+use serde::{Deserialize, Serialize};
+
+/// The full-scale target a scenario models (`[design]` table).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Design {
+    /// Daily active users.
+    pub daily_active_users: f64,
+    /// Share of them online at the busy hour.
+    pub concurrent_share: f64,
+    /// Connected devices per online user.
+    pub devices_per_user: f64,
+    /// Messages per day.
+    pub messages_per_day: f64,
+    /// Busy-hour rate over the daily mean.
+    pub peak_factor: f64,
+    /// Share of messages sent to groups.
+    pub group_share: f64,
+    /// Mean members of the group a group message goes to.
+    pub mean_group_size: f64,
+    /// Mean text size, bytes.
+    pub text_bytes: f64,
+    /// Share of messages carrying an image.
+    #[serde(default)]
+    pub media_share: f64,
+    /// Mean image size, bytes.
+    #[serde(default)]
+    pub media_bytes: f64,
+    /// Days messages are kept.
+    pub retention_days: f64,
+    /// Store replication factor.
+    pub replication_factor: f64,
+    /// Mean connected session length, minutes (registry churn).
+    pub session_minutes: f64,
+    /// Server heartbeat interval to the registry, seconds.
+    pub heartbeat_secs: f64,
+}
+
+/// Hardware and per-node capacity assumptions (flags of `plan`).
+#[derive(Debug, Clone, Serialize, PartialEq, clap::Args)]
+pub struct Hardware {
+    /// Cores per chat server.
+    #[arg(long, default_value_t = 8.0)]
+    pub server_cores: f64,
+    /// Memory per chat server, GiB.
+    #[arg(long, default_value_t = 32.0)]
+    pub server_memory_gib: f64,
+    /// Share of memory and CPU a server may use at peak (the rest is headroom).
+    #[arg(long, default_value_t = 0.5)]
+    pub utilisation: f64,
+    /// Kernel memory per connection (socket buffers), not in the measured RSS, bytes.
+    #[arg(long, default_value_t = 8192.0)]
+    pub kernel_bytes_per_connection: f64,
+    /// Most connections one server is allowed, whatever memory allows (descriptors, blast radius).
+    #[arg(long, default_value_t = 200_000.0)]
+    pub connections_per_server_max: f64,
+    /// Operations per second one Redis node sustains.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub redis_ops_per_node: f64,
+    /// Writes per second one Scylla node sustains within the latency target.
+    #[arg(long, default_value_t = 30_000.0)]
+    pub scylla_writes_per_node: f64,
+    /// Bytes stored per message besides its text (keys, metadata, index).
+    #[arg(long, default_value_t = 150.0)]
+    pub store_overhead_bytes: f64,
+    /// Bytes on the wire per delivered message besides its text (frame, JSON fields).
+    #[arg(long, default_value_t = 220.0)]
+    pub frame_overhead_bytes: f64,
+}
+
+/// Figures measured by a calibration run (`summary.json` → `server_usage`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Calibration {
+    /// Server memory per connected device, bytes.
+    pub bytes_per_connection: f64,
+    /// Deliveries per server core-second.
+    pub deliveries_per_core_sec: f64,
+}
+
+/// The fleet and the loads that size it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Fleet {
+    /// Concurrent connections.
+    pub connections: f64,
+    /// Busy-hour messages per second.
+    pub peak_messages_per_sec: f64,
+    /// Deliveries (message × recipient device) per message.
+    pub deliveries_per_message: f64,
+    /// Busy-hour deliveries per second.
+    pub peak_deliveries_per_sec: f64,
+    /// Chat servers needed for memory.
+    pub servers_for_memory: f64,
+    /// Chat servers needed for CPU.
+    pub servers_for_cpu: f64,
+    /// Chat servers needed for the per-server connection cap.
+    pub servers_for_cap: f64,
+    /// Chat servers (the largest, rounded up).
+    pub servers: f64,
+    /// Connections per server at that count.
+    pub connections_per_server: f64,
+    /// Redis operations per second at peak.
+    pub redis_ops_per_sec: f64,
+    /// Redis nodes.
+    pub redis_nodes: f64,
+    /// Store writes per second at peak (before replication).
+    pub store_writes_per_sec: f64,
+    /// Store nodes (with replication).
+    pub store_nodes: f64,
+    /// Message storage for the retention period, with replication, TB.
+    pub storage_tb: f64,
+    /// Image storage for the retention period (blob store, not replicated here), TB.
+    pub media_storage_tb: f64,
+    /// Outbound delivery bandwidth at peak, Gbit/s (text; images are fetched separately).
+    pub egress_gbit_per_sec: f64,
+    /// The textbook estimate: connections / 100 K per server.
+    pub textbook_servers: f64,
+}
+
+/// Sizes the fleet.
+pub fn plan(d: &Design, hw: &Hardware, cal: &Calibration) -> Fleet {
+    assert!(
+        cal.bytes_per_connection > 0.0 && cal.deliveries_per_core_sec > 0.0,
+        "calibration figures must be positive"
+    );
+    let connections = d.daily_active_users * d.concurrent_share * d.devices_per_user;
+    let peak_messages_per_sec = d.messages_per_day / 86_400.0 * d.peak_factor;
+    // Every device of every member receives each entry, the sender's own devices included.
+    let recipient_users = (1.0 - d.group_share) * 2.0 + d.group_share * d.mean_group_size;
+    let deliveries_per_message = recipient_users * d.devices_per_user;
+    let peak_deliveries_per_sec = peak_messages_per_sec * deliveries_per_message;
+    let memory_bytes = hw.server_memory_gib * 1024.0 * 1024.0 * 1024.0 * hw.utilisation;
+    let servers_for_memory =
+        connections * (cal.bytes_per_connection + hw.kernel_bytes_per_connection) / memory_bytes;
+    let servers_for_cpu =
+        peak_deliveries_per_sec / (cal.deliveries_per_core_sec * hw.server_cores * hw.utilisation);
+    let servers_for_cap = connections / hw.connections_per_server_max;
+    let servers = servers_for_memory
+        .max(servers_for_cpu)
+        .max(servers_for_cap)
+        .ceil()
+        .max(1.0);
+    // Registry: one lookup per recipient user, one publish per recipient server, session churn, heartbeats.
+    let lookups = peak_messages_per_sec * recipient_users;
+    let publishes = peak_messages_per_sec * recipient_users.min(servers);
+    let churn = connections / (d.session_minutes * 60.0) * 2.0;
+    let heartbeats = servers / d.heartbeat_secs;
+    let redis_ops_per_sec = lookups + publishes + churn + heartbeats;
+    let redis_nodes = (redis_ops_per_sec / hw.redis_ops_per_node).ceil().max(1.0);
+    // Store: the entry, its idempotency key, and one cursor write per recipient device (acks coalesce to about one).
+    let store_writes_per_sec = peak_messages_per_sec * 2.0 + peak_deliveries_per_sec;
+    let store_nodes = (store_writes_per_sec * d.replication_factor / hw.scylla_writes_per_node)
+        .ceil()
+        .max(d.replication_factor);
+    let storage_tb = d.messages_per_day
+        * d.retention_days
+        * (d.text_bytes + hw.store_overhead_bytes)
+        * d.replication_factor
+        / 1e12;
+    let media_storage_tb =
+        d.messages_per_day * d.retention_days * d.media_share * d.media_bytes / 1e12;
+    let egress_gbit_per_sec =
+        peak_deliveries_per_sec * (d.text_bytes + hw.frame_overhead_bytes) * 8.0 / 1e9;
+    Fleet {
+        connections,
+        peak_messages_per_sec,
+        deliveries_per_message,
+        peak_deliveries_per_sec,
+        servers_for_memory,
+        servers_for_cpu,
+        servers_for_cap,
+        servers,
+        connections_per_server: connections / servers,
+        redis_ops_per_sec,
+        redis_nodes,
+        store_writes_per_sec,
+        store_nodes,
+        storage_tb,
+        media_storage_tb,
+        egress_gbit_per_sec,
+        textbook_servers: (connections / 100_000.0).ceil(),
+    }
+}
+
+/// The plan as Markdown: assumptions, calibration, and the fleet.
+pub fn report(d: &Design, hw: &Hardware, cal: &Calibration, f: &Fleet) -> String {
+    let mut out = String::from("# Capacity plan\n\n## Design point (assumed)\n\n");
+    out.push_str(&format!(
+        "- {:.0} daily active users, {:.0} % online at the busy hour, {:.2} devices each → **{:.0} connections**\n\
+         - {:.0} messages/day, busy-hour factor {:.1} → **{:.0} messages/s**\n\
+         - {:.0} % of messages to groups of {:.0} members on average → {:.1} deliveries per message → **{:.0} deliveries/s**\n\
+         - text {:.0} B; {:.1} % of messages carry an image of {:.0} B; kept {:.0} days; replication {:.0}\n\
+         - sessions last {:.0} min; servers heartbeat the registry every {:.0} s\n",
+        d.daily_active_users, d.concurrent_share * 100.0, d.devices_per_user, f.connections,
+        d.messages_per_day, d.peak_factor, f.peak_messages_per_sec,
+        d.group_share * 100.0, d.mean_group_size, f.deliveries_per_message, f.peak_deliveries_per_sec,
+        d.text_bytes, d.media_share * 100.0, d.media_bytes, d.retention_days, d.replication_factor,
+        d.session_minutes, d.heartbeat_secs,
+    ));
+    out.push_str(&format!(
+        "\n## Hardware (assumed)\n\n- chat server: {:.0} cores, {:.0} GiB, used to {:.0} % at peak; at most {:.0} connections; {:.0} B kernel memory per connection\n- Redis node: {:.0} ops/s; Scylla node: {:.0} writes/s\n- {:.0} B stored per message besides text; {:.0} B on the wire per delivery besides text\n",
+        hw.server_cores, hw.server_memory_gib, hw.utilisation * 100.0, hw.connections_per_server_max, hw.kernel_bytes_per_connection, hw.redis_ops_per_node, hw.scylla_writes_per_node, hw.store_overhead_bytes, hw.frame_overhead_bytes
+    ));
+    out.push_str(&format!(
+        "\n## Calibration (measured)\n\n- {:.0} bytes of server memory per connection\n- {:.0} deliveries per server core-second\n",
+        cal.bytes_per_connection, cal.deliveries_per_core_sec
+    ));
+    out.push_str(&format!(
+        "\n## Fleet\n\n| what | figure |\n|---|---|\n\
+         | chat servers for memory | {:.1} |\n| chat servers for CPU | {:.1} |\n| chat servers for the connection cap | {:.1} |\n| **chat servers** | **{:.0}** ({:.0} connections each) |\n\
+         | Redis ops/s at peak | {:.0} |\n| **Redis nodes** | **{:.0}** |\n| store writes/s at peak | {:.0} |\n| **Scylla nodes** | **{:.0}** |\n\
+         | message storage for retention (replicated) | {:.2} TB |\n| image storage for retention | {:.1} TB |\n| delivery egress at peak | {:.2} Gbit/s |\n",
+        f.servers_for_memory, f.servers_for_cpu, f.servers_for_cap, f.servers, f.connections_per_server, f.redis_ops_per_sec, f.redis_nodes,
+        f.store_writes_per_sec, f.store_nodes, f.storage_tb, f.media_storage_tb, f.egress_gbit_per_sec
+    ));
+    out.push_str(&format!(
+        "\nTextbook estimate: {:.0} servers at 100 K connections each; this plan: {:.0} ({:.1}x).\n",
+        f.textbook_servers,
+        f.servers,
+        f.servers / f.textbook_servers.max(1.0)
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn design() -> Design {
+        Design {
+            daily_active_users: 50e6,
+            concurrent_share: 0.2,
+            devices_per_user: 1.0,
+            messages_per_day: 86_400e3,
+            peak_factor: 2.0,
+            group_share: 0.0,
+            mean_group_size: 500.0,
+            text_bytes: 100.0,
+            media_share: 0.0,
+            media_bytes: 0.0,
+            retention_days: 365.0,
+            replication_factor: 3.0,
+            session_minutes: 30.0,
+            heartbeat_secs: 10.0,
+        }
+    }
+
+    fn hardware() -> Hardware {
+        Hardware {
+            server_cores: 8.0,
+            server_memory_gib: 32.0,
+            utilisation: 0.5,
+            kernel_bytes_per_connection: 0.0,
+            connections_per_server_max: 1e9,
+            redis_ops_per_node: 100_000.0,
+            scylla_writes_per_node: 30_000.0,
+            store_overhead_bytes: 150.0,
+            frame_overhead_bytes: 220.0,
+        }
+    }
+
+    /// The arithmetic: connections, peak rates, servers by memory and CPU, store sizing.
+    #[test]
+    fn sizes_a_known_design() {
+        // 16 GiB usable per server at 16 KiB per connection → 1 Mi connections per server by memory.
+        let cal = Calibration {
+            bytes_per_connection: 16.0 * 1024.0,
+            deliveries_per_core_sec: 1_000.0,
+        };
+        let f = plan(&design(), &hardware(), &cal);
+        assert_eq!(f.connections, 10e6);
+        assert_eq!(f.peak_messages_per_sec, 2_000.0);
+        assert_eq!(f.deliveries_per_message, 2.0);
+        assert_eq!(f.peak_deliveries_per_sec, 4_000.0);
+        assert!((f.servers_for_memory - 10e6 / (1024.0 * 1024.0)).abs() < 1e-9);
+        assert!((f.servers_for_cpu - 4_000.0 / 4_000.0).abs() < 1e-9);
+        assert_eq!(f.servers, 10.0, "memory decides: ceil(9.54)");
+        assert_eq!(f.textbook_servers, 100.0);
+        assert_eq!(f.store_writes_per_sec, 2_000.0 * 2.0 + 4_000.0);
+        assert_eq!(f.store_nodes, 3.0, "never fewer nodes than replicas");
+        let capped = plan(
+            &design(),
+            &Hardware {
+                connections_per_server_max: 100_000.0,
+                ..hardware()
+            },
+            &cal,
+        );
+        assert_eq!(capped.servers, 100.0, "the per-server cap decides");
+        let tb = 86_400e3 * 365.0 * 250.0 * 3.0 / 1e12;
+        assert!((f.storage_tb - tb).abs() < 1e-9);
+    }
+
+    /// Group fan-out multiplies deliveries and so CPU-bound servers.
+    #[test]
+    fn groups_drive_cpu() {
+        let mut d = design();
+        d.group_share = 0.1;
+        let cal = Calibration {
+            bytes_per_connection: 1_000.0,
+            deliveries_per_core_sec: 1_000.0,
+        };
+        let f = plan(&d, &hardware(), &cal);
+        assert!((f.deliveries_per_message - (0.9 * 2.0 + 0.1 * 500.0)).abs() < 1e-9);
+        assert!(f.servers_for_cpu > f.servers_for_memory);
+        assert_eq!(f.servers, f.servers_for_cpu.ceil());
+    }
+}
