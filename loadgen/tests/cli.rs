@@ -77,6 +77,54 @@ fn tiny_scenario_reports_and_gates() {
     assert_eq!(s["violations"]["lost"], 0);
     assert_eq!(s["pass"], true);
     assert_eq!(s["latency"]["delivery"]["count"], c["deliveries_expected"]);
+    assert!(
+        s["server_usage"]["deliveries_per_cpu_sec"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    // merge: two copies of the run add up exactly; compare: a run against itself is no regression.
+    let merged = tmp.path().join("merged");
+    let (r, m) = (report.to_str().unwrap(), merged.to_str().unwrap());
+    let out = loadgen(&["merge", r, r, "--out", m]);
+    assert_eq!(out.status.code(), Some(0));
+    let ms = summary(&merged);
+    assert_eq!(ms["counts"]["acked"], 120);
+    let count = |x: &Value| x["latency"]["delivery"]["count"].as_u64().unwrap();
+    assert_eq!(count(&ms), count(&s) * 2);
+    assert_eq!(
+        ms["latency"]["delivery"]["p99_ms"],
+        s["latency"]["delivery"]["p99_ms"]
+    );
+    let out = loadgen(&["compare", r, m]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(table.contains("| delivery p99 (ms) |"));
+
+    // plan: the design point sized from this run's server figures.
+    let design = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/load/design-point.toml"
+    );
+    let calibration = report.join("summary.json");
+    let out = loadgen(&[
+        "plan",
+        design,
+        "--calibration",
+        calibration.to_str().unwrap(),
+    ]);
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        plan.contains("10000000 connections") && plan.contains("**chat servers**"),
+        "{plan}"
+    );
 
     let (code, report) = run(
         &scenario(tmp.path(), "impossible", 0.001),
