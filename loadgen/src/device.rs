@@ -81,6 +81,55 @@ pub struct Device {
     next_rid: AtomicU64,
 }
 
+/// Source addresses used on loopback, so that one generator is not limited to one
+/// address's ephemeral ports: 127.0.0.2 to 127.0.0.251.
+pub const LOOPBACK_SOURCES: u32 = 250;
+
+/// The source address for the `k`-th connection to `target`: spread over
+/// [`LOOPBACK_SOURCES`] loopback addresses when the target is on IPv4 loopback.
+pub fn source_for(target: std::net::SocketAddr, k: u64) -> Option<std::net::IpAddr> {
+    match target.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => {
+            let last = 2 + (k % u64::from(LOOPBACK_SOURCES)) as u8;
+            Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                127, 0, 0, last,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// TCP connect (from `source` when given) and the WebSocket handshake.
+async fn open(
+    url: &str,
+    target: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<Ws> {
+    let socket = if target.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket
+            .bind(std::net::SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding source address {ip}"))?;
+    }
+    let stream = socket
+        .connect(target)
+        .await
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_nodelay(true)?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(ws_config()),
+    )
+    .await
+    .with_context(|| format!("WebSocket handshake with {url}"))?;
+    Ok(ws)
+}
+
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
@@ -92,19 +141,15 @@ impl Device {
     pub async fn connect(
         url: &str,
         token: &str,
-        user: &str,
-        device: &str,
+        (user, device): (&str, &str),
         member_convs: HashSet<String>,
         acks: mpsc::UnboundedSender<AckDone>,
         stats: Arc<Mutex<LatencyStats>>,
+        (target, source): (std::net::SocketAddr, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Arc<Self>> {
-        let (ws, _) = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
-        )
-        .await
-        .map_err(|_| anyhow!("connect timed out"))?
-        .with_context(|| format!("connecting to {url}"))?;
+        let ws = tokio::time::timeout(CONNECT_TIMEOUT, open(url, target, source))
+            .await
+            .map_err(|_| anyhow!("connect timed out"))??;
         let (mut sink, stream) = ws.split();
         let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": token, "device": device});
         sink.send(Message::Text(hello.to_string().into())).await?;

@@ -25,8 +25,16 @@ pub struct Run {
     pub scenario: LoadScenario,
     /// Its population.
     pub world: World,
+    /// The users this process drives (all, or one worker's share).
+    pub users: Vec<u32>,
+    /// Worker mode: say "ready" on stdout once connected and wait for "go" on stdin.
+    pub await_go: bool,
     /// `ws://HOST:PORT/v1/ws`.
     pub url: String,
+    /// The target's address.
+    pub target: std::net::SocketAddr,
+    /// Connections opened so far (spreads source addresses).
+    pub connections_opened: AtomicU64,
     /// Mints device tokens.
     pub key: TokenKey,
     /// Prefix of message ids.
@@ -48,6 +56,7 @@ pub struct Run {
     /// Sends due by the schedule.
     pub scheduled: AtomicU64,
     everyone_connected: Barrier,
+    go: tokio::sync::watch::Sender<bool>,
 }
 
 static RUN: OnceLock<Arc<Run>> = OnceLock::new();
@@ -56,8 +65,8 @@ impl Run {
     /// Creates the run's shared state; there is one run per process.
     pub fn install(
         scenario: LoadScenario,
-        world: World,
-        url: String,
+        (world, users, await_go): (World, Vec<u32>, bool),
+        (url, target): (String, std::net::SocketAddr),
         key: TokenKey,
         run_id: String,
     ) -> Arc<Self> {
@@ -65,7 +74,11 @@ impl Run {
         let run = Arc::new(Self {
             scenario,
             world,
+            users,
+            await_go,
             url,
+            target,
+            connections_opened: AtomicU64::new(0),
             key,
             run_id,
             devices: Mutex::new(Vec::new()),
@@ -79,6 +92,7 @@ impl Run {
             sent: AtomicU64::new(0),
             scheduled: AtomicU64::new(0),
             everyone_connected: Barrier::new(drivers),
+            go: tokio::sync::watch::Sender::new(false),
         });
         assert!(RUN.set(Arc::clone(&run)).is_ok(), "one run per process");
         run
@@ -133,7 +147,7 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
     let run = run_state();
     let drivers = run.scenario.load.drivers;
     let index = u32::try_from(user.weighted_users_index).unwrap_or(0) % drivers;
-    let users = run.world.users_of_driver(index, drivers);
+    let users = World::users_of_driver(&run.users, index, drivers);
     let (acks_tx, acks) = mpsc::unbounded_channel();
     let mut devices = Vec::with_capacity(users.len());
     for &u in &users {
@@ -152,11 +166,17 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
             let result = Device::connect(
                 &run.url,
                 &token,
-                &user_id,
-                &World::device_id(d),
+                (&user_id, &World::device_id(d)),
                 convs.clone(),
                 acks_tx.clone(),
                 Arc::clone(&run.stats[index as usize]),
+                (
+                    run.target,
+                    crate::device::source_for(
+                        run.target,
+                        run.connections_opened.fetch_add(1, Ordering::Relaxed),
+                    ),
+                ),
             )
             .await;
             let took = started.elapsed();
@@ -191,7 +211,18 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
         }
         devices.push(of_user);
     }
-    run.everyone_connected.wait().await;
+    if run.everyone_connected.wait().await.is_leader() && run.await_go {
+        // One schedule across worker processes: the parent says go once all are connected.
+        println!("ready");
+        let go = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        });
+        let _ = go.await;
+        run.go.send_replace(true);
+    } else if run.await_go {
+        let _ = run.go.subscribe().wait_for(|go| *go).await;
+    }
     let phase = run
         .interval()
         .mul_f64(f64::from(index) / f64::from(drivers));

@@ -16,6 +16,7 @@ mod reference;
 mod report;
 mod scenario;
 mod setup;
+mod workers;
 mod world;
 
 use std::path::PathBuf;
@@ -80,18 +81,28 @@ enum Cmd {
 }
 
 #[derive(Debug, clap::Args)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// The scenario file.
-    scenario: PathBuf,
+    pub(crate) scenario: PathBuf,
     /// Server to load, `ws://HOST:PORT`. Without it a reference server is started on embedded storage.
     #[arg(long)]
-    target: Option<String>,
+    pub(crate) target: Option<String>,
     /// The target's token secret (needed with --target).
     #[arg(long, env = "CHATPROOF_SECRET", hide_env_values = true)]
-    secret: Option<String>,
+    pub(crate) secret: Option<String>,
     /// Directory that receives `<scenario>/<timestamp>/`.
     #[arg(long, default_value = "reports")]
-    out_dir: PathBuf,
+    pub(crate) out_dir: PathBuf,
+    /// Child processes that share the devices and the schedule (each process may hold
+    /// only as many connections as its open-file limit allows); their runs are merged.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) workers: u32,
+    /// Internal: this process is worker I of N (`I/N`), started by a parent.
+    #[arg(long, hide = true)]
+    pub(crate) worker: Option<String>,
+    /// Internal: the parent's run id.
+    #[arg(long, hide = true)]
+    pub(crate) run_id: Option<String>,
 }
 
 fn main() {
@@ -228,25 +239,61 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     };
     let key = TokenKey::new(secret.as_bytes()).map_err(|e| anyhow!(e))?;
-    let run_id = format!("lg{:x}", now_us() / 1000 % 0xffff_ffff);
+    let run_id = args
+        .run_id
+        .clone()
+        .unwrap_or_else(|| format!("lg{:x}", now_us() / 1000 % 0xffff_ffff));
     let url = format!("ws://{addr}/v1/ws");
     let world = World::new(&scenario, &run_id);
     let out = args.out_dir.join(&scenario.name).join(timestamp());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if args.workers > 1 {
+        return workers::parent(
+            &args,
+            &scenario,
+            &world,
+            (&addr, &secret, &key, &run_id),
+            &out,
+            server,
+        );
+    }
+    let (scenario, users, is_worker) = match &args.worker {
+        Some(spec) => {
+            let (i, n) = workers::parse(spec)?;
+            let users = world.users_of_worker(i, n);
+            (workers::share(&scenario, users.len() as u32), users, true)
+        }
+        None => (scenario, world.all_users(), false),
+    };
     eprintln!(
-        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {url}",
-        scenario.name, scenario.seed, scenario.population.users, scenario.population.devices_per_user, world.convs.len(),
-        scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.drivers
+        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {url}{}; open-file limit {}",
+        scenario.name, scenario.seed, users.len(), scenario.population.devices_per_user, world.convs.len(),
+        scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.drivers,
+        args.worker.as_deref().map(|w| format!(" (worker {w})")).unwrap_or_default(),
+        report::open_files_limit().map_or("unknown".into(), |n| n.to_string()),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let summary = runtime.block_on(async {
         let started = Instant::now();
-        setup::create_conversations(&world, &url, &key).await?;
+        if !is_worker {
+            setup::create_conversations(&world, &url, &key).await?;
+        }
         let usage_before = server.as_ref().and_then(ReferenceServer::usage);
         let drain = Duration::from_secs(scenario.load.drain_secs);
-        let run = Run::install(scenario, world, url.clone(), key, run_id);
+        let target = tokio::net::lookup_host(&addr)
+            .await
+            .with_context(|| format!("resolving {addr}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+        let run = Run::install(
+            scenario,
+            (world, users, is_worker),
+            (url.clone(), target),
+            key,
+            run_id,
+        );
         let progress = tokio::spawn(progress(Arc::clone(&run)));
         let goose_report = out.join("goose.html");
         drive::run_goose(

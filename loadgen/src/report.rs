@@ -149,7 +149,8 @@ pub fn summarize_run(
     let (delivery, ack) = (merged.delivery, merged.ack);
     let mut violations = Violations::default();
     let mut counts = Counts {
-        devices_planned: run.scenario.devices(),
+        devices_planned: run.users.len() as u64
+            * u64::from(run.scenario.population.devices_per_user),
         ..Counts::default()
     };
     counts.devices_connected = devices.len() as u64;
@@ -220,18 +221,7 @@ pub fn summarize_run(
     };
     evaluate(&mut summary);
     if let Some((before, after)) = usage {
-        let cpu_secs = (after.cpu_secs - before.cpu_secs).max(0.01);
-        let devices = summary.counts.devices_connected.max(1) as f64;
-        summary.server_usage = Some(ServerUsage {
-            cpu_secs,
-            rss_before_kib: before.rss_kib,
-            rss_connected_kib: after.rss_kib,
-            rss_peak_kib: after.rss_peak_kib,
-            bytes_per_connection: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
-                / devices,
-            deliveries_per_cpu_sec: summary.counts.deliveries_received as f64 / cpu_secs,
-            messages_per_cpu_sec: summary.counts.acked as f64 / cpu_secs,
-        });
+        summary.server_usage = Some(server_usage(&summary, before, after));
     }
     (
         summary,
@@ -242,6 +232,26 @@ pub fn summarize_run(
             lag,
         },
     )
+}
+
+/// The reference server's figures over a run, from its usage before and after.
+pub fn server_usage(
+    summary: &Summary,
+    before: crate::reference::ProcUsage,
+    after: crate::reference::ProcUsage,
+) -> ServerUsage {
+    let cpu_secs = (after.cpu_secs - before.cpu_secs).max(0.01);
+    let devices = summary.counts.devices_connected.max(1) as f64;
+    ServerUsage {
+        cpu_secs,
+        rss_before_kib: before.rss_kib,
+        rss_connected_kib: after.rss_kib,
+        rss_peak_kib: after.rss_peak_kib,
+        bytes_per_connection: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
+            / devices,
+        deliveries_per_cpu_sec: summary.counts.deliveries_received as f64 / cpu_secs,
+        messages_per_cpu_sec: summary.counts.acked as f64 / cpu_secs,
+    }
 }
 
 /// Judges a summary against its scenario's targets: sets `slo`, validity and `pass`.

@@ -154,9 +154,4 @@ impl Scenario {
         }
         Ok(())
     }
-
-    /// Total devices.
-    pub fn devices(&self) -> u64 {
-        u64::from(self.population.users) * u64::from(self.population.devices_per_user)
-    }
 }

@@ -97,9 +97,28 @@ impl World {
             .map(|_| index)
     }
 
-    /// The users driven by driver `driver` of `drivers`.
-    pub fn users_of_driver(&self, driver: u32, drivers: u32) -> Vec<u32> {
-        (0..self.users).filter(|u| u % drivers == driver).collect()
+    /// The users driven by driver `driver` of `drivers`, among `users`.
+    pub fn users_of_driver(users: &[u32], driver: u32, drivers: u32) -> Vec<u32> {
+        users
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u32 % drivers == driver)
+            .map(|(_, u)| *u)
+            .collect()
+    }
+
+    /// The users worker `worker` of `workers` drives: whole groups (and so whole 1:1
+    /// pairs, when the group size is even), so every conversation of a user stays inside
+    /// one worker and each worker checks its deliveries completely.
+    pub fn users_of_worker(&self, worker: u32, workers: u32) -> Vec<u32> {
+        (0..self.users)
+            .filter(|u| (u / self.group_size) % workers == worker)
+            .collect()
+    }
+
+    /// All users.
+    pub fn all_users(&self) -> Vec<u32> {
+        (0..self.users).collect()
     }
 }
 
@@ -132,9 +151,23 @@ mod tests {
             assert!(world.convs[world.direct_of(u)].members.contains(&u));
             assert!(world.convs[world.group_of(u).unwrap()].members.contains(&u));
         }
-        let mut all: Vec<u32> = (0..3).flat_map(|d| world.users_of_driver(d, 3)).collect();
+        let mut all: Vec<u32> = (0..3)
+            .flat_map(|d| World::users_of_driver(&world.all_users(), d, 3))
+            .collect();
         all.sort_unstable();
         assert_eq!(all, (0..10).collect::<Vec<_>>());
+        // Workers get whole groups, so a user's conversations never cross workers.
+        let w0 = world.users_of_worker(0, 2);
+        let w1 = world.users_of_worker(1, 2);
+        assert_eq!(w0.len() + w1.len(), 10);
+        for c in &world.convs {
+            let in_w0 = c.members.iter().filter(|u| w0.contains(u)).count();
+            assert!(
+                in_w0 == 0 || in_w0 == c.members.len(),
+                "{} straddles workers",
+                c.id
+            );
+        }
         assert_eq!(world.convs[0].id, "d:r-u0:r-u1");
     }
 }

@@ -139,3 +139,34 @@ fn tiny_scenario_reports_and_gates() {
     std::fs::write(&broken, "name = \"broken\"\n[population]\nusers = 3\n").unwrap();
     assert_eq!(run(&broken, &tmp.path().join("reports")).0, 2);
 }
+
+/// `--workers 2`: two processes share the devices and one schedule; the merged report
+/// counts every device and message once and checks every delivery.
+#[test]
+fn workers_share_one_schedule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("pairs.toml");
+    let text = "# Even groups so that workers own whole groups.\nname = \"pairs\"\n[population]\nusers = 8\ndevices_per_user = 2\ngroup_size = 2\n\
+                [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
+    std::fs::write(&path, text).unwrap();
+    let out = tmp.path().join("reports");
+    let p = path.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let status = loadgen(&["run", p, "--workers", "2", "--out-dir", o]).status;
+    let report = std::fs::read_dir(out.join("pairs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let s = summary(&report);
+    assert_eq!(status.code(), Some(0), "{s:#}");
+    assert_eq!(s["counts"]["devices_planned"], 16);
+    assert_eq!(s["counts"]["devices_connected"], 16);
+    assert_eq!(s["counts"]["acked"], 80);
+    assert_eq!(
+        s["counts"]["deliveries_received"],
+        s["counts"]["deliveries_expected"]
+    );
+    assert!(report.join("workers").join("0").is_dir() && report.join("workers").join("1").is_dir());
+}

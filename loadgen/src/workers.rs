@@ -1,0 +1,147 @@
+//! `--workers N`: one command drives more connections than one process may open.
+//! The parent creates the conversations, starts N copies of itself, each driving whole
+//! groups of users (so each checks its deliveries completely), says "go" to all of them
+//! at once when every one has connected, and merges their reports losslessly.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, ensure, Context};
+use chatproof_server::auth::TokenKey;
+
+use crate::reference::ReferenceServer;
+use crate::scenario::Scenario;
+use crate::world::World;
+use crate::RunArgs;
+
+/// Parses `I/N`.
+pub fn parse(spec: &str) -> anyhow::Result<(u32, u32)> {
+    let (i, n) = spec
+        .split_once('/')
+        .ok_or_else(|| anyhow!("--worker wants I/N, got {spec:?}"))?;
+    let (i, n): (u32, u32) = (i.parse()?, n.parse()?);
+    ensure!(i < n, "worker {i} of {n}");
+    Ok((i, n))
+}
+
+/// The scenario as one worker runs it: its share of the rate and drivers.
+pub fn share(scenario: &Scenario, users: u32) -> Scenario {
+    let mut s = scenario.clone();
+    let fraction = f64::from(users) / f64::from(scenario.population.users);
+    s.load.messages_per_sec = (scenario.load.messages_per_sec * fraction).max(0.001);
+    s.load.drivers =
+        ((f64::from(scenario.load.drivers) * fraction).round() as u32).clamp(1, users.max(1));
+    s
+}
+
+/// Runs the parent: setup, children, one schedule, merge. Returns the exit status.
+pub fn parent(
+    args: &RunArgs,
+    scenario: &Scenario,
+    world: &World,
+    (addr, secret, key, run_id): (&str, &str, &TokenKey, &str),
+    out: &Path,
+    server: Option<ReferenceServer>,
+) -> anyhow::Result<i32> {
+    let n = args.workers;
+    ensure!(
+        scenario.population.group_size.is_multiple_of(2)
+            && n <= scenario.population.users / scenario.population.group_size,
+        "--workers needs an even group_size and at least one whole group per worker"
+    );
+    let url = format!("ws://{addr}/v1/ws");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(crate::setup::create_conversations(world, &url, key))?;
+    let usage_before = server.as_ref().and_then(ReferenceServer::usage);
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..n {
+        let child = Command::new(&exe)
+            .arg("run")
+            .arg(&args.scenario)
+            .args([
+                "--target",
+                &format!("ws://{addr}"),
+                "--worker",
+                &format!("{i}/{n}"),
+            ])
+            .args(["--run-id", run_id])
+            .arg("--out-dir")
+            .arg(out.join("workers").join(i.to_string()))
+            .env("CHATPROOF_SECRET", secret)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a worker")?;
+        children.push(child);
+    }
+    // Wait until every worker has connected its devices, then start them together.
+    for (i, child) in children.iter_mut().enumerate() {
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.trim() == "ready" => break,
+                Some(Ok(_)) => continue,
+                _ => bail!("worker {i} stopped before it was ready"),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+    }
+    for child in &mut children {
+        let stdin = child.stdin.as_mut().context("worker stdin")?;
+        writeln!(stdin, "go")?;
+    }
+    for (i, child) in children.iter_mut().enumerate() {
+        let status = child.wait()?;
+        ensure!(
+            matches!(status.code(), Some(0 | 1 | 3)),
+            "worker {i} failed ({status})"
+        );
+    }
+    let usage_after = server.as_ref().and_then(ReferenceServer::usage);
+    let dirs = (0..n)
+        .map(|i| {
+            let base = out.join("workers").join(i.to_string()).join(&scenario.name);
+            let mut runs: Vec<_> = std::fs::read_dir(&base)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .collect();
+            runs.sort();
+            runs.pop()
+                .ok_or_else(|| anyhow!("worker {i} wrote no report under {}", base.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runs = dirs
+        .iter()
+        .map(|d| crate::merge::read_run(d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut summary, histograms) = crate::merge::merge(runs)?;
+    summary.config = scenario.clone();
+    summary.reference_server = server.is_some();
+    if let Some((before, after)) = usage_before.zip(usage_after) {
+        summary.server_usage = Some(crate::report::server_usage(&summary, before, after));
+    }
+    crate::report::evaluate(&mut summary);
+    crate::report::write(out, &summary, &histograms)?;
+    drop(server);
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
+    );
+    eprintln!(
+        "report: {} (worker runs in {})",
+        out.display(),
+        out.join("workers").display()
+    );
+    Ok(if summary.pass {
+        0
+    } else if !summary.valid {
+        3
+    } else {
+        1
+    })
+}
