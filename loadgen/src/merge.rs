@@ -64,7 +64,9 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         c.devices_dropped += o.devices_dropped;
         s.violations.absorb(&other.violations);
         s.wall_secs = s.wall_secs.max(other.wall_secs);
-        s.run_id = format!("{}+{}", s.run_id, other.run_id);
+        if !s.run_id.split('+').any(|id| id == other.run_id) {
+            s.run_id = format!("{}+{}", s.run_id, other.run_id);
+        }
         if !s.target.split(' ').any(|t| t == other.target) {
             s.target = format!("{} {}", s.target, other.target);
         }

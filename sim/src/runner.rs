@@ -260,9 +260,30 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
             let started = Instant::now();
             let (mut sim_ms, mut messages, mut worst) = (0u64, 0usize, 0);
             let mut cases = Vec::new();
+            // On a terminal, one progress line that updates in place; in logs, a line per seed.
+            let progress_bar =
+                std::io::IsTerminal::is_terminal(&std::io::stderr()) && !common.trace;
             for (i, &seed) in seeds.iter().enumerate() {
                 let opts = SimOptions::derive(seed, &preset);
-                eprintln!("[{}/{}] {opts}", i + 1, seeds.len());
+                if progress_bar {
+                    let done = i as f64 / seeds.len() as f64;
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let eta = if i > 0 { elapsed / done - elapsed } else { 0.0 };
+                    let filled = (done * 30.0) as usize;
+                    eprint!(
+                        "\r[{}{}] {}/{} seeds, {} failed, {elapsed:.0} s, about {eta:.0} s left ",
+                        "#".repeat(filled),
+                        ".".repeat(30 - filled),
+                        i,
+                        seeds.len(),
+                        cases
+                            .iter()
+                            .filter(|c: &&(u64, f64, i32, String)| c.2 != 0)
+                            .count()
+                    );
+                } else {
+                    eprintln!("[{}/{}] {opts}", i + 1, seeds.len());
+                }
                 let result = run_one(&opts, None);
                 if let Some(o) = &result.outcome {
                     sim_ms += o.sim_ms;
@@ -281,6 +302,9 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                     print_trace(&result);
                 }
                 cases.push((seed, result.wall_secs, code, describe(&result)));
+            }
+            if progress_bar {
+                eprintln!();
             }
             let wall = started.elapsed().as_secs_f64();
             let failed = cases.iter().filter(|c| c.2 != 0).count();
