@@ -106,6 +106,22 @@ impl OrderCheck {
         }
     }
 
+    /// The highest seq held without a hole, per conversation: the cursors a
+    /// reconnecting device presents.
+    pub fn cursors(&self) -> std::collections::BTreeMap<String, u64> {
+        self.convs
+            .iter()
+            .map(|(conv, c)| {
+                let contiguous = c
+                    .skipped
+                    .iter()
+                    .next()
+                    .map_or(c.next_seq - 1, |first| first - 1);
+                (conv.clone(), contiguous)
+            })
+            .collect()
+    }
+
     /// True if the device holds `seq` of `conv`.
     pub fn holds(&self, conv: &str, seq: u64) -> bool {
         self.convs

@@ -45,6 +45,8 @@ pub struct AckDone {
 
 struct Pending {
     scheduled_us: u64,
+    /// The send frame, written again (same rid and message id) after a reconnect.
+    frame: String,
 }
 
 /// What a device observed; read after the run.
@@ -79,6 +81,63 @@ pub struct Device {
     /// What it observed.
     pub state: Arc<Mutex<DeviceState>>,
     next_rid: AtomicU64,
+    link: Link,
+    reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    offline: std::sync::atomic::AtomicBool,
+}
+
+/// How to (re)connect a device.
+#[derive(Clone)]
+struct Link {
+    url: String,
+    token: String,
+    device: String,
+    target: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+    acks: mpsc::UnboundedSender<AckDone>,
+    stats: Arc<Mutex<LatencyStats>>,
+}
+
+/// Why a send was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The device is offline (churn); a user cannot send then.
+    #[error("device offline")]
+    Offline,
+    /// Anything else.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Opens a session: connect, hello with `cursors`, read loop, wait for the end of catch-up.
+async fn session(
+    link: &Link,
+    name: &str,
+    state: &Arc<Mutex<DeviceState>>,
+    cursors: serde_json::Value,
+) -> anyhow::Result<(SplitSink<Ws, Message>, tokio::task::JoinHandle<()>)> {
+    let ws = tokio::time::timeout(CONNECT_TIMEOUT, open(&link.url, link.target, link.source))
+        .await
+        .map_err(|_| anyhow!("connect timed out"))??;
+    let (mut sink, stream) = ws.split();
+    let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": link.token, "device": link.device, "cursors": cursors});
+    sink.send(Message::Text(hello.to_string().into())).await?;
+    let (ready_tx, ready_rx) = oneshot::channel();
+    state.lock().expect("device state").connected = true;
+    let reader = tokio::spawn(read_loop(
+        stream,
+        Arc::clone(state),
+        Arc::clone(&link.stats),
+        name.to_owned(),
+        link.acks.clone(),
+        ready_tx,
+    ));
+    match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
+        Ok(Ok(Ok(()))) => Ok((sink, reader)),
+        Ok(Ok(Err(why))) => bail!("{name}: {why}"),
+        Ok(Err(_)) => bail!("{name}: connection closed during hello"),
+        Err(_) => bail!("{name}: catch-up did not finish in {CONNECT_TIMEOUT:?}"),
+    }
 }
 
 /// Source addresses used on loopback, so that one generator is not limited to one
@@ -147,12 +206,6 @@ impl Device {
         stats: Arc<Mutex<LatencyStats>>,
         (target, source): (std::net::SocketAddr, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Arc<Self>> {
-        let ws = tokio::time::timeout(CONNECT_TIMEOUT, open(url, target, source))
-            .await
-            .map_err(|_| anyhow!("connect timed out"))??;
-        let (mut sink, stream) = ws.split();
-        let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": token, "device": device});
-        sink.send(Message::Text(hello.to_string().into())).await?;
         let state = Arc::new(Mutex::new(DeviceState {
             pending: HashMap::new(),
             member_convs,
@@ -161,30 +214,70 @@ impl Device {
             acked: Vec::new(),
             send_errors: 0,
             received: 0,
-            connected: true,
+            connected: false,
         }));
         let name = format!("{user}/{device}");
-        let (ready_tx, ready_rx) = oneshot::channel();
-        tokio::spawn(read_loop(
-            stream,
-            Arc::clone(&state),
-            stats,
-            name.clone(),
+        let link = Link {
+            url: url.to_owned(),
+            token: token.to_owned(),
+            device: device.to_owned(),
+            target,
+            source,
             acks,
-            ready_tx,
-        ));
-        match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(why))) => bail!("{name}: {why}"),
-            Ok(Err(_)) => bail!("{name}: connection closed during hello"),
-            Err(_) => bail!("{name}: catch-up did not finish in {CONNECT_TIMEOUT:?}"),
-        }
+            stats,
+        };
+        let (sink, reader) = session(&link, &name, &state, json!({})).await?;
         Ok(Arc::new(Self {
             name,
             sink: tokio::sync::Mutex::new(sink),
             state,
             next_rid: AtomicU64::new(0),
+            link,
+            reader: Mutex::new(Some(reader)),
+            offline: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Goes offline: closes the connection and waits until its reader has stopped.
+    pub async fn go_offline(&self) {
+        self.offline.store(true, Ordering::SeqCst);
+        let _ = self.sink.lock().await.close().await;
+        let reader = self.reader.lock().expect("reader").take();
+        if let Some(reader) = reader {
+            if tokio::time::timeout(Duration::from_secs(5), reader)
+                .await
+                .is_err()
+            {
+                tracing::warn!(device = self.name, "reader did not stop after close");
+            }
+        }
+        self.state.lock().expect("device state").connected = false;
+    }
+
+    /// Comes back: reconnects presenting the cursors it holds, waits for the end of
+    /// catch-up (returning how long that took), then retries every unacknowledged send
+    /// with its original id.
+    pub async fn reconnect(&self) -> anyhow::Result<Duration> {
+        let started = std::time::Instant::now();
+        let cursors = self.state.lock().expect("device state").order.cursors();
+        let (sink, reader) = session(&self.link, &self.name, &self.state, json!(cursors)).await?;
+        let took = started.elapsed();
+        *self.sink.lock().await = sink;
+        *self.reader.lock().expect("reader") = Some(reader);
+        self.offline.store(false, Ordering::SeqCst);
+        let frames: Vec<String> = self
+            .state
+            .lock()
+            .expect("device state")
+            .pending
+            .values()
+            .map(|p| p.frame.clone())
+            .collect();
+        let mut sink = self.sink.lock().await;
+        for frame in frames {
+            sink.send(Message::Text(frame.into())).await?;
+        }
+        Ok(took)
     }
 
     /// Sends a message scheduled at `scheduled_us` without waiting for its ack.
@@ -194,32 +287,44 @@ impl Device {
         message_id: &str,
         text: &str,
         scheduled_us: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), SendError> {
+        if self.offline.load(Ordering::SeqCst) {
+            return Err(SendError::Offline);
+        }
         let rid = format!("s{}", self.next_rid.fetch_add(1, Ordering::Relaxed));
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
                 state.send_errors += 1;
-                bail!(
+                return Err(anyhow!(
                     "{}: {PENDING_SENDS_MAX} sends already waiting for acks",
                     self.name
-                );
+                )
+                .into());
             }
-            state.pending.insert(rid.clone(), Pending { scheduled_us });
+            let frame = json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
+            state.pending.insert(
+                rid.clone(),
+                Pending {
+                    scheduled_us,
+                    frame: frame.to_string(),
+                },
+            );
         }
-        let frame =
-            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
+        let frame = self.state.lock().expect("device state").pending[&rid]
+            .frame
+            .clone();
         let sent = self
             .sink
             .lock()
             .await
-            .send(Message::Text(frame.to_string().into()))
+            .send(Message::Text(frame.into()))
             .await;
         if let Err(e) = sent {
             let mut state = self.state.lock().expect("device state");
             state.pending.remove(&rid);
             state.send_errors += 1;
-            bail!("{}: {e}", self.name);
+            return Err(anyhow!("{}: {e}", self.name).into());
         }
         Ok(())
     }
@@ -304,10 +409,14 @@ async fn read_loop(
                     .and_then(|t| t.strip_prefix("lg:"))
                     .and_then(|t| t.split(':').next());
                 if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
-                    record_us(
-                        &mut stats.lock().expect("stats").delivery,
-                        now.saturating_sub(scheduled_us),
-                    );
+                    let mut stats = stats.lock().expect("stats");
+                    // Entries streamed before `caught_up` waited for this device to come back.
+                    let h = if ready.is_some() {
+                        &mut stats.delivery_caught_up
+                    } else {
+                        &mut stats.delivery
+                    };
+                    record_us(h, now.saturating_sub(scheduled_us));
                 }
             }
             (Some("caught_up"), _) => {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chatproof_server::auth::TokenKey;
+use futures_util::StreamExt as _;
 use goose::prelude::*;
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, Barrier};
@@ -53,6 +54,12 @@ pub struct Run {
     pub connect_failures: AtomicU64,
     /// Sends written to a socket.
     pub sent: AtomicU64,
+    /// Sends not made because the chosen device was offline (churn).
+    pub skipped_offline: AtomicU64,
+    /// Reconnect + catch-up time of devices coming back from churn, µs.
+    pub reconnect: Mutex<Histogram<u64>>,
+    /// Reconnects that failed.
+    pub reconnect_failures: AtomicU64,
     /// Sends due by the schedule.
     pub scheduled: AtomicU64,
     everyone_connected: Barrier,
@@ -90,6 +97,9 @@ impl Run {
             timeline: Mutex::new(Vec::new()),
             connect_failures: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            skipped_offline: AtomicU64::new(0),
+            reconnect: Mutex::new(latency_histogram()),
+            reconnect_failures: AtomicU64::new(0),
             scheduled: AtomicU64::new(0),
             everyone_connected: Barrier::new(drivers),
             go: tokio::sync::watch::Sender::new(false),
@@ -105,6 +115,9 @@ impl Run {
             let s = stats.lock().expect("stats");
             all.delivery.add(&s.delivery).expect("same bounds");
             all.ack.add(&s.ack).expect("same bounds");
+            all.delivery_caught_up
+                .add(&s.delivery_caught_up)
+                .expect("same bounds");
         }
         all
     }
@@ -278,11 +291,16 @@ async fn send_scheduled(user: &mut GooseUser) -> TransactionResult {
     let message_id = format!("{}-{}-{k}", run.run_id, d.index);
     let outcome = match sender {
         Some(device) => device.send(&conv, &message_id, &text, scheduled_us).await,
-        None => Err(anyhow::anyhow!("sender device is not connected")),
+        None => Err(crate::device::SendError::Failed(anyhow::anyhow!(
+            "sender device is not connected"
+        ))),
     };
     match outcome {
         Ok(()) => {
             run.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(crate::device::SendError::Offline) => {
+            run.skipped_offline.fetch_add(1, Ordering::Relaxed);
         }
         Err(e) => {
             let why = format!("{e:#}");
@@ -343,4 +361,67 @@ pub async fn run_goose(
         .execute()
         .await?;
     Ok(metrics)
+}
+
+/// Churn: a share of the devices goes offline together, stays away, and comes back
+/// presenting its cursors; each return is timed until catch-up ends.
+pub async fn churn(run: Arc<Run>) {
+    let Some(c) = run.scenario.churn.clone() else {
+        return;
+    };
+    // The schedule starts with the first due send.
+    while run.scheduled.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = tokio::time::Instant::now();
+    let end = start + Duration::from_secs(run.scenario.load.duration_secs);
+    let mut round = 0u64;
+    loop {
+        let wait = Duration::from_secs(if round == 0 { c.at_secs } else { c.every_secs });
+        // Every drop happens, and every device is back, within the measured period.
+        if tokio::time::Instant::now() + wait + Duration::from_secs(c.offline_secs) > end {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        let devices = run.devices.lock().expect("devices").clone();
+        let chosen: Vec<Arc<Device>> = devices
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                (mix(run.scenario.seed ^ 0xC0FFEE ^ (round << 32) ^ *i as u64) % 10_000) as f64
+                    / 10_000.0
+                    < c.share
+            })
+            .map(|(_, d)| d)
+            .collect();
+        eprintln!(
+            "churn: {} devices go offline for {} s",
+            chosen.len(),
+            c.offline_secs
+        );
+        futures_util::future::join_all(chosen.iter().map(|d| d.go_offline())).await;
+        tokio::time::sleep(Duration::from_secs(c.offline_secs)).await;
+        let back = futures_util::stream::iter(chosen)
+            .map(|d| {
+                let run = Arc::clone(&run);
+                async move {
+                    match d.reconnect().await {
+                        Ok(took) => record_us(
+                            &mut run.reconnect.lock().expect("histogram"),
+                            took.as_micros() as u64,
+                        ),
+                        Err(e) => {
+                            tracing::warn!(device = d.name, error = %e, "reconnect failed");
+                            run.reconnect_failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(256);
+        futures_util::StreamExt::collect::<Vec<()>>(back).await;
+        round += 1;
+        if c.every_secs == 0 {
+            return;
+        }
+    }
 }

@@ -295,6 +295,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             run_id,
         );
         let progress = tokio::spawn(progress(Arc::clone(&run)));
+        let churn = tokio::spawn(drive::churn(Arc::clone(&run)));
         let goose_report = out.join("goose.html");
         drive::run_goose(
             &run,
@@ -302,6 +303,8 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             &goose_report.to_string_lossy(),
         )
         .await?;
+        // Devices still offline when the schedule ends come back before the drain.
+        let _ = churn.await;
         settle(&run, drain).await;
         progress.abort();
         let usage_after = server.as_ref().and_then(ReferenceServer::usage);

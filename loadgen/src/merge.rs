@@ -31,6 +31,16 @@ pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
         ack: get("send_ack")?,
         connect: get("connect")?,
         lag: get("generator_lag")?,
+        reconnect: if raw.get("reconnect").is_some() {
+            get("reconnect")?
+        } else {
+            crate::metrics::latency_histogram()
+        },
+        caught_up: if raw.get("delivery_caught_up").is_some() {
+            get("delivery_caught_up")?
+        } else {
+            crate::metrics::latency_histogram()
+        },
     };
     Ok((summary, histograms))
 }
@@ -51,6 +61,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         h.ack.add(&oh.ack)?;
         h.connect.add(&oh.connect)?;
         h.lag.add(&oh.lag)?;
+        h.reconnect.add(&oh.reconnect)?;
+        h.caught_up.add(&oh.caught_up)?;
         let (c, o) = (&mut s.counts, &other.counts);
         c.scheduled += o.scheduled;
         c.sent += o.sent;
@@ -62,6 +74,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         c.devices_connected += o.devices_connected;
         c.devices_failed += o.devices_failed;
         c.devices_dropped += o.devices_dropped;
+        c.skipped_offline += o.skipped_offline;
+        c.reconnect_failures += o.reconnect_failures;
         s.violations.absorb(&other.violations);
         s.wall_secs = s.wall_secs.max(other.wall_secs);
         if !s.run_id.split('+').any(|id| id == other.run_id) {
@@ -88,6 +102,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
     s.latency.send_ack = summarize(&h.ack);
     s.latency.connect = summarize(&h.connect);
     s.latency.generator_lag = summarize(&h.lag);
+    s.latency.reconnect = summarize(&h.reconnect);
+    s.latency.delivery_caught_up = summarize(&h.caught_up);
     evaluate(&mut s);
     Ok((s, h))
 }

@@ -21,6 +21,9 @@ pub struct LatencyStats {
     pub delivery: Histogram<u64>,
     /// Scheduled send → ack at the sender, µs.
     pub ack: Histogram<u64>,
+    /// Scheduled send → receipt of messages that waited for an offline device (caught
+    /// up after a reconnect), µs; kept apart from the online delivery target.
+    pub delivery_caught_up: Histogram<u64>,
 }
 
 impl Default for LatencyStats {
@@ -28,6 +31,7 @@ impl Default for LatencyStats {
         Self {
             delivery: latency_histogram(),
             ack: latency_histogram(),
+            delivery_caught_up: latency_histogram(),
         }
     }
 }

@@ -52,6 +52,16 @@ pub struct Latencies {
     pub connect: LatencySummary,
     /// How late the generator itself sent versus the schedule.
     pub generator_lag: LatencySummary,
+    /// Churn: messages that waited for an offline device, scheduled send → receipt at catch-up.
+    #[serde(default = "empty_summary")]
+    pub delivery_caught_up: LatencySummary,
+    /// Churn: reconnect until the end of catch-up, per returning device.
+    #[serde(default = "empty_summary")]
+    pub reconnect: LatencySummary,
+}
+
+fn empty_summary() -> LatencySummary {
+    summarize(&crate::metrics::latency_histogram())
 }
 
 /// Message counts of a run.
@@ -77,6 +87,12 @@ pub struct Counts {
     pub devices_failed: u64,
     /// Connected devices whose connection ended before the end of the run.
     pub devices_dropped: u64,
+    /// Sends skipped because the chosen device was offline (churn).
+    #[serde(default)]
+    pub skipped_offline: u64,
+    /// Devices that could not reconnect after churn.
+    #[serde(default)]
+    pub reconnect_failures: u64,
 }
 
 /// What the reference server used during the run (only when the generator started it).
@@ -146,7 +162,7 @@ pub fn summarize_run(
     let reference_server = usage.is_some();
     let devices = run.devices.lock().expect("devices").clone();
     let merged = run.merged_stats();
-    let (delivery, ack) = (merged.delivery, merged.ack);
+    let (delivery, ack, caught_up) = (merged.delivery, merged.ack, merged.delivery_caught_up);
     let mut violations = Violations::default();
     let mut counts = Counts {
         devices_planned: run.users.len() as u64
@@ -159,6 +175,12 @@ pub fn summarize_run(
         .load(std::sync::atomic::Ordering::Relaxed);
     counts.scheduled = run.scheduled.load(std::sync::atomic::Ordering::Relaxed);
     counts.sent = run.sent.load(std::sync::atomic::Ordering::Relaxed);
+    counts.skipped_offline = run
+        .skipped_offline
+        .load(std::sync::atomic::Ordering::Relaxed);
+    counts.reconnect_failures = run
+        .reconnect_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut acked: Vec<(String, u64)> = Vec::new();
     for device in &devices {
         let s = device.state.lock().expect("device state");
@@ -200,7 +222,10 @@ pub fn summarize_run(
         send_ack: summarize(&ack),
         connect: summarize(&connect),
         generator_lag: summarize(&lag),
+        reconnect: summarize(&run.reconnect.lock().expect("histogram")),
+        delivery_caught_up: summarize(&caught_up),
     };
+    let reconnect = run.reconnect.lock().expect("histogram").clone();
     let mut summary = Summary {
         scenario: run.scenario.name.clone(),
         run_id: run.run_id.clone(),
@@ -230,6 +255,8 @@ pub fn summarize_run(
             ack,
             connect,
             lag,
+            reconnect,
+            caught_up,
         },
     )
 }
@@ -288,6 +315,12 @@ pub fn evaluate(s: &mut Summary) {
             s.counts.devices_failed, s.counts.devices_planned
         ));
     }
+    if s.counts.reconnect_failures > 0 {
+        s.invalid_reasons.push(format!(
+            "{} devices could not reconnect after churn",
+            s.counts.reconnect_failures
+        ));
+    }
     if s.counts.acked == 0 {
         s.invalid_reasons.push("no message was acknowledged".into());
     }
@@ -317,6 +350,10 @@ pub struct Histograms {
     pub connect: hdrhistogram::Histogram<u64>,
     /// Generator lag, µs.
     pub lag: hdrhistogram::Histogram<u64>,
+    /// Reconnect + catch-up after churn, µs.
+    pub reconnect: hdrhistogram::Histogram<u64>,
+    /// Deliveries that waited for an offline device, µs.
+    pub caught_up: hdrhistogram::Histogram<u64>,
 }
 
 /// The soft open-file limit of this process, from `/proc/self/limits`.
@@ -344,6 +381,8 @@ pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()
         "send_ack": crate::metrics::encode(&h.ack),
         "connect": crate::metrics::encode(&h.connect),
         "generator_lag": crate::metrics::encode(&h.lag),
+        "reconnect": crate::metrics::encode(&h.reconnect),
+        "delivery_caught_up": crate::metrics::encode(&h.caught_up),
     });
     std::fs::write(
         dir.join("histograms.json"),
@@ -385,10 +424,18 @@ fn markdown(s: &Summary) -> String {
     }
     md.push_str("\n## Latency (ms)\n\n| | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n");
     for (name, l) in [
-        ("delivery (scheduled send → recipient)", &s.latency.delivery),
+        (
+            "delivery to online devices (scheduled send → recipient)",
+            &s.latency.delivery,
+        ),
         ("send → ack", &s.latency.send_ack),
         ("connect + catch-up", &s.latency.connect),
         ("generator lag", &s.latency.generator_lag),
+        ("reconnect + catch-up (churn)", &s.latency.reconnect),
+        (
+            "delivery after coming back online (churn)",
+            &s.latency.delivery_caught_up,
+        ),
     ] {
         md.push_str(&format!(
             "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
@@ -397,8 +444,8 @@ fn markdown(s: &Summary) -> String {
     }
     let c = &s.counts;
     md.push_str(&format!(
-        "\n## Counts\n\n- devices: {} planned, {} connected, {} failed, {} dropped during the run\n- messages: {} scheduled, {} sent, {} acknowledged, {} refused\n- deliveries: {} of {} expected\n",
-        c.devices_planned, c.devices_connected, c.devices_failed, c.devices_dropped, c.scheduled, c.sent, c.acked, c.send_errors, c.deliveries_received, c.deliveries_expected
+        "\n## Counts\n\n- devices: {} planned, {} connected, {} failed, {} dropped during the run\n- messages: {} scheduled, {} sent, {} acknowledged, {} refused, {} skipped (device offline)\n- deliveries: {} of {} expected\n",
+        c.devices_planned, c.devices_connected, c.devices_failed, c.devices_dropped, c.scheduled, c.sent, c.acked, c.send_errors, c.skipped_offline, c.deliveries_received, c.deliveries_expected
     ));
     if let Some(u) = &s.server_usage {
         md.push_str(&format!(

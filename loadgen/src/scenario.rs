@@ -22,6 +22,9 @@ pub struct Scenario {
     /// What must hold; any miss makes the exit status non-zero.
     #[serde(default)]
     pub slo: Slo,
+    /// Devices dropping off and coming back during the run.
+    #[serde(default)]
+    pub churn: Option<Churn>,
     /// The full-scale design point this scenario is a slice of (for `plan`).
     #[serde(default)]
     pub design: Option<crate::plan::Design>,
@@ -77,6 +80,21 @@ fn default_drivers() -> u32 {
 }
 fn default_drain_secs() -> u64 {
     5
+}
+
+/// Churn: a share of the devices goes offline at once and comes back with its cursors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Churn {
+    /// Share of devices that drop, 0..=1.
+    pub share: f64,
+    /// Seconds after the schedule starts that the first drop happens.
+    pub at_secs: u64,
+    /// Seconds the devices stay offline (their messages queue on the server).
+    pub offline_secs: u64,
+    /// Seconds between further drops (0: only once).
+    #[serde(default)]
+    pub every_secs: u64,
 }
 
 /// Targets; defaults: delivery p99 < 500 ms, nothing lost.
