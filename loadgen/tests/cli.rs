@@ -39,6 +39,34 @@ fn loadgen(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Writes scenario `text` (named `name`), runs it with `extra` flags, and returns the
+/// temporary directory (keep it alive), the exit status and the report directory.
+fn run_text(
+    name: &str,
+    text: &str,
+    extra: &[&str],
+) -> (tempfile::TempDir, std::process::ExitStatus, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    let out = tmp.path().join("reports");
+    let mut args = vec![
+        "run",
+        path.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let status = loadgen(&args).status;
+    let report = std::fs::read_dir(out.join(name))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    (tmp, status, report)
+}
+
 fn summary(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
 }
@@ -144,21 +172,9 @@ fn tiny_scenario_reports_and_gates() {
 /// counts every device and message once and checks every delivery.
 #[test]
 fn workers_share_one_schedule() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("pairs.toml");
     let text = "# Even groups so that workers own whole groups.\nname = \"pairs\"\n[population]\nusers = 8\ndevices_per_user = 2\ngroup_size = 2\n\
                 [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
-    std::fs::write(&path, text).unwrap();
-    let out = tmp.path().join("reports");
-    let p = path.to_str().unwrap();
-    let o = out.to_str().unwrap();
-    let status = loadgen(&["run", p, "--workers", "2", "--out-dir", o]).status;
-    let report = std::fs::read_dir(out.join("pairs"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let (_tmp, status, report) = run_text("pairs", text, &["--workers", "2"]);
     let s = summary(&report);
     assert_eq!(status.code(), Some(0), "{s:#}");
     assert_eq!(s["counts"]["devices_planned"], 16);
@@ -175,26 +191,10 @@ fn workers_share_one_schedule() {
 /// nothing lost, and what waited for them is reported apart from online delivery.
 #[test]
 fn churned_devices_catch_up_without_loss() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("churn.toml");
     let text = "# Devices drop and return.\nname = \"churn\"\n[population]\nusers = 12\ndevices_per_user = 2\ngroup_size = 4\n\
                 [load]\nduration_secs = 5\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
                 [slo]\ngenerator_lag_p99_ms = 1000\n[churn]\nshare = 0.5\nat_secs = 1\noffline_secs = 2\n";
-    std::fs::write(&path, text).unwrap();
-    let out = tmp.path().join("reports");
-    let status = loadgen(&[
-        "run",
-        path.to_str().unwrap(),
-        "--out-dir",
-        out.to_str().unwrap(),
-    ])
-    .status;
-    let report = std::fs::read_dir(out.join("churn"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let (_tmp, status, report) = run_text("churn", text, &[]);
     let s = summary(&report);
     assert_eq!(status.code(), Some(0), "{s:#}");
     let returned = s["latency"]["reconnect"]["count"].as_u64().unwrap();
