@@ -292,6 +292,9 @@ impl Device {
             return Err(SendError::Offline);
         }
         let rid = format!("s{}", self.next_rid.fetch_add(1, Ordering::Relaxed));
+        let frame =
+            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text})
+                .to_string();
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
@@ -302,18 +305,12 @@ impl Device {
                 )
                 .into());
             }
-            let frame = json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
-            state.pending.insert(
-                rid.clone(),
-                Pending {
-                    scheduled_us,
-                    frame: frame.to_string(),
-                },
-            );
+            let pending = Pending {
+                scheduled_us,
+                frame: frame.clone(),
+            };
+            state.pending.insert(rid.clone(), pending);
         }
-        let frame = self.state.lock().expect("device state").pending[&rid]
-            .frame
-            .clone();
         let sent = self
             .sink
             .lock()

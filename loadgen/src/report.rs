@@ -193,16 +193,27 @@ pub fn summarize_run(
     // Lost: every acknowledged message must be held by every connected device of every member.
     let by_conv: std::collections::HashMap<&str, &crate::world::Conv> =
         run.world.convs.iter().map(|c| (c.id.as_str(), c)).collect();
-    let device_of_user = |name: &str| name.split('/').next().unwrap_or_default().to_owned();
+    // Each device's user, indexed once rather than scanned per acknowledged message.
+    let mut devices_of_user: std::collections::HashMap<
+        &str,
+        Vec<&std::sync::Arc<crate::device::Device>>,
+    > = std::collections::HashMap::new();
+    for device in &devices {
+        let user = device.name.split('/').next().unwrap_or_default();
+        devices_of_user.entry(user).or_default().push(device);
+    }
+    let user_ids: Vec<String> = (0..run.world.user_count())
+        .map(|u| run.world.user_id(u))
+        .collect();
     for (conv, seq) in &acked {
         let Some(c) = by_conv.get(conv.as_str()) else {
             continue;
         };
-        let member_ids: Vec<String> = c.members.iter().map(|u| run.world.user_id(*u)).collect();
-        for device in devices
+        let members = c
+            .members
             .iter()
-            .filter(|d| member_ids.contains(&device_of_user(&d.name)))
-        {
+            .flat_map(|u| devices_of_user.get(user_ids[*u as usize].as_str()));
+        for device in members.flatten() {
             counts.deliveries_expected += 1;
             if device.state.lock().expect("device state").holds(conv, *seq) {
                 counts.deliveries_received += 1;

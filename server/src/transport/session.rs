@@ -386,7 +386,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if entry.seq < next || entry.seq > self.stream.visible_until(&entry.conv).unwrap_or(0) {
             return Ok(());
         }
-        let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::new(entry.clone())).to_json());
+        let entry = Arc::new(entry);
+        let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
         self.write_entry(&entry, frame, flush).await
     }
 
