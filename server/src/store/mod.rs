@@ -5,6 +5,8 @@
 //! seqs atomically with the write, so a seq exists only if its entry is durable.
 
 pub mod embedded;
+#[cfg(not(madsim))]
+pub mod scylla;
 
 use std::sync::Arc;
 
