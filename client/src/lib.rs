@@ -130,6 +130,11 @@ impl Client {
         }
     }
 
+    /// An event already received (while waiting for replies), without waiting for more.
+    pub fn try_next_event(&mut self) -> Option<Value> {
+        self.events.pop_front()
+    }
+
     /// Events until one matches `pred` (inclusive); fails after `wait`.
     pub async fn events_until(
         &mut self,

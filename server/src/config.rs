@@ -30,6 +30,38 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where conversations are stored and how servers find each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// One server, embedded storage in the data directory; no service needed.
+    Embedded,
+    /// Many stateless servers sharing Scylla/Cassandra (storage) and Redis (registry, routing).
+    Cluster,
+}
+
+/// Flags of the cluster backend (`--backend cluster`).
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Scylla/Cassandra contact points, comma-separated `host:port`.
+    #[arg(long, env = "CHATPROOF_SCYLLA_NODES", value_delimiter = ',')]
+    pub scylla_nodes: Vec<String>,
+    /// Keyspace (created with the schema if missing).
+    #[arg(long, env = "CHATPROOF_SCYLLA_KEYSPACE", default_value = "chatproof")]
+    pub scylla_keyspace: String,
+    /// Replication factor of a keyspace this server creates (NetworkTopologyStrategy; use 3 in production).
+    #[arg(long, env = "CHATPROOF_SCYLLA_REPLICATION_FACTOR", default_value_t = 1)]
+    pub scylla_replication_factor: u32,
+    /// Redis URL of the connection registry and routing, e.g. `redis://127.0.0.1:6379/`.
+    #[arg(long, env = "CHATPROOF_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// This server's id in the registry; unique among live servers. Default: `HOST:PORT-PID` of --listen.
+    #[arg(long, env = "CHATPROOF_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Seconds a server that stopped heartbeating stays routable (it heartbeats every third of it).
+    #[arg(long, env = "CHATPROOF_REGISTRY_TTL_SECS", default_value_t = 10)]
+    pub registry_ttl_secs: u64,
+}
+
 /// Flags of `chatproof-server serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -38,6 +70,11 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// Storage and routing: `embedded` (one node) or `cluster` (Scylla + Redis; needs --secret shared by all servers).
+    #[arg(long, env = "CHATPROOF_BACKEND", value_enum, default_value_t = Backend::Embedded)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Largest text message, in bytes.
     #[arg(long, env = "CHATPROOF_TEXT_MAX_BYTES", default_value_t = crate::limits::TEXT_LEN_MAX_BYTES_DEFAULT)]
     pub text_max_bytes: usize,

@@ -23,6 +23,9 @@ pub enum Push {
     Frame(Utf8Bytes),
     /// Close the session with this error.
     Close(ProtocolError),
+    /// Live events may have been lost (the cluster fabric was interrupted):
+    /// re-read every conversation and deliver what is missing.
+    Resync,
 }
 
 struct DeviceSlot {
@@ -111,6 +114,36 @@ impl Hub {
             }
         }
         queued
+    }
+
+    /// Every connected `(user, device)`.
+    pub fn devices(&self) -> Vec<(String, String)> {
+        let users = self.users.lock().expect("hub lock");
+        users
+            .iter()
+            .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), s.device.clone())))
+            .collect()
+    }
+
+    /// Queues `push` for every connected device; returns how many got it.
+    pub fn publish_everyone(&self, push: &Push) -> usize {
+        let users: Vec<String> = self
+            .users
+            .lock()
+            .expect("hub lock")
+            .keys()
+            .cloned()
+            .collect();
+        self.publish(&users, push)
+    }
+
+    /// Whether `device` of `user` is connected here.
+    pub fn device_online(&self, user: &str, device: &str) -> bool {
+        self.users
+            .lock()
+            .expect("hub lock")
+            .get(user)
+            .is_some_and(|slots| slots.iter().any(|s| s.device == device))
     }
 
     /// Number of connected devices of `user`.

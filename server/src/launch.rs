@@ -1,4 +1,4 @@
-//! Starting a complete single-node server on embedded storage from [`ServeArgs`]:
+//! Starting a complete server from [`ServeArgs`] on the configured backends:
 //! shared by `chatproof-server serve` and the load generator's reference server.
 
 use std::future::Future;
@@ -6,9 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::clock::SystemClock;
-use crate::config::ServeArgs;
+#[cfg(not(madsim))]
+use crate::cluster::redis::{RedisConfig, RedisFabric};
+use crate::config::{Backend, ServeArgs};
 use crate::service::ChatService;
 use crate::store::embedded::EmbeddedStore;
+#[cfg(not(madsim))]
+use crate::store::scylla::{ScyllaConfig, ScyllaStore};
+use crate::store::Store;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +29,9 @@ pub enum LaunchError {
         /// The underlying error.
         why: String,
     },
+    /// A backend service (Scylla/Cassandra, Redis) is unreachable or refused us.
+    #[error("{0}")]
+    Backend(String),
     /// The listen address could not be bound.
     #[error("binding {addr}: {why}")]
     Bind {
@@ -34,26 +42,44 @@ pub enum LaunchError {
     },
 }
 
-/// Opens the store, binds the listener, calls `on_ready` with the bound address,
-/// and serves until `shutdown` resolves (then drains).
-pub async fn serve_embedded(
+/// Opens the configured backends, binds the listener, calls `on_ready` with the
+/// bound address, and serves until `shutdown` resolves (then drains).
+///
+/// An unreachable or misconfigured backend stops start-up with an error naming it.
+pub async fn serve(
     args: &ServeArgs,
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), LaunchError> {
     let limits = args.limits().map_err(LaunchError::Config)?;
-    let key = args.storage.token_key().map_err(LaunchError::Config)?;
-    let dir = &args.storage.data_dir;
-    let store = EmbeddedStore::open(dir).map_err(|e| LaunchError::Store {
-        dir: dir.display().to_string(),
-        why: e.to_string(),
-    })?;
-    let service = Arc::new(ChatService::new(
-        Arc::new(store),
-        Arc::new(SystemClock),
-        limits,
-        key,
-    ));
+    let (store, key): (Arc<dyn Store>, _) = match args.backend {
+        Backend::Embedded => {
+            let key = args.storage.token_key().map_err(LaunchError::Config)?;
+            let dir = &args.storage.data_dir;
+            let store = EmbeddedStore::open(dir).map_err(|e| LaunchError::Store {
+                dir: dir.display().to_string(),
+                why: e.to_string(),
+            })?;
+            (Arc::new(store), key)
+        }
+        #[cfg(not(madsim))]
+        Backend::Cluster => {
+            let key = cluster_token_key(args)?;
+            let config = scylla_config(args, &limits)?;
+            let store = ScyllaStore::connect(&config)
+                .await
+                .map_err(|e| LaunchError::Backend(e.to_string()))?;
+            (Arc::new(store), key)
+        }
+        #[cfg(madsim)]
+        Backend::Cluster => {
+            return Err(LaunchError::Config(
+                "the cluster backend does not run under the simulator".into(),
+            ))
+        }
+    };
+    #[cfg_attr(madsim, allow(unused_mut))]
+    let mut service = ChatService::new(store, Arc::new(SystemClock), limits, key);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| LaunchError::Bind {
@@ -64,9 +90,97 @@ pub async fn serve_embedded(
         addr: args.listen,
         why: e.to_string(),
     })?;
-    tracing::info!(listen = %local, data_dir = %dir.display(), "chatproof-server ready");
+    #[cfg(not(madsim))]
+    if args.backend == Backend::Cluster {
+        let config = redis_config(args, local)?;
+        let fabric = RedisFabric::start(
+            config,
+            Arc::clone(&service.hub),
+            service.metrics.fabric.clone(),
+        )
+        .await
+        .map_err(|e| LaunchError::Backend(e.to_string()))?;
+        service.fabric = Some(fabric);
+    }
+    let service = Arc::new(service);
+    tracing::info!(listen = %local, backend = ?args.backend, "chatproof-server ready");
     on_ready(local);
     crate::run(listener, service, shutdown).await;
     tracing::info!("chatproof-server stopped");
     Ok(())
+}
+
+/// [`serve`] on the embedded backend whatever `args.backend` says (the load
+/// generator's reference server).
+pub async fn serve_embedded(
+    args: &ServeArgs,
+    on_ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), LaunchError> {
+    let args = ServeArgs {
+        backend: Backend::Embedded,
+        ..args.clone()
+    };
+    serve(&args, on_ready, shutdown).await
+}
+
+#[cfg(not(madsim))]
+fn cluster_token_key(args: &ServeArgs) -> Result<crate::auth::TokenKey, LaunchError> {
+    match &args.storage.secret {
+        Some(secret) => crate::auth::TokenKey::new(secret.as_bytes()).map_err(LaunchError::Config),
+        None => Err(LaunchError::Config(
+            "--backend cluster needs --secret (CHATPROOF_SECRET), the same on every server, so a token minted for one is accepted by all".into(),
+        )),
+    }
+}
+
+#[cfg(not(madsim))]
+fn scylla_config(
+    args: &ServeArgs,
+    limits: &crate::limits::Limits,
+) -> Result<ScyllaConfig, LaunchError> {
+    let c = &args.cluster;
+    if c.scylla_nodes.iter().all(|n| n.trim().is_empty()) {
+        return Err(LaunchError::Config(
+            "--backend cluster needs --scylla-nodes (CHATPROOF_SCYLLA_NODES), e.g. 127.0.0.1:9042"
+                .into(),
+        ));
+    }
+    if c.scylla_replication_factor == 0 {
+        return Err(LaunchError::Config(
+            "--scylla-replication-factor must be at least 1".into(),
+        ));
+    }
+    let mut config =
+        ScyllaConfig::single_node(c.scylla_nodes.clone(), &c.scylla_keyspace, limits.retention);
+    config.replication = format!(
+        "{{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
+        c.scylla_replication_factor
+    );
+    Ok(config)
+}
+
+#[cfg(not(madsim))]
+fn redis_config(args: &ServeArgs, local: SocketAddr) -> Result<RedisConfig, LaunchError> {
+    let c = &args.cluster;
+    let Some(url) = c.redis_url.clone() else {
+        return Err(LaunchError::Config(
+            "--backend cluster needs --redis-url (CHATPROOF_REDIS_URL), e.g. redis://127.0.0.1:6379/".into(),
+        ));
+    };
+    if c.registry_ttl_secs < 3 {
+        return Err(LaunchError::Config(
+            "--registry-ttl-secs must be at least 3".into(),
+        ));
+    }
+    let server_id = c
+        .server_id
+        .clone()
+        .unwrap_or_else(|| format!("{local}-{}", std::process::id()));
+    Ok(RedisConfig {
+        url,
+        server_id,
+        ttl: std::time::Duration::from_secs(c.registry_ttl_secs),
+        prefix: "cp:".into(),
+    })
 }

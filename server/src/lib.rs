@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod hub;

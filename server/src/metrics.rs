@@ -24,6 +24,21 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Durable append time (group commit included), seconds.
     pub store_append_latency: Histogram,
+    /// Cross-server routing (cluster mode only).
+    pub fabric: FabricCounters,
+}
+
+/// Counters of the cluster fabric; clones share their values.
+#[derive(Debug, Clone, Default)]
+pub struct FabricCounters {
+    /// Events published to other servers (one per receiving server).
+    pub forwarded: Counter,
+    /// Events not forwarded (too many in flight, or the registry failed); filled from the store later.
+    pub dropped: Counter,
+    /// Events received from other servers.
+    pub received: Counter,
+    /// Times every local session was told to re-read its conversations.
+    pub resyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -67,7 +82,29 @@ impl Default for Metrics {
             "Durable append, group commit included",
             store_append_latency.clone(),
         );
+        let fabric = FabricCounters::default();
+        registry.register(
+            "fabric_forwarded",
+            "Events published to other servers",
+            fabric.forwarded.clone(),
+        );
+        registry.register(
+            "fabric_dropped",
+            "Events not forwarded to other servers (filled from the store later)",
+            fabric.dropped.clone(),
+        );
+        registry.register(
+            "fabric_received",
+            "Events received from other servers",
+            fabric.received.clone(),
+        );
+        registry.register(
+            "fabric_resyncs",
+            "Times every local session re-read its conversations after a fabric interruption",
+            fabric.resyncs.clone(),
+        );
         Self {
+            fabric,
             registry,
             connections,
             messages_in,

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::TokenKey;
 use crate::clock::Clock;
+use crate::cluster::{Fabric, Routed};
 use crate::domain::{Cursor, GroupChange};
 use crate::hub::{Hub, Push};
 use crate::limits::Limits;
@@ -46,6 +47,8 @@ pub struct ChatService {
     pub metrics: Metrics,
     /// Token verification.
     pub tokens: TokenKey,
+    /// Registry and routing to other servers (cluster mode); `None` on one node.
+    pub fabric: Option<Arc<dyn Fabric>>,
     group_ids_minted: AtomicU64,
     boot_ms: u64,
 }
@@ -79,15 +82,21 @@ impl ChatService {
             limits,
             metrics: Metrics::default(),
             tokens,
+            fabric: None,
             group_ids_minted: AtomicU64::new(0),
             boot_ms,
         }
     }
 
-    /// Fans a new entry out to its recipients' connected devices (serialized once).
+    /// Fans an entry out to its recipients' connected devices (serialized once),
+    /// here and, in a cluster, on other servers.
+    ///
+    /// Retries are published again: the first attempt may have been sequenced by a
+    /// server that died before publishing. Device streams drop what they already have.
     pub fn publish(&self, appended: &Appended) {
-        if appended.duplicate {
-            return;
+        if let Some(fabric) = &self.fabric {
+            let event = Routed::Entry(Arc::clone(&appended.entry));
+            fabric.forward(Arc::clone(&appended.recipients), event);
         }
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
         let push = Push::Entry(Arc::clone(&appended.entry), frame);
@@ -255,8 +264,8 @@ impl ChatService {
             self.metrics.messages_duplicate.inc();
         } else {
             self.metrics.messages_in.inc();
-            self.publish(&appended);
         }
+        self.publish(&appended);
         let e = &appended.entry;
         Ok(json!({
             "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
@@ -334,6 +343,9 @@ impl ChatService {
             all_read: all.map(|c| c.read),
         };
         let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt).to_json());
+        if let Some(fabric) = &self.fabric {
+            fabric.forward(targets.clone().into(), Routed::Frame(frame.clone()));
+        }
         self.hub.publish(&targets, &Push::Frame(frame));
         Ok(())
     }

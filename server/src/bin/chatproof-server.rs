@@ -54,7 +54,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(chatproof_server::launch::serve_embedded(
+    runtime.block_on(chatproof_server::launch::serve(
         &args,
         |local| println!("listening on {local}"),
         shutdown_signal(),

@@ -143,6 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Some(Push::Close(err)) => break End::Error(err),
                         Some(Push::Frame(frame)) => self.ws.send(Message::Text(frame)).await,
                         Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await,
+                        Some(Push::Resync) => { self.resync().await; Ok(()) }
                     };
                     if let Err(e) = result { break End::Transport(e) }
                 }
@@ -156,7 +157,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         if let (Some(caller), Some((conn, _))) = (&self.caller, &self.hub_rx) {
-            self.service.hub.unregister(&caller.user, *conn);
+            let hub = &self.service.hub;
+            hub.unregister(&caller.user, *conn);
+            if let Some(fabric) = &self.service.fabric {
+                if !hub.device_online(&caller.user, &caller.device) {
+                    fabric.device_disconnected(&caller.user, &caller.device);
+                }
+            }
         }
         end
     }
@@ -267,6 +274,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &caller.device,
             svc.limits.device_queue_len_max,
         );
+        if let Some(fabric) = &svc.fabric {
+            // Other servers must route to this device before its catch-up reads the store.
+            if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
+                tracing::error!(error = %e, "cannot register the device in the cluster");
+                svc.hub.unregister(&caller.user, conn);
+                let err = ProtocolError::new(
+                    ErrorCode::Internal,
+                    "the cluster registry is unavailable; retry hello",
+                );
+                return self.reply_error(Some(rid), err).await.map(|()| None);
+            }
+        }
         let started = self.start_streams(&caller, &hello.cursors).await;
         let states = match started {
             Ok(states) => states,
@@ -457,6 +476,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             StreamStep::Duplicate | StreamStep::NotVisible => Ok(()),
             StreamStep::Fill { from, to } => self.fill(&entry.conv, from, to).await,
             StreamStep::Unknown => unreachable!("stream was just started"),
+        }
+    }
+
+    /// Live events may have been lost: queue catch-up for every conversation the
+    /// store holds more of than this device received, new ones included.
+    async fn resync(&mut self) {
+        let Some(caller) = self.caller.clone() else {
+            return;
+        };
+        let svc = Arc::clone(&self.service);
+        let states = match svc.conversations(&caller).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::error!(error = %e, "resync failed; the next push or reconnect fills the gap");
+                return;
+            }
+        };
+        for state in &states {
+            let conv = &state.record.id;
+            if self.stream.next_seq(conv).is_none() {
+                let Ok(m) = state.record.require_reader(&caller.user) else {
+                    continue;
+                };
+                match svc.stream_start(&caller, state, None, false).await {
+                    Ok(start) => self.stream.start(conv, start, m.visible_until()),
+                    Err(e) => {
+                        tracing::error!(conv, error = %e, "cannot start a stream on resync");
+                        continue;
+                    }
+                }
+            }
+        }
+        let last_seqs: Vec<(String, u64)> = states
+            .iter()
+            .map(|s| (s.record.id.clone(), s.last_seq))
+            .collect();
+        let behind: Vec<String> = self.stream.behind(&last_seqs).map(str::to_owned).collect();
+        for conv in behind {
+            if !self.catch_up.contains(&conv) {
+                self.catch_up.push_back(conv);
+            }
         }
     }
 

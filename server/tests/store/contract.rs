@@ -105,6 +105,14 @@ pub async fn sequences_without_holes_and_reads_both_ways(stores: &[Arc<dyn Store
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
     let capped = store.read_after(&conv, 10, 12, 100).await.expect("until");
     assert_eq!(capped.iter().map(|e| e.seq).collect::<Vec<_>>(), [11, 12]);
+    let open_ended = store.read_after(&conv, 10, u64::MAX, 100).await;
+    let open_ended = open_ended.expect("streams read until u64::MAX");
+    assert_eq!(
+        open_ended.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [11, 12, 13]
+    );
+    let from_top = store.read_before(&conv, u64::MAX, 2).await.expect("top");
+    assert_eq!(from_top.iter().map(|e| e.seq).collect::<Vec<_>>(), [12, 13]);
     let newest = store.read_before(&conv, 14, 3).await.expect("before");
     assert_eq!(
         newest.iter().map(|e| e.seq).collect::<Vec<_>>(),

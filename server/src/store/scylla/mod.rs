@@ -728,6 +728,8 @@ impl Store for ScyllaStore {
         until: u64,
         limit: u32,
     ) -> Result<Vec<Entry>, StoreError> {
+        // Streams of current members read "until forever" (u64::MAX).
+        let until = until.min(i64::MAX as u64);
         if after >= until || limit == 0 {
             return Ok(Vec::new());
         }
@@ -771,6 +773,7 @@ impl Store for ScyllaStore {
         before: u64,
         limit: u32,
     ) -> Result<Vec<Entry>, StoreError> {
+        let before = before.min(i64::MAX as u64);
         if before <= 1 || limit == 0 {
             return Ok(Vec::new());
         }

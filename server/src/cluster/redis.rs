@@ -1,0 +1,332 @@
+//! The [`Fabric`] on Redis: a connection registry in hashes, server liveness by
+//! heartbeat keys with a TTL, and routing over pub/sub.
+//!
+//! Keys (all under the configured prefix, default `cp:`):
+//! - `dev:{user}`: hash, device → id of the server holding its connection.
+//! - `srv:{server}`: exists while the server is alive; set every TTL/3 with
+//!   expiry TTL, so a crashed server's entries stop being routed to within TTL.
+//! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
+//!
+//! Why pub/sub rather than streams: the store is the source of truth and every
+//! device stream fills gaps from it, so routing needs no backlog, no consumer
+//! groups and no trimming, only the lowest latency. Pub/sub loses messages
+//! only when a subscriber's connection drops; this server then resubscribes,
+//! re-registers its devices and tells every local session to re-read its
+//! conversations, so what was lost is delivered from the store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use tokio::sync::Semaphore;
+
+use super::{Envelope, Fabric, FabricError, Routed};
+use crate::hub::{Hub, Push};
+use crate::metrics::FabricCounters;
+
+/// Most forwards in flight at once; beyond it events are dropped (and counted).
+const FORWARDS_IN_FLIGHT_MAX: usize = 4096;
+
+/// Deletes a registry field only if it still names this server.
+const FORGET_DEVICE_LUA: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0";
+
+/// How to reach Redis and name this server.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// This server's id: unique among live servers.
+    pub server_id: String,
+    /// How long a silent server stays routable.
+    pub ttl: Duration,
+    /// Prefix of every key and channel.
+    pub prefix: String,
+}
+
+/// The Redis-backed [`Fabric`]; clones share connections and counters.
+#[derive(Clone)]
+pub struct RedisFabric {
+    config: RedisConfig,
+    conn: ConnectionManager,
+    forgetter: redis::Script,
+    in_flight: Arc<Semaphore>,
+    counters: FabricCounters,
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> FabricError {
+    FabricError(format!("{what}: {e}"))
+}
+
+impl RedisFabric {
+    /// Connects, announces this server, and starts the heartbeat and the subscriber.
+    ///
+    /// Fails with a message naming the URL when Redis cannot be reached.
+    pub async fn start(
+        config: RedisConfig,
+        hub: Arc<Hub>,
+        counters: FabricCounters,
+    ) -> Result<Arc<Self>, FabricError> {
+        assert!(
+            config.ttl >= Duration::from_secs(1),
+            "registry TTL below 1 s"
+        );
+        let url = config.url.clone();
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| fail(&format!("invalid Redis URL {url:?}"), e))?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(3)))
+            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(2);
+        let mut conn = client
+            .get_connection_manager_with_config(manager_config)
+            .await
+            .map_err(|e| fail(&format!("cannot connect to Redis at {url}"), e))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail(&format!("Redis at {url} does not answer PING"), e))?;
+        let fabric = Arc::new(Self {
+            config,
+            conn,
+            forgetter: redis::Script::new(FORGET_DEVICE_LUA),
+            in_flight: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
+            counters,
+        });
+        fabric.heartbeat_once().await?;
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(Arc::clone(&fabric).heartbeat_loop());
+        tokio::spawn(Arc::clone(&fabric).subscriber_loop(client, hub, subscribed_tx));
+        let _ = tokio::time::timeout(Duration::from_secs(5), subscribed_rx).await;
+        tracing::info!(
+            server_id = fabric.config.server_id,
+            redis = url,
+            "joined the cluster"
+        );
+        Ok(fabric)
+    }
+
+    fn device_key(&self, user: &str) -> String {
+        format!("{}dev:{user}", self.config.prefix)
+    }
+
+    fn alive_key(&self, server: &str) -> String {
+        format!("{}srv:{server}", self.config.prefix)
+    }
+
+    fn channel(&self, server: &str) -> String {
+        format!("{}to:{server}", self.config.prefix)
+    }
+
+    async fn heartbeat_once(&self) -> Result<(), FabricError> {
+        let ttl_ms = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
+        let key = self.alive_key(&self.config.server_id);
+        let mut conn = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(&key)
+            .arg("1")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail("heartbeat", e))?;
+        Ok(())
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut every = tokio::time::interval(self.config.ttl / 3);
+        loop {
+            every.tick().await;
+            if let Err(e) = self.heartbeat_once().await {
+                tracing::warn!(error = %e, "registry heartbeat failed; retrying");
+            }
+        }
+    }
+
+    /// Receives events for this server; after every (re)subscription but the
+    /// first, re-registers local devices and tells every session to resync.
+    async fn subscriber_loop(
+        self: Arc<Self>,
+        client: redis::Client,
+        hub: Arc<Hub>,
+        subscribed: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let channel = self.channel(&self.config.server_id);
+        let mut subscribed = Some(subscribed);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let pubsub = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            let mut pubsub = match pubsub.await {
+                Ok(pubsub) => pubsub,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {channel}; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            if let Some(first) = subscribed.take() {
+                let _ = first.send(());
+            } else {
+                self.recover(&hub).await;
+            }
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                let Ok(payload) = msg.get_payload::<Vec<u8>>() else {
+                    continue;
+                };
+                match serde_json::from_slice::<Envelope>(&payload) {
+                    Ok(envelope) => {
+                        self.counters.received.inc();
+                        envelope.deliver(&hub);
+                    }
+                    Err(e) => tracing::error!(error = %e, "undecodable event on {channel}"),
+                }
+            }
+            tracing::warn!("lost the subscription to {channel}; resubscribing");
+        }
+    }
+
+    /// After an interruption: announce this server again, re-register every local
+    /// device (Redis may have restarted empty), then make every session re-read.
+    async fn recover(&self, hub: &Hub) {
+        if let Err(e) = self.heartbeat_once().await {
+            tracing::warn!(error = %e, "heartbeat after resubscribing failed");
+        }
+        let devices = hub.devices();
+        let mut pipe = redis::pipe();
+        for (user, device) in &devices {
+            pipe.hset(self.device_key(user), device, &self.config.server_id)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            tracing::warn!(error = %e, "re-registering devices failed");
+        }
+        let told = hub.publish_everyone(&Push::Resync);
+        self.counters.resyncs.inc();
+        tracing::info!(
+            devices = devices.len(),
+            told,
+            "fabric recovered; sessions re-read their conversations"
+        );
+    }
+
+    /// Looks up where `users` are connected and publishes `event` to those servers.
+    async fn route(&self, users: &[String], event: &Routed) -> Result<(), FabricError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for user in users {
+            pipe.hgetall(self.device_key(user));
+        }
+        let placements: Vec<HashMap<String, String>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| fail("registry lookup", e))?;
+        let mut by_server: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut devices_of: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+        for (user, devices) in users.iter().zip(&placements) {
+            for (device, server) in devices {
+                if *server == self.config.server_id {
+                    continue;
+                }
+                let listed = by_server.entry(server).or_default();
+                if listed.last() != Some(user) {
+                    listed.push(user.clone());
+                }
+                devices_of.entry(server).or_default().push((user, device));
+            }
+        }
+        if by_server.is_empty() {
+            return Ok(());
+        }
+        let servers: Vec<&str> = by_server.keys().copied().collect();
+        let alive_keys: Vec<String> = servers.iter().map(|s| self.alive_key(s)).collect();
+        let alive: Vec<Option<String>> = conn
+            .mget(&alive_keys)
+            .await
+            .map_err(|e| fail("liveness lookup", e))?;
+        let mut pipe = redis::pipe();
+        for (server, alive) in servers.iter().zip(&alive) {
+            if alive.is_some() {
+                let envelope = Envelope::new(by_server[server].clone(), event);
+                let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");
+                pipe.publish(self.channel(server), payload).ignore();
+                self.counters.forwarded.inc();
+            } else {
+                // A dead server's registrations: forget them so nobody routes there.
+                for (user, device) in &devices_of[server] {
+                    let mut invocation = self.forgetter.prepare_invoke();
+                    invocation
+                        .key(self.device_key(user))
+                        .arg(*device)
+                        .arg(*server);
+                    pipe.invoke_script(&invocation).ignore();
+                }
+            }
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| fail("publish", e))
+    }
+}
+
+#[async_trait]
+impl Fabric for RedisFabric {
+    fn server_id(&self) -> &str {
+        &self.config.server_id
+    }
+
+    async fn device_connected(&self, user: &str, device: &str) -> Result<(), FabricError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn
+            .hset(self.device_key(user), device, &self.config.server_id)
+            .await
+            .map_err(|e| fail("registering the device", e))?;
+        Ok(())
+    }
+
+    fn device_disconnected(&self, user: &str, device: &str) {
+        let (key, device) = (self.device_key(user), device.to_owned());
+        let (script, server) = (self.forgetter.clone(), self.config.server_id.clone());
+        let mut conn = self.conn.clone();
+        tokio::spawn(async move {
+            let forgotten = script
+                .key(key)
+                .arg(device)
+                .arg(server)
+                .invoke_async::<i64>(&mut conn)
+                .await;
+            if let Err(e) = forgotten {
+                tracing::debug!(error = %e, "unregistering a device failed; its entry goes stale");
+            }
+        });
+    }
+
+    fn forward(&self, users: Arc<[String]>, event: Routed) {
+        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+            self.counters.dropped.inc();
+            return;
+        };
+        let fabric = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = fabric.route(&users, &event).await {
+                fabric.counters.dropped.inc();
+                tracing::warn!(error = %e, "forwarding failed; recipients catch up from the store");
+            }
+        });
+    }
+}

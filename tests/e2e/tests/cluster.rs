@@ -1,0 +1,379 @@
+//! Scale-out over real processes: three `chatproof-server --backend cluster`
+//! processes sharing Redis and a Cassandra node on loopback, devices spread
+//! across them, 1:1 and group traffic; one server is killed with SIGKILL
+//! mid-run, its devices reconnect to the others with their cursors and retry
+//! what was unacknowledged. Afterwards every device holds every entry of each
+//! of its conversations exactly once, in order, and every acknowledged
+//! message sits at its acknowledged seq.
+//!
+//! Needs `CHATPROOF_TEST_CQL` and `CHATPROOF_TEST_REDIS` (scripts/test.sh sets
+//! them); without them it prints SKIPPED, or fails when
+//! `CHATPROOF_REQUIRE_SERVICES=1`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chatproof_client::{Client, ClientError};
+use chatproof_e2e::ServerProcess;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+const USERS: usize = 6;
+const SERVERS: usize = 3;
+
+/// The services, or why the test is skipped.
+fn services() -> Result<(String, String), String> {
+    let cql = std::env::var("CHATPROOF_TEST_CQL").unwrap_or_default();
+    let redis = std::env::var("CHATPROOF_TEST_REDIS").unwrap_or_default();
+    if let Some(why) = cql.strip_prefix("unavailable:") {
+        return Err(format!("Cassandra unavailable: {why}"));
+    }
+    if cql.is_empty() || redis.is_empty() {
+        let why = "CHATPROOF_TEST_CQL / CHATPROOF_TEST_REDIS not set (scripts/test.sh sets them)";
+        assert!(
+            std::env::var("CHATPROOF_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "{why}, and CHATPROOF_REQUIRE_SERVICES=1 requires them"
+        );
+        return Err(why.to_owned());
+    }
+    Ok((cql, redis))
+}
+
+/// One user's device: sends, receives, reconnects elsewhere when its server dies.
+struct Device {
+    user: String,
+    token: String,
+    urls: Vec<String>,
+    server: usize,
+    client: Option<Client>,
+    /// conv → seqs received, in arrival order.
+    received: BTreeMap<String, Vec<u64>>,
+    /// conv → (seq → message_id) received.
+    ids: BTreeMap<String, BTreeMap<u64, String>>,
+    /// (conv, message_id) → acknowledged seq.
+    acked: BTreeMap<(String, String), u64>,
+    /// The send in flight when the connection broke; retried with the same id.
+    unacked: Option<(String, String)>,
+    reconnects: usize,
+}
+
+impl Device {
+    async fn connect(&mut self, dead: &[bool]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no server accepted",
+                self.user
+            );
+            if dead[self.server] {
+                self.server = (self.server + 1) % SERVERS;
+                continue;
+            }
+            let cursors: BTreeMap<&String, u64> = self
+                .received
+                .iter()
+                .filter_map(|(c, seqs)| seqs.last().map(|s| (c, *s)))
+                .collect();
+            match Client::login(&self.urls[self.server], &self.token, "d1", json!(cursors)).await {
+                Ok((client, _)) => {
+                    self.client = Some(client);
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("{}: login on server {} failed: {e}", self.user, self.server);
+                    self.server = (self.server + 1) % SERVERS;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Files every event already received.
+    fn drain(&mut self, client: &mut Client) {
+        loop {
+            let event = match client.try_next_event() {
+                Some(event) => event,
+                None => return,
+            };
+            self.file(&event);
+        }
+    }
+
+    fn file(&mut self, event: &Value) {
+        if event["type"] != "msg" {
+            return;
+        }
+        let entry = event;
+        let conv = entry["conv"].as_str().unwrap().to_owned();
+        let seq = entry["seq"].as_u64().unwrap();
+        let id = entry["message_id"].as_str().unwrap().to_owned();
+        self.received.entry(conv.clone()).or_default().push(seq);
+        self.ids.entry(conv).or_default().insert(seq, id);
+    }
+
+    /// Sends one message (or retries the unacknowledged one); false if the connection broke.
+    async fn send(&mut self, conv: &str, id: String) -> bool {
+        let (conv, id) = self.unacked.take().unwrap_or((conv.to_owned(), id));
+        let mut client = self.client.take().expect("connected");
+        let reply = client
+            .request(
+                json!({"op": "send", "conv": conv, "message_id": id, "text": "across servers"}),
+            )
+            .await;
+        self.drain(&mut client);
+        match reply {
+            Ok(Ok(ack)) => {
+                let seq = ack["seq"].as_u64().unwrap();
+                if let Some(before) = self.acked.insert((conv.clone(), id.clone()), seq) {
+                    assert_eq!(before, seq, "{conv}/{id}: a retry moved the message");
+                }
+                self.client = Some(client);
+                true
+            }
+            Ok(Err(e)) if e.code == "internal" || e.code == "shutting_down" => {
+                self.unacked = Some((conv, id));
+                self.client = Some(client);
+                true
+            }
+            Ok(Err(e)) => panic!("{}: send refused: {} {}", self.user, e.code, e.message),
+            Err(_) => {
+                self.unacked = Some((conv, id));
+                self.reconnects += 1;
+                false
+            }
+        }
+    }
+}
+
+async fn setup_conversations(url: &str, users: &[String]) -> (String, Vec<String>) {
+    let token = ServerProcess::token(&users[0]);
+    let (mut owner, _) = Client::login(url, &token, "setup", json!({}))
+        .await
+        .unwrap();
+    let group = format!("g:{}", users[0]);
+    owner
+        .request(json!({"op": "create_group", "conv": group, "members": users[1..]}))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut directs = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let token = ServerProcess::token(user);
+        let (mut c, _) = Client::login(url, &token, "setup", json!({}))
+            .await
+            .unwrap();
+        let peer = &users[(i + 1) % users.len()];
+        let r = c
+            .request(json!({"op": "open_direct", "peer": peer}))
+            .await
+            .unwrap()
+            .unwrap();
+        directs.push(r["conversation"]["conv"].as_str().unwrap().to_owned());
+    }
+    (group, directs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_one_of_three_servers_loses_nothing() {
+    let (cql, redis) = match services() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED cluster::kill_9_one_of_three_servers_loses_nothing: {why}");
+            return;
+        }
+    };
+    let run = format!(
+        "{}x{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos() % 1000
+    );
+    let keyspace = format!("chatproof_e2e_{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers: Vec<Option<ServerProcess>> = (0..SERVERS)
+        .map(|i| {
+            let id = format!("e2e-{run}-{i}");
+            Some(ServerProcess::start(
+                &dir.path().join(format!("s{i}")),
+                &[
+                    "--backend",
+                    "cluster",
+                    "--scylla-nodes",
+                    &cql,
+                    "--scylla-keyspace",
+                    &keyspace,
+                    "--redis-url",
+                    &redis,
+                    "--server-id",
+                    &id,
+                    "--registry-ttl-secs",
+                    "3",
+                ],
+            ))
+        })
+        .collect();
+    let urls: Vec<String> = servers
+        .iter()
+        .map(|s| s.as_ref().unwrap().url.clone())
+        .collect();
+    let users: Vec<String> = (0..USERS).map(|i| format!("c{run}u{i}")).collect();
+    let mut devices: Vec<Device> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| Device {
+            user: user.clone(),
+            token: ServerProcess::token(user),
+            urls: urls.clone(),
+            server: i % SERVERS,
+            client: None,
+            received: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            unacked: None,
+            reconnects: 0,
+        })
+        .collect();
+    let mut dead = vec![false; SERVERS];
+    for device in &mut devices {
+        device.connect(&dead).await;
+    }
+    // Conversations are created after every device is online, through server 1:
+    // devices on the others learn of them over the fabric.
+    let (group, directs) = setup_conversations(&urls[1], &users).await;
+
+    let started = Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(5) {
+        if !dead[0] && started.elapsed() > Duration::from_millis(2000) {
+            servers[0].take().unwrap().kill_9();
+            dead[0] = true;
+            eprintln!("killed server 0 after round {round}");
+        }
+        for (i, device) in devices.iter_mut().enumerate() {
+            if device.client.is_none() {
+                device.connect(&dead).await;
+            }
+            let conv = if round.is_multiple_of(2) {
+                group.clone()
+            } else {
+                directs[i].clone()
+            };
+            let id = format!("{}-{round}", device.user);
+            if !device.send(&conv, id).await {
+                device.connect(&dead).await;
+                device.send("", String::new()).await; // The retry of what was in flight.
+            }
+        }
+        round += 1;
+    }
+    for device in &mut devices {
+        while device.unacked.is_some() {
+            if device.client.is_none() {
+                device.connect(&dead).await;
+            }
+            device.send("", String::new()).await;
+        }
+    }
+
+    // Every device converges to the last seq of each of its conversations.
+    let (mut probe, _) = Client::login(
+        &urls[1],
+        &ServerProcess::token(&users[0]),
+        "probe",
+        json!({}),
+    )
+    .await
+    .unwrap();
+    let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
+    for conv in std::iter::once(&group).chain(&directs) {
+        let page = probe
+            .request(json!({"op": "sync", "conv": conv, "after": 0, "limit": 1}))
+            .await
+            .unwrap();
+        if let Ok(page) = page {
+            last_seq.insert(conv.clone(), page["last_seq"].as_u64().unwrap());
+        }
+    }
+    // users[0] is in the group and in directs[0] and directs[USERS-1]; read the others' heads via their owners.
+    for (i, conv) in directs.iter().enumerate() {
+        if last_seq.contains_key(conv) {
+            continue;
+        }
+        let client = devices[i].client.as_mut().expect("connected");
+        let page = client
+            .request(json!({"op": "sync", "conv": conv, "after": 0, "limit": 1}))
+            .await
+            .unwrap()
+            .unwrap();
+        last_seq.insert(conv.clone(), page["last_seq"].as_u64().unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, device) in devices.iter_mut().enumerate() {
+        let mine = [&group, &directs[i], &directs[(i + USERS - 1) % USERS]];
+        loop {
+            let behind: Vec<&&String> = mine
+                .iter()
+                .filter(|c| {
+                    device.received.get(**c).and_then(|s| s.last()).copied() < Some(last_seq[**c])
+                })
+                .collect();
+            if behind.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: never caught up on {behind:?}",
+                device.user
+            );
+            let mut client = device.client.take().expect("connected");
+            match client.next_event(Duration::from_millis(500)).await {
+                Ok(event) => device.file(&event),
+                Err(ClientError::Timeout(_)) => {}
+                Err(e) => panic!("{}: {e}", device.user),
+            }
+            device.client = Some(client);
+        }
+    }
+
+    let mut acked_total = 0;
+    for (i, device) in devices.iter().enumerate() {
+        for conv in [&group, &directs[i], &directs[(i + USERS - 1) % USERS]] {
+            let seqs = &device.received[conv];
+            assert_eq!(
+                *seqs,
+                (1..=last_seq[conv]).collect::<Vec<_>>(),
+                "{} on {conv}: every entry once, in order",
+                device.user
+            );
+        }
+    }
+    for sender in &devices {
+        for ((conv, id), seq) in &sender.acked {
+            acked_total += 1;
+            for (i, device) in devices.iter().enumerate() {
+                let member = *conv == group
+                    || *conv == directs[i]
+                    || *conv == directs[(i + USERS - 1) % USERS];
+                if member {
+                    assert_eq!(
+                        device.ids[conv].get(seq),
+                        Some(id),
+                        "{}: acknowledged {conv}/{id} at seq {seq} missing",
+                        device.user
+                    );
+                }
+            }
+        }
+    }
+    let reconnects: usize = devices.iter().map(|d| d.reconnects).sum();
+    eprintln!(
+        "cluster kill -9: {acked_total} acknowledged messages, {reconnects} devices moved, all delivered once in order to {USERS} devices"
+    );
+    assert!(
+        reconnects >= 2,
+        "the devices of the killed server reconnected elsewhere"
+    );
+    for server in servers.into_iter().flatten() {
+        assert!(server.terminate(), "SIGTERM gives a clean exit");
+    }
+}
