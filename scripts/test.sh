@@ -3,7 +3,8 @@
 # Services the tests need are started here and stopped on exit (scripts/services/):
 # Redis must start, or this fails; when Cassandra cannot start, the tests get
 # CHATPROOF_TEST_CQL=unavailable:<reason> and report the Scylla tests as skipped.
-# CHATPROOF_TEST_SERVICES=external starts nothing and passes CHATPROOF_TEST_CQL and
+# CHATPROOF_SCYLLA_NODES=host:port[,...] runs the Scylla tests against that cluster
+# instead of starting Cassandra. CHATPROOF_TEST_SERVICES=external starts nothing and passes CHATPROOF_TEST_CQL and
 # CHATPROOF_TEST_REDIS through as given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,14 +56,19 @@ else
     exit 1
   fi
   export CHATPROOF_TEST_REDIS="$redis_url"
-  stop_at_exit_unless_running cassandra
-  if cql_addr="$(start_service cassandra "$log")"; then
-    export CHATPROOF_TEST_CQL="$cql_addr"
+  if [[ -n "${CHATPROOF_SCYLLA_NODES:-}" ]]; then
+    # A real ScyllaDB (or Cassandra) cluster given by the user: test against it instead.
+    export CHATPROOF_TEST_CQL="$CHATPROOF_SCYLLA_NODES"
   else
-    reason="$(tail -n 1 "$log" | sed 's/^cassandra\.sh: error: //')"
-    loud "Cassandra is UNAVAILABLE: $reason" \
-      "The Scylla store tests will be reported as SKIPPED, not run."
-    export CHATPROOF_TEST_CQL="unavailable:$reason"
+    stop_at_exit_unless_running cassandra
+    if cql_addr="$(start_service cassandra "$log")"; then
+      export CHATPROOF_TEST_CQL="$cql_addr"
+    else
+      reason="$(tail -n 1 "$log" | sed 's/^cassandra\.sh: error: //')"
+      loud "Cassandra is UNAVAILABLE: $reason" \
+        "The Scylla store tests will be reported as SKIPPED, not run."
+      export CHATPROOF_TEST_CQL="unavailable:$reason"
+    fi
   fi
   rm -f "$log"
   echo "test.sh: CHATPROOF_TEST_CQL=$CHATPROOF_TEST_CQL CHATPROOF_TEST_REDIS=$CHATPROOF_TEST_REDIS" >&2

@@ -33,7 +33,7 @@ pub struct Metrics {
 pub struct FabricCounters {
     /// Events published to other servers (one per receiving server).
     pub forwarded: Counter,
-    /// Events not forwarded (too many in flight, or the registry failed); filled from the store later.
+    /// Events not forwarded (Redis failed or was too slow); filled from the store later.
     pub dropped: Counter,
     /// Events received from other servers.
     pub received: Counter,

@@ -93,10 +93,14 @@ impl ChatService {
     ///
     /// Retries are published again: the first attempt may have been sequenced by a
     /// server that died before publishing. Device streams drop what they already have.
-    pub fn publish(&self, appended: &Appended) {
+    /// In a cluster this returns once the event is handed to the fabric, so an
+    /// acknowledged message has been routed even if this server dies next.
+    pub async fn publish(&self, appended: &Appended) {
         if let Some(fabric) = &self.fabric {
             let event = Routed::Entry(Arc::clone(&appended.entry));
-            fabric.forward(Arc::clone(&appended.recipients), event);
+            fabric
+                .forward(Arc::clone(&appended.recipients), event)
+                .await;
         }
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
         let push = Push::Entry(Arc::clone(&appended.entry), frame);
@@ -150,7 +154,7 @@ impl ChatService {
             .await
             .map_err(reject)?;
         if let Some(created) = &created {
-            self.publish(created);
+            self.publish(created).await;
         }
         Ok(json!({ "conversation": Self::summary(caller, &state) }))
     }
@@ -200,7 +204,7 @@ impl ChatService {
             .await
             .map_err(reject)?;
         if let Some(created) = &created {
-            self.publish(created);
+            self.publish(created).await;
         }
         Ok(json!({ "conversation": Self::summary(caller, &state) }))
     }
@@ -226,7 +230,7 @@ impl ChatService {
             )
             .await
             .map_err(reject)?;
-        self.publish(&appended);
+        self.publish(&appended).await;
         Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
     }
 
@@ -265,7 +269,7 @@ impl ChatService {
         } else {
             self.metrics.messages_in.inc();
         }
-        self.publish(&appended);
+        self.publish(&appended).await;
         let e = &appended.entry;
         Ok(json!({
             "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
@@ -344,7 +348,9 @@ impl ChatService {
         };
         let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt).to_json());
         if let Some(fabric) = &self.fabric {
-            fabric.forward(targets.clone().into(), Routed::Frame(frame.clone()));
+            fabric
+                .forward(targets.clone().into(), Routed::Frame(frame.clone()))
+                .await;
         }
         self.hub.publish(&targets, &Push::Frame(frame));
         Ok(())

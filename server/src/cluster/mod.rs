@@ -46,9 +46,10 @@ pub trait Fabric: Send + Sync + 'static {
     /// Forgets the device (only if it is still recorded as connected here); best effort.
     fn device_disconnected(&self, user: &str, device: &str);
 
-    /// Sends `event` to the devices of `users` connected to other servers; best
-    /// effort (a lost event is filled from the store later).
-    fn forward(&self, users: Arc<[String]>, event: Routed);
+    /// Sends `event` to the devices of `users` connected to other servers and
+    /// returns once it is handed over (or given up on, after a bounded wait).
+    /// Best effort: a lost event is filled from the store later.
+    async fn forward(&self, users: Arc<[String]>, event: Routed);
 }
 
 /// What travels between servers: the recipients on the receiving server and the event.

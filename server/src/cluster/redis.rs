@@ -22,14 +22,13 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use tokio::sync::Semaphore;
 
 use super::{Envelope, Fabric, FabricError, Routed};
 use crate::hub::{Hub, Push};
 use crate::metrics::FabricCounters;
 
-/// Most forwards in flight at once; beyond it events are dropped (and counted).
-const FORWARDS_IN_FLIGHT_MAX: usize = 4096;
+/// Longest a send waits for its event to be routed before it is acknowledged anyway.
+const FORWARD_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Deletes a registry field only if it still names this server.
 const FORGET_DEVICE_LUA: &str = r"
@@ -57,7 +56,6 @@ pub struct RedisFabric {
     config: RedisConfig,
     conn: ConnectionManager,
     forgetter: redis::Script,
-    in_flight: Arc<Semaphore>,
     counters: FabricCounters,
 }
 
@@ -97,7 +95,6 @@ impl RedisFabric {
             config,
             conn,
             forgetter: redis::Script::new(FORGET_DEVICE_LUA),
-            in_flight: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT_MAX)),
             counters,
         });
         fabric.heartbeat_once().await?;
@@ -315,18 +312,17 @@ impl Fabric for RedisFabric {
         });
     }
 
-    fn forward(&self, users: Arc<[String]>, event: Routed) {
-        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
-            self.counters.dropped.inc();
-            return;
+    async fn forward(&self, users: Arc<[String]>, event: Routed) {
+        let routed = tokio::time::timeout(FORWARD_WAIT_MAX, self.route(&users, &event)).await;
+        let failure = match routed {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer from Redis within {FORWARD_WAIT_MAX:?}"),
         };
-        let fabric = self.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = fabric.route(&users, &event).await {
-                fabric.counters.dropped.inc();
-                tracing::warn!(error = %e, "forwarding failed; recipients catch up from the store");
-            }
-        });
+        self.counters.dropped.inc();
+        tracing::warn!(
+            error = failure,
+            "forwarding failed; recipients catch up from the store"
+        );
     }
 }

@@ -377,3 +377,49 @@ async fn kill_9_one_of_three_servers_loses_nothing() {
         assert!(server.terminate(), "SIGTERM gives a clean exit");
     }
 }
+
+/// Runs `chatproof-server serve --backend cluster ARGS` and returns (exit success, stderr).
+fn serve_cluster(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(chatproof_e2e::server_binary())
+        .args(["serve", "--backend", "cluster", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env("RUST_LOG", "error")
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("CHATPROOF_SCYLLA_NODES")
+        .env_remove("CHATPROOF_REDIS_URL")
+        .env_remove("CHATPROOF_SECRET")
+        .output()
+        .expect("running chatproof-server");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A missing flag or an unreachable backend stops start-up with a message naming it.
+#[test]
+fn misconfigured_cluster_backends_stop_start_up() {
+    let secret = ["--secret", chatproof_e2e::SECRET];
+    let (ok, err) = serve_cluster(&["--scylla-nodes", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("needs --secret"), "{err}");
+    let (ok, err) = serve_cluster(&secret);
+    assert!(!ok && err.contains("needs --scylla-nodes"), "{err}");
+    let (ok, err) = serve_cluster(&[&secret[..], &["--scylla-nodes", "127.0.0.1:1"]].concat());
+    assert!(
+        !ok && err.contains("cannot connect to Scylla/Cassandra at 127.0.0.1:1"),
+        "{err}"
+    );
+    let Ok((cql, _)) = services() else {
+        eprintln!("SKIPPED the unreachable-Redis case: no CQL server");
+        return;
+    };
+    let args = [&secret[..], &["--scylla-nodes", &cql]].concat();
+    let (ok, err) = serve_cluster(&args);
+    assert!(!ok && err.contains("needs --redis-url"), "{err}");
+    let args = [&args[..], &["--redis-url", "redis://127.0.0.1:1/"]].concat();
+    let (ok, err) = serve_cluster(&args);
+    assert!(
+        !ok && err.contains("cannot connect to Redis at redis://127.0.0.1:1/"),
+        "{err}"
+    );
+}
