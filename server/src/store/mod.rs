@@ -7,6 +7,7 @@
 pub mod embedded;
 #[cfg(not(madsim))]
 pub mod scylla;
+pub mod shared;
 
 use std::sync::Arc;
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chatproof_server::store::scylla::{ScyllaConfig, ScyllaStore};
-use chatproof_server::store::{Store, StoreError};
+use chatproof_server::store::Store;
 
-use crate::contract::{self, text, NOW_MS};
+use crate::contract;
 
 /// The CQL server to test against, or why the cases are skipped.
 fn cql_nodes() -> Result<Vec<String>, String> {
@@ -70,9 +70,7 @@ scylla_case!(concurrent_retries_create_one_message);
 scylla_case!(membership_changes_are_entries);
 scylla_case!(cursors_never_move_back);
 
-/// A server that dies between the conditional write and the roll-forward leaves
-/// its entry only in the head row: readers still see it, a retry finds it, and
-/// the next writer (on another server) rolls it forward before moving on.
+/// The crash window between the conditional write and the roll-forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_sequencing_and_roll_forward_loses_nothing() {
     let Some(nodes) = cql_nodes()
@@ -88,50 +86,7 @@ async fn crash_between_sequencing_and_roll_forward_loses_nothing() {
     let config = config(nodes);
     let crashing = ScyllaStore::connect(&config).await.expect("connect");
     let survivor = ScyllaStore::connect(&config).await.expect("connect");
-    let (conv, users) = contract::group(&survivor, "crash").await;
-    crashing.inject_crash_after_sequencing();
-    let died = crashing
-        .append(text(&conv, &users[1], "in-flight"), NOW_MS)
-        .await
-        .unwrap_err();
-    assert!(matches!(died, StoreError::Backend(_)), "{died:?}");
-    // The entry is durable (seq 2) though never rolled forward.
-    let state = survivor.conversation(&conv).await.unwrap().unwrap();
-    assert_eq!(state.last_seq, 2);
-    let seen = survivor.read_after(&conv, 0, 2, 10).await.unwrap();
-    assert_eq!(seen.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
-    assert_eq!(seen[1].message_id, "in-flight");
-    let newest = survivor.read_before(&conv, 3, 10).await.unwrap();
-    assert_eq!(newest.len(), 2);
-    // The client retries on the other server: the original comes back.
-    let retry = survivor
-        .append(text(&conv, &users[1], "in-flight"), NOW_MS)
-        .await
-        .unwrap();
-    assert!(retry.duplicate);
-    assert_eq!(retry.entry.seq, 2);
-    // Crash again, then another message moves past the un-rolled head.
-    crashing.inject_crash_after_sequencing();
-    crashing
-        .append(text(&conv, &users[2], "second"), NOW_MS)
-        .await
-        .unwrap_err();
-    let next = survivor
-        .append(text(&conv, &users[0], "third"), NOW_MS)
-        .await
-        .unwrap();
-    assert_eq!(next.entry.seq, 4);
-    let again = survivor
-        .append(text(&conv, &users[2], "second"), NOW_MS)
-        .await
-        .unwrap();
-    assert!(
-        again.duplicate,
-        "found through the index after roll-forward"
-    );
-    assert_eq!(again.entry.seq, 3);
-    let all = crashing.read_after(&conv, 0, 4, 10).await.unwrap();
-    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    contract::crash_between_sequencing_and_roll_forward(&crashing, &survivor).await;
 }
 
 /// A backend that cannot be reached fails with a message naming it.
