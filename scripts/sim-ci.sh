@@ -21,9 +21,12 @@ run crash-restart 1..11
 run partition-heavy 1..11
 run reconnect-storm 1..11
 run group-fanout-500 1..3
+run cluster 1..31
 
 echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
 "$sim" determinism --seeds 1..4
+echo "-- determinism (cluster seeds 1..3)"
+"$sim" determinism --scenario scenarios/sim/cluster.toml --seeds 1..3
 
 echo "-- mutants (each must be caught within 30 seeds)"
 "$sim" mutants --seeds-max 30

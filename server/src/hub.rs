@@ -12,14 +12,16 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::protocol::{Entry, ProtocolError};
+use crate::protocol::{Entry, ProtocolError, Receipt};
 
 /// Something for one device's session to write.
 #[derive(Debug, Clone)]
 pub enum Push {
     /// A conversation entry and its pre-serialized `msg` frame.
     Entry(Arc<Entry>, Utf8Bytes),
-    /// Any other pre-serialized frame (receipts).
+    /// A receipt and its pre-serialized frame.
+    Receipt(Arc<Receipt>, Utf8Bytes),
+    /// Any other pre-serialized frame.
     Frame(Utf8Bytes),
     /// Close the session with this error.
     Close(ProtocolError),

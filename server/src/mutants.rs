@@ -19,17 +19,21 @@ pub enum Mutant {
     ForgetCursorOnReconnect = 5,
     /// Receipts: a device's lower ack moves its cursor (and the receipt) backwards.
     ReceiptRegress = 6,
+    /// Complete (several servers): when a server loses its link to the router, the
+    /// events pending for its devices are dropped and its sessions never resync.
+    DropPendingOnRouterLoss = 7,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 6] = [
+    pub const ALL: [Mutant; 7] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
         Mutant::FanoutOutOfOrder,
         Mutant::ForgetCursorOnReconnect,
         Mutant::ReceiptRegress,
+        Mutant::DropPendingOnRouterLoss,
     ];
 
     /// A stable kebab-case name.
@@ -41,6 +45,7 @@ impl Mutant {
             Mutant::FanoutOutOfOrder => "fanout-out-of-order",
             Mutant::ForgetCursorOnReconnect => "forget-cursor-on-reconnect",
             Mutant::ReceiptRegress => "receipt-regress",
+            Mutant::DropPendingOnRouterLoss => "drop-pending-on-router-loss",
         }
     }
 }

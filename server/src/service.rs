@@ -93,15 +93,34 @@ impl ChatService {
     ///
     /// Retries are published again: the first attempt may have been sequenced by a
     /// server that died before publishing. Device streams drop what they already have.
-    /// In a cluster this returns once the event is handed to the fabric, so an
-    /// acknowledged message has been routed even if this server dies next.
-    pub async fn publish(&self, appended: &Appended) {
-        if let Some(fabric) = &self.fabric {
-            let event = Routed::Entry(Arc::clone(&appended.entry));
-            fabric
-                .forward(Arc::clone(&appended.recipients), event)
-                .await;
+    /// In a cluster this returns once the router accepted the event, so an
+    /// acknowledged message has been routed even if this server dies next; an
+    /// error means it was not (the entry is durable; a retry publishes it again).
+    pub async fn publish(&self, appended: &Appended) -> Result<(), ProtocolError> {
+        let routed = match &self.fabric {
+            Some(fabric) => {
+                let event = Routed::Entry(Arc::clone(&appended.entry));
+                fabric
+                    .forward(Arc::clone(&appended.recipients), event)
+                    .await
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = &routed {
+            self.metrics.fabric.dropped.inc();
+            tracing::warn!(error = %e, seq = appended.entry.seq, conv = appended.entry.conv, "not routed to other servers");
         }
+        self.publish_here(appended);
+        routed.map_err(|_| {
+            ProtocolError::new(
+                ErrorCode::Internal,
+                "stored, but not yet routed to other servers; retry with the same message_id",
+            )
+        })
+    }
+
+    /// Fans an entry out to the devices connected to this server.
+    fn publish_here(&self, appended: &Appended) {
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
         let push = Push::Entry(Arc::clone(&appended.entry), frame);
         // Under the simulator, model what a multi-threaded runtime does for free: two
@@ -154,7 +173,9 @@ impl ChatService {
             .await
             .map_err(reject)?;
         if let Some(created) = &created {
-            self.publish(created).await;
+            // Creation is acknowledged even if not routed: members learn of it at
+            // their next resync, reconnect or message.
+            let _ = self.publish(created).await;
         }
         Ok(json!({ "conversation": Self::summary(caller, &state) }))
     }
@@ -204,7 +225,9 @@ impl ChatService {
             .await
             .map_err(reject)?;
         if let Some(created) = &created {
-            self.publish(created).await;
+            // Creation is acknowledged even if not routed: members learn of it at
+            // their next resync, reconnect or message.
+            let _ = self.publish(created).await;
         }
         Ok(json!({ "conversation": Self::summary(caller, &state) }))
     }
@@ -230,7 +253,9 @@ impl ChatService {
             )
             .await
             .map_err(reject)?;
-        self.publish(&appended).await;
+        // Acknowledged even if not routed: members learn of it at their next
+        // resync, reconnect or message (a retry would be a second change).
+        let _ = self.publish(&appended).await;
         Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
     }
 
@@ -269,7 +294,7 @@ impl ChatService {
         } else {
             self.metrics.messages_in.inc();
         }
-        self.publish(&appended).await;
+        self.publish(&appended).await?;
         let e = &appended.entry;
         Ok(json!({
             "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
@@ -346,13 +371,25 @@ impl ChatService {
             all_delivered: all.map(|c| c.delivered),
             all_read: all.map(|c| c.read),
         };
-        let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt).to_json());
+        let receipt = Arc::new(receipt);
+        let frame = Utf8Bytes::from(ServerFrame::Receipt(Receipt::clone(&receipt)).to_json());
         if let Some(fabric) = &self.fabric {
-            fabric
-                .forward(targets.clone().into(), Routed::Frame(frame.clone()))
-                .await;
+            // In the background: the acking session must not wait on the router.
+            // Receipts are state, not history: a lost one is superseded by the next
+            // or by the cursors a reconnecting device reads.
+            let (fabric, dropped) = (Arc::clone(fabric), self.metrics.fabric.dropped.clone());
+            let (users, event) = (
+                targets.clone().into(),
+                Routed::Receipt(Arc::clone(&receipt)),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = fabric.forward(users, event).await {
+                    dropped.inc();
+                    tracing::warn!(error = %e, "receipt not routed to other servers");
+                }
+            });
         }
-        self.hub.publish(&targets, &Push::Frame(frame));
+        self.hub.publish(&targets, &Push::Receipt(receipt, frame));
         Ok(())
     }
 

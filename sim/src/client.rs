@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::cluster::{sim_ms, Shared, SERVER_ADDR};
+use crate::cluster::{sim_ms, Shared};
 use crate::history::{Acked, DeviceKey, FaultWindow, ReceiptSeen, Received, Sent};
 use crate::options::SeedRng;
 
@@ -48,13 +48,13 @@ pub struct DeviceSpec {
 
 type Ws = WebSocketStream<TcpStream>;
 
-/// Connects and upgrades to WebSocket over simulated TCP.
-pub async fn connect() -> Option<Ws> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(SERVER_ADDR))
+/// Connects to the server at `addr` and upgrades to WebSocket over simulated TCP.
+pub async fn connect(addr: std::net::SocketAddr) -> Option<Ws> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
-    let url = format!("ws://{SERVER_ADDR}/v1/ws");
+    let url = format!("ws://{addr}/v1/ws");
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(2),
         tokio_tungstenite::client_async(url, stream),
@@ -110,8 +110,12 @@ pub async fn run_device(
     let mut rid = 0u64;
     let ticks = (spec.safety_secs * 1000 / 50).max(1) as f64;
     let send_chance = (f64::from(spec.to_send) * 1.5 / ticks).min(1.0);
+    // With several servers a device starts on one and moves when it cannot get through.
+    let servers = shared.servers.clone();
+    let mut server = user as usize % servers.len();
     while !shared.stop_all.load(Ordering::SeqCst) {
-        let Some(mut ws) = connect().await else {
+        let Some(mut ws) = connect(servers[server]).await else {
+            server = (server + 1) % servers.len();
             tokio::time::sleep(Duration::from_millis(rng.range(100, 600))).await;
             continue;
         };
@@ -247,6 +251,9 @@ pub async fn run_device(
             p.last_attempt_ms = None;
         }
         acked_cursor.clear();
+        if servers.len() > 1 && rng.chance(0.5) {
+            server = (server + 1) % servers.len();
+        }
         tokio::time::sleep(Duration::from_millis(rng.range(50, 400))).await;
     }
     *progress.lock().expect("progress") = Progress {

@@ -1,9 +1,11 @@
 //! The simulated cluster: the real server on one node over a store that survives its
-//! crashes, one node per client device, and the harness that runs the two phases.
+//! crashes, or several servers over the shared store and the router
+//! ([`crate::services`]); one node per client device; and the harness that runs
+//! the two phases.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,17 +14,31 @@ use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
 use chatproof_server::service::ChatService;
 use chatproof_server::store::embedded::EmbeddedStore;
+use chatproof_server::store::shared::memory::MemTables;
+use chatproof_server::store::shared::SharedStore;
+use chatproof_server::store::Store;
 use madsim::runtime::Handle;
+use madsim::task::NodeId;
 use serde_json::json;
 
 use crate::checker::ConvSpec;
 use crate::client::{self, DeviceSpec, Progress};
-use crate::faults;
+use crate::faults::{self, Backends};
 use crate::history::{DeviceKey, History};
 use crate::options::SimOptions;
+use crate::services::{self, SimFabric, SimTables, DELIVER_PORT, ROUTER_PORT, STORE_PORT};
 
-/// The server's simulated address (virtual: no packet leaves the process).
-pub const SERVER_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8080);
+/// Chat port of every simulated server.
+const CHAT_PORT: u16 = 8080;
+/// The shared store's node address (several servers only).
+const STORE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+/// The router's node address (several servers only).
+const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+
+/// Server `i`'s simulated chat address (virtual: no packet leaves the process).
+pub fn server_addr(i: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8)), CHAT_PORT)
+}
 const SECRET: &[u8] = b"chatproof-sim-secret-0123";
 
 /// Simulated milliseconds since the run began.
@@ -50,6 +66,8 @@ pub struct Shared {
     pub stop_all: AtomicBool,
     /// Clock skew applied to the server at its next start, ms.
     pub skew_ms: AtomicI64,
+    /// Chat addresses of the servers.
+    pub servers: Vec<SocketAddr>,
     disconnect: Mutex<BTreeSet<DeviceKey>>,
 }
 
@@ -85,27 +103,46 @@ impl Clock for SkewedClock {
     }
 }
 
-async fn serve(db: Arc<redb::Database>, shared: Arc<Shared>) {
-    let store = EmbeddedStore::with_database(db).expect("opening the simulated disk");
+/// What a server node stores to.
+#[derive(Clone)]
+enum Backend {
+    /// One server: the embedded store on a simulated disk that outlives crashes.
+    Embedded(Arc<redb::Database>),
+    /// Several servers: the shared store on the store node, the router between servers.
+    Cluster { me: SocketAddr },
+}
+
+async fn serve(backend: Backend, shared: Arc<Shared>) {
     let skew = shared.skew_ms.load(Ordering::SeqCst);
     let limits = Limits {
         idle_timeout: Duration::from_secs(10),
         ..Limits::default()
     };
     let key = TokenKey::new(SECRET).expect("secret");
-    let service = Arc::new(ChatService::new(
-        Arc::new(store),
-        Arc::new(SkewedClock(skew)),
-        limits,
-        key,
-    ));
+    let store: Arc<dyn Store> = match &backend {
+        Backend::Embedded(db) => Arc::new(
+            EmbeddedStore::with_database(Arc::clone(db)).expect("opening the simulated disk"),
+        ),
+        Backend::Cluster { .. } => {
+            let tables =
+                SimTables::connect(SocketAddr::new(IpAddr::V4(STORE_IP), STORE_PORT)).await;
+            Arc::new(SharedStore::new(Arc::new(tables)))
+        }
+    };
+    let mut service = ChatService::new(store, Arc::new(SkewedClock(skew)), limits, key);
+    if let Backend::Cluster { me } = backend {
+        let router = SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT);
+        let deliver = SocketAddr::new(me.ip(), DELIVER_PORT);
+        let fabric = SimFabric::start(router, deliver, Arc::clone(&service.hub)).await;
+        service.fabric = Some(fabric);
+    }
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        SERVER_ADDR.port(),
+        CHAT_PORT,
     ))
     .await
     .expect("binding the server port");
-    chatproof_server::run(listener, service, std::future::pending()).await;
+    chatproof_server::run(listener, Arc::new(service), std::future::pending()).await;
 }
 
 fn device_ip(i: u32) -> IpAddr {
@@ -156,6 +193,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         stop_sending: AtomicBool::new(false),
         stop_all: AtomicBool::new(false),
         skew_ms: AtomicI64::new(0),
+        servers: (0..opts.servers).map(server_addr).collect(),
         disconnect: Mutex::new(BTreeSet::new()),
     });
     shared.note(format!("options: {opts}"));
@@ -164,15 +202,56 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .expect("in-memory database"),
     );
-    let server = {
-        let (db, shared) = (Arc::clone(&db), Arc::clone(&shared));
-        handle
+    let cluster = opts.servers > 1;
+    let mut backends = Backends::default();
+    if cluster {
+        let tables = Arc::new(MemTables::default());
+        let store = handle
             .create_node()
-            .name("server")
-            .ip(SERVER_ADDR.ip())
-            .init(move || serve(Arc::clone(&db), Arc::clone(&shared)))
-            .build()
-    };
+            .name("store")
+            .ip(IpAddr::V4(STORE_IP))
+            .init(move || {
+                services::serve_store(
+                    SocketAddr::new(IpAddr::V4(STORE_IP), STORE_PORT),
+                    Arc::clone(&tables),
+                )
+            })
+            .build();
+        let generations = Arc::new(AtomicU64::new(0));
+        let router = handle
+            .create_node()
+            .name("router")
+            .ip(IpAddr::V4(ROUTER_IP))
+            .init(move || {
+                let generation = generations.fetch_add(1, Ordering::SeqCst) + 1;
+                services::serve_router(
+                    SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT),
+                    generation,
+                )
+            })
+            .build();
+        backends.store = Some(store.id());
+        backends.router = Some(router.id());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let servers: Vec<NodeId> = (0..opts.servers)
+        .map(|i| {
+            let backend = if cluster {
+                Backend::Cluster { me: server_addr(i) }
+            } else {
+                Backend::Embedded(Arc::clone(&db))
+            };
+            let shared = Arc::clone(&shared);
+            handle
+                .create_node()
+                .name(format!("server-{i}"))
+                .ip(server_addr(i).ip())
+                .init(move || serve(backend.clone(), Arc::clone(&shared)))
+                .build()
+                .id()
+        })
+        .collect();
+    backends.servers = servers;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let convs = conversations(&opts);
     let key = TokenKey::new(SECRET).expect("secret");
@@ -183,7 +262,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 200, 1)))
         .build();
     {
-        let (convs, key) = (convs.clone(), key.clone());
+        let (convs, key, setup_shared) = (convs.clone(), key.clone(), Arc::clone(&shared));
         setup
             .spawn(async move {
                 for c in &convs {
@@ -194,8 +273,11 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                     } else {
                         json!({"rid": "op", "op": "open_direct", "peer": format!("u{}", c.members[1])})
                     };
+                    let mut attempt = 0;
                     loop {
-                        if let Some(mut ws) = client::connect().await {
+                        let server = setup_shared.servers[attempt % setup_shared.servers.len()];
+                        attempt += 1;
+                        if let Some(mut ws) = client::connect(server).await {
                             let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": key.mint(&owner, exp), "device": "setup"});
                             if client::roundtrip(&mut ws, hello).await.is_some() && client::roundtrip(&mut ws, op.clone()).await.is_some() {
                                 let _ = futures_util::SinkExt::close(&mut ws).await;
@@ -242,7 +324,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     let _ = device_nodes;
 
     // Safety phase: faults on.
-    let injector = faults::Injector::new(&opts, server.id(), Arc::clone(&shared));
+    let injector = faults::Injector::new(&opts, backends, Arc::clone(&shared));
     injector
         .run_for(Duration::from_secs(opts.safety_secs), &handle)
         .await;

@@ -1,8 +1,11 @@
 //! The fault injector. During the safety phase it draws, from the seed, one fault at a
-//! time: server crash and restart (its store keeps exactly what was committed), clock
-//! skew on restart, two-way and one-way partitions of the server, a partition of one
+//! time: a server crash and restart (its store keeps exactly what was committed), clock
+//! skew on restart, two-way and one-way partitions of a server, a partition of one
 //! client's link, latency spikes, packet loss, and clients dropping their connection
-//! (possibly mid-send). The system must survive all of them and converge after `heal`.
+//! (possibly mid-send); with several servers also crashes of the shared store's node
+//! (losing only calls in flight) and of the router (losing its registry), and cuts of
+//! one server's link to either. The system must survive all of them and converge
+//! after `heal`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,19 +19,30 @@ use crate::cluster::{sim_ms, Shared};
 use crate::history::{DeviceKey, FaultWindow};
 use crate::options::{FaultWeights, SeedRng, SimOptions};
 
+/// The nodes faults act on.
+#[derive(Debug, Clone, Default)]
+pub struct Backends {
+    /// The chat servers.
+    pub servers: Vec<NodeId>,
+    /// The shared store's node (several servers only).
+    pub store: Option<NodeId>,
+    /// The router's node (several servers only).
+    pub router: Option<NodeId>,
+}
+
 /// Draws and applies faults.
 pub struct Injector {
     rng: std::cell::RefCell<SeedRng>,
-    weights: [u32; 8],
+    weights: [u32; 11],
     interval_ms: u64,
-    server: NodeId,
+    nodes: Backends,
     devices: Vec<DeviceKey>,
     shared: Arc<Shared>,
 }
 
 impl Injector {
-    /// An injector for `opts` acting on `server`.
-    pub fn new(opts: &SimOptions, server: NodeId, shared: Arc<Shared>) -> Self {
+    /// An injector for `opts` acting on `nodes`.
+    pub fn new(opts: &SimOptions, nodes: Backends, shared: Arc<Shared>) -> Self {
         let devices = (0..opts.users)
             .flat_map(|u| (0..opts.devices_per_user[u as usize]).map(move |d| (u, d)))
             .collect();
@@ -36,7 +50,7 @@ impl Injector {
             rng: std::cell::RefCell::new(SeedRng::new(opts.seed, 7)),
             weights: opts.faults.weights(),
             interval_ms: opts.fault_interval_ms.max(10),
-            server,
+            nodes,
             devices,
             shared,
         }
@@ -44,6 +58,12 @@ impl Injector {
 
     fn range(&self, lo: u64, hi: u64) -> u64 {
         self.rng.borrow_mut().range(lo, hi)
+    }
+
+    /// A server drawn from the seed.
+    fn some_server(&self) -> NodeId {
+        let servers = &self.nodes.servers;
+        servers[self.range(0, servers.len() as u64 - 1) as usize]
     }
 
     fn window(&self, kind: &str, start_ms: u64, device: Option<DeviceKey>) {
@@ -83,33 +103,34 @@ impl Injector {
             let start = sim_ms();
             let name = FaultWeights::NAMES[kind];
             let mut device = None;
+            let server = self.some_server();
             match name {
                 "server_crash" => {
-                    handle.kill(self.server);
+                    handle.kill(server);
                     tokio::time::sleep(hold).await;
-                    handle.restart(self.server);
+                    handle.restart(server);
                 }
                 "clock_skew" => {
                     let skew = self.range(0, 60_000) as i64 - 30_000;
                     self.shared.skew_ms.store(skew, Ordering::SeqCst);
-                    handle.kill(self.server);
+                    handle.kill(server);
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    handle.restart(self.server);
+                    handle.restart(server);
                 }
                 "partition" => {
-                    net.clog_node(self.server);
+                    net.clog_node(server);
                     tokio::time::sleep(hold).await;
-                    net.unclog_node(self.server);
+                    net.unclog_node(server);
                 }
                 "partition_one_way" => {
                     if self.range(0, 1) == 0 {
-                        net.clog_node_in(self.server);
+                        net.clog_node_in(server);
                         tokio::time::sleep(hold).await;
-                        net.unclog_node_in(self.server);
+                        net.unclog_node_in(server);
                     } else {
-                        net.clog_node_out(self.server);
+                        net.clog_node_out(server);
                         tokio::time::sleep(hold).await;
-                        net.unclog_node_out(self.server);
+                        net.unclog_node_out(server);
                     }
                 }
                 "link_partition" => {
@@ -119,11 +140,11 @@ impl Injector {
                         .get_node(format!("device-{}-{}", d.0, d.1))
                         .map(|n| n.id());
                     if let Some(node) = node {
-                        net.clog_link(node, self.server);
-                        net.clog_link(self.server, node);
+                        net.clog_link(node, server);
+                        net.clog_link(server, node);
                         tokio::time::sleep(hold).await;
-                        net.unclog_link(node, self.server);
-                        net.unclog_link(self.server, node);
+                        net.unclog_link(node, server);
+                        net.unclog_link(server, node);
                     }
                 }
                 "latency_spike" => {
@@ -145,6 +166,35 @@ impl Injector {
                     self.shared.request_disconnect(d);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+                "store_crash" => {
+                    let Some(store) = self.nodes.store else {
+                        continue;
+                    };
+                    handle.kill(store);
+                    tokio::time::sleep(hold).await;
+                    handle.restart(store);
+                }
+                "router_crash" => {
+                    let Some(router) = self.nodes.router else {
+                        continue;
+                    };
+                    handle.kill(router);
+                    tokio::time::sleep(hold).await;
+                    handle.restart(router);
+                }
+                "backend_partition" => {
+                    let backend = if self.range(0, 1) == 0 {
+                        self.nodes.store
+                    } else {
+                        self.nodes.router
+                    };
+                    let Some(backend) = backend else { continue };
+                    net.clog_link(server, backend);
+                    net.clog_link(backend, server);
+                    tokio::time::sleep(hold).await;
+                    net.unclog_link(server, backend);
+                    net.unclog_link(backend, server);
+                }
                 other => unreachable!("unknown fault {other}"),
             }
             self.window(name, start, device);
@@ -154,7 +204,10 @@ impl Injector {
     /// Ends every fault: network back to normal, server running.
     pub fn heal(&self, handle: &Handle) {
         let net = NetSim::current();
-        net.unclog_node(self.server);
+        let backends = self.nodes.store.iter().chain(&self.nodes.router);
+        for node in self.nodes.servers.iter().chain(backends) {
+            net.unclog_node(*node);
+        }
         net.update_config(|c| {
             c.packet_loss_rate = 0.0;
             c.send_latency = Duration::from_millis(1)..Duration::from_millis(10);

@@ -19,6 +19,8 @@ mod history;
 mod options;
 #[cfg(madsim)]
 mod runner;
+#[cfg(madsim)]
+mod services;
 
 #[cfg(not(madsim))]
 fn main() {

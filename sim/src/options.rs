@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 pub struct Preset {
     /// Name, for reports.
     pub name: String,
+    /// Chat servers: `[min, max]`; more than one runs them on the shared store
+    /// and the router (the simulated stand-ins for Scylla and Redis).
+    #[serde(default = "one_server")]
+    pub servers: [u32; 2],
+    /// A delivery slower than this outside fault windows is `slow` (default 1000 ms).
+    #[serde(default = "one_second")]
+    pub latency_bound_ms: u64,
     /// Users: `[min, max]`.
     pub users: [u32; 2],
     /// Devices per user: `[min, max]`.
@@ -36,6 +43,14 @@ pub struct Preset {
 
 fn all() -> f64 {
     1.0
+}
+
+fn one_second() -> u64 {
+    1_000
+}
+
+fn one_server() -> [u32; 2] {
+    [1, 1]
 }
 
 /// Relative weights of fault kinds.
@@ -66,11 +81,20 @@ pub struct FaultWeights {
     /// The server restarts with its clock skewed.
     #[serde(default)]
     pub clock_skew: u32,
+    /// Several servers: the shared store's node crashes (losing only calls in flight) and restarts.
+    #[serde(default)]
+    pub store_crash: u32,
+    /// Several servers: the router crashes and restarts empty (registry lost).
+    #[serde(default)]
+    pub router_crash: u32,
+    /// Several servers: one server's link to the store or to the router is cut.
+    #[serde(default)]
+    pub backend_partition: u32,
 }
 
 impl FaultWeights {
     /// Names of the fault kinds, in field order.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 11] = [
         "server_crash",
         "partition",
         "partition_one_way",
@@ -79,10 +103,13 @@ impl FaultWeights {
         "packet_loss",
         "client_disconnect",
         "clock_skew",
+        "store_crash",
+        "router_crash",
+        "backend_partition",
     ];
 
     /// Weights in [`Self::NAMES`] order.
-    pub fn weights(&self) -> [u32; 8] {
+    pub fn weights(&self) -> [u32; 11] {
         [
             self.server_crash,
             self.partition,
@@ -92,6 +119,9 @@ impl FaultWeights {
             self.packet_loss,
             self.client_disconnect,
             self.clock_skew,
+            self.store_crash,
+            self.router_crash,
+            self.backend_partition,
         ]
     }
 
@@ -121,6 +151,9 @@ impl FaultWeights {
             packet_loss: w[5],
             client_disconnect: w[6],
             clock_skew: w[7],
+            store_crash: w[8],
+            router_crash: w[9],
+            backend_partition: w[10],
         })
     }
 }
@@ -141,6 +174,12 @@ impl Preset {
             "group_size within 2..=500"
         );
         anyhow::ensure!(
+            preset.servers[0] >= 1
+                && preset.servers[0] <= preset.servers[1]
+                && preset.servers[1] <= 50,
+            "servers within 1..=50"
+        );
+        anyhow::ensure!(
             preset.devices_per_user[0] >= 1,
             "devices_per_user at least 1"
         );
@@ -150,6 +189,12 @@ impl Preset {
     /// The built-in smoke preset (also `scenarios/sim/smoke.toml`).
     pub fn smoke() -> Self {
         toml::from_str(include_str!("../../scenarios/sim/smoke.toml"))
+            .expect("built-in preset parses")
+    }
+
+    /// The built-in cluster preset (several servers, shared store, router).
+    pub fn cluster() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/cluster.toml"))
             .expect("built-in preset parses")
     }
 }
@@ -207,6 +252,10 @@ pub struct SimOptions {
     pub seed: u64,
     /// The preset's name.
     pub preset: String,
+    /// Chat servers (more than one: shared store and router).
+    pub servers: u32,
+    /// The delivery latency bound outside fault windows, ms.
+    pub latency_bound_ms: u64,
     /// Users.
     pub users: u32,
     /// Devices of each user.
@@ -232,6 +281,7 @@ impl SimOptions {
     pub fn derive(seed: u64, preset: &Preset) -> Self {
         let mut rng = SeedRng::new(seed, 1);
         let users = rng.range(u64::from(preset.users[0]), u64::from(preset.users[1])) as u32;
+        let servers = rng.range(u64::from(preset.servers[0]), u64::from(preset.servers[1])) as u32;
         let devices_per_user: Vec<u32> = (0..users)
             .map(|_| {
                 rng.range(
@@ -271,6 +321,8 @@ impl SimOptions {
         Self {
             seed,
             preset: preset.name.clone(),
+            servers,
+            latency_bound_ms: preset.latency_bound_ms,
             users,
             devices_per_user,
             groups,
@@ -295,9 +347,10 @@ impl fmt::Display for SimOptions {
         let msgs: u32 = self.messages.iter().flatten().sum();
         write!(
             f,
-            "seed={} preset={} users={} devices={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
+            "seed={} preset={} servers={} users={} devices={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
             self.seed,
             self.preset,
+            self.servers,
             self.users,
             self.devices(),
             sizes,
@@ -341,7 +394,7 @@ mod tests {
             ..FaultWeights::default()
         };
         let only = w.only(&["partition".into(), "packet_loss".into()]).unwrap();
-        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0]);
+        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0]);
         assert!(w.only(&["meteor".into()]).is_err());
     }
 }

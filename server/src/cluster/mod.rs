@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::{Hub, Push};
-use crate::protocol::{Entry, ServerFrame};
+use crate::protocol::{Entry, Receipt, ServerFrame};
 
 /// Why the fabric could not do something.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -29,8 +29,8 @@ pub struct FabricError(pub String);
 pub enum Routed {
     /// A newly sequenced (or re-sent) entry.
     Entry(Arc<Entry>),
-    /// Any other server frame (receipts), already serialized.
-    Frame(Utf8Bytes),
+    /// A receipt.
+    Receipt(Arc<Receipt>),
 }
 
 /// The connection registry and cross-server routing.
@@ -46,10 +46,25 @@ pub trait Fabric: Send + Sync + 'static {
     /// Forgets the device (only if it is still recorded as connected here); best effort.
     fn device_disconnected(&self, user: &str, device: &str);
 
-    /// Sends `event` to the devices of `users` connected to other servers and
-    /// returns once it is handed over (or given up on, after a bounded wait).
-    /// Best effort: a lost event is filled from the store later.
-    async fn forward(&self, users: Arc<[String]>, event: Routed);
+    /// Sends `event` to the devices of `users` connected to other servers;
+    /// returns once the router accepted it, or an error after a bounded wait.
+    ///
+    /// Once accepted, a receiving server either gets the event or notices that
+    /// it may have missed events and resyncs its sessions.
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError>;
+}
+
+/// After the fabric may have lost events for this server's devices (its link to
+/// the router dropped, or the router restarted): tells every local session to
+/// re-read its conversations. Returns how many sessions were told.
+///
+/// Call it only once the device registrations are restored, so that what is
+/// routed from then on arrives and what was lost before is in the store.
+pub fn resync_sessions(hub: &Hub) -> usize {
+    if crate::mutants::active(crate::mutants::Mutant::DropPendingOnRouterLoss) {
+        return 0;
+    }
+    hub.publish_everyone(&Push::Resync)
 }
 
 /// What travels between servers: the recipients on the receiving server and the event.
@@ -60,9 +75,9 @@ pub struct Envelope {
     /// An entry, for `msg` frames.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<Entry>,
-    /// A pre-serialized frame, for everything else.
+    /// A receipt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frame: Option<String>,
+    pub receipt: Option<Receipt>,
 }
 
 impl Envelope {
@@ -72,25 +87,28 @@ impl Envelope {
             Routed::Entry(entry) => Self {
                 users,
                 entry: Some(Entry::clone(entry)),
-                frame: None,
+                receipt: None,
             },
-            Routed::Frame(frame) => Self {
+            Routed::Receipt(receipt) => Self {
                 users,
                 entry: None,
-                frame: Some(frame.as_str().to_owned()),
+                receipt: Some(Receipt::clone(receipt)),
             },
         }
     }
 
     /// Hands the event to the local devices of its users; returns how many got it.
     pub fn deliver(self, hub: &Hub) -> usize {
-        let push = match (self.entry, self.frame) {
+        let push = match (self.entry, self.receipt) {
             (Some(entry), _) => {
                 let entry = Arc::new(entry);
                 let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
                 Push::Entry(entry, frame)
             }
-            (None, Some(frame)) => Push::Frame(Utf8Bytes::from(frame)),
+            (None, Some(receipt)) => {
+                let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt.clone()).to_json());
+                Push::Receipt(Arc::new(receipt), frame)
+            }
             (None, None) => return 0,
         };
         hub.publish(&self.users, &push)

@@ -24,10 +24,10 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
 use super::{Envelope, Fabric, FabricError, Routed};
-use crate::hub::{Hub, Push};
+use crate::hub::Hub;
 use crate::metrics::FabricCounters;
 
-/// Longest a send waits for its event to be routed before it is acknowledged anyway.
+/// Longest a send waits for Redis to take its event.
 const FORWARD_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Deletes a registry field only if it still names this server.
@@ -212,7 +212,7 @@ impl RedisFabric {
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             tracing::warn!(error = %e, "re-registering devices failed");
         }
-        let told = hub.publish_everyone(&Push::Resync);
+        let told = super::resync_sessions(hub);
         self.counters.resyncs.inc();
         tracing::info!(
             devices = devices.len(),
@@ -312,17 +312,12 @@ impl Fabric for RedisFabric {
         });
     }
 
-    async fn forward(&self, users: Arc<[String]>, event: Routed) {
-        let routed = tokio::time::timeout(FORWARD_WAIT_MAX, self.route(&users, &event)).await;
-        let failure = match routed {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer from Redis within {FORWARD_WAIT_MAX:?}"),
-        };
-        self.counters.dropped.inc();
-        tracing::warn!(
-            error = failure,
-            "forwarding failed; recipients catch up from the store"
-        );
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError> {
+        match tokio::time::timeout(FORWARD_WAIT_MAX, self.route(&users, &event)).await {
+            Ok(routed) => routed,
+            Err(_) => Err(FabricError(format!(
+                "no answer from Redis within {FORWARD_WAIT_MAX:?}"
+            ))),
+        }
     }
 }

@@ -309,7 +309,7 @@ pub struct ConvSummary {
 }
 
 /// Delivery and read state of one user in one conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     /// The conversation.
     pub conv: String,

@@ -4,7 +4,7 @@
 //! sees each conversation in seq order, without gaps or duplicates, whether an
 //! entry arrives by catch-up, by a live push, or by a fill after a missed push.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::domain::{DeviceStream, GroupChange, StreamStep};
 use crate::hub::{ConnId, Push};
 use crate::protocol::{
     decode_request, validate_device_id, Body, Entry, ErrorCode, HelloRequest, MemberAction,
-    ProtocolError, Request, ServerFrame, PROTOCOL_VERSION,
+    ProtocolError, Receipt, Request, ServerFrame, PROTOCOL_VERSION,
 };
 use crate::service::{Caller, ChatService};
 
@@ -46,7 +46,15 @@ struct Session<S> {
     catch_up: VecDeque<String>,
     caught_up_sent: bool,
     hub_rx: Option<(ConnId, mpsc::Receiver<Push>)>,
+    /// Highest receipt written per (conv, user): receipts computed on different
+    /// servers may arrive out of order, and a device never sees one go back.
+    receipts_shown: HashMap<(String, String), Receipt>,
+    /// When to retry a resync (or a gap fill) that failed on a store error.
+    resync_retry_at: Option<tokio::time::Instant>,
 }
+
+/// How long after a failed resync or gap fill the session tries again.
+const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Runs one session until the client leaves, an error closes it, or shutdown.
 pub async fn run<S>(
@@ -65,6 +73,8 @@ pub async fn run<S>(
         catch_up: VecDeque::new(),
         caught_up_sent: false,
         hub_rx: None,
+        receipts_shown: HashMap::new(),
+        resync_retry_at: None,
     };
     let end = session.drive(&mut shutdown).await;
     if let Some(caller) = &session.caller {
@@ -142,10 +152,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         None => break End::Error(ProtocolError::new(ErrorCode::SlowConsumer, "too far behind on live events; reconnect to catch up")),
                         Some(Push::Close(err)) => break End::Error(err),
                         Some(Push::Frame(frame)) => self.ws.send(Message::Text(frame)).await,
+                        Some(Push::Receipt(receipt, frame)) => self.on_receipt(&receipt, frame).await,
                         Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await,
                         Some(Push::Resync) => { self.resync().await; Ok(()) }
                     };
                     if let Err(e) = result { break End::Transport(e) }
+                }
+                _ = sleep_until_some(self.resync_retry_at), if self.resync_retry_at.is_some() => {
+                    self.resync().await;
                 }
                 _ = std::future::ready(()), if catching_up => {
                     if let Err(e) = self.catch_up_one_page().await { break End::Transport(e) }
@@ -454,7 +468,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match started {
                 Ok((start, visible)) => self.stream.start(&entry.conv, start, visible),
                 Err(e) => {
-                    tracing::error!(conv = entry.conv, error = %e, "cannot start stream for a push");
+                    tracing::warn!(conv = entry.conv, error = %e, "cannot start stream for a push; resyncing");
+                    self.retry_resync();
                     return Ok(());
                 }
             }
@@ -479,6 +494,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Writes a receipt merged (field by field, by maximum) with those already
+    /// shown, or nothing when it adds nothing.
+    async fn on_receipt(&mut self, receipt: &Receipt, frame: Utf8Bytes) -> WsResult<()> {
+        let key = (receipt.conv.clone(), receipt.user.clone());
+        let Some(shown) = self.receipts_shown.get(&key) else {
+            self.receipts_shown.insert(key, receipt.clone());
+            return self.ws.send(Message::Text(frame)).await;
+        };
+        let merged = Receipt {
+            conv: receipt.conv.clone(),
+            user: receipt.user.clone(),
+            delivered: shown.delivered.max(receipt.delivered),
+            read: shown.read.max(receipt.read),
+            all_delivered: shown.all_delivered.max(receipt.all_delivered),
+            all_read: shown.all_read.max(receipt.all_read),
+        };
+        if merged == *shown {
+            return Ok(());
+        }
+        let frame = if merged == *receipt {
+            frame
+        } else {
+            Utf8Bytes::from(ServerFrame::Receipt(merged.clone()).to_json())
+        };
+        self.receipts_shown.insert(key, merged);
+        self.ws.send(Message::Text(frame)).await
+    }
+
+    /// Schedules another resync soon (after a store error lost a fill or a resync).
+    fn retry_resync(&mut self) {
+        let at = tokio::time::Instant::now() + RESYNC_RETRY_AFTER;
+        self.resync_retry_at = Some(self.resync_retry_at.map_or(at, |t| t.min(at)));
+    }
+
     /// Live events may have been lost: queue catch-up for every conversation the
     /// store holds more of than this device received, new ones included.
     async fn resync(&mut self) {
@@ -486,10 +535,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         let svc = Arc::clone(&self.service);
+        self.resync_retry_at = None;
         let states = match svc.conversations(&caller).await {
             Ok(states) => states,
             Err(e) => {
-                tracing::error!(error = %e, "resync failed; the next push or reconnect fills the gap");
+                tracing::warn!(error = %e, "resync failed; retrying");
+                self.retry_resync();
                 return;
             }
         };
@@ -502,7 +553,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 match svc.stream_start(&caller, state, None, false).await {
                     Ok(start) => self.stream.start(conv, start, m.visible_until()),
                     Err(e) => {
-                        tracing::error!(conv, error = %e, "cannot start a stream on resync");
+                        tracing::warn!(conv, error = %e, "cannot start a stream on resync; retrying");
+                        self.retry_resync();
                         continue;
                     }
                 }
@@ -532,7 +584,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 Ok(entries) => entries,
                 Err(e) => {
-                    tracing::error!(conv, error = %e, "gap fill failed; the next push or reconnect retries");
+                    tracing::warn!(conv, error = %e, "gap fill failed; resyncing");
+                    self.retry_resync();
                     return Ok(());
                 }
             };
@@ -545,6 +598,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             after = last;
         }
         self.ws.flush().await
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -203,19 +203,19 @@ impl Tables for CqlTables {
             Option<bool>,
         );
         let rows = self.rows(&self.st.select_head, (conv,)).await?;
-        let Some((record, last_seq, last_time_ms, entry, new_bucket)) =
+        let Some((record, last_seq, last_time_ms, entries, new_bucket)) =
             rows.maybe_first_row::<Columns>().map_err(backend)?
         else {
             return Ok(None);
         };
-        let (Some(record), Some(last_seq), Some(entry)) = (record, last_seq, entry) else {
+        let (Some(record), Some(last_seq), Some(entries)) = (record, last_seq, entries) else {
             return Err(backend(format!("{conv}: incomplete conversations row")));
         };
         Ok(Some(HeadRow {
             record,
             last_seq: to_u64(last_seq),
             last_time_ms: to_u64(last_time_ms.unwrap_or(0)),
-            entry,
+            entries,
             new_bucket: new_bucket.unwrap_or(false),
         }))
     }
@@ -226,7 +226,7 @@ impl Tables for CqlTables {
             row.record.as_str(),
             to_i64(row.last_seq),
             to_i64(row.last_time_ms),
-            row.entry.as_str(),
+            row.entries.as_str(),
             row.new_bucket,
         );
         self.lwt(&self.st.insert_conv, values).await
@@ -242,7 +242,7 @@ impl Tables for CqlTables {
             row.record.as_str(),
             to_i64(row.last_seq),
             to_i64(row.last_time_ms),
-            row.entry.as_str(),
+            row.entries.as_str(),
             row.new_bucket,
             conv,
             to_i64(expected_last_seq),

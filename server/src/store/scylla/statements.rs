@@ -67,9 +67,9 @@ impl Statements {
             };
         }
         Ok(Self {
-            select_head: prep!("SELECT record, last_seq, last_time_ms, head_entry, head_new_bucket FROM {ks}.conversations WHERE conv = ?"),
-            insert_conv: prep!(lwt "INSERT INTO {ks}.conversations (conv, record, last_seq, last_time_ms, head_entry, head_new_bucket) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
-            advance_head: prep!(lwt "UPDATE {ks}.conversations SET record = ?, last_seq = ?, last_time_ms = ?, head_entry = ?, head_new_bucket = ? WHERE conv = ? IF last_seq = ?"),
+            select_head: prep!("SELECT record, last_seq, last_time_ms, head_entries, head_new_bucket FROM {ks}.conversations WHERE conv = ?"),
+            insert_conv: prep!(lwt "INSERT INTO {ks}.conversations (conv, record, last_seq, last_time_ms, head_entries, head_new_bucket) VALUES (?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
+            advance_head: prep!(lwt "UPDATE {ks}.conversations SET record = ?, last_seq = ?, last_time_ms = ?, head_entries = ?, head_new_bucket = ? WHERE conv = ? IF last_seq = ?"),
             insert_entry: prep!("INSERT INTO {ks}.conv_entries (conv, bucket, seq, entry) VALUES (?, ?, ?, ?) USING TTL ?"),
             insert_bucket: prep!("INSERT INTO {ks}.conv_buckets (conv, bucket, first_seq) VALUES (?, ?, ?) USING TTL ?"),
             insert_message_id: prep!("INSERT INTO {ks}.message_ids (conv, sender, message_id, seq) VALUES (?, ?, ?, ?) USING TTL ?"),

@@ -26,10 +26,14 @@
 pub mod memory;
 pub mod tables;
 
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 
 pub use self::tables::{CursorCell, HeadRow, Tables};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
@@ -42,11 +46,26 @@ pub const BUCKET_MS: u64 = 7 * 24 * 3600 * 1000;
 /// How often a server retries sequencing when other servers keep winning the race.
 const SEQUENCE_ATTEMPTS_MAX: usize = 64;
 
+/// Conversations remembered as rolled forward; beyond it the memo starts over.
+const ROLLED_MEMO_MAX: usize = 100_000;
+
+/// Most appends sequenced by one conditional write.
+const BATCH_LEN_MAX: usize = 64;
+/// Most message bytes in one conditional write (a head row must stay small).
+const BATCH_BYTES_MAX: usize = 256 * 1024;
+
 /// Entries read per query while paging through buckets.
 const READ_PAGE_MAX: u32 = 1000;
 
 /// The shared [`Store`] over `T`; many servers may use the same tables at once.
 pub struct SharedStore<T: ?Sized> {
+    /// Conversation → highest seq this process rolled forward (a cache: saves the
+    /// roll-forward of a head this server wrote itself).
+    rolled: Mutex<HashMap<String, u64>>,
+    /// Conversation → the lock its writers on this process take turns on.
+    turns: Mutex<HashMap<String, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    /// Conversation → appends waiting to be sequenced (in arrival order).
+    queues: Mutex<HashMap<String, VecDeque<Job>>>,
     tables: Arc<T>,
     /// Fault seam for tests: the next successful sequencing "crashes" before roll-forward.
     crash_after_sequencing: std::sync::atomic::AtomicBool,
@@ -79,8 +98,31 @@ struct Head {
     record: ConvRecord,
     last_seq: u64,
     last_time_ms: u64,
-    entry: Entry,
+    /// The entries the last conditional write added, ending with `last_seq`.
+    entries: Vec<Entry>,
+    /// The first of `entries` opens a new time bucket.
     new_bucket: bool,
+}
+
+/// One write of a roll-forward, not yet awaited.
+type PendingWrite<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+/// A batch's outcome: per job, the new entries, and the recipients.
+type BatchOutcome = (Vec<Outcome>, Vec<Arc<Entry>>, Arc<[String]>);
+
+/// An append waiting for its turn; whoever holds the turn sequences it.
+struct Job {
+    message: NewMessage,
+    now_ms: u64,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// What became of one job of a batch.
+enum Outcome {
+    Rejected(StoreError),
+    Original(Entry),
+    New(usize),
+    SameAsNew(usize),
 }
 
 /// Whether `entry` is the message `m` (same idempotency key).
@@ -94,6 +136,9 @@ impl<T: Tables + ?Sized> SharedStore<T> {
     /// The store over `tables` (which other stores, other servers, may share).
     pub fn new(tables: Arc<T>) -> Self {
         Self {
+            rolled: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             tables,
             crash_after_sequencing: std::sync::atomic::AtomicBool::new(false),
         }
@@ -119,12 +164,14 @@ impl<T: Tables + ?Sized> SharedStore<T> {
             record: decode(&row.record)?,
             last_seq: row.last_seq,
             last_time_ms: row.last_time_ms,
-            entry: decode(&row.entry)?,
+            entries: decode(&row.entries)?,
             new_bucket: row.new_bucket,
         };
-        assert_eq!(
-            head.entry.seq, head.last_seq,
-            "{conv}: the head entry is entry last_seq"
+        let seqs: Vec<u64> = head.entries.iter().map(|e| e.seq).collect();
+        assert!(
+            seqs.last() == Some(&head.last_seq) && seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "{conv}: head entries {seqs:?} must run up to last_seq {}",
+            head.last_seq
         );
         Ok(Some(head))
     }
@@ -138,49 +185,117 @@ impl<T: Tables + ?Sized> SharedStore<T> {
         })
     }
 
-    /// Copies the head entry into the tables readers use (idempotent).
-    async fn roll_forward(&self, entry: &Entry, new_bucket: bool) -> Result<(), StoreError> {
-        let conv = entry.conv.as_str();
-        let bucket = bucket_of(entry.server_time_ms);
-        if new_bucket {
-            self.tables.put_bucket(conv, bucket, entry.seq).await?;
-        }
-        match &entry.body {
-            Body::Text { .. } => {
-                self.tables
-                    .put_message_id(conv, &entry.sender, &entry.message_id, entry.seq)
-                    .await?;
+    /// Copies `entries` (one conditional write's, consecutive) into the tables
+    /// readers use; idempotent. The writes are independent and run concurrently;
+    /// the entries count as rolled forward only once all of them succeeded.
+    async fn roll_forward(&self, entries: &[Entry], new_bucket: bool) -> Result<(), StoreError> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let conv = last.conv.as_str();
+        let jsons: Vec<String> = entries.iter().map(encode).collect();
+        let mut writes: Vec<PendingWrite<'_>> = Vec::new();
+        for (i, (entry, json)) in entries.iter().zip(&jsons).enumerate() {
+            let bucket = bucket_of(entry.server_time_ms);
+            writes.push(Box::pin(
+                self.tables.put_entry(conv, bucket, entry.seq, json),
+            ));
+            if new_bucket && i == 0 {
+                writes.push(Box::pin(self.tables.put_bucket(conv, bucket, entry.seq)));
             }
-            Body::Members { users, .. } => {
-                for user in users {
-                    self.tables.put_user_conv(user, conv).await?;
+            match &entry.body {
+                Body::Text { .. } => writes.push(Box::pin(self.tables.put_message_id(
+                    conv,
+                    &entry.sender,
+                    &entry.message_id,
+                    entry.seq,
+                ))),
+                Body::Members { users, .. } => {
+                    for user in users {
+                        writes.push(Box::pin(self.tables.put_user_conv(user, conv)));
+                    }
                 }
             }
         }
-        self.tables
-            .put_entry(conv, bucket, entry.seq, &encode(entry))
-            .await
+        futures_util::future::try_join_all(writes).await?;
+        self.note_rolled(conv, last.seq);
+        Ok(())
     }
 
-    /// Makes `entry` (seq `head.last_seq + 1`) the new head unless another server
-    /// moved the head first; true if it did. On success the entry is rolled forward.
+    /// Waits until no other task of this process is sequencing in `conv`.
+    ///
+    /// Conditional writes resolve races between servers; within one server,
+    /// taking turns keeps its writers from racing each other, so a hot
+    /// conversation has at most one contender per server.
+    async fn sequencing_turn(&self, conv: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut turns = self.turns.lock().expect("turns lock");
+            if turns.len() >= ROLLED_MEMO_MAX {
+                turns.retain(|_, lock| lock.strong_count() > 0);
+            }
+            let existing = turns.get(conv).and_then(std::sync::Weak::upgrade);
+            existing.unwrap_or_else(|| {
+                let lock = Arc::new(tokio::sync::Mutex::new(()));
+                turns.insert(conv.to_owned(), Arc::downgrade(&lock));
+                lock
+            })
+        };
+        lock.lock_owned().await
+    }
+
+    /// Remembers that this process rolled `conv` forward through `seq`.
+    fn note_rolled(&self, conv: &str, seq: u64) {
+        let mut rolled = self.rolled.lock().expect("rolled lock");
+        if rolled.len() >= ROLLED_MEMO_MAX && !rolled.contains_key(conv) {
+            rolled.clear();
+        }
+        let through = rolled.entry(conv.to_owned()).or_default();
+        *through = (*through).max(seq);
+    }
+
+    /// Rolls the head forward unless this process already did (a seq names one
+    /// entry forever, so having rolled forward that seq is enough).
+    async fn ensure_rolled(&self, head: &Head) -> Result<(), StoreError> {
+        let conv = head.record.id.as_str();
+        let through = self.rolled.lock().expect("rolled lock").get(conv).copied();
+        if through.is_some_and(|t| t >= head.last_seq) {
+            return Ok(());
+        }
+        self.roll_forward(&head.entries, head.new_bucket).await
+    }
+
+    /// Makes `entries` (seqs `head.last_seq + 1 ..`, one server time) the new
+    /// head unless another server moved the head first; true if it did. On
+    /// success the entries are rolled forward.
     async fn try_advance(
         &self,
         head: &Head,
         record: &ConvRecord,
-        entry: &Entry,
+        entries: &[Entry],
     ) -> Result<bool, StoreError> {
-        let conv = entry.conv.as_str();
-        assert_eq!(entry.seq, head.last_seq + 1, "{conv}: next seq");
-        assert!(entry.server_time_ms >= head.last_time_ms, "{conv}: time");
+        let conv = head.record.id.as_str();
+        let first = entries.first().expect("something to sequence");
+        let last = entries.last().expect("something to sequence");
+        assert_eq!(first.seq, head.last_seq + 1, "{conv}: next seq");
+        assert!(
+            entries.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "{conv}: consecutive seqs"
+        );
+        assert!(first.server_time_ms >= head.last_time_ms, "{conv}: time");
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.server_time_ms == first.server_time_ms),
+            "{conv}: one write, one time"
+        );
         // Everything below the new head must be readable before it exists.
-        self.roll_forward(&head.entry, head.new_bucket).await?;
-        let new_bucket = bucket_of(entry.server_time_ms) != bucket_of(head.last_time_ms);
+        self.ensure_rolled(head).await?;
+        let new_bucket = bucket_of(first.server_time_ms) != bucket_of(head.last_time_ms);
         let row = HeadRow {
             record: encode(record),
-            last_seq: entry.seq,
-            last_time_ms: entry.server_time_ms,
-            entry: encode(entry),
+            last_seq: last.seq,
+            last_time_ms: last.server_time_ms,
+            entries: encode(&entries),
             new_bucket,
         };
         let applied = self.tables.advance_head(conv, head.last_seq, &row).await?;
@@ -190,16 +305,16 @@ impl<T: Tables + ?Sized> SharedStore<T> {
                     "injected crash between sequencing and roll-forward",
                 ));
             }
-            self.roll_forward(entry, new_bucket).await?;
+            self.roll_forward(entries, new_bucket).await?;
         }
         Ok(applied)
     }
 
-    /// The entry a message id was given, if it was sequenced before `head`
-    /// (every such entry is rolled forward and indexed) or is `head` itself.
+    /// The entry a message id was given, if it was sequenced before the head
+    /// (every such entry is rolled forward and indexed) or by the head's write.
     async fn find_message(&self, head: &Head, m: &NewMessage) -> Result<Option<Entry>, StoreError> {
-        if same_message(&head.entry, m) {
-            return Ok(Some(head.entry.clone()));
+        if let Some(entry) = head.entries.iter().find(|e| same_message(e, m)) {
+            return Ok(Some(entry.clone()));
         }
         let found = self
             .tables
@@ -212,6 +327,103 @@ impl<T: Tables + ?Sized> SharedStore<T> {
         entry
             .map(Some)
             .ok_or_else(|| backend(format!("{}: seq {seq} indexed but missing", m.conv)))
+    }
+
+    /// Takes the jobs waiting in `conv`, oldest first, up to the batch limits.
+    fn take_batch(&self, conv: &str) -> Vec<Job> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        let Some(queue) = queues.get_mut(conv) else {
+            return Vec::new();
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(job) = queue.front() {
+            let size = match &job.message.body {
+                Body::Text { text } => text.len(),
+                Body::Members { .. } => 0,
+            };
+            if !batch.is_empty() && (batch.len() >= BATCH_LEN_MAX || bytes + size > BATCH_BYTES_MAX)
+            {
+                break;
+            }
+            bytes += size;
+            batch.push(queue.pop_front().expect("front exists"));
+        }
+        if queue.is_empty() {
+            queues.remove(conv);
+        }
+        batch
+    }
+
+    /// Sequences a batch of appends with as few conditional writes as the races
+    /// allow (one, without contention) and answers every job.
+    async fn sequence_batch(&self, conv: &str, jobs: Vec<Job>) {
+        let outcome = self.try_sequence_batch(conv, &jobs).await;
+        for (i, job) in jobs.into_iter().enumerate() {
+            let reply = match &outcome {
+                Err(e) => Err(e.clone()),
+                Ok((outcomes, entries, recipients)) => match &outcomes[i] {
+                    Outcome::Rejected(e) => Err(e.clone()),
+                    Outcome::Original(entry) => Ok(Appended {
+                        entry: Arc::new(entry.clone()),
+                        duplicate: true,
+                        recipients: Arc::clone(recipients),
+                    }),
+                    Outcome::New(k) | Outcome::SameAsNew(k) => Ok(Appended {
+                        entry: Arc::clone(&entries[*k]),
+                        duplicate: matches!(outcomes[i], Outcome::SameAsNew(_)),
+                        recipients: Arc::clone(recipients),
+                    }),
+                },
+            };
+            let _ = job.reply.send(reply);
+        }
+    }
+
+    async fn try_sequence_batch(
+        &self,
+        conv: &str,
+        jobs: &[Job],
+    ) -> Result<BatchOutcome, StoreError> {
+        for _ in 0..SEQUENCE_ATTEMPTS_MAX {
+            // Read the head first: the index then covers every seq below it.
+            let head = self.require_head(conv).await?;
+            let recipients: Arc<[String]> = head.record.current_members().into();
+            let lookups = jobs.iter().map(|j| self.find_message(&head, &j.message));
+            let found = futures_util::future::try_join_all(lookups).await?;
+            let now_ms = jobs.iter().map(|j| j.now_ms).max().unwrap_or(0);
+            let server_time_ms = now_ms.max(head.last_time_ms);
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            let mut entries: Vec<Entry> = Vec::new();
+            let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+            for (job, found) in jobs.iter().zip(found) {
+                let m = &job.message;
+                if let Err(e) = head.record.require_member(&m.sender) {
+                    outcomes.push(Outcome::Rejected(e.into()));
+                } else if let Some(original) = found {
+                    outcomes.push(Outcome::Original(original));
+                } else if let Some(k) = in_batch.get(&(m.sender.as_str(), m.message_id.as_str())) {
+                    outcomes.push(Outcome::SameAsNew(*k));
+                } else {
+                    in_batch.insert((m.sender.as_str(), m.message_id.as_str()), entries.len());
+                    outcomes.push(Outcome::New(entries.len()));
+                    entries.push(Entry {
+                        conv: conv.to_owned(),
+                        seq: head.last_seq + 1 + entries.len() as u64,
+                        message_id: m.message_id.clone(),
+                        sender: m.sender.clone(),
+                        sender_device: m.sender_device.clone(),
+                        server_time_ms,
+                        body: m.body.clone(),
+                    });
+                }
+            }
+            if entries.is_empty() || self.try_advance(&head, &head.record, &entries).await? {
+                let entries = entries.into_iter().map(Arc::new).collect();
+                return Ok((outcomes, entries, recipients));
+            }
+        }
+        Err(Self::lost_races(conv))
     }
 
     fn lost_races(conv: &str) -> StoreError {
@@ -246,7 +458,7 @@ impl<T: Tables + ?Sized> SharedStore<T> {
             record: encode(&record),
             last_seq: 1,
             last_time_ms: now_ms,
-            entry: encode(&entry),
+            entries: encode(&[&entry]),
             new_bucket: true,
         };
         let applied = self.tables.insert_head(&conv, &row).await?;
@@ -260,18 +472,16 @@ impl<T: Tables + ?Sized> SharedStore<T> {
                     format!("{conv} already exists"),
                 ));
             }
-            if existing.last_seq == 1 {
-                // The creator may have crashed before rolling its entry forward.
-                self.roll_forward(&existing.entry, existing.new_bucket)
-                    .await?;
-            }
+            // The creator may have crashed before rolling its entry forward.
+            self.ensure_rolled(&existing).await?;
             let state = ConvState {
                 record: existing.record,
                 last_seq: existing.last_seq,
             };
             return Ok((state, None));
         }
-        self.roll_forward(&entry, true).await?;
+        self.roll_forward(std::slice::from_ref(&entry), true)
+            .await?;
         let appended = Appended {
             entry: Arc::new(entry),
             duplicate: false,
@@ -364,6 +574,7 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         members_max: usize,
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
+        let _turn = self.sequencing_turn(conv).await;
         for _ in 0..SEQUENCE_ATTEMPTS_MAX {
             let head = self.require_head(conv).await?;
             let mut record = head.record.clone();
@@ -378,7 +589,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
                 server_time_ms: now_ms.max(head.last_time_ms),
                 body: Body::Members { action, users },
             };
-            if self.try_advance(&head, &record, &entry).await? {
+            if self
+                .try_advance(&head, &record, std::slice::from_ref(&entry))
+                .await?
+            {
                 return Ok(Appended {
                     entry: Arc::new(entry),
                     duplicate: false,
@@ -390,36 +604,35 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
     }
 
     async fn append(&self, m: NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
-        for _ in 0..SEQUENCE_ATTEMPTS_MAX {
-            // Read the head first: the index then covers every seq below it.
-            let head = self.require_head(&m.conv).await?;
-            head.record.require_member(&m.sender)?;
-            let recipients: Arc<[String]> = head.record.current_members().into();
-            if let Some(original) = self.find_message(&head, &m).await? {
-                return Ok(Appended {
-                    entry: Arc::new(original),
-                    duplicate: true,
-                    recipients,
-                });
+        let conv = m.conv.clone();
+        let (reply, mut answer) = oneshot::channel();
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .entry(conv.clone())
+            .or_default()
+            .push_back(Job {
+                message: m,
+                now_ms,
+                reply,
+            });
+        // Group commit per conversation: whoever gets the turn sequences
+        // everything waiting, usually with one conditional write.
+        loop {
+            let turn = self.sequencing_turn(&conv).await;
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(backend("the append was abandoned while queued; retry"))
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
             }
-            let entry = Entry {
-                conv: m.conv.clone(),
-                seq: head.last_seq + 1,
-                message_id: m.message_id.clone(),
-                sender: m.sender.clone(),
-                sender_device: m.sender_device.clone(),
-                server_time_ms: now_ms.max(head.last_time_ms),
-                body: m.body.clone(),
-            };
-            if self.try_advance(&head, &head.record, &entry).await? {
-                return Ok(Appended {
-                    entry: Arc::new(entry),
-                    duplicate: false,
-                    recipients,
-                });
+            let batch = self.take_batch(&conv);
+            if !batch.is_empty() {
+                self.sequence_batch(&conv, batch).await;
             }
+            drop(turn);
         }
-        Err(Self::lost_races(&m.conv))
     }
 
     async fn ack(
@@ -430,24 +643,27 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         delivered: Option<u64>,
         read: Option<u64>,
     ) -> Result<CursorUpdate, StoreError> {
-        let head = self.require_head(conv).await?;
+        // Independent reads at once; then the two max-register writes at once.
+        let (head, old, user_before, members) = futures_util::future::try_join4(
+            self.require_head(conv),
+            self.tables.device_cursor(user, device, conv),
+            self.tables.user_cursor(conv, user),
+            self.tables.user_cursors(conv),
+        )
+        .await?;
         let membership = head.record.require_reader(user)?;
         let visible_max = head.last_seq.min(membership.visible_until());
-        let old = self
-            .tables
-            .device_cursor(user, device, conv)
-            .await?
-            .unwrap_or_default();
+        let old = old.unwrap_or_default();
         let new = old.advance(delivered, read, visible_max)?;
-        self.raise_cursor(old, new, (user, device, Some(conv)))
-            .await?;
-        let user_before = self.tables.user_cursor(conv, user).await?;
         let user_after = user_before.max(new);
-        self.raise_cursor(user_before, user_after, (conv, user, None))
-            .await?;
+        futures_util::future::try_join(
+            self.raise_cursor(old, new, (user, device, Some(conv))),
+            self.raise_cursor(user_before, user_after, (conv, user, None)),
+        )
+        .await?;
         let all_members = if head.record.kind == ConvKind::Group {
             let mut cursors: std::collections::HashMap<String, Cursor> =
-                self.tables.user_cursors(conv).await?.into_iter().collect();
+                members.into_iter().collect();
             cursors.insert(user.to_owned(), user_after);
             let current = head.record.current_members();
             let of = |u: &String| cursors.get(u).copied().unwrap_or_default();
@@ -513,13 +729,41 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
                 .await?;
             out.extend(Self::decode_entries(rows)?);
         }
-        let reached = out.last().map_or(after, |e| e.seq);
-        if reached < until && out.len() < limit as usize {
-            // Only the head may be missing (not yet rolled forward): take it from its row.
-            if let Some(head) = self.head(conv).await? {
-                if head.last_seq == reached + 1 && head.last_seq <= until {
-                    self.roll_forward(&head.entry, head.new_bucket).await?;
-                    out.push(head.entry);
+        // Only the head's entries may be missing (not rolled forward yet, or only
+        // partly: their writes run concurrently). Keep the gap-free prefix and take
+        // the rest of the head's range from its row.
+        // A missing first entry is either expired (TTL: nothing to do) or part of
+        // the head's range (taken from the head row below).
+        let hole = if out.first().is_some_and(|e| e.seq != after + 1) {
+            Some(0)
+        } else {
+            out.windows(2)
+                .position(|w| w[1].seq != w[0].seq + 1)
+                .map(|i| i + 1)
+        };
+        let short = out.last().map_or(after, |e| e.seq) < until && out.len() < limit as usize;
+        if hole.is_some() || short {
+            let whole = std::mem::take(&mut out);
+            out.extend(whole.iter().take(hole.unwrap_or(whole.len())).cloned());
+            let reached = out.last().map_or(after, |e| e.seq);
+            let head = self.head(conv).await?;
+            if let Some(head) = head {
+                let first = head.entries[0].seq;
+                if first <= reached + 1 && reached < head.last_seq {
+                    self.ensure_rolled(&head).await?;
+                    out.extend(
+                        head.entries
+                            .into_iter()
+                            .filter(|e| e.seq > reached && e.seq <= until),
+                    );
+                } else {
+                    // Below the head everything is rolled forward: a hole there is
+                    // expiry at the start of the range; keep what was read.
+                    debug_assert!(
+                        hole.is_none_or(|i| i == 0),
+                        "{conv}: a hole below the head's entries (first {first}, after {reached})"
+                    );
+                    out = whole;
                 }
             }
         }
@@ -540,10 +784,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         }
         let mut newest_first: Vec<Entry> = Vec::new();
         if let Some(head) = self.head(conv).await? {
-            if head.last_seq < before {
-                // The head may not be rolled forward yet: take it from its row.
-                self.roll_forward(&head.entry, head.new_bucket).await?;
-                newest_first.push(head.entry);
+            if head.entries[0].seq < before {
+                // The head's entries may not be rolled forward yet: take them from its row.
+                self.ensure_rolled(&head).await?;
+                newest_first.extend(head.entries.into_iter().rev().filter(|e| e.seq < before));
             }
         }
         let buckets = self.tables.buckets(conv).await?;

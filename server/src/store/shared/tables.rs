@@ -19,9 +19,10 @@ pub struct HeadRow {
     pub last_seq: u64,
     /// Server time of `last_seq`, ms.
     pub last_time_ms: u64,
-    /// JSON of entry `last_seq`.
-    pub entry: String,
-    /// Entry `last_seq` opens a new time bucket.
+    /// JSON array of the entries the last conditional write added (one or
+    /// more, consecutive, ending with `last_seq`).
+    pub entries: String,
+    /// The first of `entries` opens a new time bucket.
     pub new_bucket: bool,
 }
 

@@ -1,0 +1,626 @@
+//! The simulated backends of a multi-server run, each on its own node and reached
+//! over the simulated network (madsim RPC), each behind the trait the real backend
+//! implements:
+//!
+//! - the **store** node serves the shared store's [`Tables`] (the stand-in for
+//!   Scylla): a call is atomic and durable once applied; a crash of the node
+//!   loses only calls in flight (some applied without their reply reaching the
+//!   server: the server sees a failure for a write that happened);
+//! - the **router** node is the stand-in for Redis: a connection registry with
+//!   heartbeats and a TTL, and pub/sub-like fan-out of events to servers. It keeps
+//!   everything in memory: a crash loses the registry, as Redis without
+//!   persistence does; servers notice (new generation) and recover.
+//!
+//! Server-side, [`SimTables`] implements [`Tables`] and [`SimFabric`] implements
+//! [`Fabric`], so the servers run the same `SharedStore` and session code as
+//! production.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chatproof_server::cluster::{resync_sessions, Envelope, Fabric, FabricError, Routed};
+use chatproof_server::domain::Cursor;
+use chatproof_server::hub::Hub;
+use chatproof_server::store::shared::memory::MemTables;
+use chatproof_server::store::shared::{CursorCell, HeadRow, Tables};
+use chatproof_server::store::StoreError;
+use madsim::net::rpc::Request;
+use madsim::net::Endpoint;
+use serde::{Deserialize, Serialize};
+
+/// Port of the store service on the store node.
+pub const STORE_PORT: u16 = 9042;
+/// Port of the router on the router node.
+pub const ROUTER_PORT: u16 = 6379;
+/// Port on which each server receives routed events.
+pub const DELIVER_PORT: u16 = 7000;
+/// How long a call to a backend may take before the server gives up on it.
+const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// A server that has not heartbeated for this long is not routed to.
+const ROUTER_TTL: Duration = Duration::from_millis(1_500);
+/// How often a server heartbeats the router.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------- store
+
+/// One [`Tables`] operation, as sent to the store node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum TableCall {
+    Head(String),
+    InsertHead(String, HeadRow),
+    AdvanceHead(String, u64, HeadRow),
+    PutEntry(String, i32, u64, String),
+    PutBucket(String, i32, u64),
+    PutMessageId(String, String, String, u64),
+    PutUserConv(String, String),
+    Buckets(String),
+    EntriesAfter(String, i32, u64, u64, u32),
+    EntriesBefore(String, i32, u64, u32),
+    MessageId(String, String, String),
+    UserConvs(String),
+    DeviceCursor(String, String, String),
+    RaiseDeviceCursor(String, String, String, CursorCell, u64),
+    UserCursor(String, String),
+    UserCursors(String),
+    RaiseUserCursor(String, String, CursorCell, u64),
+}
+
+/// The store node's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum TableReply {
+    Unit,
+    Head(Option<HeadRow>),
+    Applied(bool),
+    Buckets(Vec<(i32, u64)>),
+    Strings(Vec<String>),
+    Seq(Option<u64>),
+    Cursor(Option<(u64, u64)>),
+    UserCursors(Vec<(String, u64, u64)>),
+}
+
+impl Request for TableCall {
+    type Response = Result<TableReply, String>;
+    const ID: u64 = 0xC0FF_EE01;
+}
+
+fn pair(c: Cursor) -> (u64, u64) {
+    (c.delivered, c.read)
+}
+
+fn cursor((delivered, read): (u64, u64)) -> Cursor {
+    Cursor { delivered, read }
+}
+
+/// Applies one call to the tables (the store node's handler).
+async fn apply(tables: &MemTables, call: TableCall) -> Result<TableReply, StoreError> {
+    use TableCall as C;
+    use TableReply as R;
+    Ok(match call {
+        C::Head(conv) => R::Head(tables.head(&conv).await?),
+        C::InsertHead(conv, row) => R::Applied(tables.insert_head(&conv, &row).await?),
+        C::AdvanceHead(conv, expected, row) => {
+            R::Applied(tables.advance_head(&conv, expected, &row).await?)
+        }
+        C::PutEntry(conv, bucket, seq, entry) => {
+            tables.put_entry(&conv, bucket, seq, &entry).await?;
+            R::Unit
+        }
+        C::PutBucket(conv, bucket, first) => {
+            tables.put_bucket(&conv, bucket, first).await?;
+            R::Unit
+        }
+        C::PutMessageId(conv, sender, id, seq) => {
+            tables.put_message_id(&conv, &sender, &id, seq).await?;
+            R::Unit
+        }
+        C::PutUserConv(user, conv) => {
+            tables.put_user_conv(&user, &conv).await?;
+            R::Unit
+        }
+        C::Buckets(conv) => R::Buckets(tables.buckets(&conv).await?),
+        C::EntriesAfter(conv, bucket, after, until, limit) => R::Strings(
+            tables
+                .entries_after(&conv, bucket, after, until, limit)
+                .await?,
+        ),
+        C::EntriesBefore(conv, bucket, before, limit) => {
+            R::Strings(tables.entries_before(&conv, bucket, before, limit).await?)
+        }
+        C::MessageId(conv, sender, id) => R::Seq(tables.message_id(&conv, &sender, &id).await?),
+        C::UserConvs(user) => R::Strings(tables.user_convs(&user).await?),
+        C::DeviceCursor(user, device, conv) => {
+            R::Cursor(tables.device_cursor(&user, &device, &conv).await?.map(pair))
+        }
+        C::RaiseDeviceCursor(user, device, conv, cell, value) => {
+            tables
+                .raise_device_cursor(&user, &device, &conv, cell, value)
+                .await?;
+            R::Unit
+        }
+        C::UserCursor(conv, user) => R::Cursor(Some(pair(tables.user_cursor(&conv, &user).await?))),
+        C::UserCursors(conv) => R::UserCursors(
+            tables
+                .user_cursors(&conv)
+                .await?
+                .into_iter()
+                .map(|(u, c)| (u, c.delivered, c.read))
+                .collect(),
+        ),
+        C::RaiseUserCursor(conv, user, cell, value) => {
+            tables.raise_user_cursor(&conv, &user, cell, value).await?;
+            R::Unit
+        }
+    })
+}
+
+/// The store node: serves `tables` (which outlive the node's crashes) until killed.
+pub async fn serve_store(addr: SocketAddr, tables: Arc<MemTables>) {
+    let ep = Endpoint::bind(addr).await.expect("binding the store port");
+    ep.add_rpc_handler(move |call: TableCall| {
+        let tables = Arc::clone(&tables);
+        async move {
+            // Service time: reads and writes are not free.
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            apply(&tables, call).await.map_err(|e| e.to_string())
+        }
+    });
+    std::future::pending::<()>().await;
+}
+
+/// [`Tables`] on the simulated store node.
+pub struct SimTables {
+    ep: Endpoint,
+    store: SocketAddr,
+}
+
+impl SimTables {
+    /// A client of the store at `store`.
+    pub async fn connect(store: SocketAddr) -> Self {
+        let ep = Endpoint::bind("0.0.0.0:0")
+            .await
+            .expect("binding a client endpoint");
+        Self { ep, store }
+    }
+
+    async fn call(&self, call: TableCall) -> Result<TableReply, StoreError> {
+        match self.ep.call_timeout(self.store, call, CALL_TIMEOUT).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(why)) => Err(StoreError::Backend(why)),
+            Err(e) => Err(StoreError::Backend(format!("store unreachable: {e}"))),
+        }
+    }
+}
+
+fn unexpected(reply: TableReply) -> StoreError {
+    StoreError::Backend(format!("unexpected store reply {reply:?}"))
+}
+
+macro_rules! expect_reply {
+    ($self:ident, $call:expr, $pat:pat => $out:expr) => {
+        match $self.call($call).await? {
+            $pat => Ok($out),
+            other => Err(unexpected(other)),
+        }
+    };
+}
+
+#[async_trait]
+impl Tables for SimTables {
+    async fn head(&self, conv: &str) -> Result<Option<HeadRow>, StoreError> {
+        expect_reply!(self, TableCall::Head(conv.into()), TableReply::Head(h) => h)
+    }
+
+    async fn insert_head(&self, conv: &str, row: &HeadRow) -> Result<bool, StoreError> {
+        expect_reply!(self, TableCall::InsertHead(conv.into(), row.clone()), TableReply::Applied(a) => a)
+    }
+
+    async fn advance_head(
+        &self,
+        conv: &str,
+        expected_last_seq: u64,
+        row: &HeadRow,
+    ) -> Result<bool, StoreError> {
+        let call = TableCall::AdvanceHead(conv.into(), expected_last_seq, row.clone());
+        expect_reply!(self, call, TableReply::Applied(a) => a)
+    }
+
+    async fn put_entry(
+        &self,
+        conv: &str,
+        bucket: i32,
+        seq: u64,
+        entry: &str,
+    ) -> Result<(), StoreError> {
+        let call = TableCall::PutEntry(conv.into(), bucket, seq, entry.into());
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn put_bucket(&self, conv: &str, bucket: i32, first_seq: u64) -> Result<(), StoreError> {
+        let call = TableCall::PutBucket(conv.into(), bucket, first_seq);
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn put_message_id(
+        &self,
+        conv: &str,
+        sender: &str,
+        message_id: &str,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let call = TableCall::PutMessageId(conv.into(), sender.into(), message_id.into(), seq);
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn put_user_conv(&self, user: &str, conv: &str) -> Result<(), StoreError> {
+        let call = TableCall::PutUserConv(user.into(), conv.into());
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn buckets(&self, conv: &str) -> Result<Vec<(i32, u64)>, StoreError> {
+        expect_reply!(self, TableCall::Buckets(conv.into()), TableReply::Buckets(b) => b)
+    }
+
+    async fn entries_after(
+        &self,
+        conv: &str,
+        bucket: i32,
+        after: u64,
+        until: u64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let call = TableCall::EntriesAfter(conv.into(), bucket, after, until, limit);
+        expect_reply!(self, call, TableReply::Strings(s) => s)
+    }
+
+    async fn entries_before(
+        &self,
+        conv: &str,
+        bucket: i32,
+        before: u64,
+        limit: u32,
+    ) -> Result<Vec<String>, StoreError> {
+        let call = TableCall::EntriesBefore(conv.into(), bucket, before, limit);
+        expect_reply!(self, call, TableReply::Strings(s) => s)
+    }
+
+    async fn message_id(
+        &self,
+        conv: &str,
+        sender: &str,
+        message_id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let call = TableCall::MessageId(conv.into(), sender.into(), message_id.into());
+        expect_reply!(self, call, TableReply::Seq(s) => s)
+    }
+
+    async fn user_convs(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        expect_reply!(self, TableCall::UserConvs(user.into()), TableReply::Strings(s) => s)
+    }
+
+    async fn device_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+    ) -> Result<Option<Cursor>, StoreError> {
+        let call = TableCall::DeviceCursor(user.into(), device.into(), conv.into());
+        expect_reply!(self, call, TableReply::Cursor(c) => c.map(cursor))
+    }
+
+    async fn raise_device_cursor(
+        &self,
+        user: &str,
+        device: &str,
+        conv: &str,
+        cell: CursorCell,
+        value: u64,
+    ) -> Result<(), StoreError> {
+        let call =
+            TableCall::RaiseDeviceCursor(user.into(), device.into(), conv.into(), cell, value);
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError> {
+        let call = TableCall::UserCursor(conv.into(), user.into());
+        expect_reply!(self, call, TableReply::Cursor(c) => c.map(cursor).unwrap_or_default())
+    }
+
+    async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError> {
+        let call = TableCall::UserCursors(conv.into());
+        expect_reply!(self, call, TableReply::UserCursors(v) => v
+            .into_iter()
+            .map(|(u, d, r)| (u, cursor((d, r))))
+            .collect())
+    }
+
+    async fn raise_user_cursor(
+        &self,
+        conv: &str,
+        user: &str,
+        cell: CursorCell,
+        value: u64,
+    ) -> Result<(), StoreError> {
+        let call = TableCall::RaiseUserCursor(conv.into(), user.into(), cell, value);
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+}
+
+// ---------------------------------------------------------------- router
+
+/// Calls from a server to the router.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RouterCall {
+    /// Heartbeat of the server receiving events at this address.
+    Announce(SocketAddr),
+    /// `device` of `user` is connected to the server at the address.
+    Register(String, String, SocketAddr),
+    /// Forget the device if it is still recorded at the address.
+    Forget(String, String, SocketAddr),
+    /// Route an envelope's event to the other live servers of its users.
+    Route(SocketAddr, Vec<String>, String),
+}
+
+/// The router's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum RouterReply {
+    /// To `Announce`: the router's generation and how many events it sent this server.
+    Alive {
+        /// Changes whenever the router restarts (its registry is then empty).
+        generation: u64,
+        /// Events sent to this server in this generation.
+        sent: u64,
+    },
+    /// Anything else.
+    Done,
+}
+
+impl Request for RouterCall {
+    type Response = RouterReply;
+    const ID: u64 = 0xC0FF_EE02;
+}
+
+/// An event from the router to a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deliver {
+    /// The router's generation.
+    pub generation: u64,
+    /// 1, 2, 3, ... per (generation, server): a gap means a lost event.
+    pub seq: u64,
+    /// [`Envelope`] JSON.
+    pub envelope: String,
+}
+
+impl Request for Deliver {
+    type Response = ();
+    const ID: u64 = 0xC0FF_EE03;
+}
+
+#[derive(Default)]
+struct RouterState {
+    devices: BTreeMap<String, BTreeMap<String, SocketAddr>>,
+    alive_until: BTreeMap<SocketAddr, tokio::time::Instant>,
+    sent: BTreeMap<SocketAddr, u64>,
+}
+
+/// The router node: registry and fan-out, all in memory (lost on a crash).
+pub async fn serve_router(addr: SocketAddr, generation: u64) {
+    let ep = Endpoint::bind(addr).await.expect("binding the router port");
+    let state = Arc::new(Mutex::new(RouterState::default()));
+    let sender = ep.clone();
+    ep.add_rpc_handler(move |call: RouterCall| {
+        let (state, ep) = (Arc::clone(&state), sender.clone());
+        async move { route_call(&state, &ep, generation, call) }
+    });
+    std::future::pending::<()>().await;
+}
+
+fn route_call(
+    state: &Mutex<RouterState>,
+    ep: &Endpoint,
+    generation: u64,
+    call: RouterCall,
+) -> RouterReply {
+    let now = tokio::time::Instant::now();
+    let mut s = state.lock().expect("router state");
+    match call {
+        RouterCall::Announce(server) => {
+            s.alive_until.insert(server, now + ROUTER_TTL);
+            let sent = s.sent.get(&server).copied().unwrap_or(0);
+            return RouterReply::Alive { generation, sent };
+        }
+        RouterCall::Register(user, device, server) => {
+            s.devices.entry(user).or_default().insert(device, server);
+        }
+        RouterCall::Forget(user, device, server) => {
+            if let Some(devices) = s.devices.get_mut(&user) {
+                if devices.get(&device) == Some(&server) {
+                    devices.remove(&device);
+                }
+            }
+        }
+        RouterCall::Route(from, users, event) => {
+            let mut by_server: BTreeMap<SocketAddr, BTreeSet<String>> = BTreeMap::new();
+            for user in users {
+                for server in s.devices.get(&user).into_iter().flat_map(|d| d.values()) {
+                    let alive = s.alive_until.get(server).is_some_and(|t| *t > now);
+                    if *server != from && alive {
+                        by_server.entry(*server).or_default().insert(user.clone());
+                    }
+                }
+            }
+            let event: Envelope = serde_json::from_str(&event).expect("envelopes decode");
+            for (server, users) in by_server {
+                let seq = {
+                    let sent = s.sent.entry(server).or_default();
+                    *sent += 1;
+                    *sent
+                };
+                let envelope = Envelope {
+                    users: users.into_iter().collect(),
+                    entry: event.entry.clone(),
+                    receipt: event.receipt.clone(),
+                };
+                let deliver = Deliver {
+                    generation,
+                    seq,
+                    envelope: serde_json::to_string(&envelope).expect("envelopes encode"),
+                };
+                let ep = ep.clone();
+                // Pub/sub: fire and forget; a lost delivery shows up as a gap.
+                tokio::spawn(async move {
+                    let target = SocketAddr::new(server.ip(), DELIVER_PORT);
+                    let _ = ep.call_timeout(target, deliver, CALL_TIMEOUT).await;
+                });
+            }
+        }
+    }
+    RouterReply::Done
+}
+
+/// What a server knows of its link to the router.
+#[derive(Default)]
+struct Link {
+    generation: Option<u64>,
+    received: u64,
+    /// Events may have been lost since the last recovery.
+    suspect: bool,
+}
+
+/// [`Fabric`] on the simulated router.
+pub struct SimFabric {
+    ep: Endpoint,
+    router: SocketAddr,
+    me: SocketAddr,
+    id: String,
+    link: Arc<Mutex<Link>>,
+    recoveries: AtomicU64,
+}
+
+impl SimFabric {
+    /// Joins the router at `router` as the server whose events arrive at
+    /// `me` (port [`DELIVER_PORT`]); starts the heartbeat and the event handler.
+    pub async fn start(router: SocketAddr, me: SocketAddr, hub: Arc<Hub>) -> Arc<Self> {
+        let ep = Endpoint::bind(me).await.expect("binding the deliver port");
+        let fabric = Arc::new(Self {
+            ep,
+            router,
+            me,
+            id: me.to_string(),
+            link: Arc::new(Mutex::new(Link::default())),
+            recoveries: AtomicU64::new(0),
+        });
+        let (link, events_hub) = (Arc::clone(&fabric.link), Arc::clone(&hub));
+        fabric.ep.add_rpc_handler(move |d: Deliver| {
+            let (link, hub) = (Arc::clone(&link), Arc::clone(&events_hub));
+            async move {
+                {
+                    let mut l = link.lock().expect("link");
+                    if l.generation != Some(d.generation) || d.seq != l.received + 1 {
+                        l.suspect = true;
+                    }
+                    l.received = l.received.max(d.seq);
+                }
+                if let Ok(envelope) = serde_json::from_str::<Envelope>(&d.envelope) {
+                    envelope.deliver(&hub);
+                }
+            }
+        });
+        tokio::spawn(Arc::clone(&fabric).heartbeat_loop(hub));
+        fabric
+    }
+
+    async fn call(&self, call: RouterCall) -> Result<RouterReply, FabricError> {
+        self.ep
+            .call_timeout(self.router, call, CALL_TIMEOUT)
+            .await
+            .map_err(|e| FabricError(format!("router unreachable: {e}")))
+    }
+
+    /// Heartbeats; after anything that may have lost events (no answer, a new
+    /// generation, fewer events received than sent) re-registers the local
+    /// devices and makes every session resync.
+    async fn heartbeat_loop(self: Arc<Self>, hub: Arc<Hub>) {
+        loop {
+            let reply = self.call(RouterCall::Announce(self.me)).await;
+            let recover = {
+                let mut l = self.link.lock().expect("link");
+                match reply {
+                    Ok(RouterReply::Alive { generation, sent }) => {
+                        if l.generation != Some(generation) {
+                            l.suspect |= l.generation.is_some();
+                            l.generation = Some(generation);
+                            l.received = 0;
+                        }
+                        if sent > l.received {
+                            l.suspect = true;
+                            l.received = sent;
+                        }
+                        std::mem::take(&mut l.suspect)
+                    }
+                    _ => {
+                        l.suspect = true;
+                        false
+                    }
+                }
+            };
+            if recover {
+                self.recover(&hub).await;
+            }
+            tokio::time::sleep(HEARTBEAT_EVERY).await;
+        }
+    }
+
+    async fn recover(&self, hub: &Hub) {
+        for (user, device) in hub.devices() {
+            if self
+                .call(RouterCall::Register(user, device, self.me))
+                .await
+                .is_err()
+            {
+                self.link.lock().expect("link").suspect = true;
+                return; // The next heartbeat tries again.
+            }
+        }
+        self.recoveries.fetch_add(1, Ordering::Relaxed);
+        resync_sessions(hub);
+    }
+}
+
+#[async_trait]
+impl Fabric for SimFabric {
+    fn server_id(&self) -> &str {
+        &self.id
+    }
+
+    async fn device_connected(&self, user: &str, device: &str) -> Result<(), FabricError> {
+        let call = RouterCall::Register(user.into(), device.into(), self.me);
+        self.call(call).await.map(|_| ())
+    }
+
+    fn device_disconnected(&self, user: &str, device: &str) {
+        let call = RouterCall::Forget(user.into(), device.into(), self.me);
+        let (ep, router) = (self.ep.clone(), self.router);
+        tokio::spawn(async move {
+            let _ = ep.call_timeout(router, call, CALL_TIMEOUT).await;
+        });
+    }
+
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError> {
+        let envelope = Envelope::new(users.to_vec(), &event);
+        let json = serde_json::to_string(&envelope).expect("envelopes encode");
+        let routed = self
+            .call(RouterCall::Route(self.me, users.to_vec(), json))
+            .await;
+        if routed.is_err() {
+            // This server's own link may have dropped events too.
+            self.link.lock().expect("link").suspect = true;
+        }
+        routed.map(|_| ())
+    }
+}
