@@ -60,6 +60,46 @@ fn overlaps(
     })
 }
 
+/// Each user's visible range `(first seq, last seq)` per conversation: initial
+/// members from seq 1; users added from their add entry; anyone removed or gone
+/// up to (and including) the entry that removed them. Built from the membership
+/// changes acknowledged to their makers and those devices were shown.
+pub fn visible_ranges(h: &History, world: &World<'_>) -> HashMap<(String, u32), (u64, u64)> {
+    let mut ranges = HashMap::new();
+    for c in world.convs {
+        for &u in &c.members {
+            ranges.insert((c.id.clone(), u), (1, u64::MAX));
+        }
+    }
+    let mut changes: BTreeMap<(String, u64), (String, Vec<u32>)> = BTreeMap::new();
+    for m in &h.member_changes {
+        changes.insert((m.conv.clone(), m.seq), (m.action.clone(), m.users.clone()));
+    }
+    for r in &h.received {
+        if let Some((action, users)) = &r.members {
+            changes.insert((r.conv.clone(), r.seq), (action.clone(), users.clone()));
+        }
+    }
+    let mut by_seq: Vec<_> = changes.into_iter().collect();
+    by_seq.sort_by_key(|((_, seq), _)| *seq);
+    for ((conv, seq), (action, users)) in by_seq {
+        for u in users {
+            match action.as_str() {
+                "add" => {
+                    ranges.insert((conv.clone(), u), (seq, u64::MAX));
+                }
+                "remove" | "leave" => {
+                    if let Some(range) = ranges.get_mut(&(conv.clone(), u)) {
+                        range.1 = range.1.min(seq);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    ranges
+}
+
 /// Checks everything; returns every violation found.
 pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
     let mut out = Vec::new();
@@ -70,11 +110,8 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
             detail,
         })
     };
-    let members: HashMap<&str, &Vec<u32>> = world
-        .convs
-        .iter()
-        .map(|c| (c.id.as_str(), &c.members))
-        .collect();
+    let ranges = visible_ranges(h, world);
+    let range_of = |conv: &str, user: u32| ranges.get(&(conv.to_owned(), user)).copied();
     let sent: HashMap<(&str, &str), &crate::history::Sent> = h
         .sent
         .iter()
@@ -89,20 +126,20 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
     let mut seqs_of_id: HashMap<(&str, &str), BTreeSet<u64>> = HashMap::new();
     for r in &h.received {
         let key = (r.device, r.conv.as_str());
-        if !members
-            .get(r.conv.as_str())
-            .is_some_and(|m| m.contains(&r.device.0))
-        {
+        let Some((start, end)) =
+            range_of(&r.conv, r.device.0).filter(|(s, e)| (*s..=*e).contains(&r.seq))
+        else {
             v(
                 "phantom",
                 &r.conv,
                 format!(
-                    "device {:?} got seq {} of a conversation it is not in",
+                    "device {:?} got seq {} of a conversation it was not in at that seq",
                     r.device, r.seq
                 ),
             );
             continue;
-        }
+        };
+        debug_assert!(start <= end);
         if !r.system && !sent.contains_key(&(r.conv.as_str(), r.message_id.as_str())) {
             v(
                 "phantom",
@@ -134,7 +171,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
                 .or_default()
                 .insert(r.seq);
         }
-        let expected = next.entry(key).or_insert(1);
+        let expected = next.entry(key).or_insert(start);
         if r.seq == *expected {
             *expected += 1;
         } else if r.seq < *expected {
@@ -202,7 +239,11 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         acked_seqs.insert((a.conv.as_str(), a.seq), &a.message_id);
     }
     for ((conv, seq), id) in &acked_seqs {
-        for &user in members.get(conv).map(|m| m.as_slice()).unwrap_or_default() {
+        let holders = ranges
+            .iter()
+            .filter(|((c, _), (start, end))| c == conv && (*start..=*end).contains(seq))
+            .map(|((_, user), _)| *user);
+        for user in holders {
             for d in 0..world.devices_per_user[user as usize] {
                 if !held
                     .get(&((user, d), *conv))
@@ -224,7 +265,11 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
     // Receipts never go back and never claim more than the user's devices held.
     let mut best_held: HashMap<(u32, &str), u64> = HashMap::new();
     for ((device, conv), seqs) in &held {
-        let contiguous = (1..).take_while(|s| seqs.contains(s)).last().unwrap_or(0);
+        let start = range_of(conv, device.0).map_or(1, |(s, _)| s);
+        let contiguous = (start..)
+            .take_while(|s| seqs.contains(s))
+            .last()
+            .unwrap_or(start - 1);
         let best = best_held.entry((device.0, *conv)).or_insert(0);
         *best = (*best).max(contiguous);
     }
@@ -286,7 +331,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Acked, ReceiptSeen, Received, Sent};
+    use crate::history::{Acked, MemberChange, ReceiptSeen, Received, Sent};
 
     fn recv(device: DeviceKey, seq: u64, id: &str) -> Received {
         Received {
@@ -295,6 +340,7 @@ mod tests {
             seq,
             message_id: id.into(),
             system: id.starts_with("member"),
+            members: None,
             t_ms: 10,
         }
     }
@@ -328,6 +374,68 @@ mod tests {
             t_ms: 5,
         });
         h
+    }
+
+    /// Members added later hold entries from their add entry on; members who left
+    /// hold them up to the entry that removed them, and nothing after.
+    #[test]
+    fn membership_changes_bound_what_each_user_holds() {
+        let convs = [ConvSpec {
+            id: "c".into(),
+            members: vec![0, 1],
+        }];
+        let world = World {
+            convs: &convs,
+            devices_per_user: &[1, 1, 1],
+            latency_bound_ms: 1000,
+        };
+        let mut h = base();
+        h.sent.push(Sent {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m2".into(),
+            t_ms: 20,
+        });
+        h.acked.push(Acked {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m2".into(),
+            seq: 5,
+            t_ms: 25,
+        });
+        let change = |seq: u64, action: &str, user: u32| MemberChange {
+            conv: "c".into(),
+            seq,
+            action: action.into(),
+            users: vec![user],
+        };
+        h.member_changes.push(change(3, "add", 2));
+        h.member_changes.push(change(4, "leave", 1));
+        let ids = ["member-1", "m1", "member-3", "member-4", "m2"];
+        let shown = |device: DeviceKey, seqs: std::ops::RangeInclusive<u64>| {
+            seqs.map(move |s| recv(device, s, ids[s as usize - 1]))
+        };
+        let mut clean = h.clone();
+        clean.received.extend(shown((0, 0), 1..=5));
+        clean.received.extend(shown((1, 0), 1..=4));
+        clean.received.extend(shown((2, 0), 3..=5));
+        let kinds =
+            |h: &History| -> Vec<&str> { check(h, &world).into_iter().map(|v| v.kind).collect() };
+        assert!(kinds(&clean).is_empty(), "{:?}", check(&clean, &world));
+
+        let mut after_leaving = clean.clone();
+        after_leaving.received.push(recv((1, 0), 5, "m2"));
+        assert_eq!(kinds(&after_leaving), vec!["phantom"]);
+
+        let mut joiner_missed = h.clone();
+        joiner_missed.received.extend(shown((0, 0), 1..=5));
+        joiner_missed.received.extend(shown((1, 0), 1..=4));
+        joiner_missed.received.extend(shown((2, 0), 3..=4));
+        assert_eq!(kinds(&joiner_missed), vec!["lost"]);
+
+        let mut before_joining = clean;
+        before_joining.received.push(recv((2, 0), 2, "m1"));
+        assert!(kinds(&before_joining).contains(&"phantom"));
     }
 
     /// A clean history passes; each kind of broken history is named by the contract.

@@ -101,6 +101,11 @@ pub async fn run_device(
     let (user, device) = spec.key;
     let mut rng = SeedRng::new(seed, 1000 + u64::from(user) * 16 + u64::from(device));
     let mut cursors: BTreeMap<String, u64> = spec.convs.iter().map(|c| (c.clone(), 0)).collect();
+    // Conversations the user may send to: grows when added to a group, shrinks on leaving.
+    let mut sendable: Vec<String> = spec.convs.clone();
+    let me = format!("u{user}");
+    // Send rids in flight, so a refusal can be matched to its message.
+    let mut send_rids: BTreeMap<String, String> = BTreeMap::new();
     let mut acked_cursor: BTreeMap<String, u64> = BTreeMap::new();
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     let mut made = 0u32;
@@ -143,7 +148,15 @@ pub async fn run_device(
                     let Message::Text(text) = frame else { continue };
                     let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
                     match (v["type"].as_str(), v["rid"].as_str()) {
+                        // Sent to a group the user has left: it will never be accepted.
+                        (Some("error"), Some(r)) if r.starts_with('s') && v["code"] == "not_member" => {
+                            if let Some(id) = send_rids.remove(r) {
+                                shared.note(format!("device {:?} dropped {id}: not a member", spec.key));
+                                pending.remove(&id);
+                            }
+                        }
                         (Some("ok"), Some(r)) if r.starts_with('s') => {
+                            send_rids.remove(r);
                             let res = &v["result"];
                             let (Some(conv), Some(id), Some(seq)) = (res["conv"].as_str(), res["message_id"].as_str(), res["seq"].as_u64()) else { continue };
                             pending.remove(id);
@@ -166,7 +179,23 @@ pub async fn run_device(
                             let (Some(conv), Some(seq)) = (v["conv"].as_str(), v["seq"].as_u64()) else { continue };
                             let id = v["message_id"].as_str().unwrap_or_default().to_owned();
                             let system = v["body"]["kind"] == "members";
-                            shared.with(|h| h.received.push(Received { device: spec.key, conv: conv.into(), seq, message_id: id, system, t_ms: sim_ms() }));
+                            let members = system.then(|| {
+                                let action = v["body"]["action"].as_str().unwrap_or_default().to_owned();
+                                let users: Vec<String> = v["body"]["users"].as_array().map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect()).unwrap_or_default();
+                                (action, users)
+                            });
+                            if let Some((action, users)) = &members {
+                                if users.contains(&me) && action == "add" && !cursors.contains_key(conv) {
+                                    // Added to a group: its stream starts at this entry.
+                                    cursors.insert(conv.to_owned(), seq - 1);
+                                    sendable.push(conv.to_owned());
+                                }
+                                if users.contains(&me) && (action == "remove" || action == "leave") {
+                                    sendable.retain(|c| c != conv);
+                                }
+                            }
+                            let members = members.map(|(action, users)| (action, users.iter().filter_map(|u| u.trim_start_matches('u').parse().ok()).collect()));
+                            shared.with(|h| h.received.push(Received { device: spec.key, conv: conv.into(), seq, message_id: id, system, members, t_ms: sim_ms() }));
                             if let Some(c) = cursors.get_mut(conv) {
                                 if seq == *c + 1 {
                                     *c = seq;
@@ -201,10 +230,10 @@ pub async fn run_device(
                         shared.note(format!("device {:?} dropped its connection mid-send", spec.key));
                         break 'session;
                     }
-                    if !shared.stop_sending.load(Ordering::SeqCst) && !spec.convs.is_empty() && rng.chance(send_chance) {
+                    if !shared.stop_sending.load(Ordering::SeqCst) && !sendable.is_empty() && rng.chance(send_chance) {
                         // Sometimes a burst, as a user typing fast does.
                         let burst = if rng.chance(0.3) { OUTSTANDING_MAX } else { 1 };
-                        let conv = spec.convs[rng.range(0, spec.convs.len() as u64 - 1) as usize].clone();
+                        let conv = sendable[rng.range(0, sendable.len() as u64 - 1) as usize].clone();
                         for _ in 0..burst {
                             if made >= spec.to_send || pending.len() >= OUTSTANDING_MAX {
                                 break;
@@ -221,6 +250,7 @@ pub async fn run_device(
                         p.last_attempt_ms = Some(now);
                         last_written = Some((id.clone(), p.conv.clone()));
                         rid += 1;
+                        send_rids.insert(format!("s{rid}"), id.clone());
                         frames.push(json!({"rid": format!("s{rid}"), "op": "send", "conv": p.conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
                     }
                     for (conv, &c) in &cursors {

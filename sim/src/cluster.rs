@@ -24,8 +24,8 @@ use serde_json::json;
 use crate::checker::ConvSpec;
 use crate::client::{self, DeviceSpec, Progress};
 use crate::faults::{self, Backends};
-use crate::history::{DeviceKey, History};
-use crate::options::SimOptions;
+use crate::history::{DeviceKey, History, MemberChange};
+use crate::options::{ChangeKind, PlannedChange, SimOptions};
 use crate::services::{self, SimFabric, SimTables, DELIVER_PORT, ROUTER_PORT, STORE_PORT};
 
 /// Chat port of every simulated server.
@@ -322,6 +322,32 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     }
     let device_nodes: Vec<_> = (0..index).map(device_ip).collect();
     let _ = device_nodes;
+    // Membership changes, made over the protocol like any client would.
+    let admin = {
+        let (changes, shared, convs) = (
+            opts.member_changes.clone(),
+            Arc::clone(&shared),
+            convs.clone(),
+        );
+        let groups: Vec<String> = convs
+            .iter()
+            .filter(|c| c.id.starts_with("g:"))
+            .map(|c| c.id.clone())
+            .collect();
+        setup.spawn(async move {
+            for change in changes {
+                let wait = change.at_ms.saturating_sub(sim_ms());
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let conv = &groups[change.group];
+                let owner = convs
+                    .iter()
+                    .find(|c| c.id == *conv)
+                    .map(|c| c.members[0])
+                    .expect("group");
+                make_change(&shared, &key, exp, conv, owner, change).await;
+            }
+        })
+    };
 
     // Safety phase: faults on.
     let injector = faults::Injector::new(&opts, backends, Arc::clone(&shared));
@@ -346,6 +372,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         }
     };
     shared.stop_all.store(true, Ordering::SeqCst);
+    let _ = tokio::time::timeout(Duration::from_secs(10), admin).await;
     for d in devices {
         let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
     }
@@ -359,6 +386,69 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     }
 }
 
+/// Makes one planned membership change over the protocol, retrying through
+/// faults; records it once acknowledged.
+async fn make_change(
+    shared: &Shared,
+    key: &TokenKey,
+    exp: u64,
+    conv: &str,
+    owner: u32,
+    change: PlannedChange,
+) {
+    let user = format!("u{}", change.user);
+    let (actor, op) = match change.kind {
+        ChangeKind::Join => (
+            owner,
+            json!({"rid": "m", "op": "add_members", "conv": conv, "users": [user]}),
+        ),
+        ChangeKind::Remove => (
+            owner,
+            json!({"rid": "m", "op": "remove_members", "conv": conv, "users": [user]}),
+        ),
+        ChangeKind::Leave => (
+            change.user,
+            json!({"rid": "m", "op": "leave", "conv": conv}),
+        ),
+    };
+    let mut attempt = 0;
+    while !shared.stop_sending.load(Ordering::SeqCst) {
+        let server = shared.servers[attempt % shared.servers.len()];
+        attempt += 1;
+        if let Some(mut ws) = client::connect(server).await {
+            let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": key.mint(&format!("u{actor}"), exp), "device": "admin"});
+            if client::roundtrip(&mut ws, hello).await.is_some() {
+                if let Some(reply) = client::roundtrip(&mut ws, op.clone()).await {
+                    let _ = futures_util::SinkExt::close(&mut ws).await;
+                    if reply["type"] == "ok" {
+                        let seq = reply["result"]["seq"].as_u64().unwrap_or(0);
+                        let action = match change.kind {
+                            ChangeKind::Join => "add",
+                            ChangeKind::Remove => "remove",
+                            ChangeKind::Leave => "leave",
+                        };
+                        shared.note(format!("{action} u{} in {conv} at seq {seq}", change.user));
+                        shared.with(|h| {
+                            h.member_changes.push(MemberChange {
+                                conv: conv.to_owned(),
+                                seq,
+                                action: action.to_owned(),
+                                users: vec![change.user],
+                            })
+                        });
+                        return;
+                    }
+                    // Made by an earlier attempt whose reply was lost: devices show its seq.
+                    if reply["code"] == "duplicate_member" || reply["code"] == "not_member" {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// The first reason a device has not converged yet, if any.
 fn lagging(
     shared: &Shared,
@@ -366,6 +456,12 @@ fn lagging(
     progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
 ) -> Option<String> {
     let h = shared.history.lock().expect("history");
+    let world = crate::checker::World {
+        convs,
+        devices_per_user: &[],
+        latency_bound_ms: 0,
+    };
+    let ranges = crate::checker::visible_ranges(&h, &world);
     for (device, p) in progress {
         let p = p.lock().expect("progress");
         if p.outstanding > 0 {
@@ -374,19 +470,28 @@ fn lagging(
                 p.outstanding
             ));
         }
-        for c in convs.iter().filter(|c| c.members.contains(&device.0)) {
+        for ((conv, user), (_, last)) in &ranges {
+            if *user != device.0 {
+                continue;
+            }
             let top = h
                 .acked
                 .iter()
-                .filter(|a| a.conv == c.id)
+                .filter(|a| a.conv == *conv)
                 .map(|a| a.seq)
+                .chain(
+                    h.member_changes
+                        .iter()
+                        .filter(|m| m.conv == *conv)
+                        .map(|m| m.seq),
+                )
                 .max()
-                .unwrap_or(1);
-            let held = p.cursors.get(&c.id).copied().unwrap_or(0);
+                .unwrap_or(1)
+                .min(*last);
+            let held = p.cursors.get(conv).copied().unwrap_or(0);
             if held < top {
                 return Some(format!(
-                    "device {device:?} holds {} up to {held}, acknowledged up to {top}",
-                    c.id
+                    "device {device:?} holds {conv} up to {held}, acknowledged up to {top}"
                 ));
             }
         }

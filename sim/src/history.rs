@@ -46,6 +46,8 @@ pub struct Received {
     pub message_id: String,
     /// True for membership entries.
     pub system: bool,
+    /// A membership entry: its action (`create`, `add`, `remove`, `leave`) and users.
+    pub members: Option<(String, Vec<u32>)>,
     /// Simulated time, ms.
     pub t_ms: u64,
 }
@@ -79,11 +81,26 @@ pub struct FaultWindow {
     pub device: Option<DeviceKey>,
 }
 
+/// A membership change, as acknowledged to the client that made it.
+#[derive(Debug, Clone)]
+pub struct MemberChange {
+    /// The group.
+    pub conv: String,
+    /// Its entry's seq.
+    pub seq: u64,
+    /// `add`, `remove` or `leave`.
+    pub action: String,
+    /// The users concerned.
+    pub users: Vec<u32>,
+}
+
 /// The full history of a run.
 #[derive(Debug, Default, Clone)]
 pub struct History {
     /// New messages.
     pub sent: Vec<Sent>,
+    /// Membership changes acknowledged to the client that made them.
+    pub member_changes: Vec<MemberChange>,
     /// Acks.
     pub acked: Vec<Acked>,
     /// Entries shown to devices, in the order each device saw them.

@@ -20,6 +20,10 @@ pub struct Preset {
     /// A delivery slower than this outside fault windows is `slow` (default 1000 ms).
     #[serde(default = "one_second")]
     pub latency_bound_ms: u64,
+    /// Chance, per group, that a user outside it is added during the safety phase,
+    /// and (separately) that a member leaves or is removed by the owner.
+    #[serde(default)]
+    pub membership_change_share: f64,
     /// Users: `[min, max]`.
     pub users: [u32; 2],
     /// Devices per user: `[min, max]`.
@@ -256,6 +260,8 @@ pub struct SimOptions {
     pub servers: u32,
     /// The delivery latency bound outside fault windows, ms.
     pub latency_bound_ms: u64,
+    /// Membership changes made during the safety phase, in time order.
+    pub member_changes: Vec<PlannedChange>,
     /// Users.
     pub users: u32,
     /// Devices of each user.
@@ -276,6 +282,30 @@ pub struct SimOptions {
     pub mutant: Option<String>,
 }
 
+/// A membership change the workload makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedChange {
+    /// Index into the groups.
+    pub group: usize,
+    /// What happens to `user`.
+    pub kind: ChangeKind,
+    /// The user concerned.
+    pub user: u32,
+    /// When, ms into the run.
+    pub at_ms: u64,
+}
+
+/// Kinds of planned membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The owner adds the user.
+    Join,
+    /// The user leaves.
+    Leave,
+    /// The owner removes the user.
+    Remove,
+}
+
 impl SimOptions {
     /// Derives every option from `seed` within `preset`.
     pub fn derive(seed: u64, preset: &Preset) -> Self {
@@ -290,7 +320,7 @@ impl SimOptions {
                 ) as u32
             })
             .collect();
-        let mut groups = Vec::new();
+        let mut groups: Vec<Vec<u32>> = Vec::new();
         let mut start = 0;
         while start + 1 < users {
             let size = rng.range(
@@ -318,7 +348,41 @@ impl SimOptions {
                     .collect()
             })
             .collect();
+        let mut member_changes = Vec::new();
+        let safety_ms = preset.safety_secs * 1000;
+        for (g, members) in groups.iter().enumerate() {
+            if rng.chance(preset.membership_change_share) {
+                let outside: Vec<u32> = (0..users).filter(|u| !members.contains(u)).collect();
+                if !outside.is_empty() {
+                    let user = outside[rng.range(0, outside.len() as u64 - 1) as usize];
+                    let at_ms = rng.range(safety_ms / 5, safety_ms * 3 / 5);
+                    member_changes.push(PlannedChange {
+                        group: g,
+                        kind: ChangeKind::Join,
+                        user,
+                        at_ms,
+                    });
+                }
+            }
+            if members.len() > 2 && rng.chance(preset.membership_change_share) {
+                let user = members[rng.range(1, members.len() as u64 - 1) as usize];
+                let kind = if rng.chance(0.5) {
+                    ChangeKind::Leave
+                } else {
+                    ChangeKind::Remove
+                };
+                let at_ms = rng.range(safety_ms * 3 / 10, safety_ms * 7 / 10);
+                member_changes.push(PlannedChange {
+                    group: g,
+                    kind,
+                    user,
+                    at_ms,
+                });
+            }
+        }
+        member_changes.sort_by_key(|c| c.at_ms);
         Self {
+            member_changes,
             seed,
             preset: preset.name.clone(),
             servers,
@@ -347,12 +411,13 @@ impl fmt::Display for SimOptions {
         let msgs: u32 = self.messages.iter().flatten().sum();
         write!(
             f,
-            "seed={} preset={} servers={} users={} devices={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
+            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
             self.seed,
             self.preset,
             self.servers,
             self.users,
             self.devices(),
+            self.member_changes.len(),
             sizes,
             msgs,
             self.safety_secs,

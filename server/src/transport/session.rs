@@ -451,7 +451,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A live push: deliver, drop, or fill the gap before it from the store.
     async fn on_push(&mut self, entry: &Arc<Entry>, frame: Utf8Bytes) -> WsResult<()> {
-        if self.concerns_me(entry, &[MemberAction::Add]) {
+        // Added to a group: the stream starts at the add entry, unless it already
+        // covers it (catch-up after hello may have started it and delivered it).
+        let covered = self
+            .stream
+            .visible_until(&entry.conv)
+            .is_some_and(|until| until >= entry.seq);
+        if self.concerns_me(entry, &[MemberAction::Add]) && !covered {
             self.stream.start(&entry.conv, entry.seq, u64::MAX);
         }
         let mut step = self.stream.on_push(&entry.conv, entry.seq);
