@@ -241,7 +241,11 @@ impl ChatService {
     ) -> Result<Value, ProtocolError> {
         validate_conv_id(conv)?;
         let now = self.clock.now_ms();
-        let appended = self
+        let concerned: Vec<String> = match &change {
+            GroupChange::Add(users) | GroupChange::Remove(users) => users.clone(),
+            GroupChange::Leave => vec![caller.user.clone()],
+        };
+        let changed = self
             .store
             .change_members(
                 conv,
@@ -251,12 +255,56 @@ impl ChatService {
                 self.limits.group_members_max,
                 now,
             )
-            .await
-            .map_err(reject)?;
+            .await;
+        let appended = match changed {
+            Ok(appended) => appended,
+            Err(StoreError::Rejected(e))
+                if matches!(e.code, ErrorCode::DuplicateMember | ErrorCode::NotMember) =>
+            {
+                // Perhaps a retry of a change that was made but whose reply (and
+                // fan-out) was lost: publish the entry that made it, then refuse.
+                self.republish_membership(conv, &concerned).await;
+                return Err(e);
+            }
+            Err(e) => return Err(reject(e)),
+        };
         // Acknowledged even if not routed: members learn of it at their next
         // resync, reconnect or message (a retry would be a second change).
         let _ = self.publish(&appended).await;
         Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
+    }
+
+    /// Publishes again the entries that last changed the membership of `users`
+    /// in `conv` (best effort; device streams drop what they already have).
+    async fn republish_membership(&self, conv: &str, users: &[String]) {
+        let Ok(Some(state)) = self.store.conversation(conv).await else {
+            return;
+        };
+        let mut seqs: Vec<u64> = users
+            .iter()
+            .filter_map(|u| state.record.membership(u))
+            .map(|m| m.left_seq.unwrap_or(m.joined_seq))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut recipients = state.record.current_members();
+        recipients.extend(users.iter().cloned());
+        recipients.sort();
+        recipients.dedup();
+        let recipients: Arc<[String]> = recipients.into();
+        for seq in seqs {
+            let Ok(found) = self.store.read_after(conv, seq - 1, seq, 1).await else {
+                continue;
+            };
+            for entry in found.into_iter().filter(|e| e.seq == seq) {
+                let appended = Appended {
+                    entry: Arc::new(entry),
+                    duplicate: true,
+                    recipients: Arc::clone(&recipients),
+                };
+                let _ = self.publish(&appended).await;
+            }
+        }
     }
 
     /// `send`: the ack is returned only once the message is durable.

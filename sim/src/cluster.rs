@@ -470,7 +470,7 @@ fn lagging(
                 p.outstanding
             ));
         }
-        for ((conv, user), (_, last)) in &ranges {
+        for ((conv, user), (first, last)) in &ranges {
             if *user != device.0 {
                 continue;
             }
@@ -487,6 +487,7 @@ fn lagging(
                 )
                 .max()
                 .unwrap_or(1)
+                .max(*first)
                 .min(*last);
             let held = p.cursors.get(conv).copied().unwrap_or(0);
             if held < top {

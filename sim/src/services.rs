@@ -360,6 +360,8 @@ pub enum RouterCall {
     Announce(SocketAddr),
     /// `device` of `user` is connected to the server at the address.
     Register(String, String, SocketAddr),
+    /// Every `(user, device)` listed is connected to the server at the address.
+    RegisterAll(Vec<(String, String)>, SocketAddr),
     /// Forget the device if it is still recorded at the address.
     Forget(String, String, SocketAddr),
     /// Route an envelope's event to the other live servers of its users.
@@ -375,6 +377,9 @@ pub enum RouterReply {
         generation: u64,
         /// Events sent to this server in this generation.
         sent: u64,
+        /// The server's previous heartbeat had expired: the router treated it as
+        /// dead and skipped it when routing, without counting anything as sent.
+        lapsed: bool,
     },
     /// Anything else.
     Done,
@@ -430,9 +435,19 @@ fn route_call(
     let mut s = state.lock().expect("router state");
     match call {
         RouterCall::Announce(server) => {
-            s.alive_until.insert(server, now + ROUTER_TTL);
+            let previous = s.alive_until.insert(server, now + ROUTER_TTL);
+            let lapsed = previous.is_none_or(|until| until <= now);
             let sent = s.sent.get(&server).copied().unwrap_or(0);
-            return RouterReply::Alive { generation, sent };
+            return RouterReply::Alive {
+                generation,
+                sent,
+                lapsed,
+            };
+        }
+        RouterCall::RegisterAll(devices, server) => {
+            for (user, device) in devices {
+                s.devices.entry(user).or_default().insert(device, server);
+            }
         }
         RouterCall::Register(user, device, server) => {
             s.devices.entry(user).or_default().insert(device, server);
@@ -551,12 +566,18 @@ impl SimFabric {
             let recover = {
                 let mut l = self.link.lock().expect("link");
                 match reply {
-                    Ok(RouterReply::Alive { generation, sent }) => {
+                    Ok(RouterReply::Alive {
+                        generation,
+                        sent,
+                        lapsed,
+                    }) => {
                         if l.generation != Some(generation) {
                             l.suspect |= l.generation.is_some();
                             l.generation = Some(generation);
                             l.received = 0;
                         }
+                        // Skipped as dead for a while: events for its devices were dropped.
+                        l.suspect |= lapsed;
                         if sent > l.received {
                             l.suspect = true;
                             l.received = sent;
@@ -577,15 +598,14 @@ impl SimFabric {
     }
 
     async fn recover(&self, hub: &Hub) {
-        for (user, device) in hub.devices() {
-            if self
-                .call(RouterCall::Register(user, device, self.me))
-                .await
-                .is_err()
-            {
-                self.link.lock().expect("link").suspect = true;
-                return; // The next heartbeat tries again.
-            }
+        let devices = hub.devices();
+        if self
+            .call(RouterCall::RegisterAll(devices, self.me))
+            .await
+            .is_err()
+        {
+            self.link.lock().expect("link").suspect = true;
+            return; // The next heartbeat tries again.
         }
         self.recoveries.fetch_add(1, Ordering::Relaxed);
         resync_sessions(hub);

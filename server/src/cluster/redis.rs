@@ -99,7 +99,7 @@ impl RedisFabric {
         });
         fabric.heartbeat_once().await?;
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(Arc::clone(&fabric).heartbeat_loop());
+        tokio::spawn(Arc::clone(&fabric).heartbeat_loop(Arc::clone(&hub)));
         tokio::spawn(Arc::clone(&fabric).subscriber_loop(client, hub, subscribed_tx));
         let _ = tokio::time::timeout(Duration::from_secs(5), subscribed_rx).await;
         tracing::info!(
@@ -122,27 +122,33 @@ impl RedisFabric {
         format!("{}to:{server}", self.config.prefix)
     }
 
-    async fn heartbeat_once(&self) -> Result<(), FabricError> {
+    /// Announces this server for another TTL; true if its previous announcement
+    /// had expired (other servers then treated it as dead and routed nothing here).
+    async fn heartbeat_once(&self) -> Result<bool, FabricError> {
         let ttl_ms = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
         let key = self.alive_key(&self.config.server_id);
         let mut conn = self.conn.clone();
-        let () = redis::cmd("SET")
+        let previous: Option<String> = redis::cmd("SET")
             .arg(&key)
             .arg("1")
             .arg("PX")
             .arg(ttl_ms)
+            .arg("GET")
             .query_async(&mut conn)
             .await
             .map_err(|e| fail("heartbeat", e))?;
-        Ok(())
+        Ok(previous.is_none())
     }
 
-    async fn heartbeat_loop(self: Arc<Self>) {
+    async fn heartbeat_loop(self: Arc<Self>, hub: Arc<Hub>) {
         let mut every = tokio::time::interval(self.config.ttl / 3);
         loop {
             every.tick().await;
-            if let Err(e) = self.heartbeat_once().await {
-                tracing::warn!(error = %e, "registry heartbeat failed; retrying");
+            match self.heartbeat_once().await {
+                // Treated as dead for a while: events for local devices were not routed.
+                Ok(true) => self.recover(&hub).await,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "registry heartbeat failed; retrying"),
             }
         }
     }
