@@ -691,11 +691,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
         let ids = self.tables.user_convs(user).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.extend(self.conversation(&id).await?);
-        }
-        Ok(out)
+        // One head read per conversation, all at once (a hello's first round trip).
+        let heads = ids.iter().map(|id| self.conversation(id));
+        let found = futures_util::future::try_join_all(heads).await?;
+        Ok(found.into_iter().flatten().collect())
     }
 
     async fn read_after(
