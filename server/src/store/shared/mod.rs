@@ -691,10 +691,18 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
         let ids = self.tables.user_convs(user).await?;
-        // One head read per conversation, all at once (a hello's first round trip).
-        let heads = ids.iter().map(|id| self.conversation(id));
-        let found = futures_util::future::try_join_all(heads).await?;
-        Ok(found.into_iter().flatten().collect())
+        // One head read per conversation, 64 at a time (a hello's first round trips).
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(64) {
+            let heads = chunk.iter().map(|id| self.conversation(id));
+            out.extend(
+                futures_util::future::try_join_all(heads)
+                    .await?
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        Ok(out)
     }
 
     async fn read_after(
