@@ -225,15 +225,6 @@ stop_quietly() {
   rm -rf "$RUN_DIR/data" "$PID_FILE"
 }
 
-stop() {
-  if [[ -n "$(live_pid "$PID_FILE" "$PID_PATTERN")" ]]; then
-    say "stopping pid $(<"$PID_FILE")"
-  else
-    say "not running"
-  fi
-  stop_quietly
-}
-
 status() {
   local pid
   pid="$(live_pid "$PID_FILE" "$PID_PATTERN")"

@@ -46,3 +46,14 @@ require_port_free() {
     die "port $1 ($2) is already in use by another process"
   fi
 }
+
+# The `stop` subcommand: says what it stops, then calls the script's own
+# `stop_quietly` (which knows what to delete). Needs PID_FILE and PID_PATTERN.
+stop() {
+  if [[ -n "$(live_pid "$PID_FILE" "$PID_PATTERN")" ]]; then
+    say "stopping pid $(<"$PID_FILE")"
+  else
+    say "not running"
+  fi
+  stop_quietly
+}

@@ -281,6 +281,7 @@ pub async fn run_device(
             p.last_attempt_ms = None;
         }
         acked_cursor.clear();
+        send_rids.clear(); // Replies to them will not come on the next connection.
         if servers.len() > 1 && rng.chance(0.5) {
             server = (server + 1) % servers.len();
         }

@@ -156,7 +156,13 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         until: u64,
         limit: u32,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<String>, StoreError> {
+        let entries = self.read_after(conv, after, until, limit).await?;
+        let mut senders: Vec<String> = entries.into_iter().map(|e| e.sender).collect();
+        senders.sort();
+        senders.dedup();
+        Ok(senders)
+    }
 
     /// The cursor a device last acknowledged in `conv`.
     async fn device_cursor(

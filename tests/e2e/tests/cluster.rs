@@ -342,11 +342,7 @@ async fn kill_9_one_of_three_servers_loses_nothing() {
             return;
         }
     };
-    let run = format!(
-        "{}x{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos() % 1000
-    );
+    let run = format!("k{}", std::process::id());
     let keyspace = format!("chatproof_e2e_{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let mut servers: Vec<Option<ServerProcess>> = (0..SERVERS)

@@ -266,20 +266,6 @@ impl Store for EmbeddedStore {
         self.read_entries(conv, 1..=before - 1, limit, true)
     }
 
-    async fn senders_between(
-        &self,
-        conv: &str,
-        after: u64,
-        until: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let entries = self.read_entries(conv, after.saturating_add(1)..=until, limit, false)?;
-        let mut senders: Vec<String> = entries.into_iter().map(|e| e.sender).collect();
-        senders.sort();
-        senders.dedup();
-        Ok(senders)
-    }
-
     async fn device_cursor(
         &self,
         user: &str,

@@ -819,24 +819,6 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         Ok(newest_first)
     }
 
-    async fn senders_between(
-        &self,
-        conv: &str,
-        after: u64,
-        until: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut senders: Vec<String> = self
-            .read_after(conv, after, until, limit)
-            .await?
-            .into_iter()
-            .map(|e| e.sender)
-            .collect();
-        senders.sort();
-        senders.dedup();
-        Ok(senders)
-    }
-
     async fn device_cursor(
         &self,
         user: &str,
