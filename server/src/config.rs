@@ -96,6 +96,30 @@ pub struct ServeArgs {
     /// Close connections silent for this long, in seconds (the server pings at a third of it).
     #[arg(long, env = "CHATPROOF_IDLE_TIMEOUT_SECS", default_value_t = 90)]
     pub idle_timeout_secs: u64,
+    /// Longest a long-poll request (POST /v1/poll) is held, in seconds.
+    #[arg(long, env = "CHATPROOF_POLL_TIMEOUT_MAX_SECS", default_value_t = 30)]
+    pub poll_timeout_max_secs: u64,
+    /// Directory of uploaded images (content-addressed). Default: DATA_DIR/media. In a cluster, shared by every server.
+    #[arg(long, env = "CHATPROOF_MEDIA_DIR")]
+    pub media_dir: Option<PathBuf>,
+    /// Largest image upload, in bytes (larger ones get 413).
+    #[arg(long, env = "CHATPROOF_MEDIA_MAX_BYTES", default_value_t = crate::media::MEDIA_LEN_MAX_BYTES_DEFAULT)]
+    pub media_max_bytes: u64,
+    /// Push notifications for users with no connected device: POST JSON to this http:// URL. Default: log them.
+    #[arg(long, env = "CHATPROOF_PUSH_WEBHOOK")]
+    pub push_webhook: Option<String>,
+    /// Notifications queued for the webhook at most; more are dropped (counted in chatproof_push_dropped).
+    #[arg(long, env = "CHATPROOF_PUSH_QUEUE_LEN", default_value_t = 10_000)]
+    pub push_queue_len: usize,
+    /// Tries per notification before it is dropped.
+    #[arg(long, env = "CHATPROOF_PUSH_ATTEMPTS", default_value_t = 5)]
+    pub push_attempts: u32,
+    /// Wait before the first webhook retry, in ms; doubled for each next one.
+    #[arg(long, env = "CHATPROOF_PUSH_BACKOFF_MS", default_value_t = 200)]
+    pub push_backoff_ms: u64,
+    /// Presence changes are published, and written to each connection, at most once per this many ms.
+    #[arg(long, env = "CHATPROOF_PRESENCE_INTERVAL_MS", default_value_t = 1000)]
+    pub presence_interval_ms: u64,
     /// Log format.
     #[arg(long, env = "CHATPROOF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -112,6 +136,9 @@ impl ServeArgs {
             retention: Duration::from_secs(self.retention_secs),
             expiry_sweep_interval: Duration::from_secs(self.expiry_sweep_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(3)),
+            presence_interval: Duration::from_millis(self.presence_interval_ms),
+            poll_timeout_max: Duration::from_secs(self.poll_timeout_max_secs.max(1)),
+            media_len_max_bytes: self.media_max_bytes,
             ..Limits::default()
         };
         limits.validate()?;

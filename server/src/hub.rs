@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::protocol::{Entry, ProtocolError, Receipt};
+use crate::protocol::{Entry, PresenceState, ProtocolError, Receipt};
 
 /// Something for one device's session to write.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub enum Push {
     Entry(Arc<Entry>, Utf8Bytes),
     /// A receipt and its pre-serialized frame.
     Receipt(Arc<Receipt>, Utf8Bytes),
+    /// A presence change; sessions coalesce these into `presence` frames.
+    Presence(Arc<PresenceState>),
     /// Any other pre-serialized frame.
     Frame(Utf8Bytes),
     /// Close the session with this error.

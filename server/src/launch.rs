@@ -80,6 +80,32 @@ pub async fn serve(
     };
     #[cfg_attr(madsim, allow(unused_mut))]
     let mut service = ChatService::new(store, Arc::new(SystemClock), limits, key);
+    #[cfg(not(madsim))]
+    {
+        let media_dir = args
+            .media_dir
+            .clone()
+            .unwrap_or_else(|| args.storage.data_dir.join("media"));
+        let blobs = crate::media::disk::DiskBlobStore::open(&media_dir).map_err(|e| {
+            LaunchError::Store {
+                dir: media_dir.display().to_string(),
+                why: e.to_string(),
+            }
+        })?;
+        service.media = Some(Arc::new(blobs));
+        if let Some(url) = &args.push_webhook {
+            let config = crate::push::webhook::WebhookConfig {
+                url: url.clone(),
+                queue_len: args.push_queue_len,
+                attempts: args.push_attempts,
+                backoff: std::time::Duration::from_millis(args.push_backoff_ms),
+            };
+            let sink =
+                crate::push::webhook::WebhookSink::start(config, Arc::clone(&service.metrics))
+                    .map_err(LaunchError::Config)?;
+            service.push = sink;
+        }
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| LaunchError::Bind {

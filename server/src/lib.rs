@@ -5,6 +5,10 @@
 //! - [`domain`]: conversations, membership, cursors, and the per-device ordered stream (no I/O).
 //! - [`store`]: the storage trait and its embedded (redb) backend.
 //! - [`hub`]: connected devices on this server and fan-out to them.
+//! - [`mailbox`]: long-poll mailboxes, the server side of a device on the HTTP fallback.
+//! - [`presence`]: online / last seen, its audience, and the coalescing of changes.
+//! - [`media`]: image uploads: type sniffing, thumbnails, content-addressed blob storage.
+//! - [`push`]: notifications for users with no connected device (log or webhook sink).
 //! - [`service`]: every operation, on top of store and hub; knows no transport.
 //! - [`transport`]: HTTP routing and the WebSocket session loop.
 //! - [`server`]: `run(listener, service, shutdown)`.
@@ -20,9 +24,13 @@ pub mod domain;
 pub mod hub;
 pub mod launch;
 pub mod limits;
+pub mod mailbox;
+pub mod media;
 pub mod metrics;
 pub mod mutants;
+pub mod presence;
 pub mod protocol;
+pub mod push;
 pub mod server;
 pub mod service;
 pub mod store;

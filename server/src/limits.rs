@@ -27,6 +27,14 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How long shutdown waits for sessions to close.
     pub drain_timeout: Duration,
+    /// Presence changes are published (and written to each connection) at most once per this.
+    pub presence_interval: Duration,
+    /// Most users in one `presence` request.
+    pub presence_users_max: usize,
+    /// Longest a long-poll request is held when nothing is new.
+    pub poll_timeout_max: Duration,
+    /// Largest image upload, in bytes.
+    pub media_len_max_bytes: u64,
 }
 
 /// Default text limit: 64 KiB.
@@ -54,6 +62,10 @@ impl Default for Limits {
             expiry_sweep_interval: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(90),
             drain_timeout: Duration::from_secs(5),
+            presence_interval: Duration::from_millis(1000),
+            presence_users_max: 500,
+            poll_timeout_max: Duration::from_secs(30),
+            media_len_max_bytes: crate::media::MEDIA_LEN_MAX_BYTES_DEFAULT,
         }
     }
 }
@@ -66,6 +78,12 @@ impl Limits {
         }
         if self.group_members_max < 2 {
             return Err("groups must allow at least 2 members".into());
+        }
+        if self.media_len_max_bytes < 64 {
+            return Err("the image limit must be at least 64 bytes".into());
+        }
+        if self.presence_interval.is_zero() || self.presence_users_max == 0 {
+            return Err("the presence interval and request size must be positive".into());
         }
         if self.page_len_max == 0 || self.device_queue_len_max == 0 || self.connections_max == 0 {
             return Err("page, queue and connection limits must be positive".into());

@@ -26,6 +26,20 @@ pub struct Metrics {
     pub store_append_latency: Histogram,
     /// Cross-server routing (cluster mode only).
     pub fabric: FabricCounters,
+    /// Presence changes published (one per changed user per interval).
+    pub presence_published: Counter,
+    /// Long-poll mailboxes open (devices on the HTTP fallback).
+    pub polls_open: Gauge,
+    /// Push notifications delivered to the sink.
+    pub push_sent: Counter,
+    /// Push notifications given up, by reason (`queue_full`, `failed`).
+    pub push_dropped: Family<Vec<(String, String)>, Counter>,
+    /// Push notification attempts that failed and were retried.
+    pub push_retries: Counter,
+    /// Images stored (new or already present).
+    pub media_uploads: Counter,
+    /// Bytes of image uploads received.
+    pub media_bytes_in: Counter,
 }
 
 /// Counters of the cluster fabric; clones share their values.
@@ -103,8 +117,57 @@ impl Default for Metrics {
             "Times every local session re-read its conversations after a fabric interruption",
             fabric.resyncs.clone(),
         );
+        let presence_published = Counter::default();
+        registry.register(
+            "presence_published",
+            "Presence changes published (one per changed user per interval)",
+            presence_published.clone(),
+        );
+        let polls_open = Gauge::default();
+        registry.register(
+            "polls_open",
+            "Long-poll mailboxes open (devices on the HTTP fallback)",
+            polls_open.clone(),
+        );
+        let push_sent = Counter::default();
+        registry.register(
+            "push_sent",
+            "Push notifications delivered to the sink",
+            push_sent.clone(),
+        );
+        let push_dropped = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "push_dropped",
+            "Push notifications given up, by reason",
+            push_dropped.clone(),
+        );
+        let push_retries = Counter::default();
+        registry.register(
+            "push_retries",
+            "Push notification attempts that failed and were retried",
+            push_retries.clone(),
+        );
+        let media_uploads = Counter::default();
+        registry.register(
+            "media_uploads",
+            "Images stored (new or already present)",
+            media_uploads.clone(),
+        );
+        let media_bytes_in = Counter::default();
+        registry.register(
+            "media_bytes_in",
+            "Bytes of image uploads received",
+            media_bytes_in.clone(),
+        );
         Self {
             fabric,
+            presence_published,
+            polls_open,
+            push_sent,
+            push_dropped,
+            push_retries,
+            media_uploads,
+            media_bytes_in,
             registry,
             connections,
             messages_in,
@@ -126,6 +189,13 @@ impl Metrics {
             .unwrap_or_default();
         self.errors
             .get_or_create(&vec![("code".to_owned(), code)])
+            .inc();
+    }
+
+    /// Counts a push notification given up for `reason`.
+    pub fn count_push_dropped(&self, reason: &str) {
+        self.push_dropped
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
             .inc();
     }
 

@@ -37,6 +37,7 @@ pub async fn run(
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(service.limits.connections_max));
     let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
+    let presence = tokio::spawn(publish_presence_forever(Arc::clone(&service)));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -118,6 +119,22 @@ pub async fn run(
     }
     expiry.abort();
     let _ = expiry.await;
+    // Sessions closed during the drain marked their users offline: publish that.
+    service.publish_presence().await;
+    presence.abort();
+    let _ = presence.await;
+}
+
+/// Once per presence interval: closes idle long-poll mailboxes, then publishes
+/// the coalesced presence changes.
+async fn publish_presence_forever(service: Arc<ChatService>) {
+    let mut every = tokio::time::interval(service.limits.presence_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        service.expire_mailboxes();
+        service.publish_presence().await;
+    }
 }
 
 /// Deletes expired entries every sweep interval, in bounded batches.

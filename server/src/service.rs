@@ -10,15 +10,19 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::TokenKey;
 use crate::clock::Clock;
-use crate::cluster::{Fabric, Routed};
+use crate::cluster::{Fabric, Forwarded, Routed};
 use crate::domain::{Cursor, GroupChange};
 use crate::hub::{Hub, Push};
 use crate::limits::Limits;
+use crate::media::BlobStore;
 use crate::metrics::Metrics;
+use crate::presence::Presence;
 use crate::protocol::{
-    validate_conv_id, validate_message_id, AckRequest, Body, ErrorCode, HistoryRequest,
-    ProtocolError, Receipt, SendRequest, ServerFrame, SyncRequest,
+    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, ErrorCode,
+    HistoryRequest, PresenceRequest, PresenceState, ProtocolError, Receipt, Request, SendRequest,
+    ServerFrame, SyncRequest,
 };
+use crate::push::{LogSink, Notification, PushSink};
 use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
 
 /// Acks wider than this notify every member instead of scanning for senders.
@@ -44,11 +48,19 @@ pub struct ChatService {
     /// Limits.
     pub limits: Limits,
     /// Metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Token verification.
     pub tokens: TokenKey,
     /// Registry and routing to other servers (cluster mode); `None` on one node.
     pub fabric: Option<Arc<dyn Fabric>>,
+    /// Presence changes waiting for publication, and local presence subscriptions.
+    pub presence: Presence,
+    /// Devices on the long-polling fallback.
+    pub mailboxes: crate::mailbox::Mailboxes,
+    /// Where notifications for users with no connected device go.
+    pub push: Arc<dyn PushSink>,
+    /// Image storage; `None` where images are not served (the simulator).
+    pub media: Option<Arc<dyn BlobStore>>,
     group_ids_minted: AtomicU64,
     boot_ms: u64,
 }
@@ -75,14 +87,19 @@ impl ChatService {
         tokens: TokenKey,
     ) -> Self {
         let boot_ms = clock.now_ms();
+        let metrics = Arc::new(Metrics::default());
         Self {
+            push: LogSink::new(Arc::clone(&metrics)),
+            media: None,
             store,
             hub: Arc::new(Hub::default()),
             clock,
             limits,
-            metrics: Metrics::default(),
+            metrics,
             tokens,
             fabric: None,
+            presence: Presence::default(),
+            mailboxes: crate::mailbox::Mailboxes::default(),
             group_ids_minted: AtomicU64::new(0),
             boot_ms,
         }
@@ -103,20 +120,47 @@ impl ChatService {
                 fabric
                     .forward(Arc::clone(&appended.recipients), event)
                     .await
+                    .map(Some)
             }
-            None => Ok(()),
+            None => Ok(None),
         };
         if let Err(e) = &routed {
             self.metrics.fabric.dropped.inc();
             tracing::warn!(error = %e, seq = appended.entry.seq, conv = appended.entry.conv, "not routed to other servers");
         }
         self.publish_here(appended);
-        routed.map_err(|_| {
+        if !appended.duplicate {
+            match &routed {
+                Ok(forwarded) => self.notify_offline(appended, forwarded.as_ref()),
+                Err(_) => tracing::debug!("recipients' whereabouts unknown; no push notifications"),
+            }
+        }
+        routed.map(|_| ()).map_err(|_| {
             ProtocolError::new(
                 ErrorCode::Internal,
                 "stored, but not yet routed to other servers; retry with the same message_id",
             )
         })
+    }
+
+    /// Hands a push notification for each recipient of a new message (sender
+    /// excepted) with no device connected anywhere to the push sink.
+    fn notify_offline(&self, appended: &Appended, forwarded: Option<&Forwarded>) {
+        let entry = &appended.entry;
+        if !entry.body.is_message() {
+            return;
+        }
+        let offline = |user: &&String| match forwarded {
+            Some(f) => f.unplaced.contains(user),
+            None => self.hub.devices_online(user) == 0,
+        };
+        for user in appended.recipients.iter().filter(|u| **u != entry.sender) {
+            if offline(&user) {
+                if let Some(notification) = Notification::of(entry, user) {
+                    self.push.notify(notification);
+                }
+            }
+        }
     }
 
     /// Fans an entry out to the devices connected to this server.
@@ -311,22 +355,37 @@ impl ChatService {
     pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Value, ProtocolError> {
         validate_conv_id(&req.conv)?;
         validate_message_id(&req.message_id)?;
-        if req.text.len() > self.limits.text_len_max_bytes {
-            return Err(ProtocolError::new(
-                ErrorCode::TextTooLarge,
-                format!(
-                    "text is {} bytes; the limit is {}",
-                    req.text.len(),
-                    self.limits.text_len_max_bytes
-                ),
-            ));
+        if let Some(text) = &req.text {
+            if text.len() > self.limits.text_len_max_bytes {
+                return Err(ProtocolError::new(
+                    ErrorCode::TextTooLarge,
+                    format!(
+                        "text is {} bytes; the limit is {}",
+                        text.len(),
+                        self.limits.text_len_max_bytes
+                    ),
+                ));
+            }
         }
+        let body = match (req.media, req.text) {
+            (None, None) => {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "send needs \"text\", \"media\" or both",
+                ))
+            }
+            (None, Some(text)) => Body::Text { text },
+            (Some(id), caption) => Body::Image {
+                media: self.uploaded_to(&req.conv, &id).await?,
+                caption,
+            },
+        };
         let message = NewMessage {
             conv: req.conv,
             sender: caller.user.clone(),
             sender_device: caller.device.clone(),
             message_id: req.message_id,
-            body: Body::Text { text: req.text },
+            body,
         };
         let started = tokio::time::Instant::now();
         let appended = self
@@ -348,6 +407,31 @@ impl ChatService {
             "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
             "server_time_ms": e.server_time_ms, "duplicate": appended.duplicate,
         }))
+    }
+
+    /// The reference of image `id`, if it was uploaded to `conv`.
+    async fn uploaded_to(
+        &self,
+        conv: &str,
+        id: &str,
+    ) -> Result<crate::protocol::MediaRef, ProtocolError> {
+        let Some(media) = &self.media else {
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "this server does not store images",
+            ));
+        };
+        let meta = media.meta(id).await.map_err(|e| {
+            tracing::error!(error = %e, "media storage failure");
+            ProtocolError::new(ErrorCode::Internal, "media storage failure; retry")
+        })?;
+        match meta {
+            Some(meta) if meta.convs.contains(conv) => Ok(meta.media),
+            _ => Err(ProtocolError::new(
+                ErrorCode::UnknownMedia,
+                format!("no image {id:?} was uploaded to {conv}; upload it there first"),
+            )),
+        }
     }
 
     /// `ack`: advances cursors and sends receipts to the senders concerned.
@@ -505,9 +589,282 @@ impl ChatService {
             .map_err(reject)
     }
 
+    /// Runs one request of an authenticated device (any but `hello`), for every transport.
+    pub async fn dispatch(
+        self: Arc<Self>,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<Value, ProtocolError> {
+        match request {
+            Request::Hello(_) => Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "hello opens a WebSocket session; HTTP requests authenticate with a bearer token",
+            )),
+            Request::OpenDirect(r) => self.open_direct(caller, &r.peer).await,
+            Request::CreateGroup(r) => self.create_group(caller, r.conv, r.members).await,
+            Request::AddMembers(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Add(r.users))
+                    .await
+            }
+            Request::RemoveMembers(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Remove(r.users))
+                    .await
+            }
+            Request::Leave(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Leave)
+                    .await
+            }
+            Request::Send(r) => self.send(caller, r).await,
+            Request::Ack(r) => self.ack(caller, r).await,
+            Request::Sync(r) => self.sync(caller, r).await,
+            Request::History(r) => self.history(caller, r).await,
+            Request::Presence(r) => self.presence_request(caller, r).await,
+            Request::Conversations(_) => {
+                let states = self.conversations(caller).await?;
+                Ok(json!({ "conversations": Self::summaries(caller, &states) }))
+            }
+            Request::Ping => Ok(json!({ "server_time_ms": self.clock.now_ms() })),
+        }
+    }
+
+    /// Checks cursors a device presents (hello, poll): each names a conversation
+    /// among `states` (the caller's) and no seq beyond what the caller may see.
+    pub async fn check_cursors(
+        &self,
+        caller: &Caller,
+        states: &[ConvState],
+        cursors: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<(), ProtocolError> {
+        for (conv, cursor) in cursors {
+            let state = states.iter().find(|s| &s.record.id == conv);
+            let Some(state) = state else {
+                // Distinguish unknown from foreign conversations.
+                self.readable(caller, conv).await?;
+                return Err(ProtocolError::new(
+                    ErrorCode::NotMember,
+                    format!("not a member of {conv}"),
+                ));
+            };
+            let m = state.record.require_reader(&caller.user)?;
+            let visible_max = state.last_seq.min(m.visible_until());
+            if *cursor > visible_max {
+                return Err(ProtocolError::new(
+                    ErrorCode::CursorAhead,
+                    format!("cursor {cursor} for {conv} is beyond its last entry you may see ({visible_max})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Summaries of `states` as `caller` sees them.
     pub fn summaries(caller: &Caller, states: &[ConvState]) -> Value {
         Value::Array(states.iter().map(|s| Self::summary(caller, s)).collect())
+    }
+
+    /// A device of `user` connected (or polled) here: records the last-seen time
+    /// (in the background) and, for its first local device, marks a presence change.
+    pub fn device_up(&self, user: &str) {
+        self.record_last_seen(user);
+        if self.hub.devices_online(user) == 1 {
+            self.presence.mark_changed(user);
+        }
+    }
+
+    /// A device of `user` went away from this server: records the last-seen time
+    /// and, if it was the last local one, marks a presence change.
+    pub fn device_down(&self, user: &str) {
+        self.record_last_seen(user);
+        if self.hub.devices_online(user) == 0 {
+            self.presence.mark_changed(user);
+        }
+    }
+
+    /// Notes that `user` is seen now; written to the store with the next presence publication.
+    pub fn record_last_seen(&self, user: &str) {
+        self.presence.seen(user, self.clock.now_ms());
+    }
+
+    /// Writes the last-seen times noted since the last call; what fails is kept for the next.
+    pub async fn write_last_seen(&self) {
+        let seen = self.presence.take_seen();
+        let writes = seen
+            .iter()
+            .map(|(user, at_ms)| self.store.record_last_seen(user, *at_ms));
+        let results = futures_util::future::join_all(writes).await;
+        for ((user, at_ms), result) in seen.iter().zip(results) {
+            if let Err(e) = result {
+                tracing::warn!(user, error = %e, "last seen not written; retrying");
+                self.presence.seen(user, *at_ms);
+            }
+        }
+    }
+
+    /// The presence of `users` now: online if a device is connected here or (in a
+    /// cluster) on a live server; last seen from the store.
+    pub async fn presence_of(&self, users: &[String]) -> Result<Vec<PresenceState>, ProtocolError> {
+        let mut online: Vec<bool> = users
+            .iter()
+            .map(|u| self.hub.devices_online(u) > 0)
+            .collect();
+        if let Some(fabric) = &self.fabric {
+            let elsewhere: Vec<String> = users
+                .iter()
+                .zip(&online)
+                .filter(|(_, here)| !**here)
+                .map(|(u, _)| u.clone())
+                .collect();
+            if !elsewhere.is_empty() {
+                let found = fabric.online_users(&elsewhere).await.map_err(|e| {
+                    tracing::warn!(error = %e, "presence lookup failed");
+                    ProtocolError::new(
+                        ErrorCode::Internal,
+                        "the cluster registry is unavailable; retry",
+                    )
+                })?;
+                let mut found = found.into_iter();
+                for here in online.iter_mut().filter(|here| !**here) {
+                    *here = found.next().unwrap_or(false);
+                }
+            }
+        }
+        let seen = self.store.last_seen(users).await.map_err(reject)?;
+        Ok(users
+            .iter()
+            .zip(online)
+            .zip(seen)
+            .map(|((user, online), last_seen_ms)| PresenceState {
+                user: user.clone(),
+                online,
+                last_seen_ms,
+            })
+            .collect())
+    }
+
+    /// `presence`: the current state of some users, and a subscription to their changes.
+    pub async fn presence_request(
+        &self,
+        caller: &Caller,
+        req: PresenceRequest,
+    ) -> Result<Value, ProtocolError> {
+        if req.users.is_empty() || req.users.len() > self.limits.presence_users_max {
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "\"users\" must list 1-{} users",
+                    self.limits.presence_users_max
+                ),
+            ));
+        }
+        let mut users = req.users;
+        for user in &users {
+            validate_user_id(user)?;
+        }
+        users.sort();
+        users.dedup();
+        if req.watch {
+            match &self.fabric {
+                Some(fabric) => fabric.watch(&caller.user, &users).await.map_err(|e| {
+                    tracing::warn!(error = %e, "presence subscription failed");
+                    ProtocolError::new(
+                        ErrorCode::Internal,
+                        "the cluster registry is unavailable; retry",
+                    )
+                })?,
+                None => {
+                    let ttl_ms =
+                        u64::try_from(crate::cluster::WATCH_TTL.as_millis()).unwrap_or(u64::MAX);
+                    let expires = self.clock.now_ms().saturating_add(ttl_ms);
+                    self.presence.watch_locally(&caller.user, &users, expires);
+                }
+            }
+        }
+        let states = self.presence_of(&users).await?;
+        Ok(json!({ "users": states }))
+    }
+
+    /// Closes long-poll mailboxes that were replaced or not polled for the idle
+    /// timeout: their devices go offline.
+    pub fn expire_mailboxes(&self) {
+        let idle_ms = u64::try_from(self.limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let idle_before = self.clock.now_ms().saturating_sub(idle_ms);
+        for ((user, device), mailbox) in self.mailboxes.take_expired(idle_before) {
+            self.hub.unregister(&user, mailbox.conn);
+            if let Some(fabric) = &self.fabric {
+                if !self.hub.device_online(&user, &device) {
+                    fabric.device_disconnected(&user, &device);
+                }
+            }
+            self.metrics.polls_open.dec();
+            self.device_down(&user);
+        }
+    }
+
+    /// Who hears of `user`'s presence changes: contacts and watchers, not `user`.
+    async fn presence_audience(&self, user: &str) -> Result<Vec<String>, String> {
+        let mut audience = std::collections::BTreeSet::new();
+        let states = self
+            .store
+            .conversations_of(user)
+            .await
+            .map_err(|e| e.to_string())?;
+        for state in &states {
+            let members = state.record.current_members();
+            if members.iter().any(|m| m == user) {
+                audience.extend(members);
+            }
+        }
+        match &self.fabric {
+            Some(fabric) => {
+                audience.extend(fabric.watchers(user).await.map_err(|e| e.to_string())?)
+            }
+            None => audience.extend(self.presence.local_watchers(user, self.clock.now_ms())),
+        }
+        audience.remove(user);
+        Ok(audience.into_iter().collect())
+    }
+
+    /// Publishes the users marked changed since the last call, each once, with
+    /// its state read now. What cannot be published now is kept for the next call.
+    pub async fn publish_presence(&self) {
+        self.write_last_seen().await;
+        let users = self.presence.take_changed();
+        if users.is_empty() {
+            return;
+        }
+        let states = match self.presence_of(&users).await {
+            Ok(states) => states,
+            Err(_) => {
+                users.iter().for_each(|u| self.presence.mark_changed(u));
+                return;
+            }
+        };
+        for state in states {
+            let audience = match self.presence_audience(&state.user).await {
+                Ok(audience) => audience,
+                Err(e) => {
+                    tracing::warn!(user = state.user, error = %e, "presence audience unknown; retrying");
+                    self.presence.mark_changed(&state.user);
+                    continue;
+                }
+            };
+            if audience.is_empty() {
+                continue;
+            }
+            self.metrics.presence_published.inc();
+            let state = Arc::new(state);
+            self.hub
+                .publish(&audience, &Push::Presence(Arc::clone(&state)));
+            if let Some(fabric) = &self.fabric {
+                let routed = fabric
+                    .forward(audience.into(), Routed::Presence(state))
+                    .await;
+                if let Err(e) = routed {
+                    self.metrics.fabric.dropped.inc();
+                    tracing::warn!(error = %e, "presence change not routed to other servers");
+                }
+            }
+        }
     }
 
     /// Where a device's stream of `state` starts: after its presented or stored

@@ -22,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chatproof_server::cluster::{resync_sessions, Envelope, Fabric, FabricError, Routed};
+use chatproof_server::cluster::{
+    resync_sessions, Envelope, Fabric, FabricError, Forwarded, Routed,
+};
 use chatproof_server::domain::Cursor;
 use chatproof_server::hub::Hub;
 use chatproof_server::store::shared::memory::MemTables;
@@ -68,6 +70,8 @@ pub enum TableCall {
     UserCursor(String, String),
     UserCursors(String),
     RaiseUserCursor(String, String, CursorCell, u64),
+    RaiseLastSeen(String, u64),
+    LastSeen(String),
 }
 
 /// The store node's answer.
@@ -156,6 +160,11 @@ async fn apply(tables: &MemTables, call: TableCall) -> Result<TableReply, StoreE
             tables.raise_user_cursor(&conv, &user, cell, value).await?;
             R::Unit
         }
+        C::RaiseLastSeen(user, at_ms) => {
+            tables.raise_last_seen(&user, at_ms).await?;
+            R::Unit
+        }
+        C::LastSeen(user) => R::Seq(tables.last_seen(&user).await?),
     })
 }
 
@@ -349,6 +358,15 @@ impl Tables for SimTables {
         let call = TableCall::RaiseUserCursor(conv.into(), user.into(), cell, value);
         expect_reply!(self, call, TableReply::Unit => ())
     }
+
+    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        let call = TableCall::RaiseLastSeen(user.into(), at_ms);
+        expect_reply!(self, call, TableReply::Unit => ())
+    }
+
+    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        expect_reply!(self, TableCall::LastSeen(user.into()), TableReply::Seq(s) => s)
+    }
 }
 
 // ---------------------------------------------------------------- router
@@ -366,6 +384,12 @@ pub enum RouterCall {
     Forget(String, String, SocketAddr),
     /// Route an envelope's event to the other live servers of its users.
     Route(SocketAddr, Vec<String>, String),
+    /// Which of these users have a device on a live server?
+    Online(Vec<String>),
+    /// The first user watches the presence of the others.
+    Watch(String, Vec<String>),
+    /// Who watches this user's presence?
+    Watchers(String),
 }
 
 /// The router's answers.
@@ -381,6 +405,10 @@ pub enum RouterReply {
         /// dead and skipped it when routing, without counting anything as sent.
         lapsed: bool,
     },
+    /// To `Route` (the users with no device on a live server) and `Watchers`.
+    Users(Vec<String>),
+    /// To `Online`, in the order asked.
+    Online(Vec<bool>),
     /// Anything else.
     Done,
 }
@@ -411,6 +439,20 @@ struct RouterState {
     devices: BTreeMap<String, BTreeMap<String, SocketAddr>>,
     alive_until: BTreeMap<SocketAddr, tokio::time::Instant>,
     sent: BTreeMap<SocketAddr, u64>,
+    watchers: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl RouterState {
+    fn live_servers_of<'s>(
+        &'s self,
+        user: &str,
+        now: tokio::time::Instant,
+    ) -> impl Iterator<Item = SocketAddr> + 's {
+        let servers = self.devices.get(user).into_iter().flat_map(|d| d.values());
+        servers
+            .filter(move |s| self.alive_until.get(*s).is_some_and(|t| *t > now))
+            .copied()
+    }
 }
 
 /// The router node: registry and fan-out, all in memory (lost on a crash).
@@ -459,14 +501,38 @@ fn route_call(
                 }
             }
         }
+        RouterCall::Online(users) => {
+            let online = users
+                .iter()
+                .map(|u| s.live_servers_of(u, now).next().is_some())
+                .collect();
+            return RouterReply::Online(online);
+        }
+        RouterCall::Watch(watcher, targets) => {
+            for target in targets {
+                s.watchers
+                    .entry(target)
+                    .or_default()
+                    .insert(watcher.clone());
+            }
+        }
+        RouterCall::Watchers(target) => {
+            let watchers = s.watchers.get(&target).into_iter().flatten().cloned();
+            return RouterReply::Users(watchers.collect());
+        }
         RouterCall::Route(from, users, event) => {
             let mut by_server: BTreeMap<SocketAddr, BTreeSet<String>> = BTreeMap::new();
+            let mut unplaced = Vec::new();
             for user in users {
-                for server in s.devices.get(&user).into_iter().flat_map(|d| d.values()) {
-                    let alive = s.alive_until.get(server).is_some_and(|t| *t > now);
-                    if *server != from && alive {
-                        by_server.entry(*server).or_default().insert(user.clone());
+                let mut placed = false;
+                for server in s.live_servers_of(&user, now) {
+                    placed = true;
+                    if server != from {
+                        by_server.entry(server).or_default().insert(user.clone());
                     }
+                }
+                if !placed {
+                    unplaced.push(user);
                 }
             }
             let event: Envelope = serde_json::from_str(&event).expect("envelopes decode");
@@ -480,6 +546,7 @@ fn route_call(
                     users: users.into_iter().collect(),
                     entry: event.entry.clone(),
                     receipt: event.receipt.clone(),
+                    presence: event.presence.clone(),
                 };
                 let deliver = Deliver {
                     generation,
@@ -493,6 +560,7 @@ fn route_call(
                     let _ = ep.call_timeout(target, deliver, CALL_TIMEOUT).await;
                 });
             }
+            return RouterReply::Users(unplaced);
         }
     }
     RouterReply::Done
@@ -631,16 +699,39 @@ impl Fabric for SimFabric {
         });
     }
 
-    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError> {
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<Forwarded, FabricError> {
         let envelope = Envelope::new(users.to_vec(), &event);
         let json = serde_json::to_string(&envelope).expect("envelopes encode");
         let routed = self
             .call(RouterCall::Route(self.me, users.to_vec(), json))
             .await;
-        if routed.is_err() {
-            // This server's own link may have dropped events too.
-            self.link.lock().expect("link").suspect = true;
+        match routed {
+            Ok(RouterReply::Users(unplaced)) => Ok(Forwarded { unplaced }),
+            Ok(other) => Err(FabricError(format!("unexpected router reply {other:?}"))),
+            Err(e) => {
+                // This server's own link may have dropped events too.
+                self.link.lock().expect("link").suspect = true;
+                Err(e)
+            }
         }
-        routed.map(|_| ())
+    }
+
+    async fn online_users(&self, users: &[String]) -> Result<Vec<bool>, FabricError> {
+        match self.call(RouterCall::Online(users.to_vec())).await? {
+            RouterReply::Online(online) => Ok(online),
+            other => Err(FabricError(format!("unexpected router reply {other:?}"))),
+        }
+    }
+
+    async fn watch(&self, watcher: &str, targets: &[String]) -> Result<(), FabricError> {
+        let call = RouterCall::Watch(watcher.into(), targets.to_vec());
+        self.call(call).await.map(|_| ())
+    }
+
+    async fn watchers(&self, target: &str) -> Result<Vec<String>, FabricError> {
+        match self.call(RouterCall::Watchers(target.into())).await? {
+            RouterReply::Users(users) => Ok(users),
+            other => Err(FabricError(format!("unexpected router reply {other:?}"))),
+        }
     }
 }

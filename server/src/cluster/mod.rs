@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::{Hub, Push};
-use crate::protocol::{Entry, Receipt, ServerFrame};
+use crate::protocol::{Entry, PresenceState, Receipt, ServerFrame};
 
 /// Why the fabric could not do something.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,6 +31,16 @@ pub enum Routed {
     Entry(Arc<Entry>),
     /// A receipt.
     Receipt(Arc<Receipt>),
+    /// A user's presence changed.
+    Presence(Arc<PresenceState>),
+}
+
+/// What [`Fabric::forward`] learned while routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Users among the recipients with no device connected to any live server
+    /// (this one included): candidates for a push notification.
+    pub unplaced: Vec<String>,
 }
 
 /// The connection registry and cross-server routing.
@@ -51,8 +61,21 @@ pub trait Fabric: Send + Sync + 'static {
     ///
     /// Once accepted, a receiving server either gets the event or notices that
     /// it may have missed events and resyncs its sessions.
-    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError>;
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<Forwarded, FabricError>;
+
+    /// For each of `users` (same order): has it a device connected to a live server?
+    async fn online_users(&self, users: &[String]) -> Result<Vec<bool>, FabricError>;
+
+    /// Subscribes `watcher` to the presence changes of `targets` (for a day,
+    /// renewed by every call).
+    async fn watch(&self, watcher: &str, targets: &[String]) -> Result<(), FabricError>;
+
+    /// The users subscribed to the presence changes of `target`.
+    async fn watchers(&self, target: &str) -> Result<Vec<String>, FabricError>;
 }
+
+/// How long an explicit presence subscription lasts unless renewed.
+pub const WATCH_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// After the fabric may have lost events for this server's devices (its link to
 /// the router dropped, or the router restarted): tells every local session to
@@ -78,38 +101,42 @@ pub struct Envelope {
     /// A receipt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<Receipt>,
+    /// A presence change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceState>,
 }
 
 impl Envelope {
     /// Wraps `event` for `users`.
     pub fn new(users: Vec<String>, event: &Routed) -> Self {
+        let mut envelope = Self {
+            users,
+            entry: None,
+            receipt: None,
+            presence: None,
+        };
         match event {
-            Routed::Entry(entry) => Self {
-                users,
-                entry: Some(Entry::clone(entry)),
-                receipt: None,
-            },
-            Routed::Receipt(receipt) => Self {
-                users,
-                entry: None,
-                receipt: Some(Receipt::clone(receipt)),
-            },
+            Routed::Entry(entry) => envelope.entry = Some(Entry::clone(entry)),
+            Routed::Receipt(receipt) => envelope.receipt = Some(Receipt::clone(receipt)),
+            Routed::Presence(state) => envelope.presence = Some(PresenceState::clone(state)),
         }
+        envelope
     }
 
     /// Hands the event to the local devices of its users; returns how many got it.
     pub fn deliver(self, hub: &Hub) -> usize {
-        let push = match (self.entry, self.receipt) {
-            (Some(entry), _) => {
+        let push = match (self.entry, self.receipt, self.presence) {
+            (Some(entry), _, _) => {
                 let entry = Arc::new(entry);
                 let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
                 Push::Entry(entry, frame)
             }
-            (None, Some(receipt)) => {
+            (None, Some(receipt), _) => {
                 let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt.clone()).to_json());
                 Push::Receipt(Arc::new(receipt), frame)
             }
-            (None, None) => return 0,
+            (None, None, Some(state)) => Push::Presence(Arc::new(state)),
+            (None, None, None) => return 0,
         };
         hub.publish(&self.users, &push)
     }

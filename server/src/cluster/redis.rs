@@ -6,6 +6,8 @@
 //! - `srv:{server}`: exists while the server is alive; set every TTL/3 with
 //!   expiry TTL, so a crashed server's entries stop being routed to within TTL.
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
+//! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
+//!   expiring [`WATCH_TTL`] after the last subscription.
 //!
 //! Why pub/sub rather than streams: the store is the source of truth and every
 //! device stream fills gaps from it, so routing needs no backlog, no consumer
@@ -23,7 +25,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use super::{Envelope, Fabric, FabricError, Routed};
+use super::{Envelope, Fabric, FabricError, Forwarded, Routed, WATCH_TTL};
 use crate::hub::Hub;
 use crate::metrics::FabricCounters;
 
@@ -116,6 +118,10 @@ impl RedisFabric {
 
     fn alive_key(&self, server: &str) -> String {
         format!("{}srv:{server}", self.config.prefix)
+    }
+
+    fn watch_key(&self, user: &str) -> String {
+        format!("{}watch:{user}", self.config.prefix)
     }
 
     fn channel(&self, server: &str) -> String {
@@ -227,8 +233,12 @@ impl RedisFabric {
         );
     }
 
-    /// Looks up where `users` are connected and publishes `event` to those servers.
-    async fn route(&self, users: &[String], event: &Routed) -> Result<(), FabricError> {
+    /// Where the devices of `users` are registered (device → server), and which
+    /// of those servers other than this one are alive.
+    async fn placements(
+        &self,
+        users: &[String],
+    ) -> Result<(Vec<HashMap<String, String>>, HashMap<String, bool>), FabricError> {
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         for user in users {
@@ -238,6 +248,38 @@ impl RedisFabric {
             .query_async(&mut conn)
             .await
             .map_err(|e| fail("registry lookup", e))?;
+        let mut servers: Vec<&str> = placements
+            .iter()
+            .flat_map(|p| p.values().map(String::as_str))
+            .filter(|s| *s != self.config.server_id)
+            .collect();
+        servers.sort_unstable();
+        servers.dedup();
+        let mut alive = HashMap::new();
+        if !servers.is_empty() {
+            let keys: Vec<String> = servers.iter().map(|s| self.alive_key(s)).collect();
+            let found: Vec<Option<String>> = conn
+                .mget(&keys)
+                .await
+                .map_err(|e| fail("liveness lookup", e))?;
+            for (server, found) in servers.iter().zip(found) {
+                alive.insert((*server).to_owned(), found.is_some());
+            }
+        }
+        alive.insert(self.config.server_id.clone(), true);
+        Ok((placements, alive))
+    }
+
+    /// Looks up where `users` are connected and publishes `event` to those servers.
+    async fn route(&self, users: &[String], event: &Routed) -> Result<Forwarded, FabricError> {
+        let (placements, alive) = self.placements(users).await?;
+        let mut conn = self.conn.clone();
+        let unplaced = users
+            .iter()
+            .zip(&placements)
+            .filter(|(_, devices)| !devices.values().any(|s| alive[s]))
+            .map(|(user, _)| user.clone())
+            .collect();
         let mut by_server: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         let mut devices_of: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
         for (user, devices) in users.iter().zip(&placements) {
@@ -253,17 +295,11 @@ impl RedisFabric {
             }
         }
         if by_server.is_empty() {
-            return Ok(());
+            return Ok(Forwarded { unplaced });
         }
-        let servers: Vec<&str> = by_server.keys().copied().collect();
-        let alive_keys: Vec<String> = servers.iter().map(|s| self.alive_key(s)).collect();
-        let alive: Vec<Option<String>> = conn
-            .mget(&alive_keys)
-            .await
-            .map_err(|e| fail("liveness lookup", e))?;
         let mut pipe = redis::pipe();
-        for (server, alive) in servers.iter().zip(&alive) {
-            if alive.is_some() {
+        for server in by_server.keys() {
+            if alive[*server] {
                 let envelope = Envelope::new(by_server[server].clone(), event);
                 let payload = serde_json::to_vec(&envelope).expect("envelopes serialize");
                 pipe.publish(self.channel(server), payload).ignore();
@@ -282,7 +318,8 @@ impl RedisFabric {
         }
         pipe.query_async::<()>(&mut conn)
             .await
-            .map_err(|e| fail("publish", e))
+            .map_err(|e| fail("publish", e))?;
+        Ok(Forwarded { unplaced })
     }
 }
 
@@ -318,12 +355,41 @@ impl Fabric for RedisFabric {
         });
     }
 
-    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<(), FabricError> {
+    async fn forward(&self, users: Arc<[String]>, event: Routed) -> Result<Forwarded, FabricError> {
         match tokio::time::timeout(FORWARD_WAIT_MAX, self.route(&users, &event)).await {
             Ok(routed) => routed,
             Err(_) => Err(FabricError(format!(
                 "no answer from Redis within {FORWARD_WAIT_MAX:?}"
             ))),
         }
+    }
+
+    async fn online_users(&self, users: &[String]) -> Result<Vec<bool>, FabricError> {
+        let (placements, alive) = self.placements(users).await?;
+        Ok(placements
+            .iter()
+            .map(|devices| devices.values().any(|s| alive[s]))
+            .collect())
+    }
+
+    async fn watch(&self, watcher: &str, targets: &[String]) -> Result<(), FabricError> {
+        let ttl_secs = i64::try_from(WATCH_TTL.as_secs()).unwrap_or(i64::MAX);
+        let mut pipe = redis::pipe();
+        for target in targets {
+            let key = self.watch_key(target);
+            pipe.sadd(&key, watcher).ignore();
+            pipe.expire(&key, ttl_secs).ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| fail("presence subscription", e))
+    }
+
+    async fn watchers(&self, target: &str) -> Result<Vec<String>, FabricError> {
+        let mut conn = self.conn.clone();
+        conn.smembers(self.watch_key(target))
+            .await
+            .map_err(|e| fail("presence subscribers", e))
     }
 }

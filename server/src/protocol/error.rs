@@ -54,6 +54,18 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The server is at its connection limit.
     Overloaded,
+    /// No image with this id was uploaded to this conversation.
+    UnknownMedia,
+    /// The upload exceeds the image size limit (HTTP 413); nothing was kept.
+    MediaTooLarge,
+    /// The upload is not a JPEG, PNG, WebP or GIF image, or cannot be decoded (HTTP 415).
+    UnsupportedMedia,
+    /// HTTP only: the method is not allowed on this path (HTTP 405).
+    MethodNotAllowed,
+    /// HTTP only: `/v1/ws` was requested without a WebSocket upgrade (HTTP 400).
+    WebsocketRequired,
+    /// HTTP only: no such endpoint (HTTP 404).
+    NotFound,
     /// An unexpected server-side failure; nothing was acknowledged.
     Internal,
 }

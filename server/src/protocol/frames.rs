@@ -74,7 +74,7 @@ pub struct LeaveRequest {
     pub conv: String,
 }
 
-/// Sends a text message.
+/// Sends a message: a text, or an image (uploaded first) with an optional caption.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
@@ -82,8 +82,12 @@ pub struct SendRequest {
     pub conv: String,
     /// Client-chosen id; a retry with the same id returns the original ack.
     pub message_id: String,
-    /// UTF-8 text, at most the server's text limit.
-    pub text: String,
+    /// UTF-8 text, at most the server's text limit: the message, or an image's caption.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Id of an image uploaded to this conversation (`POST /v1/media`).
+    #[serde(default)]
+    pub media: Option<String>,
 }
 
 /// Moves this device's cursors forward.
@@ -127,6 +131,40 @@ pub struct HistoryRequest {
     pub limit: Option<u32>,
 }
 
+/// Current presence of some users, and (with `watch`) a subscription to their changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceRequest {
+    /// The users, at most the server's presence limit per request.
+    pub users: Vec<String>,
+    /// Also push changes of these users to the caller (default true), beyond
+    /// those of the people the caller shares a conversation with.
+    #[serde(default = "watch_default")]
+    pub watch: bool,
+}
+
+fn watch_default() -> bool {
+    true
+}
+
+/// `POST /v1/poll`: entries after the device's cursors, plus receipts and
+/// presence changes, waiting up to `timeout_ms` for something to arrive.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollRequest {
+    /// Per-conversation "delivered up to" cursors the device holds; for other
+    /// conversations the device's acknowledged cursor (or, for a new device,
+    /// the most recent entries) is the start.
+    #[serde(default)]
+    pub cursors: BTreeMap<String, u64>,
+    /// How long to hold the request when nothing is new (capped by the server).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Most entries in the response (capped by the server's page limit).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
 /// Lists the caller's conversations.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +195,8 @@ pub enum Request {
     History(HistoryRequest),
     /// `conversations`.
     Conversations(ConversationsRequest),
+    /// `presence`.
+    Presence(PresenceRequest),
     /// `ping`.
     Ping,
 }
@@ -216,6 +256,7 @@ pub fn decode_request(text: &str) -> Result<(String, Request), (Option<String>, 
         "sync" => body(&op, fields).map(Request::Sync),
         "history" => body(&op, fields).map(Request::History),
         "conversations" => body(&op, fields).map(Request::Conversations),
+        "presence" => body(&op, fields).map(Request::Presence),
         "ping" => body::<ConversationsRequest>(&op, fields).map(|_| Request::Ping),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
@@ -236,6 +277,14 @@ pub enum Body {
         /// The text.
         text: String,
     },
+    /// An image; the bytes are downloaded from `GET /v1/media/{id}`.
+    Image {
+        /// What the server recorded of the image at upload.
+        media: MediaRef,
+        /// Text shown with the image.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        caption: Option<String>,
+    },
     /// A membership change; it takes a place in the order like any message.
     Members {
         /// `create`, `add`, `remove` or `leave`.
@@ -243,6 +292,42 @@ pub enum Body {
         /// The users concerned.
         users: Vec<String>,
     },
+}
+
+impl Body {
+    /// True for messages (text, image): sent by a client under an idempotent
+    /// `message_id`; false for membership changes.
+    pub fn is_message(&self) -> bool {
+        matches!(self, Self::Text { .. } | Self::Image { .. })
+    }
+
+    /// Approximate bytes the body adds to an entry (text, caption, thumbnail).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::Text { text } => text.len(),
+            Self::Image { media, caption } => {
+                media.thumbnail.len() + caption.as_ref().map_or(0, String::len)
+            }
+            Self::Members { .. } => 0,
+        }
+    }
+}
+
+/// An uploaded image as messages carry it; every field is set by the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRef {
+    /// Content address: lowercase hex SHA-256 of the bytes.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `image/jpeg`, `image/png`, `image/webp` or `image/gif`, from the content.
+    pub content_type: String,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// A small preview: a `data:image/jpeg;base64,...` URL at most 64 px on its long side.
+    pub thumbnail: String,
 }
 
 /// Kinds of membership change.
@@ -327,6 +412,19 @@ pub struct Receipt {
     pub all_read: Option<u64>,
 }
 
+/// Whether a user is online, and when they were last seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceState {
+    /// The user.
+    pub user: String,
+    /// At least one of the user's devices is connected (as far as this server knows).
+    pub online: bool,
+    /// The last time a device of the user connected, disconnected or polled
+    /// (ms since the Unix epoch); absent if never seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
+}
+
 /// Every frame the server sends.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -353,6 +451,12 @@ pub enum ServerFrame {
     Receipt(Receipt),
     /// The initial catch-up after `hello` is complete; what follows is live.
     CaughtUp {},
+    /// Presence changes of contacts and watched users, coalesced: at most one
+    /// frame per presence interval, one state per user (the latest).
+    Presence {
+        /// The new states.
+        users: Vec<PresenceState>,
+    },
 }
 
 impl ServerFrame {
@@ -401,7 +505,7 @@ mod tests {
             decode_request(r#"{"rid":"r3","op":"send","conv":"g:a","message_id":"m","text":"hi"}"#)
                 .unwrap();
         assert_eq!(rid, "r3");
-        assert!(matches!(req, Request::Send(s) if s.text == "hi"));
+        assert!(matches!(req, Request::Send(s) if s.text.as_deref() == Some("hi")));
     }
 
     /// Entries serialize as a flat `msg` frame.

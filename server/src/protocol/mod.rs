@@ -11,7 +11,8 @@ pub use error::{ErrorCode, ProtocolError};
 pub use frames::{
     decode_request, AckRequest, AddMembersRequest, Body, ConvKind, ConvSummary,
     ConversationsRequest, CreateGroupRequest, Entry, HelloRequest, HistoryRequest, LeaveRequest,
-    MemberAction, OpenDirectRequest, Receipt, RemoveMembersRequest, Request, SendRequest,
-    ServerFrame, SyncRequest, PROTOCOL_VERSION,
+    MediaRef, MemberAction, OpenDirectRequest, PollRequest, PresenceRequest, PresenceState,
+    Receipt, RemoveMembersRequest, Request, SendRequest, ServerFrame, SyncRequest,
+    PROTOCOL_VERSION,
 };
 pub use ids::{validate_conv_id, validate_device_id, validate_message_id, validate_user_id};

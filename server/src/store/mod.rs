@@ -172,6 +172,12 @@ pub trait Store: Send + Sync + 'static {
         conv: &str,
     ) -> Result<Option<Cursor>, StoreError>;
 
+    /// Raises `user`'s last-seen time to `at_ms` (never lowers it); durable on return.
+    async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    /// The last-seen time of each of `users`, in the same order; `None` if never seen.
+    async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError>;
+
     /// Deletes up to `budget` entries older than `cutoff_ms`; returns how many.
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError>;
 }

@@ -1,4 +1,7 @@
-//! HTTP/1.1 routing on one port: `/v1/ws` (WebSocket upgrade), `/metrics`, `/healthz`.
+//! HTTP/1.1 routing on one port: `/v1/ws` (WebSocket upgrade), the HTTP API
+//! (`/v1/rpc`, `/v1/poll`: the long-polling fallback; `/v1/media`: images),
+//! `/metrics`, `/healthz`. Errors are JSON `{"code", "message"}` with the
+//! status [`status_of`] gives the code.
 //!
 //! Uses hyper's connection API over any stream, so the simulator can drive it
 //! over simulated TCP.
@@ -7,21 +10,27 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{
-    HeaderValue, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
+    HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY,
     SEC_WEBSOCKET_VERSION, UPGRADE,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::protocol::{
+    decode_request, validate_conv_id, validate_device_id, ErrorCode, PollRequest, ProtocolError,
+    ServerFrame,
+};
 use crate::server::ConnGuard;
-use crate::service::ChatService;
+use crate::service::{Caller, ChatService};
 use crate::transport::session;
 
 /// Per-connection WebSocket buffers: small, so idle connections stay cheap.
@@ -34,8 +43,76 @@ pub fn websocket_config(frame_len_max_bytes: usize) -> WebSocketConfig {
         .max_frame_size(Some(frame_len_max_bytes))
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+/// Every response body: a whole buffer or a stream (downloads).
+pub type HttpBody = UnsyncBoxBody<Bytes, std::io::Error>;
+/// Every response.
+pub type HttpResponse = Response<HttpBody>;
+
+/// A request refused with a protocol error code, and the HTTP status for it.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The code and message.
+    pub error: ProtocolError,
+}
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ProtocolError::new(code, message),
+        }
+    }
+
+    fn response(&self, service: &ChatService) -> HttpResponse {
+        service.metrics.count_error(self.error.code);
+        let body = json!({ "code": self.error.code, "message": self.error.message });
+        json_body(status_of(self.error.code), &body)
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(error: ProtocolError) -> Self {
+        Self { error }
+    }
+}
+
+/// The HTTP status that goes with an error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    use ErrorCode as C;
+    match code {
+        C::Unauthorized | C::TokenExpired => StatusCode::UNAUTHORIZED,
+        C::NotMember | C::Forbidden => StatusCode::FORBIDDEN,
+        C::UnknownConversation | C::UnknownMedia | C::NotFound => StatusCode::NOT_FOUND,
+        C::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        C::ConversationExists | C::CursorAhead | C::Replaced | C::SlowConsumer => {
+            StatusCode::CONFLICT
+        }
+        C::FrameTooLarge | C::TextTooLarge | C::MediaTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        C::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        C::Overloaded | C::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        C::BadFrame
+        | C::UnknownOp
+        | C::BadRequest
+        | C::HelloRequired
+        | C::AlreadyAuthenticated
+        | C::UnsupportedVersion
+        | C::InvalidId
+        | C::NotGroup
+        | C::TooManyMembers
+        | C::DuplicateMember
+        | C::WebsocketRequired => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn full(bytes: impl Into<Bytes>) -> HttpBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpResponse {
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -43,9 +120,108 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     response
 }
 
-fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "code": code, "message": message }).to_string();
-    text(status, "application/json", body)
+/// A JSON response.
+pub fn json_body(status: StatusCode, value: &Value) -> HttpResponse {
+    text(status, "application/json", value.to_string())
+}
+
+/// A streamed response of `frames`.
+pub fn stream_body<S>(frames: S) -> HttpResponse
+where
+    S: futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + 'static,
+{
+    Response::new(BodyExt::boxed_unsync(StreamBody::new(frames)))
+}
+
+/// Header naming the device of an HTTP request (`/v1/rpc`, `/v1/poll`).
+pub const DEVICE_HEADER: &str = "x-chatproof-device";
+
+/// The caller of an HTTP request: `Authorization: Bearer TOKEN`, and (when
+/// `device_needed`) the `X-Chatproof-Device` header.
+fn authenticate(
+    req: &Request<Incoming>,
+    service: &ChatService,
+    device_needed: bool,
+) -> Result<Caller, ApiError> {
+    let token = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unauthorized,
+                "send \"Authorization: Bearer TOKEN\" with a token from chatproof-server token",
+            )
+        })?;
+    let claims = service
+        .tokens
+        .verify(token.trim(), service.clock.now_ms() / 1000)?;
+    let device = match req.headers().get(DEVICE_HEADER) {
+        Some(v) => {
+            let device = v.to_str().unwrap_or_default().to_owned();
+            validate_device_id(&device)?;
+            device
+        }
+        None if device_needed => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "send \"X-Chatproof-Device: DEVICE\" naming the device",
+            ))
+        }
+        None => String::new(),
+    };
+    Ok(Caller {
+        user: claims.sub,
+        device,
+    })
+}
+
+/// Reads a JSON request body of at most the frame limit.
+async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            ErrorCode::FrameTooLarge,
+            format!("the request body exceeds {limit} bytes"),
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("reading the request body: {e}"),
+        )),
+    }
+}
+
+/// The value of query parameter `name`, percent-decoded.
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = req.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(u8::try_from(h * 16 + l).expect("two hex digits"));
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Routes one HTTP request.
@@ -54,23 +230,125 @@ pub async fn route(
     service: Arc<ChatService>,
     shutdown: watch::Receiver<bool>,
     guard: Arc<ConnGuard>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/ws") => upgrade(req, service, shutdown, guard),
-        (&Method::GET, "/metrics") => text(
+) -> Result<HttpResponse, Infallible> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let result = match (&method, path.as_str()) {
+        (&Method::GET, "/v1/ws") => Ok(upgrade(req, Arc::clone(&service), shutdown, guard)),
+        (&Method::POST, "/v1/rpc") => rpc(req, &service).await,
+        (&Method::POST, "/v1/poll") => poll(req, &service).await,
+        (&Method::POST, "/v1/media") => upload(req, &service).await,
+        (&Method::GET, p) if p.starts_with("/v1/media/") => {
+            let id = p.trim_start_matches("/v1/media/").to_owned();
+            download(req, &service, &id).await
+        }
+        (&Method::GET, "/metrics") => Ok(text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             service.metrics.render(),
-        ),
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        (_, "/v1/ws" | "/metrics" | "/healthz") => json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        ),
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+        )),
+        (&Method::GET, "/healthz") => Ok(text(StatusCode::OK, "text/plain", "ok\n".into())),
+        (_, "/v1/ws" | "/metrics" | "/healthz") => {
+            Err(ApiError::new(ErrorCode::MethodNotAllowed, "use GET"))
+        }
+        (_, "/v1/rpc" | "/v1/poll" | "/v1/media") => {
+            Err(ApiError::new(ErrorCode::MethodNotAllowed, "use POST"))
+        }
+        (_, p) if p.starts_with("/v1/media/") => {
+            Err(ApiError::new(ErrorCode::MethodNotAllowed, "use GET"))
+        }
+        _ => Err(ApiError::new(ErrorCode::NotFound, "no such endpoint")),
     };
-    Ok(response)
+    Ok(result.unwrap_or_else(|e| e.response(&service)))
+}
+
+/// `POST /v1/rpc`: one request frame (any op but `hello`), its reply frame back.
+async fn rpc(req: Request<Incoming>, service: &Arc<ChatService>) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&req, service, true)?;
+    let body = read_json(req, service.limits.frame_len_max_bytes).await?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::new(ErrorCode::BadFrame, "the body is not UTF-8"))?;
+    let (frame, status) = match decode_request(text) {
+        Err((rid, err)) => (ServerFrame::error(rid, err.clone()), status_of(err.code)),
+        Ok((rid, request)) => match Arc::clone(service).dispatch(&caller, request).await {
+            Ok(result) => (ServerFrame::Ok { rid, result }, StatusCode::OK),
+            Err(err) => (
+                ServerFrame::error(Some(rid), err.clone()),
+                status_of(err.code),
+            ),
+        },
+    };
+    if let ServerFrame::Error { code, .. } = &frame {
+        service.metrics.count_error(*code);
+    }
+    Ok(text_frame(status, frame.to_json()))
+}
+
+fn text_frame(status: StatusCode, json: String) -> HttpResponse {
+    text(status, "application/json", json)
+}
+
+/// `POST /v1/poll`: see [`super::longpoll`].
+async fn poll(
+    req: Request<Incoming>,
+    service: &Arc<ChatService>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&req, service, true)?;
+    let body = read_json(req, service.limits.frame_len_max_bytes).await?;
+    let request: PollRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        PollRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("poll: {e}")))?
+    };
+    let result = super::longpoll::poll(service, &caller, request).await?;
+    Ok(json_body(StatusCode::OK, &result))
+}
+
+#[cfg(not(madsim))]
+async fn upload(
+    req: Request<Incoming>,
+    service: &Arc<ChatService>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&req, service, false)?;
+    let conv = query_param(&req, "conv").ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "name the conversation: POST /v1/media?conv=CONV",
+        )
+    })?;
+    validate_conv_id(&conv)?;
+    super::media::upload(service, &caller, &conv, req.into_body()).await
+}
+
+#[cfg(not(madsim))]
+async fn download(
+    req: Request<Incoming>,
+    service: &Arc<ChatService>,
+    id: &str,
+) -> Result<HttpResponse, ApiError> {
+    let caller = authenticate(&req, service, false)?;
+    super::media::download(service, &caller, id).await
+}
+
+#[cfg(madsim)]
+async fn upload(_: Request<Incoming>, _: &Arc<ChatService>) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        "images are not served under the simulator",
+    ))
+}
+
+#[cfg(madsim)]
+async fn download(
+    _: Request<Incoming>,
+    _: &Arc<ChatService>,
+    _: &str,
+) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        "images are not served under the simulator",
+    ))
 }
 
 fn upgrade(
@@ -78,7 +356,7 @@ fn upgrade(
     service: Arc<ChatService>,
     shutdown: watch::Receiver<bool>,
     guard: Arc<ConnGuard>,
-) -> Response<Full<Bytes>> {
+) -> HttpResponse {
     let headers = req.headers();
     let is_upgrade = headers
         .get(UPGRADE)
@@ -91,11 +369,11 @@ fn upgrade(
         .get(SEC_WEBSOCKET_KEY)
         .filter(|_| is_upgrade && version_ok)
     else {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "websocket_required",
+        return ApiError::new(
+            ErrorCode::WebsocketRequired,
             "/v1/ws needs a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Version: 13)",
-        );
+        )
+        .response(&service);
     };
     let accept = derive_accept_key(key.as_bytes());
     let config = websocket_config(service.limits.frame_len_max_bytes);
@@ -115,7 +393,7 @@ fn upgrade(
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(CONNECTION, HeaderValue::from_static("upgrade"));

@@ -1,5 +1,8 @@
-//! Transports: HTTP routing (WebSocket upgrade, metrics, health) and the
-//! WebSocket session loop. They parse and frame; the service decides.
+//! Transports: HTTP routing (WebSocket upgrade, the HTTP API, metrics, health),
+//! the WebSocket session loop, the long-polling fallback and image transfer. They parse and frame; the service decides.
 
 pub mod http;
+pub mod longpoll;
+#[cfg(not(madsim))]
+pub mod media;
 pub mod session;

@@ -17,11 +17,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::domain::{DeviceStream, GroupChange, StreamStep};
+use crate::domain::{DeviceStream, StreamStep};
 use crate::hub::{ConnId, Push};
 use crate::protocol::{
     decode_request, validate_device_id, Body, Entry, ErrorCode, HelloRequest, MemberAction,
-    ProtocolError, Receipt, Request, ServerFrame, PROTOCOL_VERSION,
+    PresenceState, ProtocolError, Receipt, Request, ServerFrame, PROTOCOL_VERSION,
 };
 use crate::service::{Caller, ChatService};
 
@@ -51,6 +51,10 @@ struct Session<S> {
     receipts_shown: HashMap<(String, String), Receipt>,
     /// When to retry a resync (or a gap fill) that failed on a store error.
     resync_retry_at: Option<tokio::time::Instant>,
+    /// Presence changes not yet written, the latest per user.
+    presence_pending: BTreeMap<String, PresenceState>,
+    /// When to write them: at most one `presence` frame per presence interval.
+    presence_flush_at: Option<tokio::time::Instant>,
 }
 
 /// How long after a failed resync or gap fill the session tries again.
@@ -75,6 +79,8 @@ pub async fn run<S>(
         hub_rx: None,
         receipts_shown: HashMap::new(),
         resync_retry_at: None,
+        presence_pending: BTreeMap::new(),
+        presence_flush_at: None,
     };
     let end = session.drive(&mut shutdown).await;
     if let Some(caller) = &session.caller {
@@ -155,8 +161,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Some(Push::Receipt(receipt, frame)) => self.on_receipt(&receipt, frame).await,
                         Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await,
                         Some(Push::Resync) => { self.resync().await; Ok(()) }
+                        Some(Push::Presence(state)) => { self.on_presence(&state); Ok(()) }
                     };
                     if let Err(e) = result { break End::Transport(e) }
+                }
+                _ = sleep_until_some(self.presence_flush_at), if self.presence_flush_at.is_some() => {
+                    if let Err(e) = self.flush_presence().await { break End::Transport(e) }
                 }
                 _ = sleep_until_some(self.resync_retry_at), if self.resync_retry_at.is_some() => {
                     self.resync().await;
@@ -178,8 +188,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     fabric.device_disconnected(&caller.user, &caller.device);
                 }
             }
+            self.service.device_down(&caller.user);
         }
         end
+    }
+
+    /// Keeps the latest state per user until the next presence frame is due.
+    fn on_presence(&mut self, state: &PresenceState) {
+        self.presence_pending
+            .insert(state.user.clone(), state.clone());
+        if self.presence_flush_at.is_none() {
+            let interval = self.service.limits.presence_interval;
+            self.presence_flush_at = Some(tokio::time::Instant::now() + interval);
+        }
+    }
+
+    /// Writes the pending presence changes as one frame.
+    async fn flush_presence(&mut self) -> WsResult<()> {
+        self.presence_flush_at = None;
+        let users: Vec<PresenceState> = std::mem::take(&mut self.presence_pending)
+            .into_values()
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        let frame = ServerFrame::Presence { users }.to_json();
+        self.ws.send(Message::Text(frame.into())).await
     }
 
     async fn reply_ok(&mut self, rid: String, result: serde_json::Value) -> WsResult<()> {
@@ -224,36 +258,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         caller: &Caller,
         request: Request,
     ) -> Result<serde_json::Value, ProtocolError> {
-        let svc = Arc::clone(&self.service);
-        match request {
-            Request::Hello(_) => Err(ProtocolError::new(
+        if matches!(request, Request::Hello(_)) {
+            return Err(ProtocolError::new(
                 ErrorCode::AlreadyAuthenticated,
                 "hello was already accepted",
-            )),
-            Request::OpenDirect(r) => svc.open_direct(caller, &r.peer).await,
-            Request::CreateGroup(r) => svc.create_group(caller, r.conv, r.members).await,
-            Request::AddMembers(r) => {
-                svc.change_members(caller, &r.conv, GroupChange::Add(r.users))
-                    .await
-            }
-            Request::RemoveMembers(r) => {
-                svc.change_members(caller, &r.conv, GroupChange::Remove(r.users))
-                    .await
-            }
-            Request::Leave(r) => {
-                svc.change_members(caller, &r.conv, GroupChange::Leave)
-                    .await
-            }
-            Request::Send(r) => svc.send(caller, r).await,
-            Request::Ack(r) => svc.ack(caller, r).await,
-            Request::Sync(r) => svc.sync(caller, r).await,
-            Request::History(r) => svc.history(caller, r).await,
-            Request::Conversations(_) => {
-                let states = svc.conversations(caller).await?;
-                Ok(json!({ "conversations": ChatService::summaries(caller, &states) }))
-            }
-            Request::Ping => Ok(json!({ "server_time_ms": svc.clock.now_ms() })),
+            ));
         }
+        Arc::clone(&self.service).dispatch(caller, request).await
     }
 
     /// Authenticates, registers the device, and starts catch-up.
@@ -318,6 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "server_time_ms": svc.clock.now_ms(),
             "conversations": ChatService::summaries(&caller, &states),
         });
+        svc.device_up(&caller.user);
         self.caller = Some(caller);
         self.reply_ok(rid, result).await?;
         if self.catch_up.is_empty() {
@@ -333,25 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     ) -> Result<Vec<crate::store::ConvState>, ProtocolError> {
         let svc = Arc::clone(&self.service);
         let states = svc.conversations(caller).await?;
-        for (conv, cursor) in cursors {
-            let state = states.iter().find(|s| &s.record.id == conv);
-            let Some(state) = state else {
-                // Distinguish unknown from foreign conversations.
-                svc.readable(caller, conv).await?;
-                return Err(ProtocolError::new(
-                    ErrorCode::NotMember,
-                    format!("not a member of {conv}"),
-                ));
-            };
-            let m = state.record.require_reader(&caller.user)?;
-            let visible_max = state.last_seq.min(m.visible_until());
-            if *cursor > visible_max {
-                return Err(ProtocolError::new(
-                    ErrorCode::CursorAhead,
-                    format!("cursor {cursor} for {conv} is beyond its last entry you may see ({visible_max})"),
-                ));
-            }
-        }
+        svc.check_cursors(caller, &states, cursors).await?;
         for state in &states {
             let conv = &state.record.id;
             let m = state.record.require_reader(&caller.user)?;

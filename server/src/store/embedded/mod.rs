@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
-use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, SEQS, USER_CONVS};
+use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, SEQS, USER_CONVS};
 use self::writer::{WriteCtx, WriteOp};
 use super::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
@@ -279,6 +279,21 @@ impl Store for EmbeddedStore {
             let (delivered, read) = g.value();
             Cursor { delivered, read }
         }))
+    }
+
+    async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        let user = user.to_owned();
+        self.write(move |ctx| ctx.raise_last_seen(&user, at_ms))
+            .await
+    }
+
+    async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(LAST_SEEN).map_err(backend)?;
+        users
+            .iter()
+            .map(|u| Ok(table.get(u.as_str()).map_err(backend)?.map(|g| g.value())))
+            .collect()
     }
 
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {

@@ -16,6 +16,8 @@ pub const MESSAGE_IDS: TableDefinition<(&str, &str, &str), u64> =
 /// `(user, device, conv)` → `(delivered, read)`.
 pub const DEVICE_CURSORS: TableDefinition<(&str, &str, &str), (u64, u64)> =
     TableDefinition::new("device_cursors");
+/// `user` → last seen, ms since the Unix epoch (only ever raised).
+pub const LAST_SEEN: TableDefinition<&str, u64> = TableDefinition::new("last_seen");
 /// `(conv, user)` → `(delivered, read)`: the maximum over the user's devices.
 pub const USER_CURSORS: TableDefinition<(&str, &str), (u64, u64)> =
     TableDefinition::new("user_cursors");

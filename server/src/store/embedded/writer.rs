@@ -10,7 +10,9 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc;
 
-use super::tables::{CONVS, DEVICE_CURSORS, ENTRIES, MESSAGE_IDS, SEQS, USER_CONVS, USER_CURSORS};
+use super::tables::{
+    CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, SEQS, USER_CONVS, USER_CURSORS,
+};
 use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
 use crate::protocol::{Body, ConvKind, Entry, ErrorCode, MemberAction, ProtocolError};
@@ -52,6 +54,7 @@ pub fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(MESSAGE_IDS).map_err(backend)?;
     txn.open_table(DEVICE_CURSORS).map_err(backend)?;
     txn.open_table(USER_CURSORS).map_err(backend)?;
+    txn.open_table(LAST_SEEN).map_err(backend)?;
     txn.commit().map_err(backend)
 }
 
@@ -165,6 +168,7 @@ pub struct WriteCtx<'t> {
     message_ids: Table<'t, (&'static str, &'static str, &'static str), u64>,
     device_cursors: Table<'t, (&'static str, &'static str, &'static str), (u64, u64)>,
     user_cursors: Table<'t, (&'static str, &'static str), (u64, u64)>,
+    last_seen: Table<'t, &'static str, u64>,
     cache: &'t mut HashMap<String, CachedConv>,
     /// Set when an operation hit a backend error: the whole group is aborted.
     pub failed: Option<String>,
@@ -191,9 +195,23 @@ impl<'t> WriteCtx<'t> {
             message_ids: txn.open_table(MESSAGE_IDS).map_err(backend)?,
             device_cursors: txn.open_table(DEVICE_CURSORS).map_err(backend)?,
             user_cursors: txn.open_table(USER_CURSORS).map_err(backend)?,
+            last_seen: txn.open_table(LAST_SEEN).map_err(backend)?,
             cache,
             failed: None,
         })
+    }
+
+    /// Raises `user`'s last-seen time to `at_ms`; a lower value changes nothing.
+    pub fn raise_last_seen(&mut self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        let current = self
+            .last_seen
+            .get(user)
+            .map_err(backend)?
+            .map(|g| g.value());
+        if current.is_none_or(|c| c < at_ms) {
+            self.last_seen.insert(user, at_ms).map_err(backend)?;
+        }
+        Ok(())
     }
 
     /// Loads `conv` into the cache; false if it does not exist.
@@ -523,7 +541,7 @@ impl<'t> WriteCtx<'t> {
                 self.entries
                     .remove((conv.as_str(), entry.seq))
                     .map_err(backend)?;
-                if matches!(entry.body, Body::Text { .. }) {
+                if entry.body.is_message() {
                     let key = (
                         conv.as_str(),
                         entry.sender.as_str(),

@@ -400,6 +400,17 @@ impl Tables for CqlTables {
         let v = to_i64(value);
         self.write(statement, (v, v, conv, user)).await
     }
+
+    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        let v = to_i64(at_ms);
+        self.write(&self.st.write_last_seen, (v, v, user)).await
+    }
+
+    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        let rows = self.rows(&self.st.select_last_seen, (user,)).await?;
+        let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(backend)?;
+        Ok(row.and_then(|(seen,)| seen).map(to_u64))
+    }
 }
 
 fn validate_keyspace(keyspace: &str) -> Result<(), StoreError> {

@@ -48,6 +48,10 @@ pub struct Statements {
     pub write_user_delivered: PreparedStatement,
     /// Max-register write of a user's read cursor.
     pub write_user_read: PreparedStatement,
+    /// A user's last-seen time.
+    pub select_last_seen: PreparedStatement,
+    /// Max-register write of a user's last-seen time.
+    pub write_last_seen: PreparedStatement,
 }
 
 impl Statements {
@@ -86,6 +90,8 @@ impl Statements {
             select_user_cursors: prep!("SELECT user_id, delivered_seq, read_seq FROM {ks}.user_cursors WHERE conv = ?"),
             write_user_delivered: prep!("UPDATE {ks}.user_cursors USING TIMESTAMP ? SET delivered_seq = ? WHERE conv = ? AND user_id = ?"),
             write_user_read: prep!("UPDATE {ks}.user_cursors USING TIMESTAMP ? SET read_seq = ? WHERE conv = ? AND user_id = ?"),
+            select_last_seen: prep!("SELECT seen_ms FROM {ks}.last_seen WHERE user_id = ?"),
+            write_last_seen: prep!("UPDATE {ks}.last_seen USING TIMESTAMP ? SET seen_ms = ? WHERE user_id = ?"),
         })
     }
 }

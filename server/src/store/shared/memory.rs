@@ -23,6 +23,7 @@ struct State {
     user_convs: BTreeMap<String, BTreeSet<String>>,
     device_cursors: BTreeMap<(String, String, String), Cursor>,
     user_cursors: BTreeMap<String, BTreeMap<String, Cursor>>,
+    last_seen: BTreeMap<String, u64>,
 }
 
 /// In-memory [`Tables`].
@@ -244,5 +245,16 @@ impl Tables for MemTables {
             let users = s.user_cursors.entry(conv.to_owned()).or_default();
             raise(users.entry(user.to_owned()).or_default(), cell, value);
         })
+    }
+
+    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.with(|s| {
+            let seen = s.last_seen.entry(user.to_owned()).or_default();
+            *seen = (*seen).max(at_ms);
+        })
+    }
+
+    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|s| s.last_seen.get(user).copied())
     }
 }

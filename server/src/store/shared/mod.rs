@@ -127,9 +127,7 @@ enum Outcome {
 
 /// Whether `entry` is the message `m` (same idempotency key).
 fn same_message(entry: &Entry, m: &NewMessage) -> bool {
-    matches!(entry.body, Body::Text { .. })
-        && entry.sender == m.sender
-        && entry.message_id == m.message_id
+    entry.body.is_message() && entry.sender == m.sender && entry.message_id == m.message_id
 }
 
 impl<T: Tables + ?Sized> SharedStore<T> {
@@ -204,12 +202,14 @@ impl<T: Tables + ?Sized> SharedStore<T> {
                 writes.push(Box::pin(self.tables.put_bucket(conv, bucket, entry.seq)));
             }
             match &entry.body {
-                Body::Text { .. } => writes.push(Box::pin(self.tables.put_message_id(
-                    conv,
-                    &entry.sender,
-                    &entry.message_id,
-                    entry.seq,
-                ))),
+                Body::Text { .. } | Body::Image { .. } => {
+                    writes.push(Box::pin(self.tables.put_message_id(
+                        conv,
+                        &entry.sender,
+                        &entry.message_id,
+                        entry.seq,
+                    )));
+                }
                 Body::Members { users, .. } => {
                     for user in users {
                         writes.push(Box::pin(self.tables.put_user_conv(user, conv)));
@@ -338,10 +338,7 @@ impl<T: Tables + ?Sized> SharedStore<T> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         while let Some(job) = queue.front() {
-            let size = match &job.message.body {
-                Body::Text { text } => text.len(),
-                Body::Members { .. } => 0,
-            };
+            let size = job.message.body.payload_len();
             if !batch.is_empty() && (batch.len() >= BATCH_LEN_MAX || bytes + size > BATCH_BYTES_MAX)
             {
                 break;
@@ -826,6 +823,15 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         conv: &str,
     ) -> Result<Option<Cursor>, StoreError> {
         self.tables.device_cursor(user, device, conv).await
+    }
+
+    async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.tables.raise_last_seen(user, at_ms).await
+    }
+
+    async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        let reads = users.iter().map(|u| self.tables.last_seen(u));
+        futures_util::future::try_join_all(reads).await
     }
 
     async fn expire_before(&self, _cutoff_ms: u64, _budget: u32) -> Result<u64, StoreError> {

@@ -142,4 +142,10 @@ pub trait Tables: Send + Sync + 'static {
         cell: CursorCell,
         value: u64,
     ) -> Result<(), StoreError>;
+
+    /// Max-register write of a user's last-seen time (ms).
+    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    /// A user's last-seen time (ms), if ever recorded.
+    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError>;
 }
