@@ -7,6 +7,7 @@ use chatproof_client::{Client, ErrorReply};
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
+use chatproof_server::media::disk::DiskBlobStore;
 use chatproof_server::service::ChatService;
 use chatproof_server::store::embedded::EmbeddedStore;
 use serde_json::{json, Value};
@@ -35,14 +36,23 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, limits: Limits) -> Self {
+        Self::start_configured(dir, limits, |_| {}).await
+    }
+
+    /// Starts with images stored under the data directory, after `setup` adjusted the service.
+    pub async fn start_configured(
+        dir: tempfile::TempDir,
+        limits: Limits,
+        setup: impl FnOnce(&mut ChatService),
+    ) -> Self {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         let key = TokenKey::new(SECRET).unwrap();
-        let service = Arc::new(ChatService::new(
-            Arc::new(store),
-            Arc::new(SystemClock),
-            limits,
-            key.clone(),
-        ));
+        let mut service =
+            ChatService::new(Arc::new(store), Arc::new(SystemClock), limits, key.clone());
+        let blobs = DiskBlobStore::open(&dir.path().join("media")).unwrap();
+        service.media = Some(Arc::new(blobs));
+        setup(&mut service);
+        let service = Arc::new(service);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -96,6 +106,86 @@ impl TestServer {
         events.pop();
         (client, events)
     }
+}
+
+/// An HTTP response as the tests see it.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The `code` of an error body.
+    pub fn code(&self) -> String {
+        let json = self.json();
+        assert!(
+            json["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "error without a message: {json}"
+        );
+        json["code"].as_str().unwrap().to_owned()
+    }
+}
+
+/// One HTTP request to the server; `auth` is `(user, device)` (device may be empty).
+pub async fn http(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: Vec<u8>,
+) -> HttpReply {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", server.http_base()));
+    if let Some((user, device)) = auth {
+        request = request.header("authorization", format!("Bearer {}", server.token(user)));
+        if !device.is_empty() {
+            request = request.header("x-chatproof-device", device);
+        }
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .expect("HTTP reply within 60 s")
+        .expect("HTTP request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `POST /v1/rpc` with one request frame.
+pub async fn rpc(server: &TestServer, user: &str, device: &str, frame: Value) -> HttpReply {
+    let body = serde_json::to_vec(&frame).unwrap();
+    http(server, "POST", "/v1/rpc", Some((user, device)), body).await
+}
+
+/// `POST /v1/poll`.
+pub async fn poll(server: &TestServer, user: &str, device: &str, request: Value) -> HttpReply {
+    let body = serde_json::to_vec(&request).unwrap();
+    http(server, "POST", "/v1/poll", Some((user, device)), body).await
 }
 
 #[track_caller]

@@ -4,5 +4,9 @@ mod harness;
 
 mod conversations;
 mod errors;
+mod longpoll;
+mod media;
 mod messaging;
+mod presence;
+mod push;
 mod sync;

@@ -443,3 +443,23 @@ pub async fn crash_between_sequencing_and_roll_forward<T: Tables + ?Sized>(
     let all = crashing.read_after(&conv, 0, 4, 10).await.unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
 }
+
+/// Last seen is a max-register per user, readable from every handle; unknown users read as never seen.
+pub async fn last_seen_only_rises(stores: &[Arc<dyn Store>]) {
+    let first = &*stores[0];
+    let last = &*stores[stores.len() - 1];
+    let (ann, bob, nobody) = (
+        format!("ann{}", NOW_MS % 997),
+        format!("bob{}", NOW_MS % 991),
+        "never-seen-user".to_owned(),
+    );
+    first.record_last_seen(&ann, NOW_MS + 5).await.unwrap();
+    last.record_last_seen(&ann, NOW_MS + 3).await.unwrap();
+    first.record_last_seen(&bob, NOW_MS).await.unwrap();
+    last.record_last_seen(&bob, NOW_MS + 9).await.unwrap();
+    let users = [ann, bob, nobody];
+    for store in stores {
+        let seen = store.last_seen(&users).await.unwrap();
+        assert_eq!(seen, vec![Some(NOW_MS + 5), Some(NOW_MS + 9), None]);
+    }
+}

@@ -59,6 +59,7 @@ mod shared_in_memory {
     shared_memory_case!(concurrent_retries_create_one_message);
     shared_memory_case!(membership_changes_are_entries);
     shared_memory_case!(cursors_never_move_back);
+    shared_memory_case!(last_seen_only_rises);
 }
 
 /// The crash window of the shared store, over in-memory tables.
@@ -78,4 +79,5 @@ mod embedded_store {
     embedded_case!(concurrent_retries_create_one_message);
     embedded_case!(membership_changes_are_entries);
     embedded_case!(cursors_never_move_back);
+    embedded_case!(last_seen_only_rises);
 }

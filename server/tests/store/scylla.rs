@@ -69,6 +69,7 @@ scylla_case!(concurrent_appends_get_distinct_gap_free_seqs);
 scylla_case!(concurrent_retries_create_one_message);
 scylla_case!(membership_changes_are_entries);
 scylla_case!(cursors_never_move_back);
+scylla_case!(last_seen_only_rises);
 
 /// The crash window between the conditional write and the roll-forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

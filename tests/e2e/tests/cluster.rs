@@ -585,3 +585,167 @@ async fn redis_restart_loses_nothing() {
         assert!(server.terminate(), "SIGTERM gives a clean exit");
     }
 }
+
+/// A minimal webhook receiver on loopback: answers every POST with 200 and
+/// hands each JSON body to the test.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let lower = line.to_ascii_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let _ = tx.send(serde_json::from_slice::<Value>(&body).unwrap());
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// Waits for a presence state of `user` with `online` on `client`.
+async fn presence_event(client: &mut Client, user: &str, online: bool) -> Value {
+    let events = client
+        .events_until(Duration::from_secs(15), |e| {
+            e["type"] == "presence"
+                && e["users"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["user"] == user && s["online"] == online)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("no presence {user} online={online}: {e:?}"));
+    let frame = events.last().unwrap().clone();
+    frame["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["user"] == user)
+        .unwrap()
+        .clone()
+}
+
+/// Presence and push notifications cross servers: alice on one server sees bob
+/// come and go on another, and a message to bob while he has no device anywhere
+/// notifies the webhook once, while one sent while he is online elsewhere does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_push_cross_servers() {
+    let (cql, redis) = match services() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED cluster::presence_and_push_cross_servers: {why}");
+            return;
+        }
+    };
+    let (hook, mut notes) = webhook_receiver().await;
+    let run = format!("p{}", std::process::id());
+    let keyspace = format!("chatproof_e2e_{run}");
+    let dir = tempfile::tempdir().unwrap();
+    let servers: Vec<ServerProcess> = (0..2)
+        .map(|i| {
+            let id = format!("e2e-{run}-{i}");
+            ServerProcess::start(
+                &dir.path().join(format!("s{i}")),
+                &[
+                    "--backend",
+                    "cluster",
+                    "--scylla-nodes",
+                    &cql,
+                    "--scylla-keyspace",
+                    &keyspace,
+                    "--redis-url",
+                    &redis,
+                    "--server-id",
+                    &id,
+                    "--presence-interval-ms",
+                    "100",
+                    "--push-webhook",
+                    &hook,
+                ],
+            )
+        })
+        .collect();
+    let (alice_user, bob_user) = (format!("alice{run}"), format!("bob{run}"));
+    let alice_token = ServerProcess::token(&alice_user);
+    let bob_token = ServerProcess::token(&bob_user);
+    let (mut alice, _) = Client::login(&servers[0].url, &alice_token, "phone", json!({}))
+        .await
+        .unwrap();
+    let opened = alice
+        .request(json!({"op": "open_direct", "peer": bob_user}))
+        .await
+        .unwrap()
+        .unwrap();
+    let conv = opened["conversation"]["conv"].as_str().unwrap().to_owned();
+    let never = alice
+        .request(json!({"op": "presence", "users": [bob_user]}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(never["users"][0]["online"], false);
+
+    let (bob, _) = Client::login(&servers[1].url, &bob_token, "phone", json!({}))
+        .await
+        .unwrap();
+    presence_event(&mut alice, &bob_user, true).await;
+    let asked = alice
+        .request(json!({"op": "presence", "users": [bob_user], "watch": false}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        asked["users"][0]["online"], true,
+        "the registry knows bob's server"
+    );
+    bob.close().await;
+    let gone = presence_event(&mut alice, &bob_user, false).await;
+    assert!(gone["last_seen_ms"].as_u64().is_some(), "{gone}");
+
+    let send = |id: &str| json!({"op": "send", "conv": conv, "message_id": id, "text": "ping"});
+    let first = alice.request(send("m1")).await.unwrap().unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(15), notes.recv())
+        .await
+        .expect("a notification for offline bob")
+        .unwrap();
+    assert_eq!(note["user"], bob_user.as_str());
+    assert_eq!(note["seq"], first["seq"]);
+    let (_bob, _) = Client::login(&servers[1].url, &bob_token, "phone", json!({}))
+        .await
+        .unwrap();
+    alice.request(send("m2")).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        notes.try_recv().is_err(),
+        "bob is online on the other server"
+    );
+    for server in servers {
+        assert!(server.terminate(), "SIGTERM gives a clean exit");
+    }
+}
