@@ -16,8 +16,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve clients on embedded storage until Ctrl-C or SIGTERM, then drain connections.
-    Serve(ServeArgs),
+    /// Serve clients (embedded storage, or the cluster backends) until Ctrl-C or SIGTERM, then drain connections.
+    Serve(Box<ServeArgs>),
     /// Print a bearer token for a user (for tests and load runs).
     Token {
         /// The user id the token asserts.
@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", key.mint(&user, now + ttl_secs));
             Ok(())
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 

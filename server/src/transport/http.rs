@@ -305,7 +305,6 @@ async fn poll(
     Ok(json_body(StatusCode::OK, &result))
 }
 
-#[cfg(not(madsim))]
 async fn upload(
     req: Request<Incoming>,
     service: &Arc<ChatService>,
@@ -318,37 +317,30 @@ async fn upload(
         )
     })?;
     validate_conv_id(&conv)?;
-    super::media::upload(service, &caller, &conv, req.into_body()).await
+    #[cfg(not(madsim))]
+    return super::media::upload(service, &caller, &conv, req.into_body()).await;
+    #[cfg(madsim)]
+    Err(no_media_under_simulation(&caller))
 }
 
-#[cfg(not(madsim))]
 async fn download(
     req: Request<Incoming>,
     service: &Arc<ChatService>,
     id: &str,
 ) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&req, service, false)?;
-    super::media::download(service, &caller, id).await
+    #[cfg(not(madsim))]
+    return super::media::download(service, &caller, id).await;
+    #[cfg(madsim)]
+    Err(no_media_under_simulation(&(caller, id)))
 }
 
 #[cfg(madsim)]
-async fn upload(_: Request<Incoming>, _: &Arc<ChatService>) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
+fn no_media_under_simulation<T>(_: &T) -> ApiError {
+    ApiError::new(
         ErrorCode::NotFound,
         "images are not served under the simulator",
-    ))
-}
-
-#[cfg(madsim)]
-async fn download(
-    _: Request<Incoming>,
-    _: &Arc<ChatService>,
-    _: &str,
-) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
-        ErrorCode::NotFound,
-        "images are not served under the simulator",
-    ))
+    )
 }
 
 fn upgrade(
