@@ -25,6 +25,9 @@ use crate::protocol::{
 use crate::push::{LogSink, Notification, PushSink};
 use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
 
+/// Presence changes published at once (each reads the store, and Redis in a cluster).
+const PRESENCE_PUBLISH_CONCURRENCY: usize = 32;
+
 /// Acks wider than this notify every member instead of scanning for senders.
 const RECEIPT_SCAN_LEN_MAX: u64 = 1000;
 
@@ -839,17 +842,17 @@ impl ChatService {
                 return;
             }
         };
-        for state in states {
+        let publish_one = |state: PresenceState| async move {
             let audience = match self.presence_audience(&state.user).await {
                 Ok(audience) => audience,
                 Err(e) => {
                     tracing::warn!(user = state.user, error = %e, "presence audience unknown; retrying");
                     self.presence.mark_changed(&state.user);
-                    continue;
+                    return;
                 }
             };
             if audience.is_empty() {
-                continue;
+                return;
             }
             self.metrics.presence_published.inc();
             let state = Arc::new(state);
@@ -864,7 +867,14 @@ impl ChatService {
                     tracing::warn!(error = %e, "presence change not routed to other servers");
                 }
             }
-        }
+        };
+        // Each publication reads the store (and Redis in a cluster): overlap a bounded number.
+        futures_util::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(states),
+            PRESENCE_PUBLISH_CONCURRENCY,
+            publish_one,
+        )
+        .await;
     }
 
     /// Where a device's stream of `state` starts: after its presented or stored
