@@ -64,6 +64,15 @@ pub struct DeviceState {
     pub received: u64,
     /// False once the connection ended.
     pub connected: bool,
+    /// `presence` frames received, and the user states they carried.
+    pub presence_frames: u64,
+    /// See `presence_frames`.
+    pub presence_states: u64,
+    /// Shortest time between two `presence` frames on one connection, µs.
+    pub presence_gap_min_us: Option<u64>,
+    last_presence_us: Option<u64>,
+    /// Live image deliveries not yet considered for download: `(media id, size, arrival µs)`.
+    pub images_received: Vec<(String, u64, u64)>,
 }
 
 impl DeviceState {
@@ -123,7 +132,11 @@ async fn session(
     let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": link.token, "device": link.device, "cursors": cursors});
     sink.send(Message::Text(hello.to_string().into())).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
-    state.lock().expect("device state").connected = true;
+    {
+        let mut s = state.lock().expect("device state");
+        s.connected = true;
+        s.last_presence_us = None; // Gaps are per connection.
+    }
     let reader = tokio::spawn(read_loop(
         stream,
         Arc::clone(state),
@@ -215,6 +228,11 @@ impl Device {
             send_errors: 0,
             received: 0,
             connected: false,
+            presence_frames: 0,
+            presence_states: 0,
+            presence_gap_min_us: None,
+            last_presence_us: None,
+            images_received: Vec::new(),
         }));
         let name = format!("{user}/{device}");
         let link = Link {
@@ -280,21 +298,36 @@ impl Device {
         Ok(took)
     }
 
-    /// Sends a message scheduled at `scheduled_us` without waiting for its ack.
+    /// The bearer token of this device's user.
+    pub fn token(&self) -> &str {
+        &self.link.token
+    }
+
+    /// Whether the device is offline (churn).
+    pub fn is_offline(&self) -> bool {
+        self.offline.load(Ordering::SeqCst)
+    }
+
+    /// Sends a message scheduled at `scheduled_us` without waiting for its ack: a
+    /// text, or (with `media`) an uploaded image with `text` as its caption.
     pub async fn send(
         &self,
         conv: &str,
         message_id: &str,
         text: &str,
+        media: Option<&str>,
         scheduled_us: u64,
     ) -> Result<(), SendError> {
         if self.offline.load(Ordering::SeqCst) {
             return Err(SendError::Offline);
         }
         let rid = format!("s{}", self.next_rid.fetch_add(1, Ordering::Relaxed));
-        let frame =
-            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text})
-                .to_string();
+        let mut frame =
+            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
+        if let Some(media) = media {
+            frame["media"] = json!(media);
+        }
+        let frame = frame.to_string();
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
@@ -401,8 +434,17 @@ async fn read_loop(
                     order, violations, ..
                 } = &mut *s;
                 order.on_msg(&name, conv, seq, member, violations);
-                let stamp = frame["body"]["text"]
+                let body = &frame["body"];
+                if body["kind"] == "image" && ready.is_none() {
+                    if let (Some(id), Some(size)) =
+                        (body["media"]["id"].as_str(), body["media"]["size"].as_u64())
+                    {
+                        s.images_received.push((id.to_owned(), size, now));
+                    }
+                }
+                let stamp = body["text"]
                     .as_str()
+                    .or_else(|| body["caption"].as_str())
                     .and_then(|t| t.strip_prefix("lg:"))
                     .and_then(|t| t.split(':').next());
                 if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
@@ -414,6 +456,14 @@ async fn read_loop(
                         &mut stats.delivery
                     };
                     record_us(h, now.saturating_sub(scheduled_us));
+                }
+            }
+            (Some("presence"), _) => {
+                s.presence_frames += 1;
+                s.presence_states += frame["users"].as_array().map_or(0, |u| u.len() as u64);
+                if let Some(last) = s.last_presence_us.replace(now) {
+                    let gap = now.saturating_sub(last);
+                    s.presence_gap_min_us = Some(s.presence_gap_min_us.map_or(gap, |g| g.min(gap)));
                 }
             }
             (Some("caught_up"), _) => {

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, Barrier};
 use tokio::time::Instant;
 
 use crate::device::{now_us, AckDone, Device};
+use crate::media::{ImageSet, MediaHttp};
 use crate::metrics::{latency_histogram, record_us, LatencyStats};
 use crate::scenario::Scenario as LoadScenario;
 use crate::world::{mix, World};
@@ -62,6 +63,20 @@ pub struct Run {
     pub reconnect_failures: AtomicU64,
     /// Sends due by the schedule.
     pub scheduled: AtomicU64,
+    /// Media-mix scenarios: the images and the HTTP client.
+    pub media: Option<(Arc<ImageSet>, Arc<MediaHttp>)>,
+    /// Upload time per image, µs.
+    pub upload: Mutex<Histogram<u64>>,
+    /// Download time per image, µs.
+    pub download: Mutex<Histogram<u64>>,
+    /// Images uploaded and sent.
+    pub images_sent: AtomicU64,
+    /// Uploads that failed (each also fails the run).
+    pub upload_failures: AtomicU64,
+    /// Images downloaded by recipients.
+    pub downloads: AtomicU64,
+    /// Downloads that failed (each also fails the run).
+    pub download_failures: AtomicU64,
     everyone_connected: Barrier,
     go: tokio::sync::watch::Sender<bool>,
 }
@@ -76,6 +91,7 @@ impl Run {
         (url, target): (String, std::net::SocketAddr),
         key: TokenKey,
         run_id: String,
+        media: Option<(Arc<ImageSet>, Arc<MediaHttp>)>,
     ) -> Arc<Self> {
         let drivers = scenario.load.drivers as usize;
         let run = Arc::new(Self {
@@ -101,6 +117,13 @@ impl Run {
             reconnect: Mutex::new(latency_histogram()),
             reconnect_failures: AtomicU64::new(0),
             scheduled: AtomicU64::new(0),
+            media,
+            upload: Mutex::new(latency_histogram()),
+            download: Mutex::new(latency_histogram()),
+            images_sent: AtomicU64::new(0),
+            upload_failures: AtomicU64::new(0),
+            downloads: AtomicU64::new(0),
+            download_failures: AtomicU64::new(0),
             everyone_connected: Barrier::new(drivers),
             go: tokio::sync::watch::Sender::new(false),
         });
@@ -289,8 +312,31 @@ async fn send_scheduled(user: &mut GooseUser) -> TransactionResult {
         run.scenario.load.text_bytes.saturating_sub(text.len()),
     ));
     let message_id = format!("{}-{}-{k}", run.run_id, d.index);
+    let want_image = (mix(h ^ 0x1A6E) % 10_000) as f64 / 10_000.0 < run.scenario.load.image_share;
+    if let (true, Some((images, http)), Some(device)) = (want_image, &run.media, &sender) {
+        if device.is_offline() {
+            run.skipped_offline.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Open model: the upload runs beside the schedule, never holding it up.
+            let bytes = images.unique(h >> 8, k ^ (u64::from(d.index) << 48));
+            let (run, http, device) = (Arc::clone(&run), Arc::clone(http), Arc::clone(device));
+            tokio::spawn(send_image(
+                run,
+                http,
+                device,
+                (conv, message_id, text),
+                bytes,
+                scheduled_us,
+            ));
+        }
+        return report_acks(user, &mut d).await;
+    }
     let outcome = match sender {
-        Some(device) => device.send(&conv, &message_id, &text, scheduled_us).await,
+        Some(device) => {
+            device
+                .send(&conv, &message_id, &text, None, scheduled_us)
+                .await
+        }
         None => Err(crate::device::SendError::Failed(anyhow::anyhow!(
             "sender device is not connected"
         ))),
@@ -308,6 +354,47 @@ async fn send_scheduled(user: &mut GooseUser) -> TransactionResult {
                 .await?;
         }
     }
+    report_acks(user, &mut d).await
+}
+
+/// Uploads an image, then sends it; failures are counted (and fail the run).
+async fn send_image(
+    run: Arc<Run>,
+    http: Arc<MediaHttp>,
+    device: Arc<Device>,
+    (conv, message_id, caption): (String, String, String),
+    bytes: Vec<u8>,
+    scheduled_us: u64,
+) {
+    match http.upload(device.token(), &conv, bytes).await {
+        Ok((id, took)) => {
+            record_us(
+                &mut run.upload.lock().expect("histogram"),
+                took.as_micros() as u64,
+            );
+            match device
+                .send(&conv, &message_id, &caption, Some(&id), scheduled_us)
+                .await
+            {
+                Ok(()) => {
+                    run.sent.fetch_add(1, Ordering::Relaxed);
+                    run.images_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(crate::device::SendError::Offline) => {
+                    run.skipped_offline.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(device = device.name, error = %e, "image send failed"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(device = device.name, error = %e, "upload failed");
+            run.upload_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hands goose the acks that came back since the last call.
+async fn report_acks(user: &mut GooseUser, d: &mut Driver) -> TransactionResult {
     while let Ok(done) = d.acks.try_recv() {
         let ok = done.error.is_none();
         user.record_custom_request_duration(
@@ -361,6 +448,52 @@ pub async fn run_goose(
         .execute()
         .await?;
     Ok(metrics)
+}
+
+/// Media-mix: recipients download a share of the images they receive, beside the
+/// schedule, until aborted.
+pub async fn downloads(run: Arc<Run>) {
+    let Some((_, http)) = run.media.clone() else {
+        return;
+    };
+    let share = run.scenario.load.image_download_share;
+    let permits = Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let devices = run.devices.lock().expect("devices").clone();
+        for device in devices {
+            let received =
+                std::mem::take(&mut device.state.lock().expect("device state").images_received);
+            for (id, size, _) in received {
+                let pick = mix(run.scenario.seed ^ now_us() ^ size);
+                if (pick % 10_000) as f64 / 10_000.0 >= share {
+                    continue;
+                }
+                let (run, http, device) =
+                    (Arc::clone(&run), Arc::clone(&http), Arc::clone(&device));
+                let permit = Arc::clone(&permits)
+                    .acquire_owned()
+                    .await
+                    .expect("never closed");
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match http.download(device.token(), &id, size).await {
+                        Ok(took) => {
+                            record_us(
+                                &mut run.download.lock().expect("histogram"),
+                                took.as_micros() as u64,
+                            );
+                            run.downloads.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = device.name, error = %e, "download failed");
+                            run.download_failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+    }
 }
 
 /// Churn: a share of the devices goes offline together, stays away, and comes back

@@ -8,6 +8,7 @@ mod check;
 mod compare;
 mod device;
 mod drive;
+mod media;
 mod merge;
 mod metrics;
 mod plan;
@@ -287,15 +288,28 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             .with_context(|| format!("resolving {addr}"))?
             .next()
             .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+        let media = if scenario.load.image_share > 0.0 {
+            let images = media::ImageSet::generate(&scenario.load.image_kib, scenario.seed)?;
+            eprintln!(
+                "media: {} image sizes, {:.0} KiB on average",
+                scenario.load.image_kib.len(),
+                images.mean_len() / 1024.0
+            );
+            Some((Arc::new(images), Arc::new(media::MediaHttp::new(target))))
+        } else {
+            None
+        };
         let run = Run::install(
             scenario,
             (world, users, is_worker),
             (url.clone(), target),
             key,
             run_id,
+            media,
         );
         let progress = tokio::spawn(progress(Arc::clone(&run)));
         let churn = tokio::spawn(drive::churn(Arc::clone(&run)));
+        let downloads = tokio::spawn(drive::downloads(Arc::clone(&run)));
         let goose_report = out.join("goose.html");
         drive::run_goose(
             &run,
@@ -307,6 +321,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         let _ = churn.await;
         settle(&run, drain).await;
         progress.abort();
+        downloads.abort();
         let usage_after = server.as_ref().and_then(ReferenceServer::usage);
         let usage = usage_before.zip(usage_after);
         let (summary, histograms) =

@@ -41,6 +41,16 @@ pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
         } else {
             crate::metrics::latency_histogram()
         },
+        upload: if raw.get("upload").is_some() {
+            get("upload")?
+        } else {
+            crate::metrics::latency_histogram()
+        },
+        download: if raw.get("download").is_some() {
+            get("download")?
+        } else {
+            crate::metrics::latency_histogram()
+        },
     };
     Ok((summary, histograms))
 }
@@ -63,6 +73,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         h.lag.add(&oh.lag)?;
         h.reconnect.add(&oh.reconnect)?;
         h.caught_up.add(&oh.caught_up)?;
+        h.upload.add(&oh.upload)?;
+        h.download.add(&oh.download)?;
         let (c, o) = (&mut s.counts, &other.counts);
         c.scheduled += o.scheduled;
         c.sent += o.sent;
@@ -76,6 +88,16 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         c.devices_dropped += o.devices_dropped;
         c.skipped_offline += o.skipped_offline;
         c.reconnect_failures += o.reconnect_failures;
+        c.images_sent += o.images_sent;
+        c.upload_failures += o.upload_failures;
+        c.downloads += o.downloads;
+        c.download_failures += o.download_failures;
+        c.presence_frames += o.presence_frames;
+        c.presence_states += o.presence_states;
+        s.presence_gap_min_ms = match (s.presence_gap_min_ms, other.presence_gap_min_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         s.violations.absorb(&other.violations);
         s.wall_secs = s.wall_secs.max(other.wall_secs);
         if !s.run_id.split('+').any(|id| id == other.run_id) {
@@ -104,6 +126,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
     s.latency.generator_lag = summarize(&h.lag);
     s.latency.reconnect = summarize(&h.reconnect);
     s.latency.delivery_caught_up = summarize(&h.caught_up);
+    s.latency.upload = summarize(&h.upload);
+    s.latency.download = summarize(&h.download);
     evaluate(&mut s);
     Ok((s, h))
 }

@@ -37,8 +37,11 @@ pub struct SloResult {
     pub target: f64,
     /// The measurement.
     pub measured: f64,
-    /// `measured <= target`.
+    /// `measured <= target` (or `>=` for a lower bound).
     pub pass: bool,
+    /// The target is a lower bound.
+    #[serde(default)]
+    pub at_least: bool,
 }
 
 /// Latency figures of a run.
@@ -58,6 +61,12 @@ pub struct Latencies {
     /// Churn: reconnect until the end of catch-up, per returning device.
     #[serde(default = "empty_summary")]
     pub reconnect: LatencySummary,
+    /// Media: image upload (`POST /v1/media`) time.
+    #[serde(default = "empty_summary")]
+    pub upload: LatencySummary,
+    /// Media: image download (`GET /v1/media/{id}`) time.
+    #[serde(default = "empty_summary")]
+    pub download: LatencySummary,
 }
 
 fn empty_summary() -> LatencySummary {
@@ -93,6 +102,24 @@ pub struct Counts {
     /// Devices that could not reconnect after churn.
     #[serde(default)]
     pub reconnect_failures: u64,
+    /// Images uploaded and sent.
+    #[serde(default)]
+    pub images_sent: u64,
+    /// Uploads that failed.
+    #[serde(default)]
+    pub upload_failures: u64,
+    /// Images downloaded by recipients.
+    #[serde(default)]
+    pub downloads: u64,
+    /// Downloads that failed.
+    #[serde(default)]
+    pub download_failures: u64,
+    /// `presence` frames received, over all devices.
+    #[serde(default)]
+    pub presence_frames: u64,
+    /// User states carried by those frames.
+    #[serde(default)]
+    pub presence_states: u64,
 }
 
 /// What the reference server used during the run (only when the generator started it).
@@ -138,6 +165,9 @@ pub struct Summary {
     pub latency: Latencies,
     /// Contract violations seen.
     pub violations: Violations,
+    /// Shortest gap between two `presence` frames on one connection, ms (none: fewer than two).
+    #[serde(default)]
+    pub presence_gap_min_ms: Option<f64>,
     /// Each target and its result.
     pub slo: Vec<SloResult>,
     /// One point per second.
@@ -181,6 +211,12 @@ pub fn summarize_run(
     counts.reconnect_failures = run
         .reconnect_failures
         .load(std::sync::atomic::Ordering::Relaxed);
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    counts.images_sent = run.images_sent.load(relaxed);
+    counts.upload_failures = run.upload_failures.load(relaxed);
+    counts.downloads = run.downloads.load(relaxed);
+    counts.download_failures = run.download_failures.load(relaxed);
+    let mut presence_gap_min_us: Option<u64> = None;
     let mut acked: Vec<(String, u64)> = Vec::new();
     for device in &devices {
         let s = device.state.lock().expect("device state");
@@ -188,6 +224,11 @@ pub fn summarize_run(
         counts.send_errors += s.send_errors;
         acked.extend(s.acked.iter().cloned());
         counts.devices_dropped += u64::from(!s.connected);
+        counts.presence_frames += s.presence_frames;
+        counts.presence_states += s.presence_states;
+        if let Some(gap) = s.presence_gap_min_us {
+            presence_gap_min_us = Some(presence_gap_min_us.map_or(gap, |g| g.min(gap)));
+        }
     }
     counts.acked = acked.len() as u64;
     // Lost: every acknowledged message must be held by every connected device of every member.
@@ -235,8 +276,12 @@ pub fn summarize_run(
         generator_lag: summarize(&lag),
         reconnect: summarize(&run.reconnect.lock().expect("histogram")),
         delivery_caught_up: summarize(&caught_up),
+        upload: summarize(&run.upload.lock().expect("histogram")),
+        download: summarize(&run.download.lock().expect("histogram")),
     };
     let reconnect = run.reconnect.lock().expect("histogram").clone();
+    let upload = run.upload.lock().expect("histogram").clone();
+    let download = run.download.lock().expect("histogram").clone();
     let mut summary = Summary {
         scenario: run.scenario.name.clone(),
         run_id: run.run_id.clone(),
@@ -248,6 +293,7 @@ pub fn summarize_run(
         counts,
         latency,
         violations,
+        presence_gap_min_ms: presence_gap_min_us.map(|us| us as f64 / 1000.0),
         slo: Vec::new(),
         timeline: run.timeline.lock().expect("timeline").clone(),
         valid: false,
@@ -268,6 +314,8 @@ pub fn summarize_run(
             lag,
             reconnect,
             caught_up,
+            upload,
+            download,
         },
     )
 }
@@ -312,6 +360,17 @@ pub fn evaluate(s: &mut Summary) {
             s.violations.lost as f64,
         ),
     ];
+    if let Some(gap_min_ms) = slo_cfg.presence_gap_min_ms {
+        // No two frames at all would prove nothing: count it as a miss.
+        let measured = s.presence_gap_min_ms.unwrap_or(0.0);
+        s.slo.push(SloResult {
+            name: "shortest gap between presence frames on a connection (ms)".into(),
+            target: gap_min_ms,
+            measured,
+            pass: measured >= gap_min_ms,
+            at_least: true,
+        });
+    }
     s.invalid_reasons.clear();
     let lag_max_ms = slo_cfg.generator_lag_p99_ms;
     if s.latency.generator_lag.p99_ms > lag_max_ms {
@@ -339,7 +398,9 @@ pub fn evaluate(s: &mut Summary) {
     s.pass = s.valid
         && s.slo.iter().all(|r| r.pass)
         && s.violations.total() == 0
-        && s.counts.send_errors == 0;
+        && s.counts.send_errors == 0
+        && s.counts.upload_failures == 0
+        && s.counts.download_failures == 0;
 }
 
 fn slo_result(name: &str, target: f64, measured: f64) -> SloResult {
@@ -348,6 +409,7 @@ fn slo_result(name: &str, target: f64, measured: f64) -> SloResult {
         target,
         measured,
         pass: measured <= target,
+        at_least: false,
     }
 }
 
@@ -365,6 +427,10 @@ pub struct Histograms {
     pub reconnect: hdrhistogram::Histogram<u64>,
     /// Deliveries that waited for an offline device, µs.
     pub caught_up: hdrhistogram::Histogram<u64>,
+    /// Image uploads, µs.
+    pub upload: hdrhistogram::Histogram<u64>,
+    /// Image downloads, µs.
+    pub download: hdrhistogram::Histogram<u64>,
 }
 
 /// The soft open-file limit of this process, from `/proc/self/limits`.
@@ -394,6 +460,8 @@ pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()
         "generator_lag": crate::metrics::encode(&h.lag),
         "reconnect": crate::metrics::encode(&h.reconnect),
         "delivery_caught_up": crate::metrics::encode(&h.caught_up),
+        "upload": crate::metrics::encode(&h.upload),
+        "download": crate::metrics::encode(&h.download),
     });
     std::fs::write(
         dir.join("histograms.json"),
@@ -447,6 +515,8 @@ fn markdown(s: &Summary) -> String {
             "delivery after coming back online (churn)",
             &s.latency.delivery_caught_up,
         ),
+        ("image upload", &s.latency.upload),
+        ("image download", &s.latency.download),
     ] {
         md.push_str(&format!(
             "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
@@ -458,6 +528,21 @@ fn markdown(s: &Summary) -> String {
         "\n## Counts\n\n- devices: {} planned, {} connected, {} failed, {} dropped during the run\n- messages: {} scheduled, {} sent, {} acknowledged, {} refused, {} skipped (device offline)\n- deliveries: {} of {} expected\n",
         c.devices_planned, c.devices_connected, c.devices_failed, c.devices_dropped, c.scheduled, c.sent, c.acked, c.send_errors, c.skipped_offline, c.deliveries_received, c.deliveries_expected
     ));
+    if c.images_sent + c.upload_failures > 0 {
+        md.push_str(&format!(
+            "- images: {} uploaded and sent, {} uploads failed, {} downloaded, {} downloads failed\n",
+            c.images_sent, c.upload_failures, c.downloads, c.download_failures
+        ));
+    }
+    if c.presence_frames > 0 {
+        md.push_str(&format!(
+            "- presence: {} frames carrying {} user states; shortest gap on one connection {}\n",
+            c.presence_frames,
+            c.presence_states,
+            s.presence_gap_min_ms
+                .map_or("n/a".into(), |g| format!("{g:.1} ms"))
+        ));
+    }
     if let Some(u) = &s.server_usage {
         md.push_str(&format!(
             "\n## Reference server\n\n- CPU: {:.2} s; {:.0} messages and {:.0} deliveries per CPU second\n- memory: {} KiB before connects, {} KiB connected, {} KiB peak; {:.0} bytes per connection\n",

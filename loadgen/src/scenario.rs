@@ -70,6 +70,20 @@ pub struct Load {
     /// After the measured period, how long to wait for deliveries in flight, seconds.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+    /// Share of messages that are images: uploaded over HTTP (`POST /v1/media`),
+    /// then sent with the stamp as caption. Latency still counts from the scheduled time.
+    #[serde(default)]
+    pub image_share: f64,
+    /// Image sizes in KiB, used in turn (each at most 10240).
+    #[serde(default = "default_image_kib")]
+    pub image_kib: Vec<u32>,
+    /// Share of image deliveries the receiving device downloads (`GET /v1/media/{id}`).
+    #[serde(default)]
+    pub image_download_share: f64,
+}
+
+fn default_image_kib() -> Vec<u32> {
+    vec![200]
 }
 
 fn default_text_bytes() -> usize {
@@ -114,6 +128,10 @@ pub struct Slo {
     /// is invalid: the generator, not the server, was the bottleneck. Milliseconds.
     #[serde(default = "default_lag_p99_ms")]
     pub generator_lag_p99_ms: f64,
+    /// When set: the shortest gap between two `presence` frames on one connection must
+    /// be at least this (the server's coalescing bound), milliseconds.
+    #[serde(default)]
+    pub presence_gap_min_ms: Option<f64>,
 }
 
 fn default_lag_p99_ms() -> f64 {
@@ -131,6 +149,7 @@ impl Default for Slo {
             ack_p99_ms: default_p99_ms(),
             lost_max: 0,
             generator_lag_p99_ms: default_lag_p99_ms(),
+            presence_gap_min_ms: None,
         }
     }
 }
@@ -169,6 +188,12 @@ impl Scenario {
         }
         if l.duration_secs == 0 || l.text_bytes < 32 || l.text_bytes > 64 * 1024 {
             bail!("duration_secs must be positive and text_bytes 32..=65536");
+        }
+        if !(0.0..=1.0).contains(&l.image_share) || !(0.0..=1.0).contains(&l.image_download_share) {
+            bail!("image_share and image_download_share must be within 0..=1");
+        }
+        if l.image_kib.is_empty() || l.image_kib.iter().any(|k| *k == 0 || *k > 10_240) {
+            bail!("image_kib must list sizes of 1..=10240 KiB (the server's 10 MiB limit)");
         }
         Ok(())
     }

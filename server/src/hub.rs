@@ -21,8 +21,8 @@ pub enum Push {
     Entry(Arc<Entry>, Utf8Bytes),
     /// A receipt and its pre-serialized frame.
     Receipt(Arc<Receipt>, Utf8Bytes),
-    /// A presence change; sessions coalesce these into `presence` frames.
-    Presence(Arc<PresenceState>),
+    /// Presence changes (one or more users); sessions coalesce these into `presence` frames.
+    Presence(Arc<[Arc<PresenceState>]>),
     /// Any other pre-serialized frame.
     Frame(Utf8Bytes),
     /// Close the session with this error.

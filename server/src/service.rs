@@ -798,9 +798,9 @@ impl ChatService {
                     fabric.device_disconnected(&user, &device);
                 }
             }
-            self.metrics.polls_open.dec();
             self.device_down(&user);
         }
+        self.metrics.polls_open.set(self.mailboxes.len() as i64);
     }
 
     /// Who hears of `user`'s presence changes: contacts and watchers, not `user`.
@@ -842,23 +842,48 @@ impl ChatService {
                 return;
             }
         };
-        let publish_one = |state: PresenceState| async move {
-            let audience = match self.presence_audience(&state.user).await {
-                Ok(audience) => audience,
+        let audience_of = |state: PresenceState| async move {
+            match self.presence_audience(&state.user).await {
+                Ok(audience) => Some((Arc::new(state), audience)),
                 Err(e) => {
                     tracing::warn!(user = state.user, error = %e, "presence audience unknown; retrying");
                     self.presence.mark_changed(&state.user);
-                    return;
+                    None
                 }
-            };
-            if audience.is_empty() {
-                return;
             }
-            self.metrics.presence_published.inc();
-            let state = Arc::new(state);
-            self.hub
-                .publish(&audience, &Push::Presence(Arc::clone(&state)));
-            if let Some(fabric) = &self.fabric {
+        };
+        // Each audience reads the store (and Redis in a cluster): overlap a bounded number.
+        use futures_util::StreamExt as _;
+        let found: Vec<Option<(Arc<PresenceState>, Vec<String>)>> =
+            futures_util::stream::iter(states)
+                .map(audience_of)
+                .buffer_unordered(PRESENCE_PUBLISH_CONCURRENCY)
+                .collect()
+                .await;
+        let published: Vec<(Arc<PresenceState>, Vec<String>)> = found
+            .into_iter()
+            .flatten()
+            .filter(|(_, audience)| !audience.is_empty())
+            .collect();
+        // Here: one push per recipient holding every change it hears of this round,
+        // so a round costs each device one queue slot, however many contacts changed.
+        let mut batches: std::collections::BTreeMap<&str, Vec<Arc<PresenceState>>> =
+            std::collections::BTreeMap::new();
+        for (state, audience) in &published {
+            for user in audience {
+                batches.entry(user).or_default().push(Arc::clone(state));
+            }
+        }
+        for (user, batch) in batches {
+            let push = Push::Presence(batch.into());
+            self.hub.publish(&[user.to_owned()], &push);
+        }
+        self.metrics
+            .presence_published
+            .inc_by(published.len() as u64);
+        // Elsewhere: through the fabric, one event per changed user.
+        if let Some(fabric) = &self.fabric {
+            let forwards = published.into_iter().map(|(state, audience)| async move {
                 let routed = fabric
                     .forward(audience.into(), Routed::Presence(state))
                     .await;
@@ -866,15 +891,11 @@ impl ChatService {
                     self.metrics.fabric.dropped.inc();
                     tracing::warn!(error = %e, "presence change not routed to other servers");
                 }
-            }
-        };
-        // Each publication reads the store (and Redis in a cluster): overlap a bounded number.
-        futures_util::StreamExt::for_each_concurrent(
-            futures_util::stream::iter(states),
-            PRESENCE_PUBLISH_CONCURRENCY,
-            publish_one,
-        )
-        .await;
+            });
+            futures_util::stream::iter(forwards)
+                .for_each_concurrent(PRESENCE_PUBLISH_CONCURRENCY, |forward| forward)
+                .await;
+        }
     }
 
     /// Where a device's stream of `state` starts: after its presented or stored

@@ -135,7 +135,7 @@ impl Envelope {
                 let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt.clone()).to_json());
                 Push::Receipt(Arc::new(receipt), frame)
             }
-            (None, None, Some(state)) => Push::Presence(Arc::new(state)),
+            (None, None, Some(state)) => Push::Presence(Arc::from([Arc::new(state)])),
             (None, None, None) => return 0,
         };
         hub.publish(&self.users, &push)

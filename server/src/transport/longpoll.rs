@@ -72,9 +72,11 @@ impl Collected {
                 };
                 self.receipts.insert(key, merged);
             }
-            Push::Presence(state) => {
-                self.presence
-                    .insert(state.user.clone(), PresenceState::clone(&state));
+            Push::Presence(states) => {
+                for state in states.iter() {
+                    self.presence
+                        .insert(state.user.clone(), PresenceState::clone(state));
+                }
             }
             Push::Resync => self.rescan = true,
             Push::Close(_) => self.closed = true,
@@ -140,7 +142,7 @@ async fn open_mailbox(
             Ok(mailbox)
         }
         Opened::New(mailbox) => {
-            svc.metrics.polls_open.inc();
+            svc.metrics.polls_open.set(svc.mailboxes.len() as i64);
             if let Some(fabric) = &svc.fabric {
                 if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
                     tracing::error!(error = %e, "cannot register a polling device in the cluster");

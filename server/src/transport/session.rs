@@ -51,11 +51,24 @@ struct Session<S> {
     receipts_shown: HashMap<(String, String), Receipt>,
     /// When to retry a resync (or a gap fill) that failed on a store error.
     resync_retry_at: Option<tokio::time::Instant>,
+    /// Receipts not yet written (the latest per conversation and user), and when
+    /// to write them: receipts of a burst of acks leave together.
+    receipts_pending: BTreeMap<(String, String), Utf8Bytes>,
+    /// See `receipts_pending`.
+    receipts_flush_at: Option<tokio::time::Instant>,
+    /// Frames were fed to the socket but not flushed yet.
+    unflushed: bool,
     /// Presence changes not yet written, the latest per user.
     presence_pending: BTreeMap<String, PresenceState>,
     /// When to write them: at most one `presence` frame per presence interval.
     presence_flush_at: Option<tokio::time::Instant>,
 }
+
+/// Live events handled before the socket is flushed: a burst goes out in few writes.
+const PUSH_BATCH_LEN_MAX: usize = 64;
+/// Receipts wait this long for others to leave with them (a group's members
+/// acknowledging one message within moments of each other).
+const RECEIPT_BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 /// How long after a failed resync or gap fill the session tries again.
 const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
@@ -81,6 +94,9 @@ pub async fn run<S>(
         resync_retry_at: None,
         presence_pending: BTreeMap::new(),
         presence_flush_at: None,
+        receipts_pending: BTreeMap::new(),
+        receipts_flush_at: None,
+        unflushed: false,
     };
     let end = session.drive(&mut shutdown).await;
     if let Some(caller) = &session.caller {
@@ -154,16 +170,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 push = recv(&mut self.hub_rx) => {
-                    let result = match push {
-                        None => break End::Error(ProtocolError::new(ErrorCode::SlowConsumer, "too far behind on live events; reconnect to catch up")),
-                        Some(Push::Close(err)) => break End::Error(err),
-                        Some(Push::Frame(frame)) => self.ws.send(Message::Text(frame)).await,
-                        Some(Push::Receipt(receipt, frame)) => self.on_receipt(&receipt, frame).await,
-                        Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await,
-                        Some(Push::Resync) => { self.resync().await; Ok(()) }
-                        Some(Push::Presence(state)) => { self.on_presence(&state); Ok(()) }
-                    };
-                    if let Err(e) = result { break End::Transport(e) }
+                    match self.on_pushes(push).await {
+                        Ok(None) => {}
+                        Ok(Some(end)) => break end,
+                        Err(e) => break End::Transport(e),
+                    }
+                }
+                _ = sleep_until_some(self.receipts_flush_at), if self.receipts_flush_at.is_some() => {
+                    if let Err(e) = self.flush_receipts().await { break End::Transport(e) }
                 }
                 _ = sleep_until_some(self.presence_flush_at), if self.presence_flush_at.is_some() => {
                     if let Err(e) = self.flush_presence().await { break End::Transport(e) }
@@ -193,10 +207,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         end
     }
 
+    /// Handles `first` and whatever else is already queued (up to a batch), then
+    /// flushes the socket once; `Some(end)` closes the session.
+    async fn on_pushes(&mut self, first: Option<Push>) -> WsResult<Option<End>> {
+        let mut next = first;
+        for _ in 0..PUSH_BATCH_LEN_MAX {
+            match next.take() {
+                None => {
+                    return Ok(Some(End::Error(ProtocolError::new(
+                        ErrorCode::SlowConsumer,
+                        "too far behind on live events; reconnect to catch up",
+                    ))))
+                }
+                Some(Push::Close(err)) => return Ok(Some(End::Error(err))),
+                Some(Push::Frame(frame)) => self.feed(Message::Text(frame)).await?,
+                Some(Push::Receipt(receipt, frame)) => self.on_receipt(&receipt, frame),
+                Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await?,
+                Some(Push::Resync) => self.resync().await,
+                Some(Push::Presence(states)) => self.on_presence(&states),
+            }
+            match self.hub_rx.as_mut().map(|(_, rx)| rx.try_recv()) {
+                Some(Ok(push)) => next = Some(push),
+                // Empty, or closed (the next receive reports it).
+                _ => break,
+            }
+        }
+        self.flush_fed().await?;
+        Ok(None)
+    }
+
+    /// Queues a frame on the socket without flushing it.
+    async fn feed(&mut self, message: Message) -> WsResult<()> {
+        self.unflushed = true;
+        self.ws.feed(message).await
+    }
+
+    /// Flushes what was fed, if anything (an empty flush would still cost a write).
+    async fn flush_fed(&mut self) -> WsResult<()> {
+        if std::mem::take(&mut self.unflushed) {
+            self.ws.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Keeps the latest state per user until the next presence frame is due.
-    fn on_presence(&mut self, state: &PresenceState) {
-        self.presence_pending
-            .insert(state.user.clone(), state.clone());
+    fn on_presence(&mut self, states: &[Arc<PresenceState>]) {
+        for state in states {
+            self.presence_pending
+                .insert(state.user.clone(), PresenceState::clone(state));
+        }
         if self.presence_flush_at.is_none() {
             let interval = self.service.limits.presence_interval;
             self.presence_flush_at = Some(tokio::time::Instant::now() + interval);
@@ -388,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 for entry in entries {
                     self.write_stored(entry, false).await?;
                 }
-                self.ws.flush().await?;
+                self.flush_fed().await?;
                 if !full_page {
                     self.catch_up.pop_front();
                 }
@@ -422,7 +481,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if flush {
             self.ws.send(Message::Text(frame)).await?;
         } else {
-            self.ws.feed(Message::Text(frame)).await?;
+            self.feed(Message::Text(frame)).await?;
         }
         self.stream.delivered(&entry.conv, entry.seq);
         let svc = &self.service;
@@ -487,39 +546,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         match step {
-            StreamStep::Deliver => self.write_entry(entry, frame, true).await,
+            StreamStep::Deliver => self.write_entry(entry, frame, false).await,
             StreamStep::Duplicate | StreamStep::NotVisible => Ok(()),
             StreamStep::Fill { from, to } => self.fill(&entry.conv, from, to).await,
             StreamStep::Unknown => unreachable!("stream was just started"),
         }
     }
 
-    /// Writes a receipt merged (field by field, by maximum) with those already
-    /// shown, or nothing when it adds nothing.
-    async fn on_receipt(&mut self, receipt: &Receipt, frame: Utf8Bytes) -> WsResult<()> {
+    /// Queues a receipt merged (field by field, by maximum) with those already
+    /// shown, or nothing when it adds nothing; written within the batch window.
+    fn on_receipt(&mut self, receipt: &Receipt, frame: Utf8Bytes) {
         let key = (receipt.conv.clone(), receipt.user.clone());
-        let Some(shown) = self.receipts_shown.get(&key) else {
-            self.receipts_shown.insert(key, receipt.clone());
-            return self.ws.send(Message::Text(frame)).await;
+        let (merged, frame) = match self.receipts_shown.get(&key) {
+            None => (receipt.clone(), frame),
+            Some(shown) => {
+                let merged = Receipt {
+                    conv: receipt.conv.clone(),
+                    user: receipt.user.clone(),
+                    delivered: shown.delivered.max(receipt.delivered),
+                    read: shown.read.max(receipt.read),
+                    all_delivered: shown.all_delivered.max(receipt.all_delivered),
+                    all_read: shown.all_read.max(receipt.all_read),
+                };
+                if merged == *shown {
+                    return;
+                }
+                let frame = if merged == *receipt {
+                    frame
+                } else {
+                    Utf8Bytes::from(ServerFrame::Receipt(merged.clone()).to_json())
+                };
+                (merged, frame)
+            }
         };
-        let merged = Receipt {
-            conv: receipt.conv.clone(),
-            user: receipt.user.clone(),
-            delivered: shown.delivered.max(receipt.delivered),
-            read: shown.read.max(receipt.read),
-            all_delivered: shown.all_delivered.max(receipt.all_delivered),
-            all_read: shown.all_read.max(receipt.all_read),
-        };
-        if merged == *shown {
-            return Ok(());
+        self.receipts_shown.insert(key.clone(), merged);
+        self.receipts_pending.insert(key, frame);
+        if self.receipts_flush_at.is_none() {
+            self.receipts_flush_at = Some(tokio::time::Instant::now() + RECEIPT_BATCH_WINDOW);
         }
-        let frame = if merged == *receipt {
-            frame
-        } else {
-            Utf8Bytes::from(ServerFrame::Receipt(merged.clone()).to_json())
-        };
-        self.receipts_shown.insert(key, merged);
-        self.ws.send(Message::Text(frame)).await
+    }
+
+    /// Writes the queued receipts (each the latest for its conversation and user) at once.
+    async fn flush_receipts(&mut self) -> WsResult<()> {
+        self.receipts_flush_at = None;
+        for frame in std::mem::take(&mut self.receipts_pending).into_values() {
+            self.feed(Message::Text(frame)).await?;
+        }
+        self.flush_fed().await
     }
 
     /// Schedules another resync soon (after a store error lost a fill or a resync).
@@ -597,7 +670,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             after = last;
         }
-        self.ws.flush().await
+        self.flush_fed().await
     }
 }
 
