@@ -13,7 +13,7 @@ use image::{ImageFormat, ImageReader};
 use super::{MediaError, PIXELS_MAX, THUMBNAIL_SIDE_MAX};
 
 /// Decodes at most this many images at once.
-pub const DECODES_MAX: usize = 2;
+pub const DECODES_MAX: usize = 1;
 
 static DECODES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DECODES_MAX);
 
