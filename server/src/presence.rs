@@ -35,6 +35,10 @@ pub struct Presence {
     seen: Mutex<BTreeMap<String, u64>>,
 }
 
+/// Local subscriptions beyond this many (target, watcher) pairs are refused
+/// until expired ones are pruned.
+pub const LOCAL_WATCHES_MAX: usize = 1_000_000;
+
 impl Presence {
     /// Marks `user` for the next publication.
     pub fn mark_changed(&self, user: &str) {
@@ -64,14 +68,35 @@ impl Presence {
     }
 
     /// Subscribes `watcher` to `targets` until `expires_ms` (one node only).
-    pub fn watch_locally(&self, watcher: &str, targets: &[String], expires_ms: u64) {
+    /// False, and nothing changed, when the subscriptions would exceed
+    /// [`LOCAL_WATCHES_MAX`] even after dropping the expired ones.
+    pub fn watch_locally(
+        &self,
+        watcher: &str,
+        targets: &[String],
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> bool {
         let mut watchers = self.local_watchers.lock().expect("presence lock");
+        let count = |w: &HashMap<String, BTreeMap<String, u64>>| {
+            w.values().map(BTreeMap::len).sum::<usize>()
+        };
+        if count(&watchers) + targets.len() > LOCAL_WATCHES_MAX {
+            watchers.retain(|_, of_target| {
+                of_target.retain(|_, expires| *expires > now_ms);
+                !of_target.is_empty()
+            });
+            if count(&watchers) + targets.len() > LOCAL_WATCHES_MAX {
+                return false;
+            }
+        }
         for target in targets {
             watchers
                 .entry(target.clone())
                 .or_default()
                 .insert(watcher.to_owned(), expires_ms);
         }
+        true
     }
 
     /// The unexpired watchers of `target` (one node only); forgets expired ones.
@@ -109,8 +134,8 @@ mod tests {
     #[test]
     fn local_watches_expire() {
         let presence = Presence::default();
-        presence.watch_locally("ann", &["bob".into(), "cid".into()], 1_000);
-        presence.watch_locally("dan", &["bob".into()], 5_000);
+        assert!(presence.watch_locally("ann", &["bob".into(), "cid".into()], 0, 1_000));
+        assert!(presence.watch_locally("dan", &["bob".into()], 0, 5_000));
         assert_eq!(presence.local_watchers("bob", 500), vec!["ann", "dan"]);
         assert_eq!(presence.local_watchers("bob", 2_000), vec!["dan"]);
         assert!(presence.local_watchers("cid", 2_000).is_empty());

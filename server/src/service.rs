@@ -777,8 +777,18 @@ impl ChatService {
                 None => {
                     let ttl_ms =
                         u64::try_from(crate::cluster::WATCH_TTL.as_millis()).unwrap_or(u64::MAX);
-                    let expires = self.clock.now_ms().saturating_add(ttl_ms);
-                    self.presence.watch_locally(&caller.user, &users, expires);
+                    let now = self.clock.now_ms();
+                    if !self.presence.watch_locally(
+                        &caller.user,
+                        &users,
+                        now,
+                        now.saturating_add(ttl_ms),
+                    ) {
+                        return Err(ProtocolError::new(
+                            ErrorCode::Overloaded,
+                            "too many presence subscriptions on this server; ask again without \"watch\" or later",
+                        ));
+                    }
                 }
             }
         }

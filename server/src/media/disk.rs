@@ -1,5 +1,7 @@
 //! [`BlobStore`] on local disk: `ROOT/ab/abcd…` holds the bytes of id `abcd…`
-//! and `ROOT/ab/abcd….json` its [`MediaMeta`]; uploads stage in `ROOT/staging`.
+//! and `ROOT/ab/abcd….json` its [`MediaMeta`]; uploads stage in
+//! `ROOT/staging/PROCESS`, one directory per server process, so servers may
+//! share `ROOT`.
 //!
 //! Files are written, synced, then renamed into place, so a crash leaves either
 //! the old state or the new one, never a partial file under an id.
@@ -25,12 +27,18 @@ fn storage(what: &str, path: &Path, e: impl std::fmt::Display) -> MediaError {
 }
 
 impl DiskBlobStore {
-    /// Opens (creating) the store under `root`; leftovers of interrupted uploads are removed.
+    /// Opens (creating) the store under `root`. Staging directories of other
+    /// processes untouched for [`STAGING_ABANDONED_AFTER`] (their server died
+    /// mid-upload) are removed.
     pub fn open(root: &Path) -> Result<Self, MediaError> {
-        let staging = root.join("staging");
-        if staging.exists() {
-            std::fs::remove_dir_all(&staging).map_err(|e| storage("clearing", &staging, e))?;
-        }
+        let all_staging = root.join("staging");
+        std::fs::create_dir_all(&all_staging).map_err(|e| storage("creating", &all_staging, e))?;
+        remove_abandoned(&all_staging);
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let staging = all_staging.join(format!("{}-{boot:x}", std::process::id()));
         std::fs::create_dir_all(&staging).map_err(|e| storage("creating", &staging, e))?;
         Ok(Self {
             root: root.to_owned(),
@@ -68,6 +76,25 @@ impl DiskBlobStore {
         tokio::fs::rename(&tmp, &path)
             .await
             .map_err(|e| storage("renaming into", &path, e))
+    }
+}
+
+/// A staging directory untouched this long belongs to a server that is gone.
+pub const STAGING_ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn remove_abandoned(all_staging: &Path) {
+    let Ok(entries) = std::fs::read_dir(all_staging) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if idle.is_some_and(|idle| idle > STAGING_ABANDONED_AFTER) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
