@@ -68,6 +68,14 @@ pub struct ChatService {
     boot_ms: u64,
 }
 
+/// The answer when the cluster registry (Redis) could not be reached.
+pub fn registry_unavailable() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Internal,
+        "the cluster registry is unavailable; retry",
+    )
+}
+
 fn reject(err: StoreError) -> ProtocolError {
     match err {
         StoreError::Rejected(e) => e,
@@ -720,10 +728,7 @@ impl ChatService {
             if !elsewhere.is_empty() {
                 let found = fabric.online_users(&elsewhere).await.map_err(|e| {
                     tracing::warn!(error = %e, "presence lookup failed");
-                    ProtocolError::new(
-                        ErrorCode::Internal,
-                        "the cluster registry is unavailable; retry",
-                    )
+                    registry_unavailable()
                 })?;
                 let mut found = found.into_iter();
                 for here in online.iter_mut().filter(|here| !**here) {
@@ -769,10 +774,7 @@ impl ChatService {
             match &self.fabric {
                 Some(fabric) => fabric.watch(&caller.user, &users).await.map_err(|e| {
                     tracing::warn!(error = %e, "presence subscription failed");
-                    ProtocolError::new(
-                        ErrorCode::Internal,
-                        "the cluster registry is unavailable; retry",
-                    )
+                    registry_unavailable()
                 })?,
                 None => {
                     let ttl_ms =

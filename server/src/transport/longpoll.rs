@@ -147,10 +147,7 @@ async fn open_mailbox(
                 if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
                     tracing::error!(error = %e, "cannot register a polling device in the cluster");
                     mailbox.close();
-                    return Err(ProtocolError::new(
-                        ErrorCode::Internal,
-                        "the cluster registry is unavailable; retry",
-                    ));
+                    return Err(crate::service::registry_unavailable());
                 }
             }
             svc.device_up(&caller.user);

@@ -39,6 +39,36 @@ fn services() -> Result<(String, String), String> {
     Ok((cql, redis))
 }
 
+/// Starts `n` server processes on the cluster backend (data under `dir`, ids
+/// `e2e-RUN-I`, keyspace, CQL node and Redis URL as given), with `extra` flags.
+fn start_cluster(
+    n: usize,
+    dir: &std::path::Path,
+    (run, keyspace): (&str, &str),
+    (cql, redis): (&str, &str),
+    extra: &[&str],
+) -> Vec<ServerProcess> {
+    (0..n)
+        .map(|i| {
+            let id = format!("e2e-{run}-{i}");
+            let mut args = vec![
+                "--backend",
+                "cluster",
+                "--scylla-nodes",
+                cql,
+                "--scylla-keyspace",
+                keyspace,
+                "--redis-url",
+                redis,
+                "--server-id",
+                &id,
+            ];
+            args.extend_from_slice(extra);
+            ServerProcess::start(&dir.join(format!("s{i}")), &args)
+        })
+        .collect()
+}
+
 /// One user's device: sends, receives, reconnects elsewhere when its server dies.
 struct Device {
     user: String,
@@ -345,28 +375,16 @@ async fn kill_9_one_of_three_servers_loses_nothing() {
     let run = format!("k{}", std::process::id());
     let keyspace = format!("chatproof_e2e_{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let mut servers: Vec<Option<ServerProcess>> = (0..SERVERS)
-        .map(|i| {
-            let id = format!("e2e-{run}-{i}");
-            Some(ServerProcess::start(
-                &dir.path().join(format!("s{i}")),
-                &[
-                    "--backend",
-                    "cluster",
-                    "--scylla-nodes",
-                    &cql,
-                    "--scylla-keyspace",
-                    &keyspace,
-                    "--redis-url",
-                    &redis,
-                    "--server-id",
-                    &id,
-                    "--registry-ttl-secs",
-                    "3",
-                ],
-            ))
-        })
-        .collect();
+    let mut servers: Vec<Option<ServerProcess>> = start_cluster(
+        SERVERS,
+        dir.path(),
+        (&run, &keyspace),
+        (&cql, &redis),
+        &["--registry-ttl-secs", "3"],
+    )
+    .into_iter()
+    .map(Some)
+    .collect();
     let urls: Vec<String> = servers
         .iter()
         .map(|s| s.as_ref().unwrap().url.clone())
@@ -536,28 +554,13 @@ async fn redis_restart_loses_nothing() {
     let keyspace = format!("chatproof_e2e_{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let url = redis.url();
-    let servers: Vec<ServerProcess> = (0..2)
-        .map(|i| {
-            let id = format!("e2e-{run}-{i}");
-            ServerProcess::start(
-                &dir.path().join(format!("s{i}")),
-                &[
-                    "--backend",
-                    "cluster",
-                    "--scylla-nodes",
-                    &cql,
-                    "--scylla-keyspace",
-                    &keyspace,
-                    "--redis-url",
-                    &url,
-                    "--server-id",
-                    &id,
-                    "--registry-ttl-secs",
-                    "3",
-                ],
-            )
-        })
-        .collect();
+    let servers = start_cluster(
+        2,
+        dir.path(),
+        (&run, &keyspace),
+        (&cql, &url),
+        &["--registry-ttl-secs", "3"],
+    );
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let mut phase = 0;
     let mut outage = |elapsed: Duration, _: &mut [bool]| {
@@ -668,30 +671,13 @@ async fn presence_and_push_cross_servers() {
     let run = format!("p{}", std::process::id());
     let keyspace = format!("chatproof_e2e_{run}");
     let dir = tempfile::tempdir().unwrap();
-    let servers: Vec<ServerProcess> = (0..2)
-        .map(|i| {
-            let id = format!("e2e-{run}-{i}");
-            ServerProcess::start(
-                &dir.path().join(format!("s{i}")),
-                &[
-                    "--backend",
-                    "cluster",
-                    "--scylla-nodes",
-                    &cql,
-                    "--scylla-keyspace",
-                    &keyspace,
-                    "--redis-url",
-                    &redis,
-                    "--server-id",
-                    &id,
-                    "--presence-interval-ms",
-                    "100",
-                    "--push-webhook",
-                    &hook,
-                ],
-            )
-        })
-        .collect();
+    let servers = start_cluster(
+        2,
+        dir.path(),
+        (&run, &keyspace),
+        (&cql, &redis),
+        &["--presence-interval-ms", "100", "--push-webhook", &hook],
+    );
     let (alice_user, bob_user) = (format!("alice{run}"), format!("bob{run}"));
     let alice_token = ServerProcess::token(&alice_user);
     let bob_token = ServerProcess::token(&bob_user);
