@@ -95,6 +95,15 @@ pub struct Device {
     offline: std::sync::atomic::AtomicBool,
 }
 
+/// A server the generator loads.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `ws://HOST:PORT/v1/ws`.
+    pub url: String,
+    /// Its socket address.
+    pub addr: std::net::SocketAddr,
+}
+
 /// How to (re)connect a device.
 #[derive(Clone)]
 struct Link {
@@ -172,7 +181,7 @@ pub fn source_for(target: std::net::SocketAddr, k: u64) -> Option<std::net::IpAd
 }
 
 /// TCP connect (from `source` when given) and the WebSocket handshake.
-async fn open(
+pub async fn open(
     url: &str,
     target: std::net::SocketAddr,
     source: Option<std::net::IpAddr>,

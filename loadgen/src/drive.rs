@@ -15,7 +15,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, Barrier};
 use tokio::time::Instant;
 
-use crate::device::{now_us, AckDone, Device};
+use crate::device::{now_us, AckDone, Device, Target};
 use crate::media::{ImageSet, MediaHttp};
 use crate::metrics::{latency_histogram, record_us, LatencyStats};
 use crate::scenario::Scenario as LoadScenario;
@@ -31,10 +31,8 @@ pub struct Run {
     pub users: Vec<u32>,
     /// Worker mode: say "ready" on stdout once connected and wait for "go" on stdin.
     pub await_go: bool,
-    /// `ws://HOST:PORT/v1/ws`.
-    pub url: String,
-    /// The target's address.
-    pub target: std::net::SocketAddr,
+    /// The servers devices connect to (user `u` to `targets[u % len]`); never empty.
+    pub targets: Vec<Target>,
     /// Connections opened so far (spreads source addresses).
     pub connections_opened: AtomicU64,
     /// Mints device tokens.
@@ -88,19 +86,19 @@ impl Run {
     pub fn install(
         scenario: LoadScenario,
         (world, users, await_go): (World, Vec<u32>, bool),
-        (url, target): (String, std::net::SocketAddr),
+        targets: Vec<Target>,
         key: TokenKey,
         run_id: String,
         media: Option<(Arc<ImageSet>, Arc<MediaHttp>)>,
     ) -> Arc<Self> {
         let drivers = scenario.load.drivers as usize;
+        assert!(!targets.is_empty(), "a run needs a target");
         let run = Arc::new(Self {
             scenario,
             world,
             users,
             await_go,
-            url,
-            target,
+            targets,
             connections_opened: AtomicU64::new(0),
             key,
             run_id,
@@ -143,6 +141,11 @@ impl Run {
                 .expect("same bounds");
         }
         all
+    }
+
+    /// The server user `u`'s devices connect to.
+    pub fn target_of(&self, u: u32) -> &Target {
+        &self.targets[u as usize % self.targets.len()]
     }
 
     /// Sends each driver makes: the total rate over the duration, split evenly.
@@ -189,27 +192,25 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
     for &u in &users {
         let user_id = run.world.user_id(u);
         let token = run.key.mint(&user_id, now_us() / 1_000_000 + 24 * 3600);
-        let convs: HashSet<String> = run
-            .world
-            .convs
-            .iter()
-            .filter(|c| c.members.contains(&u))
-            .map(|c| c.id.clone())
+        let convs: HashSet<String> = std::iter::once(run.world.direct_of(u))
+            .chain(run.world.group_of(u))
+            .map(|k| run.world.convs[k].id.clone())
             .collect();
+        let target = run.target_of(u);
         let mut of_user = Vec::new();
         for d in 0..run.world.devices_per_user() {
             let started = std::time::Instant::now();
             let result = Device::connect(
-                &run.url,
+                &target.url,
                 &token,
                 (&user_id, &World::device_id(d)),
                 convs.clone(),
                 acks_tx.clone(),
                 Arc::clone(&run.stats[index as usize]),
                 (
-                    run.target,
+                    target.addr,
                     crate::device::source_for(
-                        run.target,
+                        target.addr,
                         run.connections_opened.fetch_add(1, Ordering::Relaxed),
                     ),
                 ),

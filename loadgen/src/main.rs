@@ -25,13 +25,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use chatproof_server::auth::TokenKey;
 use clap::{Parser, Subcommand};
 
 use crate::device::now_us;
 use crate::drive::Run;
-use crate::reference::ReferenceServer;
+use crate::reference::{ProcUsage, ReferenceServer};
 use crate::scenario::Scenario;
 use crate::world::World;
 
@@ -85,9 +85,15 @@ enum Cmd {
 pub(crate) struct RunArgs {
     /// The scenario file.
     pub(crate) scenario: PathBuf,
-    /// Server to load, `ws://HOST:PORT`. Without it a reference server is started on embedded storage.
-    #[arg(long)]
-    pub(crate) target: Option<String>,
+    /// Server to load, `ws://HOST:PORT`. Without it a reference server is started on embedded
+    /// storage. Repeat it (or separate with commas) to spread the devices over the servers
+    /// of one cluster: user u's devices connect to the (u mod N)-th target.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) target: Vec<String>,
+    /// Process id of a target server on this machine (repeatable, or comma-separated): its
+    /// CPU time and memory, summed over every id, are reported as the servers' usage.
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    pub(crate) server_pids: Vec<u32>,
     /// The target's token secret (needed with --target).
     #[arg(long, env = "CHATPROOF_SECRET", hide_env_values = true)]
     pub(crate) secret: Option<String>,
@@ -220,31 +226,46 @@ fn timestamp() -> String {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let scenario = Scenario::load(&args.scenario)?;
-    let (server, addr, secret) = match &args.target {
-        Some(target) => {
-            let addr = target
-                .trim_start_matches("ws://")
-                .trim_end_matches('/')
-                .trim_end_matches("/v1/ws")
-                .to_owned();
-            let secret = args.secret.clone().ok_or_else(|| {
-                anyhow!("--target needs --secret (or CHATPROOF_SECRET): the target's token secret")
-            })?;
-            (None, addr, secret)
+    let (server, addrs, secret) = if args.target.is_empty() {
+        if !args.server_pids.is_empty() {
+            bail!("--server-pid names servers given with --target; without --target the generator measures its own reference server");
         }
-        None => {
-            let secret = format!("loadgen-{:x}-{:x}", now_us(), std::process::id());
-            let server = ReferenceServer::start(&secret)?;
-            let addr = server.addr.clone();
-            (Some(server), addr, secret)
-        }
+        let secret = format!("loadgen-{:x}-{:x}", now_us(), std::process::id());
+        let server = ReferenceServer::start(&secret)?;
+        let addr = server.addr.clone();
+        (Some(server), vec![addr], secret)
+    } else {
+        let addrs = args
+            .target
+            .iter()
+            .map(|t| {
+                t.trim_start_matches("ws://")
+                    .trim_end_matches('/')
+                    .trim_end_matches("/v1/ws")
+                    .to_owned()
+            })
+            .collect();
+        let secret = args.secret.clone().ok_or_else(|| {
+            anyhow!("--target needs --secret (or CHATPROOF_SECRET): the target's token secret")
+        })?;
+        (None, addrs, secret)
+    };
+    // Whose CPU and memory the report shows: the reference server or the named pids.
+    let measured: Vec<u32> = match &server {
+        Some(s) => vec![s.pid()],
+        None => args.server_pids.clone(),
     };
     let key = TokenKey::new(secret.as_bytes()).map_err(|e| anyhow!(e))?;
     let run_id = args
         .run_id
         .clone()
         .unwrap_or_else(|| format!("lg{:x}", now_us() / 1000 % 0xffff_ffff));
-    let url = format!("ws://{addr}/v1/ws");
+    let targets = resolve_targets(&addrs)?;
+    let urls = targets
+        .iter()
+        .map(|t| t.url.as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
     let world = World::new(&scenario, &run_id);
     let out = args.out_dir.join(&scenario.name).join(timestamp());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -253,9 +274,9 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             &args,
             &scenario,
             &world,
-            (&addr, &secret, &key, &run_id),
+            (&targets, &secret, &key, &run_id),
             &out,
-            server,
+            (server, &measured),
         );
     }
     let (scenario, users, is_worker) = match &args.worker {
@@ -267,7 +288,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         None => (scenario, world.all_users(), false),
     };
     eprintln!(
-        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {url}{}; open-file limit {}",
+        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {urls}{}; open-file limit {}",
         scenario.name, scenario.seed, users.len(), scenario.population.devices_per_user, world.convs.len(),
         scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.drivers,
         args.worker.as_deref().map(|w| format!(" (worker {w})")).unwrap_or_default(),
@@ -279,15 +300,12 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let summary = runtime.block_on(async {
         let started = Instant::now();
         if !is_worker {
-            setup::create_conversations(&world, &url, &key).await?;
+            setup::create_conversations(&world, &targets, &key).await?;
         }
-        let usage_before = server.as_ref().and_then(ReferenceServer::usage);
+        let usage_before = ProcUsage::of_all(&measured);
+        let generator_before = ProcUsage::of(std::process::id());
         let drain = Duration::from_secs(scenario.load.drain_secs);
-        let target = tokio::net::lookup_host(&addr)
-            .await
-            .with_context(|| format!("resolving {addr}"))?
-            .next()
-            .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+        let target = targets[0].addr;
         let media = if scenario.load.image_share > 0.0 {
             let images = media::ImageSet::generate(&scenario.load.image_kib, scenario.seed)?;
             eprintln!(
@@ -302,7 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         let run = Run::install(
             scenario,
             (world, users, is_worker),
-            (url.clone(), target),
+            targets.clone(),
             key,
             run_id,
             media,
@@ -313,7 +331,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         let goose_report = out.join("goose.html");
         drive::run_goose(
             &run,
-            &format!("http://{addr}"),
+            &format!("http://{}", addrs[0]),
             &goose_report.to_string_lossy(),
         )
         .await?;
@@ -322,10 +340,19 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         settle(&run, drain).await;
         progress.abort();
         downloads.abort();
-        let usage_after = server.as_ref().and_then(ReferenceServer::usage);
+        let usage_after = ProcUsage::of_all(&measured);
         let usage = usage_before.zip(usage_after);
-        let (summary, histograms) =
-            report::summarize_run(&run, &url, usage, started.elapsed().as_secs_f64());
+        let connected = run.devices.lock().expect("devices").len() as u64;
+        let generator = generator_before
+            .zip(ProcUsage::of(std::process::id()))
+            .map(|(before, after)| report::GeneratorUsage::of(before, after, connected));
+        let (summary, histograms) = report::summarize_run(
+            &run,
+            (&urls, server.is_some()),
+            usage,
+            generator,
+            started.elapsed().as_secs_f64(),
+        );
         report::write(&out, &summary, &histograms)?;
         let devices = run.devices.lock().expect("devices").clone();
         for device in devices {
@@ -346,6 +373,23 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     } else {
         1
     })
+}
+
+/// Resolves each `HOST:PORT` to the address devices connect to.
+fn resolve_targets(addrs: &[String]) -> anyhow::Result<Vec<device::Target>> {
+    addrs
+        .iter()
+        .map(|addr| {
+            let resolved = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+                .with_context(|| format!("resolving {addr}"))?
+                .next()
+                .ok_or_else(|| anyhow!("{addr} resolves to no address"))?;
+            Ok(device::Target {
+                url: format!("ws://{addr}/v1/ws"),
+                addr: resolved,
+            })
+        })
+        .collect()
 }
 
 /// Waits until no send is pending and deliveries stop arriving, at most `drain`.

@@ -61,6 +61,14 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
     let (mut s, mut h) = runs.next().context("nothing to merge")?;
     s.server_usage = None;
     for (other, oh) in runs {
+        let devices = s.counts.devices_connected + other.counts.devices_connected;
+        s.generator_usage = match (s.generator_usage.take(), &other.generator_usage) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.absorb(theirs, devices);
+                Some(mine)
+            }
+            (mine, theirs) => mine.or_else(|| theirs.clone()),
+        };
         ensure!(
             other.scenario == s.scenario,
             "runs of different scenarios: {} and {}",
@@ -103,8 +111,10 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
         if !s.run_id.split('+').any(|id| id == other.run_id) {
             s.run_id = format!("{}+{}", s.run_id, other.run_id);
         }
-        if !s.target.split(' ').any(|t| t == other.target) {
-            s.target = format!("{} {}", s.target, other.target);
+        for target in other.target.split(' ') {
+            if !s.target.split(' ').any(|t| t == target) {
+                s.target = format!("{} {target}", s.target);
+            }
         }
         // Per-second points add up; a second's percentiles keep the worst part's value.
         for (i, p) in other.timeline.iter().enumerate() {

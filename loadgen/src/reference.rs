@@ -65,6 +65,9 @@ pub struct ProcUsage {
     pub rss_kib: u64,
     /// Peak resident memory, KiB.
     pub rss_peak_kib: u64,
+    /// Processes these figures add up (1 for one process).
+    #[serde(default)]
+    pub processes: u32,
 }
 
 impl ProcUsage {
@@ -90,14 +93,32 @@ impl ProcUsage {
             cpu_secs: ticks / 100.0,
             rss_kib: kib("VmRSS:")?,
             rss_peak_kib: kib("VmHWM:")?,
+            processes: 1,
+        })
+    }
+
+    /// The summed usage of `pids`; `None` when any of them cannot be read (a server
+    /// that exited mid-run has no meaningful figures).
+    pub fn of_all(pids: &[u32]) -> Option<Self> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().try_fold(Self::default(), |sum, &pid| {
+            let one = Self::of(pid)?;
+            Some(Self {
+                cpu_secs: sum.cpu_secs + one.cpu_secs,
+                rss_kib: sum.rss_kib + one.rss_kib,
+                rss_peak_kib: sum.rss_peak_kib + one.rss_peak_kib,
+                processes: sum.processes + 1,
+            })
         })
     }
 }
 
 impl ReferenceServer {
-    /// The server process's current usage.
-    pub fn usage(&self) -> Option<ProcUsage> {
-        ProcUsage::of(self.child.id())
+    /// The server process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -105,5 +126,26 @@ impl Drop for ReferenceServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Usage of several processes adds up; an unreadable one spoils the sum.
+    #[test]
+    fn usage_of_several_processes_is_summed() {
+        let me = std::process::id();
+        let one = ProcUsage::of(me).expect("own /proc entry");
+        assert_eq!(one.processes, 1);
+        assert!(one.rss_kib > 0 && one.rss_peak_kib >= one.rss_kib);
+        let two = ProcUsage::of_all(&[me, me]).expect("own /proc entry twice");
+        assert_eq!(two.processes, 2);
+        assert!(two.rss_peak_kib >= 2 * one.rss_peak_kib);
+        assert!(two.cpu_secs >= 2.0 * one.cpu_secs);
+        assert_eq!(ProcUsage::of_all(&[]), None);
+        // Linux pids stay below 2^22, so this one cannot exist.
+        assert_eq!(ProcUsage::of_all(&[me, u32::MAX]), None);
     }
 }

@@ -122,9 +122,13 @@ pub struct Counts {
     pub presence_states: u64,
 }
 
-/// What the reference server used during the run (only when the generator started it).
+/// What the server processes used during the run: the reference server the generator
+/// started, or the processes named with `--server-pid` (their figures summed).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServerUsage {
+    /// How many server processes the figures add up.
+    #[serde(default = "one")]
+    pub processes: u32,
     /// CPU seconds the server used from first connect to the end of the drain.
     pub cpu_secs: f64,
     /// Resident memory before any device connected, KiB.
@@ -139,6 +143,59 @@ pub struct ServerUsage {
     pub deliveries_per_cpu_sec: f64,
     /// Acknowledged messages per server CPU second.
     pub messages_per_cpu_sec: f64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What the generator's own processes used: the memory each connected device costs the
+/// generator, so a planner knows how many devices one generator machine may drive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GeneratorUsage {
+    /// Generator processes (workers) the figures add up.
+    pub processes: u32,
+    /// CPU seconds the generator used from before the first connect to the end of the drain.
+    pub cpu_secs: f64,
+    /// Resident memory before any device connected, KiB.
+    pub rss_before_kib: u64,
+    /// Resident memory with every device connected, at the end, KiB.
+    pub rss_connected_kib: u64,
+    /// Peak resident memory (sum of each process's peak), KiB.
+    pub rss_peak_kib: u64,
+    /// Generator memory per connected device: (connected − before) / devices, bytes.
+    pub bytes_per_device: f64,
+}
+
+impl GeneratorUsage {
+    /// The figures of one process from its usage before the connects and at the end.
+    pub fn of(
+        before: crate::reference::ProcUsage,
+        after: crate::reference::ProcUsage,
+        devices: u64,
+    ) -> Self {
+        Self {
+            processes: 1,
+            cpu_secs: (after.cpu_secs - before.cpu_secs).max(0.0),
+            rss_before_kib: before.rss_kib,
+            rss_connected_kib: after.rss_kib,
+            rss_peak_kib: after.rss_peak_kib,
+            bytes_per_device: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
+                / devices.max(1) as f64,
+        }
+    }
+
+    /// Adds another process's figures; `devices` is the devices both connected together.
+    pub fn absorb(&mut self, other: &Self, devices: u64) {
+        self.processes += other.processes;
+        self.cpu_secs += other.cpu_secs;
+        self.rss_before_kib += other.rss_before_kib;
+        self.rss_connected_kib += other.rss_connected_kib;
+        self.rss_peak_kib += other.rss_peak_kib;
+        self.bytes_per_device = (self.rss_connected_kib.saturating_sub(self.rss_before_kib) * 1024)
+            as f64
+            / devices.max(1) as f64;
+    }
 }
 
 /// Everything a run produced: `summary.json`.
@@ -156,9 +213,13 @@ pub struct Summary {
     pub wall_secs: f64,
     /// The open-file limit the process found (bounds connections per process).
     pub open_files_limit: Option<u64>,
-    /// The reference server's resource use, when the generator started it.
+    /// The servers' resource use: the reference server when the generator started it,
+    /// or the processes named with `--server-pid`.
     #[serde(default)]
     pub server_usage: Option<ServerUsage>,
+    /// The generator's own resource use (all its worker processes).
+    #[serde(default)]
+    pub generator_usage: Option<GeneratorUsage>,
     /// Counts.
     pub counts: Counts,
     /// Latencies.
@@ -185,11 +246,11 @@ pub struct Summary {
 /// Computes the summary from every device's observations.
 pub fn summarize_run(
     run: &Run,
-    target: &str,
+    (target, reference_server): (&str, bool),
     usage: Option<(crate::reference::ProcUsage, crate::reference::ProcUsage)>,
+    generator_usage: Option<GeneratorUsage>,
     wall_secs: f64,
 ) -> (Summary, Histograms) {
-    let reference_server = usage.is_some();
     let devices = run.devices.lock().expect("devices").clone();
     let merged = run.merged_stats();
     let (delivery, ack, caught_up) = (merged.delivery, merged.ack, merged.delivery_caught_up);
@@ -290,6 +351,7 @@ pub fn summarize_run(
         wall_secs,
         open_files_limit: open_files_limit(),
         server_usage: None,
+        generator_usage,
         counts,
         latency,
         violations,
@@ -329,6 +391,7 @@ pub fn server_usage(
     let cpu_secs = (after.cpu_secs - before.cpu_secs).max(0.01);
     let devices = summary.counts.devices_connected.max(1) as f64;
     ServerUsage {
+        processes: after.processes,
         cpu_secs,
         rss_before_kib: before.rss_kib,
         rss_connected_kib: after.rss_kib,
@@ -544,9 +607,23 @@ fn markdown(s: &Summary) -> String {
         ));
     }
     if let Some(u) = &s.server_usage {
+        let heading = if s.reference_server {
+            "Reference server".to_owned()
+        } else {
+            format!(
+                "Servers ({} processes named by --server-pid, figures summed)",
+                u.processes
+            )
+        };
         md.push_str(&format!(
-            "\n## Reference server\n\n- CPU: {:.2} s; {:.0} messages and {:.0} deliveries per CPU second\n- memory: {} KiB before connects, {} KiB connected, {} KiB peak; {:.0} bytes per connection\n",
+            "\n## {heading}\n\n- CPU: {:.2} s; {:.0} messages and {:.0} deliveries per CPU second\n- memory: {} KiB before connects, {} KiB connected, {} KiB peak; {:.0} bytes per connection\n",
             u.cpu_secs, u.messages_per_cpu_sec, u.deliveries_per_cpu_sec, u.rss_before_kib, u.rss_connected_kib, u.rss_peak_kib, u.bytes_per_connection
+        ));
+    }
+    if let Some(g) = &s.generator_usage {
+        md.push_str(&format!(
+            "\n## Generator\n\n- {} process(es); CPU {:.2} s\n- memory: {} KiB before connects, {} KiB connected, {} KiB peak; {:.0} bytes per device\n",
+            g.processes, g.cpu_secs, g.rss_before_kib, g.rss_connected_kib, g.rss_peak_kib, g.bytes_per_device
         ));
     }
     let v = &s.violations;
@@ -588,4 +665,40 @@ fn html(s: &Summary, h: &Histograms, md: &str) -> String {
     }
     page.push_str("</body></html>\n");
     page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::ProcUsage;
+
+    fn usage(cpu_secs: f64, rss_kib: u64) -> ProcUsage {
+        ProcUsage {
+            cpu_secs,
+            rss_kib,
+            rss_peak_kib: rss_kib + 100,
+            processes: 1,
+        }
+    }
+
+    /// Per-device memory is the growth over the devices; workers add up and the
+    /// per-device figure is recomputed over all their devices.
+    #[test]
+    fn generator_usage_per_device_and_summed() {
+        let mut a = GeneratorUsage::of(usage(1.0, 10_000), usage(3.0, 20_000), 1_000);
+        assert_eq!(a.processes, 1);
+        assert!((a.cpu_secs - 2.0).abs() < 1e-9);
+        assert!((a.bytes_per_device - 10_240.0).abs() < 1e-9);
+        let b = GeneratorUsage::of(usage(0.5, 10_000), usage(1.5, 40_000), 2_000);
+        assert!((b.bytes_per_device - 15_360.0).abs() < 1e-9);
+        a.absorb(&b, 3_000);
+        assert_eq!(a.processes, 2);
+        assert!((a.cpu_secs - 3.0).abs() < 1e-9);
+        assert_eq!(
+            (a.rss_before_kib, a.rss_connected_kib, a.rss_peak_kib),
+            (20_000, 60_000, 60_200)
+        );
+        // (60,000 - 20,000) KiB over 3,000 devices.
+        assert!((a.bytes_per_device - 40_000.0 * 1024.0 / 3_000.0).abs() < 1e-6);
+    }
 }

@@ -2,22 +2,31 @@
 
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use chatproof_server::auth::TokenKey;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::device::now_us;
+use crate::device::{now_us, open, source_for, Target};
 use crate::world::World;
 
 /// Conversations created concurrently.
 const SETUP_CONCURRENCY: usize = 32;
 
-async fn request(url: &str, token: &str, device: &str, op: Value) -> anyhow::Result<()> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+async fn request(
+    target: &Target,
+    source: Option<std::net::IpAddr>,
+    token: &str,
+    device: &str,
+    op: Value,
+) -> anyhow::Result<()> {
+    let mut ws = tokio::time::timeout(
+        Duration::from_secs(30),
+        open(&target.url, target.addr, source),
+    )
+    .await
+    .map_err(|_| anyhow!("connecting to {} timed out", target.url))??;
     let hello =
         json!({"rid": "h", "op": "hello", "versions": [1], "token": token, "device": device});
     ws.send(Message::Text(hello.to_string().into())).await?;
@@ -46,8 +55,15 @@ async fn request(url: &str, token: &str, device: &str, op: Value) -> anyhow::Res
     }
 }
 
-/// Opens every 1:1 conversation and creates every group.
-pub async fn create_conversations(world: &World, url: &str, key: &TokenKey) -> anyhow::Result<()> {
+/// Opens every 1:1 conversation and creates every group. With several targets (servers
+/// of one cluster) the requests are spread over them, each from its own loopback source
+/// address, so setting up a large population exhausts no address's ephemeral ports.
+pub async fn create_conversations(
+    world: &World,
+    targets: &[Target],
+    key: &TokenKey,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!targets.is_empty(), "no target to set up");
     let exp = now_us() / 1_000_000 + 3600;
     // Each job is its own device: one owner's jobs run concurrently, and a second
     // connection of the same device would replace the first.
@@ -68,7 +84,12 @@ pub async fn create_conversations(world: &World, url: &str, key: &TokenKey) -> a
         })
         .collect();
     let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(jobs)
-        .map(|(token, device, op)| async move { request(url, &token, &device, op).await })
+        .enumerate()
+        .map(|(k, (token, device, op))| async move {
+            let target = &targets[k % targets.len()];
+            let source = source_for(target.addr, k as u64);
+            request(target, source, &token, &device, op).await
+        })
         .buffer_unordered(SETUP_CONCURRENCY)
         .collect()
         .await;

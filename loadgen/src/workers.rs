@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use anyhow::{anyhow, bail, ensure, Context};
 use chatproof_server::auth::TokenKey;
 
-use crate::reference::ReferenceServer;
+use crate::device::Target;
+use crate::reference::{ProcUsage, ReferenceServer};
 use crate::scenario::Scenario;
 use crate::world::World;
 use crate::RunArgs;
@@ -40,9 +41,9 @@ pub fn parent(
     args: &RunArgs,
     scenario: &Scenario,
     world: &World,
-    (addr, secret, key, run_id): (&str, &str, &TokenKey, &str),
+    (targets, secret, key, run_id): (&[Target], &str, &TokenKey, &str),
     out: &Path,
-    server: Option<ReferenceServer>,
+    (server, measured): (Option<ReferenceServer>, &[u32]),
 ) -> anyhow::Result<i32> {
     let n = args.workers;
     ensure!(
@@ -50,24 +51,23 @@ pub fn parent(
             && n <= scenario.population.users / scenario.population.group_size,
         "--workers needs an even group_size and at least one whole group per worker"
     );
-    let url = format!("ws://{addr}/v1/ws");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(crate::setup::create_conversations(world, &url, key))?;
-    let usage_before = server.as_ref().and_then(ReferenceServer::usage);
+    runtime.block_on(crate::setup::create_conversations(world, targets, key))?;
+    let usage_before = ProcUsage::of_all(measured);
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for i in 0..n {
         let child = Command::new(&exe)
             .arg("run")
             .arg(&args.scenario)
-            .args([
-                "--target",
-                &format!("ws://{addr}"),
-                "--worker",
-                &format!("{i}/{n}"),
-            ])
+            .args(
+                targets
+                    .iter()
+                    .flat_map(|t| ["--target".to_owned(), t.url.clone()]),
+            )
+            .args(["--worker", &format!("{i}/{n}")])
             .args(["--run-id", run_id])
             .arg("--out-dir")
             .arg(out.join("workers").join(i.to_string()))
@@ -102,7 +102,7 @@ pub fn parent(
             "worker {i} failed ({status})"
         );
     }
-    let usage_after = server.as_ref().and_then(ReferenceServer::usage);
+    let usage_after = ProcUsage::of_all(measured);
     let dirs = (0..n)
         .map(|i| {
             let base = out.join("workers").join(i.to_string()).join(&scenario.name);

@@ -166,6 +166,14 @@ fn tiny_scenario_reports_and_gates() {
     let broken = tmp.path().join("broken.toml");
     std::fs::write(&broken, "name = \"broken\"\n[population]\nusers = 3\n").unwrap();
     assert_eq!(run(&broken, &tmp.path().join("reports")).0, 2);
+
+    // The generator reports its own memory; --server-pid is for servers given with --target.
+    assert_eq!(s["generator_usage"]["processes"], 1, "{s:#}");
+    assert!(s["generator_usage"]["rss_connected_kib"].as_u64().unwrap() > 0);
+    let tiny = scenario(tmp.path(), "tiny", 500.0);
+    let out = loadgen(&["run", tiny.to_str().unwrap(), "--server-pid", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--server-pid"));
 }
 
 /// `--workers 2`: two processes share the devices and one schedule; the merged report

@@ -5,8 +5,9 @@
 #   stop    stop the node and delete its data
 #   status  print the address and exit 0 when running, exit 3 when not
 # Environment: CHATPROOF_CASSANDRA_PORT (CQL, 19042), CHATPROOF_CASSANDRA_STORAGE_PORT
-# (17000), CHATPROOF_CASSANDRA_JMX_PORT (17199), CHATPROOF_SERVICES_DIR (run dirs,
-# /tmp/chatproof-services), CHATPROOF_CASSANDRA_LIB (jar cache).
+# (17000), CHATPROOF_CASSANDRA_JMX_PORT (17199), CHATPROOF_CASSANDRA_HEAP (JVM heap, 512m),
+# CHATPROOF_SERVICES_DIR (run dirs, /tmp/chatproof-services), CHATPROOF_CASSANDRA_LIB
+# (jar cache).
 set -euo pipefail
 SCRIPT_NAME="cassandra.sh"
 # shellcheck source=scripts/services/common.sh
@@ -21,7 +22,7 @@ LIB_DIR="${CHATPROOF_CASSANDRA_LIB:-$HOME/.cache/chatproof/cassandra-$CASSANDRA_
 RUN_DIR="$SERVICES_ROOT/cassandra"
 PID_FILE="$RUN_DIR/cassandra.pid"
 LOG_FILE="$RUN_DIR/cassandra.log"
-HEAP_SIZE=512m
+HEAP_SIZE="${CHATPROOF_CASSANDRA_HEAP:-512m}"
 START_WAIT_S_MAX=120
 STOP_WAIT_S_MAX=20
 # Every process we start carries this on its command line; live_pid checks for it.

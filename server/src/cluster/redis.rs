@@ -215,14 +215,17 @@ impl RedisFabric {
             tracing::warn!(error = %e, "heartbeat after resubscribing failed");
         }
         let devices = hub.devices();
-        let mut pipe = redis::pipe();
-        for (user, device) in &devices {
-            pipe.hset(self.device_key(user), device, &self.config.server_id)
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            tracing::warn!(error = %e, "re-registering devices failed");
+        if !devices.is_empty() {
+            // (Redis refuses an empty pipeline.)
+            let mut pipe = redis::pipe();
+            for (user, device) in &devices {
+                pipe.hset(self.device_key(user), device, &self.config.server_id)
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::warn!(error = %e, "re-registering devices failed");
+            }
         }
         let told = super::resync_sessions(hub);
         self.counters.resyncs.inc();

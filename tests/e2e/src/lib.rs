@@ -13,33 +13,37 @@ pub const SECRET: &str = "e2e-secret-0123456789abcdef";
 pub fn server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test executable path");
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("target/PROFILE/deps/test");
-            let release = profile_dir.file_name().is_some_and(|n| n == "release");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut build = Command::new(cargo);
-            build.args([
-                "build",
-                "--quiet",
-                "-p",
-                "chatproof-server",
-                "--bin",
-                "chatproof-server",
-            ]);
-            if release {
-                build.arg("--release");
-            }
-            let status = build.status().expect("running cargo build");
-            assert!(status.success(), "building chatproof-server failed");
-            let binary = profile_dir.join("chatproof-server");
-            assert!(binary.exists(), "{} missing after build", binary.display());
-            binary
-        })
+        .get_or_init(|| build_binary("chatproof-server"))
         .clone()
+}
+
+/// Path of the load generator's binary, built once per test run like the server's.
+pub fn loadgen_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| build_binary("chatproof-loadgen"))
+        .clone()
+}
+
+/// Builds binary `name` of package `name` with the tests' profile; returns its path.
+fn build_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/PROFILE/deps/test");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", name, "--bin", name]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("running cargo build");
+    assert!(status.success(), "building {name} failed");
+    let binary = profile_dir.join(name);
+    assert!(binary.exists(), "{} missing after build", binary.display());
+    binary
 }
 
 /// A running server process.
@@ -85,6 +89,11 @@ impl ServerProcess {
             url: format!("ws://{addr}/v1/ws"),
             addr,
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no chance to flush anything.

@@ -735,3 +735,81 @@ async fn presence_and_push_cross_servers() {
         assert!(server.terminate(), "SIGTERM gives a clean exit");
     }
 }
+
+/// The load generator against a cluster: `--target` twice spreads the users over both
+/// servers (so 1:1 chats and groups cross servers), two worker processes share the
+/// schedule, every delivery is checked, and `--server-pid` makes the report sum both
+/// servers' CPU and memory.
+#[test]
+fn loadgen_spreads_devices_over_a_cluster() {
+    let (cql, redis) = match services() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED cluster::loadgen_spreads_devices_over_a_cluster: {why}");
+            return;
+        }
+    };
+    let run = format!("l{}", std::process::id());
+    let keyspace = format!("chatproof_e2e_lg_{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let servers = start_cluster(2, dir.path(), (&run, &keyspace), (&cql, &redis), &[]);
+    let scenario = dir.path().join("spread.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"spread\"\n[population]\nusers = 8\ndevices_per_user = 1\ngroup_size = 4\n\
+         [load]\nduration_secs = 2\nmessages_per_sec = 20\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n\
+         [slo]\ngenerator_lag_p99_ms = 1000\n",
+    )
+    .unwrap();
+    let out = dir.path().join("reports");
+    let pids = format!("{},{}", servers[0].pid(), servers[1].pid());
+    let status = std::process::Command::new(chatproof_e2e::loadgen_binary())
+        .arg("run")
+        .arg(&scenario)
+        .args(["--target", &servers[0].url, "--target", &servers[1].url])
+        .args(["--server-pid", &pids, "--workers", "2", "--out-dir"])
+        .arg(&out)
+        .env("CHATPROOF_SECRET", chatproof_e2e::SECRET)
+        .status()
+        .unwrap();
+    let report = std::fs::read_dir(out.join("spread"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(status.code(), Some(0), "{s:#}");
+    let counts = &s["counts"];
+    assert_eq!(counts["devices_connected"], 8);
+    assert_eq!(counts["acked"], 40);
+    assert!(counts["deliveries_expected"].as_u64().unwrap() >= 40);
+    assert_eq!(counts["deliveries_received"], counts["deliveries_expected"]);
+    for server in &servers {
+        assert!(
+            s["target"].as_str().unwrap().contains(&server.url),
+            "{} is among the targets: {}",
+            server.url,
+            s["target"]
+        );
+    }
+    assert_eq!(s["reference_server"], false);
+    assert_eq!(s["server_usage"]["processes"], 2, "{:#}", s["server_usage"]);
+    assert!(s["server_usage"]["cpu_secs"].as_f64().unwrap() > 0.0);
+    assert_eq!(s["generator_usage"]["processes"], 2);
+    let report_md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(
+        report_md.contains("Servers (2 processes"),
+        "report.md names the measured servers"
+    );
+    // Each server carried its share of the devices.
+    for server in &servers {
+        assert!(
+            metric(&server.addr, "chatproof_messages_out_total") > 0.0,
+            "{} delivered something",
+            server.addr
+        );
+    }
+}
