@@ -29,8 +29,10 @@ pub struct Run {
     pub world: World,
     /// The users this process drives (all, or one worker's share).
     pub users: Vec<u32>,
-    /// Worker mode: say "ready" on stdout once connected and wait for "go" on stdin.
-    pub await_go: bool,
+    /// When the schedule starts once this process's devices are connected.
+    pub start: Start,
+    /// When the schedule started, Unix milliseconds (0 until it has).
+    pub schedule_started_ms: AtomicU64,
     /// The servers devices connect to (user `u` to `targets[u % len]`); never empty.
     pub targets: Vec<Target>,
     /// Connections opened so far (spreads source addresses).
@@ -81,11 +83,33 @@ pub struct Run {
 
 static RUN: OnceLock<Arc<Run>> = OnceLock::new();
 
+/// When the schedule starts, once every device of the process is connected.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    /// At once.
+    Connected,
+    /// Worker mode: say "ready" on stdout, start when the parent says "go" on stdin.
+    OnGo,
+    /// At this wall-clock instant (`--start-at`: parts on several machines).
+    At(std::time::SystemTime),
+}
+
+/// Blocks until wall-clock time `at`; says how late it is when `at` has passed.
+pub fn wait_until(at: std::time::SystemTime) {
+    match at.duration_since(std::time::SystemTime::now()) {
+        Ok(wait) => std::thread::sleep(wait),
+        Err(late) => eprintln!(
+            "chatproof-loadgen: --start-at passed {:.1} s ago (connecting took longer); starting now",
+            late.duration().as_secs_f64()
+        ),
+    }
+}
+
 impl Run {
     /// Creates the run's shared state; there is one run per process.
     pub fn install(
         scenario: LoadScenario,
-        (world, users, await_go): (World, Vec<u32>, bool),
+        (world, users, start): (World, Vec<u32>, Start),
         targets: Vec<Target>,
         key: TokenKey,
         run_id: String,
@@ -97,7 +121,8 @@ impl Run {
             scenario,
             world,
             users,
-            await_go,
+            start,
+            schedule_started_ms: AtomicU64::new(0),
             targets,
             connections_opened: AtomicU64::new(0),
             key,
@@ -248,16 +273,26 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
         }
         devices.push(of_user);
     }
-    if run.everyone_connected.wait().await.is_leader() && run.await_go {
-        // One schedule across worker processes: the parent says go once all are connected.
-        println!("ready");
-        let go = tokio::task::spawn_blocking(|| {
-            let mut line = String::new();
-            std::io::stdin().read_line(&mut line).map(|_| line)
-        });
-        let _ = go.await;
+    if run.everyone_connected.wait().await.is_leader() {
+        match run.start {
+            Start::Connected => {}
+            Start::OnGo => {
+                // One schedule across worker processes: the parent says go once all are connected.
+                println!("ready");
+                let go = tokio::task::spawn_blocking(|| {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map(|_| line)
+                });
+                let _ = go.await;
+            }
+            Start::At(at) => {
+                let _ = tokio::task::spawn_blocking(move || wait_until(at)).await;
+            }
+        }
+        run.schedule_started_ms
+            .store(now_us() / 1000, Ordering::Relaxed);
         run.go.send_replace(true);
-    } else if run.await_go {
+    } else {
         let _ = run.go.subscribe().wait_for(|go| *go).await;
     }
     let phase = run

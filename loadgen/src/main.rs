@@ -104,6 +104,16 @@ pub(crate) struct RunArgs {
     /// only as many connections as its open-file limit allows); their runs are merged.
     #[arg(long, default_value_t = 1)]
     pub(crate) workers: u32,
+    /// Run part I of N (`I/N`) of the scenario, for one of N generator machines: this
+    /// process sets up and drives only its share of the users (whole groups) at its share
+    /// of the rate. Give every part the same --start-at, then `merge` their run folders.
+    #[arg(long, conflicts_with = "worker")]
+    pub(crate) part: Option<String>,
+    /// When the schedule starts: Unix time in seconds (e.g. `$(( $(date +%s) + 120 ))`).
+    /// Devices connect first; the first send is due at this instant, so parts on several
+    /// machines share one schedule (their clocks must agree, e.g. by NTP).
+    #[arg(long)]
+    pub(crate) start_at: Option<u64>,
     /// Internal: this process is worker I of N (`I/N`), started by a parent.
     #[arg(long, hide = true)]
     pub(crate) worker: Option<String>,
@@ -279,19 +289,32 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             (server, &measured),
         );
     }
-    let (scenario, users, is_worker) = match &args.worker {
+    let share = args.worker.as_deref().or(args.part.as_deref());
+    let (scenario, users, is_worker) = match share {
         Some(spec) => {
             let (i, n) = workers::parse(spec)?;
+            workers::check_split(&scenario, n)?;
             let users = world.users_of_worker(i, n);
-            (workers::share(&scenario, users.len() as u32), users, true)
+            (
+                workers::share(&scenario, users.len() as u32),
+                users,
+                args.worker.is_some(),
+            )
         }
         None => (scenario, world.all_users(), false),
+    };
+    let start = match (is_worker, args.start_at) {
+        (true, _) => drive::Start::OnGo,
+        (false, Some(unix_secs)) => {
+            drive::Start::At(std::time::UNIX_EPOCH + Duration::from_secs(unix_secs))
+        }
+        (false, None) => drive::Start::Connected,
     };
     eprintln!(
         "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {urls}{}; open-file limit {}",
         scenario.name, scenario.seed, users.len(), scenario.population.devices_per_user, world.convs.len(),
         scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.drivers,
-        args.worker.as_deref().map(|w| format!(" (worker {w})")).unwrap_or_default(),
+        share.map(|w| format!(" (part {w})")).unwrap_or_default(),
         report::open_files_limit().map_or("unknown".into(), |n| n.to_string()),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -300,7 +323,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let summary = runtime.block_on(async {
         let started = Instant::now();
         if !is_worker {
-            setup::create_conversations(&world, &targets, &key).await?;
+            setup::create_conversations(&world, &users, &targets, &key).await?;
         }
         let usage_before = ProcUsage::of_all(&measured);
         let generator_before = ProcUsage::of(std::process::id());
@@ -319,7 +342,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         };
         let run = Run::install(
             scenario,
-            (world, users, is_worker),
+            (world, users, start),
             targets.clone(),
             key,
             run_id,
@@ -346,13 +369,14 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         let generator = generator_before
             .zip(ProcUsage::of(std::process::id()))
             .map(|(before, after)| report::GeneratorUsage::of(before, after, connected));
-        let (summary, histograms) = report::summarize_run(
+        let (mut summary, histograms) = report::summarize_run(
             &run,
             (&urls, server.is_some()),
             usage,
             generator,
             started.elapsed().as_secs_f64(),
         );
+        summary.part.clone_from(&args.part);
         report::write(&out, &summary, &histograms)?;
         let devices = run.devices.lock().expect("devices").clone();
         for device in devices {

@@ -61,6 +61,23 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
     let (mut s, mut h) = runs.next().context("nothing to merge")?;
     s.server_usage = None;
     for (other, oh) in runs {
+        if let (Some(mine), Some(theirs)) = (&s.part, &other.part) {
+            ensure!(
+                !mine.split(',').any(|p| theirs.split(',').any(|q| p == q)),
+                "part {theirs} is merged twice"
+            );
+            s.part = Some(format!("{mine},{theirs}"));
+        }
+        // Schedule starts: the earliest start and the spread up to the latest.
+        if let (Some(a), Some(b)) = (s.schedule_start_unix_ms, other.schedule_start_unix_ms) {
+            let end = (a as f64 + s.schedule_start_spread_ms)
+                .max(b as f64 + other.schedule_start_spread_ms);
+            let start = a.min(b);
+            s.schedule_start_unix_ms = Some(start);
+            s.schedule_start_spread_ms = end - start as f64;
+        } else {
+            s.schedule_start_unix_ms = s.schedule_start_unix_ms.or(other.schedule_start_unix_ms);
+        }
         let devices = s.counts.devices_connected + other.counts.devices_connected;
         s.generator_usage = match (s.generator_usage.take(), &other.generator_usage) {
             (Some(mut mine), Some(theirs)) => {

@@ -211,6 +211,17 @@ pub struct Summary {
     pub reference_server: bool,
     /// Wall-clock seconds from first connect to the end of the drain.
     pub wall_secs: f64,
+    /// `I/N` when this run is one part of a scenario split over machines (`--part`);
+    /// after `merge`, the parts merged, comma-separated.
+    #[serde(default)]
+    pub part: Option<String>,
+    /// When the schedule started (every device connected), Unix milliseconds; after
+    /// `merge`, the earliest part's.
+    #[serde(default)]
+    pub schedule_start_unix_ms: Option<u64>,
+    /// How far apart the merged parts started their schedules, ms (0 for one process).
+    #[serde(default)]
+    pub schedule_start_spread_ms: f64,
     /// The open-file limit the process found (bounds connections per process).
     pub open_files_limit: Option<u64>,
     /// The servers' resource use: the reference server when the generator started it,
@@ -349,6 +360,15 @@ pub fn summarize_run(
         target: target.to_owned(),
         reference_server,
         wall_secs,
+        part: None,
+        schedule_start_unix_ms: match run
+            .schedule_started_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            ms => Some(ms),
+        },
+        schedule_start_spread_ms: 0.0,
         open_files_limit: open_files_limit(),
         server_usage: None,
         generator_usage,
@@ -403,6 +423,9 @@ pub fn server_usage(
     }
 }
 
+/// Merged parts whose schedules started further apart than this make the run invalid.
+pub const SCHEDULE_START_SPREAD_MAX_MS: f64 = 1000.0;
+
 /// Judges a summary against its scenario's targets: sets `slo`, validity and `pass`.
 pub fn evaluate(s: &mut Summary) {
     let slo_cfg = &s.config.slo;
@@ -456,6 +479,12 @@ pub fn evaluate(s: &mut Summary) {
     }
     if s.counts.acked == 0 {
         s.invalid_reasons.push("no message was acknowledged".into());
+    }
+    if s.schedule_start_spread_ms > SCHEDULE_START_SPREAD_MAX_MS {
+        s.invalid_reasons.push(format!(
+            "the merged parts started their schedules {:.0} ms apart (more than {SCHEDULE_START_SPREAD_MAX_MS} ms): they did not share one schedule",
+            s.schedule_start_spread_ms
+        ));
     }
     s.valid = s.invalid_reasons.is_empty();
     s.pass = s.valid

@@ -55,14 +55,17 @@ async fn request(
     }
 }
 
-/// Opens every 1:1 conversation and creates every group. With several targets (servers
+/// Opens the 1:1 conversations and creates the groups owned by `users` (all users, or
+/// one part's whole groups). With several targets (servers
 /// of one cluster) the requests are spread over them, each from its own loopback source
 /// address, so setting up a large population exhausts no address's ephemeral ports.
 pub async fn create_conversations(
     world: &World,
+    users: &[u32],
     targets: &[Target],
     key: &TokenKey,
 ) -> anyhow::Result<()> {
+    let owners: std::collections::HashSet<u32> = users.iter().copied().collect();
     anyhow::ensure!(!targets.is_empty(), "no target to set up");
     let exp = now_us() / 1_000_000 + 3600;
     // Each job is its own device: one owner's jobs run concurrently, and a second
@@ -70,6 +73,7 @@ pub async fn create_conversations(
     let jobs: Vec<(String, String, Value)> = world
         .convs
         .iter()
+        .filter(|c| owners.contains(&c.members[0]))
         .enumerate()
         .map(|(k, c)| {
             let owner = world.user_id(c.members[0]);

@@ -26,6 +26,17 @@ pub fn parse(spec: &str) -> anyhow::Result<(u32, u32)> {
     Ok((i, n))
 }
 
+/// Checks that `scenario` splits into `n` shares of whole groups (and so of whole 1:1
+/// pairs), so that each share checks its deliveries completely.
+pub fn check_split(scenario: &Scenario, n: u32) -> anyhow::Result<()> {
+    ensure!(
+        scenario.population.group_size.is_multiple_of(2)
+            && n <= scenario.population.users / scenario.population.group_size,
+        "--workers and --part need an even group_size and at least one whole group per share"
+    );
+    Ok(())
+}
+
 /// The scenario as one worker runs it: its share of the rate and drivers.
 pub fn share(scenario: &Scenario, users: u32) -> Scenario {
     let mut s = scenario.clone();
@@ -46,15 +57,21 @@ pub fn parent(
     (server, measured): (Option<ReferenceServer>, &[u32]),
 ) -> anyhow::Result<i32> {
     let n = args.workers;
-    ensure!(
-        scenario.population.group_size.is_multiple_of(2)
-            && n <= scenario.population.users / scenario.population.group_size,
-        "--workers needs an even group_size and at least one whole group per worker"
-    );
+    // With --part p/P, worker i drives share p + P*i of P*n: a split of the part's groups.
+    let (part, parts) = match &args.part {
+        Some(spec) => parse(spec)?,
+        None => (0, 1),
+    };
+    check_split(scenario, n * parts)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(crate::setup::create_conversations(world, targets, key))?;
+    runtime.block_on(crate::setup::create_conversations(
+        world,
+        &world.users_of_worker(part, parts),
+        targets,
+        key,
+    ))?;
     let usage_before = ProcUsage::of_all(measured);
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
@@ -67,7 +84,7 @@ pub fn parent(
                     .iter()
                     .flat_map(|t| ["--target".to_owned(), t.url.clone()]),
             )
-            .args(["--worker", &format!("{i}/{n}")])
+            .args(["--worker", &format!("{}/{}", part + parts * i, parts * n)])
             .args(["--run-id", run_id])
             .arg("--out-dir")
             .arg(out.join("workers").join(i.to_string()))
@@ -90,6 +107,9 @@ pub fn parent(
             }
         }
         std::thread::spawn(move || lines.for_each(drop));
+    }
+    if let Some(at) = args.start_at {
+        crate::drive::wait_until(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at));
     }
     for child in &mut children {
         let stdin = child.stdin.as_mut().context("worker stdin")?;
@@ -121,6 +141,7 @@ pub fn parent(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (mut summary, histograms) = crate::merge::merge(runs)?;
     summary.config = scenario.clone();
+    summary.part.clone_from(&args.part);
     summary.reference_server = server.is_some();
     if let Some((before, after)) = usage_before.zip(usage_after) {
         summary.server_usage = Some(crate::report::server_usage(&summary, before, after));

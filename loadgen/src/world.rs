@@ -175,4 +175,20 @@ mod tests {
         }
         assert_eq!(world.convs[0].id, "d:r-u0:r-u1");
     }
+
+    /// `--part p/P --workers n`: worker i drives share p + P*i of P*n, and those shares
+    /// split part p exactly.
+    #[test]
+    fn workers_of_a_part_split_the_part() {
+        let world = World::new(&scenario(48, 4), "r");
+        let (parts, workers) = (2, 3);
+        for part in 0..parts {
+            let mut split: Vec<u32> = (0..workers)
+                .flat_map(|i| world.users_of_worker(part + parts * i, parts * workers))
+                .collect();
+            split.sort_unstable();
+            assert_eq!(split, world.users_of_worker(part, parts));
+            assert!(!split.is_empty());
+        }
+    }
 }

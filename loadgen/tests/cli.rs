@@ -223,3 +223,145 @@ fn churned_devices_catch_up_without_loss() {
     assert_eq!(s["violations"]["gap"], 0);
     assert_eq!(s["violations"]["duplicate"], 0);
 }
+
+/// Starts the reference server (`serve-reference`) with `secret` on a free loopback port;
+/// returns the child and its `HOST:PORT`.
+fn reference_server(data: &Path, secret: &str) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+        .args(["serve-reference", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("CHATPROOF_SECRET", secret)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    (child, addr)
+}
+
+/// Two parts of one scenario, as two generator machines would run them: each sets up and
+/// drives its own share against the same server, both start their schedules at the same
+/// --start-at, and `merge` makes one report of them. Parts whose schedules started far
+/// apart make the merged run invalid, and a part merged twice is refused.
+#[test]
+fn parts_share_a_schedule_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "parts-test-secret-0123456789";
+    let (mut server, addr) = reference_server(&tmp.path().join("data"), secret);
+    let scenario = tmp.path().join("parts.toml");
+    std::fs::write(
+        &scenario,
+        "name = \"parts\"\n[population]\nusers = 8\ndevices_per_user = 1\ngroup_size = 2\n\
+         [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n\
+         [slo]\ngenerator_lag_p99_ms = 1000\n",
+    )
+    .unwrap();
+    let start_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 6;
+    let parts: Vec<_> = (0..2)
+        .map(|i| {
+            let out = tmp.path().join(format!("part{i}"));
+            let child = Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+                .arg("run")
+                .arg(&scenario)
+                .args([
+                    "--target",
+                    &format!("ws://{addr}"),
+                    "--part",
+                    &format!("{i}/2"),
+                ])
+                .args(["--start-at", &start_at.to_string(), "--out-dir"])
+                .arg(&out)
+                .env("CHATPROOF_SECRET", secret)
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    let mut dirs = Vec::new();
+    for (mut child, out) in parts {
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        let dir = std::fs::read_dir(out.join("parts"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let s = summary(&dir);
+        assert_eq!(s["counts"]["devices_connected"], 4, "{s:#}");
+        let started = s["schedule_start_unix_ms"].as_u64().unwrap();
+        assert!(
+            started >= start_at * 1000,
+            "started at {started}, before --start-at"
+        );
+        dirs.push(dir);
+    }
+    let merged = tmp.path().join("merged");
+    let d: Vec<&str> = dirs.iter().map(|d| d.to_str().unwrap()).collect();
+    let out = loadgen(&["merge", d[0], d[1], "--out", merged.to_str().unwrap()]);
+    let s = summary(&merged);
+    assert_eq!(out.status.code(), Some(0), "{s:#}");
+    assert_eq!(s["part"], "0/2,1/2");
+    assert_eq!(s["counts"]["devices_connected"], 8);
+    assert_eq!(s["counts"]["acked"], 80);
+    assert_eq!(
+        s["counts"]["deliveries_received"],
+        s["counts"]["deliveries_expected"]
+    );
+    assert!(
+        s["schedule_start_spread_ms"].as_f64().unwrap() < 1000.0,
+        "{s:#}"
+    );
+
+    // The same part twice is refused.
+    let out = loadgen(&[
+        "merge",
+        d[0],
+        d[0],
+        "--out",
+        tmp.path().join("twice").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("merged twice"));
+
+    // A part whose schedule started 3 s later did not share the schedule.
+    let late = tmp.path().join("late");
+    std::fs::create_dir(&late).unwrap();
+    std::fs::copy(
+        dirs[1].join("histograms.json"),
+        late.join("histograms.json"),
+    )
+    .unwrap();
+    let mut s1 = summary(&dirs[1]);
+    s1["schedule_start_unix_ms"] = (s1["schedule_start_unix_ms"].as_u64().unwrap() + 3000).into();
+    std::fs::write(late.join("summary.json"), s1.to_string()).unwrap();
+    let out = loadgen(&[
+        "merge",
+        d[0],
+        late.to_str().unwrap(),
+        "--out",
+        tmp.path().join("skewed").to_str().unwrap(),
+    ]);
+    let s = summary(&tmp.path().join("skewed"));
+    assert_eq!(out.status.code(), Some(1), "{s:#}");
+    assert_eq!(s["valid"], false);
+    assert!(
+        s["invalid_reasons"]
+            .to_string()
+            .contains("did not share one schedule"),
+        "{s:#}"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
