@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// Address to listen on (HTTP: /v1/ws, /metrics, /healthz).
     #[arg(long, env = "CHATPROOF_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Connections the kernel queues before the server accepts them (capped by the
+    /// kernel's net.core.somaxconn). A reconnect storm larger than the queue has its
+    /// connection attempts dropped and retried by the clients only after a second.
+    #[arg(long, env = "CHATPROOF_LISTEN_BACKLOG", default_value_t = crate::limits::LISTEN_BACKLOG_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
     #[command(flatten)]
     pub storage: StorageArgs,
     /// Storage and routing: `embedded` (one node) or `cluster` (Scylla + Redis; needs --secret shared by all servers).

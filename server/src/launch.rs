@@ -106,7 +106,7 @@ pub async fn serve(
             service.push = sink;
         }
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = bind_listener(args.listen, args.listen_backlog)
         .await
         .map_err(|e| LaunchError::Bind {
             addr: args.listen,
@@ -148,6 +148,34 @@ pub async fn serve_embedded(
         ..args.clone()
     };
     serve(&args, on_ready, shutdown).await
+}
+
+/// Binds the listening socket with an accept queue of `backlog` connections (the kernel
+/// caps it at net.core.somaxconn). The standard library's default of 128 overflows when
+/// a few hundred devices reconnect at once: the kernel drops their SYNs and the clients
+/// retry only after a second.
+#[cfg(not(madsim))]
+async fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    assert!(backlog > 0, "listen backlog of 0");
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As the standard library does: a restarted server may bind while old connections
+    // of its predecessor linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The simulator's network has no accept queue to size.
+#[cfg(madsim)]
+async fn bind_listener(
+    addr: SocketAddr,
+    _backlog: u32,
+) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
 }
 
 #[cfg(not(madsim))]
@@ -209,4 +237,42 @@ fn redis_config(args: &ServeArgs, local: SocketAddr) -> Result<RedisConfig, Laun
         ttl: std::time::Duration::from_secs(c.registry_ttl_secs),
         prefix: "cp:".into(),
     })
+}
+
+#[cfg(all(test, not(madsim)))]
+mod tests {
+    use std::time::Duration;
+
+    /// Connections that the kernel completes into `listener`'s accept queue (nobody
+    /// accepts), out of `attempts`, each given `wait` to complete.
+    async fn queued(addr: std::net::SocketAddr, attempts: usize, wait: Duration) -> usize {
+        let mut open = Vec::new();
+        for _ in 0..attempts {
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(wait, tokio::net::TcpStream::connect(addr)).await
+            {
+                open.push(stream);
+            }
+        }
+        open.len()
+    }
+
+    /// The accept queue has the configured size: 300 devices connecting at once while
+    /// the server accepts none all complete with a backlog of 512 (the old default of 128
+    /// dropped the rest, whose clients retried a second later); with a backlog of 8 most
+    /// wait.
+    #[tokio::test]
+    async fn listen_backlog_is_the_configured_one() {
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let roomy = super::bind_listener(addr, 512).await.unwrap();
+        let roomy_addr = roomy.local_addr().unwrap();
+        assert_eq!(
+            queued(roomy_addr, 300, Duration::from_millis(500)).await,
+            300
+        );
+        let tight = super::bind_listener(addr, 8).await.unwrap();
+        let tight_addr = tight.local_addr().unwrap();
+        let n = queued(tight_addr, 30, Duration::from_millis(50)).await;
+        assert!(n <= 12, "{n} connections queued with a backlog of 8");
+    }
 }

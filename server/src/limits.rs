@@ -43,6 +43,9 @@ pub const TEXT_LEN_MAX_BYTES_DEFAULT: usize = 64 * 1024;
 pub const FRAME_LEN_MAX_BYTES_DEFAULT: usize = 2 * TEXT_LEN_MAX_BYTES_DEFAULT + 4096;
 /// Default group size.
 pub const GROUP_MEMBERS_MAX_DEFAULT: usize = 500;
+/// Default accept queue of the listening socket: room for a reconnect storm of thousands
+/// of devices (Linux caps it at net.core.somaxconn, 4096 by default since 5.4).
+pub const LISTEN_BACKLOG_DEFAULT: u32 = 4096;
 /// Default retention: 366 days, so "one year" holds in leap years too.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(366 * 24 * 3600);
 
