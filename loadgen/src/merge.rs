@@ -26,31 +26,23 @@ pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
                 .with_context(|| format!("{}: histograms.json lacks {name}", dir.display()))?,
         )
     };
+    // Histograms added after the first release: runs written before them have none.
+    let get_or_empty = |name: &str| -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+        if raw.get(name).is_some() {
+            get(name)
+        } else {
+            Ok(crate::metrics::latency_histogram())
+        }
+    };
     let histograms = Histograms {
         delivery: get("delivery")?,
         ack: get("send_ack")?,
         connect: get("connect")?,
         lag: get("generator_lag")?,
-        reconnect: if raw.get("reconnect").is_some() {
-            get("reconnect")?
-        } else {
-            crate::metrics::latency_histogram()
-        },
-        caught_up: if raw.get("delivery_caught_up").is_some() {
-            get("delivery_caught_up")?
-        } else {
-            crate::metrics::latency_histogram()
-        },
-        upload: if raw.get("upload").is_some() {
-            get("upload")?
-        } else {
-            crate::metrics::latency_histogram()
-        },
-        download: if raw.get("download").is_some() {
-            get("download")?
-        } else {
-            crate::metrics::latency_histogram()
-        },
+        reconnect: get_or_empty("reconnect")?,
+        caught_up: get_or_empty("delivery_caught_up")?,
+        upload: get_or_empty("upload")?,
+        download: get_or_empty("download")?,
     };
     Ok((summary, histograms))
 }

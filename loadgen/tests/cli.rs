@@ -58,13 +58,17 @@ fn run_text(
     ];
     args.extend_from_slice(extra);
     let status = loadgen(&args).status;
-    let report = std::fs::read_dir(out.join(name))
+    (tmp, status, only_run(&out.join(name)))
+}
+
+/// The one run folder (`<timestamp>/`) under a scenario's report folder.
+fn only_run(scenario_reports: &Path) -> PathBuf {
+    std::fs::read_dir(scenario_reports)
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
-        .path();
-    (tmp, status, report)
+        .path()
 }
 
 fn summary(dir: &Path) -> Value {
@@ -292,12 +296,7 @@ fn parts_share_a_schedule_and_merge() {
     let mut dirs = Vec::new();
     for (mut child, out) in parts {
         assert_eq!(child.wait().unwrap().code(), Some(0));
-        let dir = std::fs::read_dir(out.join("parts"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let dir = only_run(&out.join("parts"));
         let s = summary(&dir);
         assert_eq!(s["counts"]["devices_connected"], 4, "{s:#}");
         let started = s["schedule_start_unix_ms"].as_u64().unwrap();
