@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The simulator's CI: fixed seeds of every preset, the determinism check, the mutant
-# check, and seeds derived from the commit hash so every commit explores new ground.
+# check, and seeds derived from the commit hash on every preset so every commit explores new ground.
 # JUnit reports go to reports/sim-junit/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ run crash-restart 1..11
 run partition-heavy 1..11
 run reconnect-storm 1..11
 run group-fanout-500 1..3
-run cluster 1..31
+run cluster 1..201
 
 echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
 "$sim" determinism --seeds 1..4
@@ -33,6 +33,16 @@ echo "-- mutants (each must be caught within 30 seeds)"
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo 0)
 base=$(( 16#${commit:0:12} ))
-echo "-- seeds from commit ${commit:0:12}: $base..$((base + 20))"
-"$sim" run --seeds "$base..$((base + 20))" --junit "$out/commit.xml" 2> "$out/commit.log" || {
-  status=$?; tail -n 60 "$out/commit.log"; exit "$status"; }
+echo "-- seeds from commit ${commit:0:12}, on every preset"
+run_commit() { # preset count
+  echo "-- chatproof-sim run --scenario scenarios/sim/$1.toml --seeds $base..$((base + $2))"
+  "$sim" run --scenario "scenarios/sim/$1.toml" --seeds "$base..$((base + $2))" \
+    --junit "$out/commit-$1.xml" 2> "$out/commit-$1.log" || {
+    status=$?; tail -n 60 "$out/commit-$1.log"; exit "$status"; }
+}
+run_commit smoke 20
+run_commit crash-restart 10
+run_commit partition-heavy 10
+run_commit reconnect-storm 10
+run_commit group-fanout-500 1
+run_commit cluster 50

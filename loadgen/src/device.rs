@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::check::{OrderCheck, Violations};
 use crate::metrics::{record_us, LatencyStats};
+use chatproof_contract::{OrderCheck, Tally, Violation};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -55,7 +55,7 @@ pub struct DeviceState {
     member_convs: HashSet<String>,
     order: OrderCheck,
     /// Contract violations seen by this device.
-    pub violations: Violations,
+    pub violations: Tally,
     /// `(conv, seq)` of this device's acknowledged sends.
     pub acked: Vec<(String, u64)>,
     /// Sends refused by the server or locally.
@@ -232,7 +232,7 @@ impl Device {
             pending: HashMap::new(),
             member_convs,
             order: OrderCheck::default(),
-            violations: Violations::default(),
+            violations: Tally::default(),
             acked: Vec::new(),
             send_errors: 0,
             received: 0,
@@ -442,7 +442,13 @@ async fn read_loop(
                 let DeviceState {
                     order, violations, ..
                 } = &mut *s;
-                order.on_msg(&name, conv, seq, member, violations);
+                if !member {
+                    violations.record(Violation::Phantom, || {
+                        format!("{name} received {conv} seq {seq} without being a member")
+                    });
+                } else if let Err(fault) = order.observe(conv, seq) {
+                    violations.record(fault.violation, || fault.describe(&name, conv, seq));
+                }
                 let body = &frame["body"];
                 if body["kind"] == "image" && ready.is_none() {
                     if let (Some(id), Some(size)) =

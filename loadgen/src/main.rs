@@ -4,7 +4,6 @@
 //! Exit status: 0 every target met; 1 a target missed or a contract violation;
 //! 2 usage or setup error; 3 invalid run (the generator was the bottleneck or devices failed).
 
-mod check;
 mod compare;
 mod device;
 mod drive;
@@ -209,6 +208,8 @@ fn serve_reference(args: chatproof_server::config::ServeArgs) -> i32 {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,7 +6,18 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::check::Violations;
+use chatproof_contract::{Tally, Violation};
+
+/// The contract violations the generator checks: each device's order and
+/// membership as it receives, and every acknowledged message at the end (its
+/// latency is held to the SLO targets instead of counted as `slow`).
+pub const CHECKED_VIOLATIONS: [Violation; 5] = [
+    Violation::Lost,
+    Violation::Duplicate,
+    Violation::Reorder,
+    Violation::Gap,
+    Violation::Phantom,
+];
 use crate::drive::Run;
 use crate::metrics::{hgrm, summarize, LatencySummary};
 use crate::scenario::Scenario;
@@ -236,7 +247,7 @@ pub struct Summary {
     /// Latencies.
     pub latency: Latencies,
     /// Contract violations seen.
-    pub violations: Violations,
+    pub violations: Tally,
     /// Shortest gap between two `presence` frames on one connection, ms (none: fewer than two).
     #[serde(default)]
     pub presence_gap_min_ms: Option<f64>,
@@ -265,7 +276,7 @@ pub fn summarize_run(
     let devices = run.devices.lock().expect("devices").clone();
     let merged = run.merged_stats();
     let (delivery, ack, caught_up) = (merged.delivery, merged.ack, merged.delivery_caught_up);
-    let mut violations = Violations::default();
+    let mut violations = Tally::default();
     let mut counts = Counts {
         devices_planned: run.users.len() as u64
             * u64::from(run.scenario.population.devices_per_user),
@@ -331,11 +342,9 @@ pub fn summarize_run(
             if device.state.lock().expect("device state").holds(conv, *seq) {
                 counts.deliveries_received += 1;
             } else {
-                violations.lost += 1;
-                violations.note(format!(
-                    "lost: {} never received {conv} seq {seq}",
-                    device.name
-                ));
+                violations.record(Violation::Lost, || {
+                    format!("{} never received {conv} seq {seq}", device.name)
+                });
             }
         }
     }
@@ -443,7 +452,7 @@ pub fn evaluate(s: &mut Summary) {
         slo_result(
             "lost deliveries",
             slo_cfg.lost_max as f64,
-            s.violations.lost as f64,
+            s.violations.count(Violation::Lost) as f64,
         ),
     ];
     if let Some(gap_min_ms) = slo_cfg.presence_gap_min_ms {
@@ -656,11 +665,15 @@ fn markdown(s: &Summary) -> String {
         ));
     }
     let v = &s.violations;
+    let counts: Vec<String> = CHECKED_VIOLATIONS
+        .iter()
+        .map(|kind| format!("{kind} {}", v.count(*kind)))
+        .collect();
     md.push_str(&format!(
-        "\n## Delivery contract\n\nlost {} · duplicate {} · reorder {} · gap {} · phantom {}\n",
-        v.lost, v.duplicate, v.reorder, v.gap, v.phantom
+        "\n## Delivery contract\n\n{} (docs/GUARANTEES.md)\n",
+        counts.join(" · ")
     ));
-    for e in &v.examples {
+    for e in v.examples() {
         md.push_str(&format!("- {e}\n"));
     }
     md.push_str("\nFiles: `summary.json`, `histograms.json` (lossless, for `merge`), `*.hgrm` (percentile distributions, ms), `report.html`, `goose.html` (goose's own report).\n");

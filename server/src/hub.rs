@@ -120,6 +120,15 @@ impl Hub {
         queued
     }
 
+    /// Whether `conn` of `user` still holds its slot (not replaced, not dropped).
+    pub fn holds(&self, user: &str, conn: ConnId) -> bool {
+        self.users
+            .lock()
+            .expect("hub lock")
+            .get(user)
+            .is_some_and(|slots| slots.iter().any(|s| s.conn_id == conn.0))
+    }
+
     /// Every connected `(user, device)`.
     pub fn devices(&self) -> Vec<(String, String)> {
         let users = self.users.lock().expect("hub lock");

@@ -74,6 +74,23 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The page length a request's `limit` asks for: absent means the page limit,
+    /// above it is clamped to it, and 0 is refused with `bad_request` (a page of
+    /// nothing cannot make progress).
+    pub fn page_len(&self, requested: Option<u32>) -> Result<u32, crate::protocol::ProtocolError> {
+        match requested {
+            None => Ok(self.page_len_max),
+            Some(0) => Err(crate::protocol::ProtocolError::new(
+                crate::protocol::ErrorCode::BadRequest,
+                format!(
+                    "limit must be at least 1 (at most {} is served; larger asks are clamped)",
+                    self.page_len_max
+                ),
+            )),
+            Some(n) => Ok(n.min(self.page_len_max)),
+        }
+    }
+
     /// Checks the relations between limits; the server refuses to start otherwise.
     pub fn validate(&self) -> Result<(), String> {
         if self.frame_len_max_bytes <= self.text_len_max_bytes {
@@ -92,5 +109,21 @@ impl Limits {
             return Err("page, queue and connection limits must be positive".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Absent asks for the page limit, larger asks are clamped, and 0 is refused.
+    #[test]
+    fn page_len_bounds() {
+        let limits = Limits::default();
+        assert_eq!(limits.page_len(None).unwrap(), 500);
+        assert_eq!(limits.page_len(Some(7)).unwrap(), 7);
+        assert_eq!(limits.page_len(Some(10_000)).unwrap(), 500);
+        let refused = limits.page_len(Some(0)).unwrap_err();
+        assert_eq!(refused.code, crate::protocol::ErrorCode::BadRequest);
     }
 }

@@ -99,7 +99,9 @@ impl Mailboxes {
         let key = (user.to_owned(), device.to_owned());
         let mut open = self.open.lock().expect("mailboxes lock");
         if let Some(mailbox) = open.get(&key) {
-            if !mailbox.is_closed() {
+            // A mailbox whose hub slot was taken (the device connected over
+            // WebSocket since) is over, even if no poll has seen its close yet.
+            if !mailbox.is_closed() && hub.holds(user, mailbox.conn) {
                 return Opened::Existing(Arc::clone(mailbox));
             }
         }
@@ -205,5 +207,26 @@ mod tests {
             "no longer the open one"
         );
         assert!(boxes.remove("ann", "web", &second));
+    }
+
+    /// A mailbox whose hub slot another connection of the device took is not
+    /// reused, though no poll has read its close yet; the next poll takes the slot back.
+    #[test]
+    fn mailbox_replaced_in_the_hub_is_not_reused() {
+        let (hub, boxes) = (Hub::default(), Mailboxes::default());
+        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+            panic!("new");
+        };
+        let (websocket, mut ws_queue) = hub.register("ann", "web", 8);
+        assert!(!hub.holds("ann", first.conn) && hub.holds("ann", websocket));
+        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+            panic!("a mailbox that lost its hub slot is not reused");
+        };
+        assert!(first.is_closed() && !Arc::ptr_eq(&first, &second));
+        assert!(hub.holds("ann", second.conn) && !hub.holds("ann", websocket));
+        assert!(
+            matches!(ws_queue.try_recv(), Ok(Push::Close(_))),
+            "the WebSocket is told to close"
+        );
     }
 }

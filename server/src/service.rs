@@ -539,12 +539,6 @@ impl ChatService {
         Ok(())
     }
 
-    fn page_len(&self, limit: Option<u32>) -> u32 {
-        limit
-            .unwrap_or(self.limits.page_len_max)
-            .clamp(1, self.limits.page_len_max)
-    }
-
     /// `sync`: entries after a cursor, within what the caller may see.
     pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<Value, ProtocolError> {
         let (state, m) = self.readable(caller, &req.conv).await?;
@@ -558,7 +552,7 @@ impl ChatService {
                 ),
             ));
         }
-        let limit = self.page_len(req.limit);
+        let limit = self.limits.page_len(req.limit)?;
         let after = req.after.max(m.joined_seq - 1);
         let entries = self
             .store
@@ -584,7 +578,7 @@ impl ChatService {
             .before
             .unwrap_or(u64::MAX)
             .min(visible_max.saturating_add(1));
-        let limit = self.page_len(req.limit);
+        let limit = self.limits.page_len(req.limit)?;
         let mut entries = self
             .store
             .read_before(&req.conv, before, limit)

@@ -1,8 +1,11 @@
-//! The checker: holds a run's history to the delivery contract (`GUARANTEES.md`),
-//! naming each violation as the contract does.
+//! The checker: holds a run's history to the delivery contract
+//! (`docs/GUARANTEES.md`), naming each violation as the contract does
+//! ([`chatproof_contract::Violation`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+
+use chatproof_contract::{OrderCheck, Violation};
 
 use crate::history::{DeviceKey, History};
 
@@ -15,21 +18,20 @@ pub struct ConvSpec {
     pub members: Vec<u32>,
 }
 
-/// One broken promise.
+/// One broken promise, where it happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
-    /// The contract's name: lost, duplicate, reorder, gap, conflict, phantom,
-    /// receipt-regress, receipt-overclaim, slow.
-    pub kind: &'static str,
+pub struct Finding {
+    /// Which promise, named as the contract names it.
+    pub violation: Violation,
     /// Conversation.
     pub conv: String,
     /// What exactly (seq, message id, device).
     pub detail: String,
 }
 
-impl fmt::Display for Violation {
+impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} in {}: {}", self.kind, self.conv, self.detail)
+        write!(f, "{} in {}: {}", self.violation, self.conv, self.detail)
     }
 }
 
@@ -100,12 +102,13 @@ pub fn visible_ranges(h: &History, world: &World<'_>) -> HashMap<(String, u32), 
     ranges
 }
 
-/// Checks everything; returns every violation found.
-pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
+/// Checks everything; returns every violation found, sorted by violation,
+/// conversation and detail.
+pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut v = |kind: &'static str, conv: &str, detail: String| {
-        out.push(Violation {
-            kind,
+    let mut v = |violation: Violation, conv: &str, detail: String| {
+        out.push(Finding {
+            violation,
             conv: conv.to_owned(),
             detail,
         })
@@ -119,8 +122,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         .collect();
 
     // Order per device: gap-free, once, in seq order.
-    let mut next: HashMap<(DeviceKey, &str), u64> = HashMap::new();
-    let mut skipped: HashMap<(DeviceKey, &str), BTreeSet<u64>> = HashMap::new();
+    let mut orders: HashMap<DeviceKey, OrderCheck> = HashMap::new();
     let mut held: HashMap<(DeviceKey, &str), BTreeSet<u64>> = HashMap::new();
     let mut at_seq: HashMap<(&str, u64), &str> = HashMap::new();
     let mut seqs_of_id: HashMap<(&str, &str), BTreeSet<u64>> = HashMap::new();
@@ -130,7 +132,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
             range_of(&r.conv, r.device.0).filter(|(s, e)| (*s..=*e).contains(&r.seq))
         else {
             v(
-                "phantom",
+                Violation::Phantom,
                 &r.conv,
                 format!(
                     "device {:?} got seq {} of a conversation it was not in at that seq",
@@ -142,7 +144,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         debug_assert!(start <= end);
         if !r.system && !sent.contains_key(&(r.conv.as_str(), r.message_id.as_str())) {
             v(
-                "phantom",
+                Violation::Phantom,
                 &r.conv,
                 format!(
                     "device {:?} got seq {} ({}) that no client sent",
@@ -153,7 +155,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         match at_seq.get(&(r.conv.as_str(), r.seq)) {
             Some(other) if *other != r.message_id => {
                 v(
-                    "conflict",
+                    Violation::Conflict,
                     &r.conv,
                     format!(
                         "seq {} is {} on one device and {} on {:?}",
@@ -171,34 +173,14 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
                 .or_default()
                 .insert(r.seq);
         }
-        let expected = next.entry(key).or_insert(start);
-        if r.seq == *expected {
-            *expected += 1;
-        } else if r.seq < *expected {
-            if skipped.entry(key).or_default().remove(&r.seq) {
-                v(
-                    "reorder",
-                    &r.conv,
-                    format!("device {:?} got seq {} after a higher seq", r.device, r.seq),
-                );
-            } else {
-                v(
-                    "duplicate",
-                    &r.conv,
-                    format!("device {:?} was shown seq {} twice", r.device, r.seq),
-                );
-            }
-        } else {
+        let order = orders.entry(r.device).or_default();
+        if let Err(fault) = order.observe_from(&r.conv, r.seq, start) {
+            let device = format!("device {:?}", r.device);
             v(
-                "gap",
+                fault.violation,
                 &r.conv,
-                format!(
-                    "device {:?} expected seq {} and got {}",
-                    r.device, expected, r.seq
-                ),
+                fault.describe(&device, &r.conv, r.seq),
             );
-            skipped.entry(key).or_default().extend(*expected..r.seq);
-            *expected = r.seq + 1;
         }
         held.entry(key).or_default().insert(r.seq);
     }
@@ -208,7 +190,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         match at_seq.get(&(a.conv.as_str(), a.seq)) {
             Some(shown) if *shown != a.message_id => {
                 v(
-                    "conflict",
+                    Violation::Conflict,
                     &a.conv,
                     format!(
                         "{} was acked at seq {} but devices were shown {} there",
@@ -226,7 +208,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
     for ((conv, id), seqs) in &seqs_of_id {
         if seqs.len() > 1 {
             v(
-                "duplicate",
+                Violation::Duplicate,
                 conv,
                 format!("message {id} exists under seqs {seqs:?}"),
             );
@@ -250,7 +232,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
                     .is_some_and(|s| s.contains(seq))
                 {
                     v(
-                        "lost",
+                        Violation::Lost,
                         conv,
                         format!(
                             "acknowledged {id} (seq {seq}) never reached device {:?}",
@@ -279,7 +261,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
         if let Some((d, rd)) = last_receipt.get(&key) {
             if r.delivered < *d || r.read < *rd {
                 v(
-                    "receipt-regress",
+                    Violation::ReceiptRegress,
                     &r.conv,
                     format!(
                         "user {} went from ({d}, {rd}) to ({}, {}) as seen by {:?}",
@@ -295,7 +277,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
             .unwrap_or(0);
         if r.delivered > held_max || r.read > r.delivered {
             v(
-                "receipt-overclaim",
+                Violation::ReceiptOverclaim,
                 &r.conv,
                 format!(
                     "user {} claimed delivered {} read {} but held {held_max}",
@@ -315,7 +297,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
             && !overlaps(&h.faults, &[s.device, r.device], s.t_ms, r.t_ms)
         {
             v(
-                "slow",
+                Violation::Slow,
                 &r.conv,
                 format!(
                     "{} took {latency} ms to reach {:?} with no fault active",
@@ -324,7 +306,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Violation> {
             );
         }
     }
-    out.sort_by(|a, b| (a.kind, &a.conv, &a.detail).cmp(&(b.kind, &b.conv, &b.detail)));
+    out.sort_by(|a, b| (a.violation, &a.conv, &a.detail).cmp(&(b.violation, &b.conv, &b.detail)));
     out
 }
 
@@ -345,7 +327,7 @@ mod tests {
         }
     }
 
-    fn world_check(h: &History) -> Vec<&'static str> {
+    fn world_check(h: &History) -> Vec<Violation> {
         let convs = [ConvSpec {
             id: "c".into(),
             members: vec![0, 1],
@@ -355,7 +337,7 @@ mod tests {
             devices_per_user: &[1, 1],
             latency_bound_ms: 1000,
         };
-        check(h, &world).into_iter().map(|v| v.kind).collect()
+        check(h, &world).into_iter().map(|v| v.violation).collect()
     }
 
     fn base() -> History {
@@ -419,23 +401,24 @@ mod tests {
         clean.received.extend(shown((0, 0), 1..=5));
         clean.received.extend(shown((1, 0), 1..=4));
         clean.received.extend(shown((2, 0), 3..=5));
-        let kinds =
-            |h: &History| -> Vec<&str> { check(h, &world).into_iter().map(|v| v.kind).collect() };
+        let kinds = |h: &History| -> Vec<Violation> {
+            check(h, &world).into_iter().map(|v| v.violation).collect()
+        };
         assert!(kinds(&clean).is_empty(), "{:?}", check(&clean, &world));
 
         let mut after_leaving = clean.clone();
         after_leaving.received.push(recv((1, 0), 5, "m2"));
-        assert_eq!(kinds(&after_leaving), vec!["phantom"]);
+        assert_eq!(kinds(&after_leaving), vec![Violation::Phantom]);
 
         let mut joiner_missed = h.clone();
         joiner_missed.received.extend(shown((0, 0), 1..=5));
         joiner_missed.received.extend(shown((1, 0), 1..=4));
         joiner_missed.received.extend(shown((2, 0), 3..=4));
-        assert_eq!(kinds(&joiner_missed), vec!["lost"]);
+        assert_eq!(kinds(&joiner_missed), vec![Violation::Lost]);
 
         let mut before_joining = clean;
         before_joining.received.push(recv((2, 0), 2, "m1"));
-        assert!(kinds(&before_joining).contains(&"phantom"));
+        assert!(kinds(&before_joining).contains(&Violation::Phantom));
     }
 
     /// A clean history passes; each kind of broken history is named by the contract.
@@ -459,7 +442,7 @@ mod tests {
         lost.received.push(recv((0, 0), 1, "member-1"));
         lost.received.push(recv((0, 0), 2, "m1"));
         lost.received.push(recv((1, 0), 1, "member-1"));
-        assert_eq!(world_check(&lost), vec!["lost"]);
+        assert_eq!(world_check(&lost), vec![Violation::Lost]);
 
         let mut dup = base();
         for d in [(0, 0), (1, 0)] {
@@ -467,18 +450,21 @@ mod tests {
             dup.received.push(recv(d, 2, "m1"));
         }
         dup.received.push(recv((1, 0), 2, "m1"));
-        assert_eq!(world_check(&dup), vec!["duplicate"]);
+        assert_eq!(world_check(&dup), vec![Violation::Duplicate]);
 
         let mut gap = base();
         for d in [(0, 0), (1, 0)] {
             gap.received.push(recv(d, 2, "m1"));
         }
         gap.received.push(recv((0, 0), 1, "member-1"));
-        assert_eq!(world_check(&gap), vec!["gap", "gap", "reorder"]);
+        assert_eq!(
+            world_check(&gap),
+            vec![Violation::Reorder, Violation::Gap, Violation::Gap]
+        );
 
         let mut phantom = base();
         phantom.received.push(recv((0, 0), 3, "never-sent"));
-        assert!(world_check(&phantom).contains(&"phantom"));
+        assert!(world_check(&phantom).contains(&Violation::Phantom));
 
         let mut regress = base();
         for d in [(0, 0), (1, 0)] {
@@ -508,7 +494,7 @@ mod tests {
         });
         assert_eq!(
             world_check(&regress),
-            vec!["receipt-overclaim", "receipt-regress"]
+            vec![Violation::ReceiptRegress, Violation::ReceiptOverclaim]
         );
 
         let mut twice = base();
@@ -519,6 +505,6 @@ mod tests {
             seq: 3,
             t_ms: 5,
         });
-        assert!(world_check(&twice).contains(&"duplicate"));
+        assert!(world_check(&twice).contains(&Violation::Duplicate));
     }
 }

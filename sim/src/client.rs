@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::cluster::{sim_ms, Shared};
-use crate::history::{Acked, DeviceKey, FaultWindow, ReceiptSeen, Received, Sent};
+use crate::history::{Acked, DeviceKey, FaultWindow, ReceiptSeen, Received, Sent, WindowKind};
 use crate::options::SeedRng;
 
 /// Messages in flight per device.
@@ -165,7 +165,7 @@ pub async fn run_device(
                         }
                         (Some("ok"), Some("h")) => {
                             if let Some(since) = offline_since.take() {
-                                shared.with(|h| h.faults.push(FaultWindow { kind: "device offline".into(), start_ms: since, end_ms: sim_ms(), device: Some(spec.key) }));
+                                shared.with(|h| h.faults.push(FaultWindow { kind: WindowKind::DeviceOffline, start_ms: since, end_ms: sim_ms(), device: Some(spec.key) }));
                             }
                             shared.note(format!("device {:?} hello accepted", spec.key));
                         }

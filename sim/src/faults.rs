@@ -16,8 +16,9 @@ use madsim::runtime::Handle;
 use madsim::task::NodeId;
 
 use crate::cluster::{sim_ms, Shared};
+use crate::history::WindowKind;
 use crate::history::{DeviceKey, FaultWindow};
-use crate::options::{FaultWeights, SeedRng, SimOptions};
+use crate::options::{FaultKind, SeedRng, SimOptions};
 
 /// The nodes faults act on.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +34,7 @@ pub struct Backends {
 /// Draws and applies faults.
 pub struct Injector {
     rng: std::cell::RefCell<SeedRng>,
-    weights: [u32; 11],
+    weights: [u32; FaultKind::ALL.len()],
     interval_ms: u64,
     nodes: Backends,
     devices: Vec<DeviceKey>,
@@ -66,7 +67,7 @@ impl Injector {
         servers[self.range(0, servers.len() as u64 - 1) as usize]
     }
 
-    fn window(&self, kind: &str, start_ms: u64, device: Option<DeviceKey>) {
+    fn window(&self, kind: FaultKind, start_ms: u64, device: Option<DeviceKey>) {
         let end_ms = sim_ms();
         self.shared.note(format!(
             "fault {kind} from {start_ms} ms to {end_ms} ms{}",
@@ -74,7 +75,7 @@ impl Injector {
         ));
         self.shared.with(|h| {
             h.faults.push(FaultWindow {
-                kind: kind.to_owned(),
+                kind: WindowKind::Fault(kind),
                 start_ms,
                 end_ms,
                 device,
@@ -98,31 +99,30 @@ impl Injector {
                 return;
             }
             tokio::time::sleep(pause).await;
-            let kind = self.rng.borrow_mut().weighted(&self.weights);
+            let kind = FaultKind::ALL[self.rng.borrow_mut().weighted(&self.weights)];
             let hold = Duration::from_millis(self.range(200, 2_500));
             let start = sim_ms();
-            let name = FaultWeights::NAMES[kind];
             let mut device = None;
             let server = self.some_server();
-            match name {
-                "server_crash" => {
+            match kind {
+                FaultKind::ServerCrash => {
                     handle.kill(server);
                     tokio::time::sleep(hold).await;
                     handle.restart(server);
                 }
-                "clock_skew" => {
+                FaultKind::ClockSkew => {
                     let skew = self.range(0, 60_000) as i64 - 30_000;
                     self.shared.skew_ms.store(skew, Ordering::SeqCst);
                     handle.kill(server);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     handle.restart(server);
                 }
-                "partition" => {
+                FaultKind::Partition => {
                     net.clog_node(server);
                     tokio::time::sleep(hold).await;
                     net.unclog_node(server);
                 }
-                "partition_one_way" => {
+                FaultKind::PartitionOneWay => {
                     if self.range(0, 1) == 0 {
                         net.clog_node_in(server);
                         tokio::time::sleep(hold).await;
@@ -133,7 +133,7 @@ impl Injector {
                         net.unclog_node_out(server);
                     }
                 }
-                "link_partition" => {
+                FaultKind::LinkPartition => {
                     let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
                     device = Some(d);
                     let node = handle
@@ -147,7 +147,7 @@ impl Injector {
                         net.unclog_link(server, node);
                     }
                 }
-                "latency_spike" => {
+                FaultKind::LatencySpike => {
                     let high = Duration::from_millis(self.range(50, 400));
                     net.update_config(|c| c.send_latency = high / 2..high);
                     tokio::time::sleep(hold).await;
@@ -155,18 +155,18 @@ impl Injector {
                         c.send_latency = Duration::from_millis(1)..Duration::from_millis(10)
                     });
                 }
-                "packet_loss" => {
+                FaultKind::PacketLoss => {
                     net.update_config(|c| c.packet_loss_rate = 0.1);
                     tokio::time::sleep(hold).await;
                     net.update_config(|c| c.packet_loss_rate = 0.0);
                 }
-                "client_disconnect" => {
+                FaultKind::ClientDisconnect => {
                     let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
                     device = Some(d);
                     self.shared.request_disconnect(d);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                "store_crash" => {
+                FaultKind::StoreCrash => {
                     let Some(store) = self.nodes.store else {
                         continue;
                     };
@@ -174,7 +174,7 @@ impl Injector {
                     tokio::time::sleep(hold).await;
                     handle.restart(store);
                 }
-                "router_crash" => {
+                FaultKind::RouterCrash => {
                     let Some(router) = self.nodes.router else {
                         continue;
                     };
@@ -182,7 +182,7 @@ impl Injector {
                     tokio::time::sleep(hold).await;
                     handle.restart(router);
                 }
-                "backend_partition" => {
+                FaultKind::BackendPartition => {
                     let backend = if self.range(0, 1) == 0 {
                         self.nodes.store
                     } else {
@@ -195,9 +195,8 @@ impl Injector {
                     net.unclog_link(server, backend);
                     net.unclog_link(backend, server);
                 }
-                other => unreachable!("unknown fault {other}"),
             }
-            self.window(name, start, device);
+            self.window(kind, start, device);
         }
     }
 

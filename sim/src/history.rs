@@ -67,12 +67,21 @@ pub struct ReceiptSeen {
     pub read: u64,
 }
 
+/// What a [`FaultWindow`] was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowKind {
+    /// A fault the injector applied.
+    Fault(crate::options::FaultKind),
+    /// A device was offline by the workload's choice (not reachable, by design).
+    DeviceOffline,
+}
+
 /// A period during which a fault was active.
 #[derive(Debug, Clone)]
 pub struct FaultWindow {
     /// What (shown in traces and reports).
     #[allow(dead_code, reason = "kept for reports and debugging")]
-    pub kind: String,
+    pub kind: WindowKind,
     /// Start, simulated ms.
     pub start_ms: u64,
     /// End, simulated ms.

@@ -2,8 +2,9 @@
 //! faults, and checks the delivery contract. Build with `RUSTFLAGS="--cfg madsim"`
 //! into its own target directory (`scripts/sim.sh` does both).
 //!
-//! Exit status: 0 all seeds passed; 1 a correctness violation; 2 a liveness failure
-//! (no convergence by the deadline); 3 a crash (panic); 4 usage error; 5 a mutant escaped.
+//! Exit status ([`exit::Exit`]): 0 all seeds passed; 1 a correctness violation; 2 a
+//! liveness failure (no convergence by the deadline); 3 a crash (panic); 4 usage error;
+//! 5 a mutant escaped; 6 a seed was not deterministic.
 
 // Outside simulation builds only the pure modules compile (for their unit tests).
 #![cfg_attr(not(madsim), allow(dead_code))]
@@ -13,6 +14,7 @@ mod checker;
 mod client;
 #[cfg(madsim)]
 mod cluster;
+mod exit;
 #[cfg(madsim)]
 mod faults;
 mod history;
@@ -25,10 +27,10 @@ mod services;
 #[cfg(not(madsim))]
 fn main() {
     eprintln!("chatproof-sim runs only in a simulation build: use scripts/sim.sh (RUSTFLAGS=\"--cfg madsim\", own target dir)");
-    std::process::exit(4);
+    std::process::exit(exit::Exit::Usage.code());
 }
 
 #[cfg(madsim)]
 fn main() {
-    std::process::exit(runner::main());
+    std::process::exit(runner::main().code());
 }

@@ -57,108 +57,124 @@ fn one_server() -> [u32; 2] {
     [1, 1]
 }
 
-/// Relative weights of fault kinds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct FaultWeights {
-    /// Kill the server (its store loses what was not committed) and restart it.
-    #[serde(default)]
-    pub server_crash: u32,
-    /// Cut the server off both ways.
-    #[serde(default)]
-    pub partition: u32,
-    /// Cut one direction only (in or out) of the server.
-    #[serde(default)]
-    pub partition_one_way: u32,
-    /// Cut one client's link to the server.
-    #[serde(default)]
-    pub link_partition: u32,
+/// One kind of fault the injector can apply ([`crate::faults`] says how).
+/// Declaration order is the order weights are drawn in: adding a kind at the
+/// end keeps every existing seed's run the same.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Kill a server (its store keeps exactly what was committed) and restart it.
+    ServerCrash,
+    /// Cut a server off both ways.
+    Partition,
+    /// Cut one direction only (in or out) of a server.
+    PartitionOneWay,
+    /// Cut one client's link to a server.
+    LinkPartition,
     /// Raise network latency for a while.
-    #[serde(default)]
-    pub latency_spike: u32,
+    LatencySpike,
     /// Drop a share of packets for a while.
-    #[serde(default)]
-    pub packet_loss: u32,
+    PacketLoss,
     /// A client drops its connection (possibly mid-send).
-    #[serde(default)]
-    pub client_disconnect: u32,
-    /// The server restarts with its clock skewed.
-    #[serde(default)]
-    pub clock_skew: u32,
+    ClientDisconnect,
+    /// A server restarts with its clock skewed.
+    ClockSkew,
     /// Several servers: the shared store's node crashes (losing only calls in flight) and restarts.
-    #[serde(default)]
-    pub store_crash: u32,
+    StoreCrash,
     /// Several servers: the router crashes and restarts empty (registry lost).
-    #[serde(default)]
-    pub router_crash: u32,
+    RouterCrash,
     /// Several servers: one server's link to the store or to the router is cut.
-    #[serde(default)]
-    pub backend_partition: u32,
+    BackendPartition,
+}
+
+impl FaultKind {
+    /// Every kind, in draw order.
+    pub const ALL: [FaultKind; 11] = [
+        FaultKind::ServerCrash,
+        FaultKind::Partition,
+        FaultKind::PartitionOneWay,
+        FaultKind::LinkPartition,
+        FaultKind::LatencySpike,
+        FaultKind::PacketLoss,
+        FaultKind::ClientDisconnect,
+        FaultKind::ClockSkew,
+        FaultKind::StoreCrash,
+        FaultKind::RouterCrash,
+        FaultKind::BackendPartition,
+    ];
+
+    /// The name used in presets, `--faults`, traces and replay commands.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FaultKind::ServerCrash => "server_crash",
+            FaultKind::Partition => "partition",
+            FaultKind::PartitionOneWay => "partition_one_way",
+            FaultKind::LinkPartition => "link_partition",
+            FaultKind::LatencySpike => "latency_spike",
+            FaultKind::PacketLoss => "packet_loss",
+            FaultKind::ClientDisconnect => "client_disconnect",
+            FaultKind::ClockSkew => "clock_skew",
+            FaultKind::StoreCrash => "store_crash",
+            FaultKind::RouterCrash => "router_crash",
+            FaultKind::BackendPartition => "backend_partition",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Relative weights of fault kinds (a preset's `[faults]` table: `name = weight`;
+/// a kind not named weighs 0, an unknown name is an error).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct FaultWeights {
+    by_kind: std::collections::BTreeMap<FaultKind, u32>,
 }
 
 impl FaultWeights {
-    /// Names of the fault kinds, in field order.
-    pub const NAMES: [&'static str; 11] = [
-        "server_crash",
-        "partition",
-        "partition_one_way",
-        "link_partition",
-        "latency_spike",
-        "packet_loss",
-        "client_disconnect",
-        "clock_skew",
-        "store_crash",
-        "router_crash",
-        "backend_partition",
-    ];
-
-    /// Weights in [`Self::NAMES`] order.
-    pub fn weights(&self) -> [u32; 11] {
-        [
-            self.server_crash,
-            self.partition,
-            self.partition_one_way,
-            self.link_partition,
-            self.latency_spike,
-            self.packet_loss,
-            self.client_disconnect,
-            self.clock_skew,
-            self.store_crash,
-            self.router_crash,
-            self.backend_partition,
-        ]
+    /// Weights with `kinds` set as given and every other kind 0.
+    #[cfg(test)]
+    pub fn of(kinds: &[(FaultKind, u32)]) -> Self {
+        Self {
+            by_kind: kinds.iter().copied().collect(),
+        }
     }
 
-    /// Keeps only the named kinds (`--faults a,b`); unknown names are an error.
-    pub fn only(&self, names: &[String]) -> anyhow::Result<Self> {
-        let mut w = self.weights();
-        for name in names {
-            anyhow::ensure!(
-                Self::NAMES.contains(&name.as_str()),
-                "unknown fault {name:?}; known: {:?}",
-                Self::NAMES
-            );
+    /// The weight of `kind`.
+    pub fn weight(&self, kind: FaultKind) -> u32 {
+        self.by_kind.get(&kind).copied().unwrap_or(0)
+    }
+
+    /// Weights in [`FaultKind::ALL`] order.
+    pub fn weights(&self) -> [u32; FaultKind::ALL.len()] {
+        FaultKind::ALL.map(|kind| self.weight(kind))
+    }
+
+    /// Keeps only `kinds` (`--faults a,b`); a kept kind the preset weighs 0 gets weight 1.
+    pub fn only(&self, kinds: &[FaultKind]) -> Self {
+        Self {
+            by_kind: kinds
+                .iter()
+                .map(|kind| (*kind, self.weight(*kind).max(1)))
+                .collect(),
         }
-        for (i, n) in Self::NAMES.iter().enumerate() {
-            if !names.iter().any(|x| x == n) {
-                w[i] = 0;
-            } else if w[i] == 0 {
-                w[i] = 1;
-            }
-        }
-        Ok(Self {
-            server_crash: w[0],
-            partition: w[1],
-            partition_one_way: w[2],
-            link_partition: w[3],
-            latency_spike: w[4],
-            packet_loss: w[5],
-            client_disconnect: w[6],
-            clock_skew: w[7],
-            store_crash: w[8],
-            router_crash: w[9],
-            backend_partition: w[10],
-        })
     }
 }
 
@@ -450,16 +466,28 @@ mod tests {
         assert!(o.users >= preset.users[0] && o.users <= preset.users[1]);
     }
 
-    /// `--faults` keeps only the named kinds and refuses unknown names.
+    /// `--faults` keeps only the named kinds; a preset naming an unknown kind is refused.
     #[test]
     fn fault_filter() {
-        let w = FaultWeights {
-            server_crash: 3,
-            partition: 2,
-            ..FaultWeights::default()
-        };
-        let only = w.only(&["partition".into(), "packet_loss".into()]).unwrap();
+        let w = FaultWeights::of(&[(FaultKind::ServerCrash, 3), (FaultKind::Partition, 2)]);
+        let only = w.only(&[FaultKind::Partition, FaultKind::PacketLoss]);
         assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0]);
-        assert!(w.only(&["meteor".into()]).is_err());
+        let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
+        assert_eq!(parsed, w);
+        assert!(toml::from_str::<FaultWeights>("meteor = 1").is_err());
+    }
+
+    /// Names, serde and clap agree for every fault kind, in draw order.
+    #[test]
+    fn fault_kind_names() {
+        use clap::ValueEnum as _;
+        for (i, kind) in FaultKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i);
+            let value = kind.to_possible_value().unwrap();
+            assert_eq!(value.get_name(), kind.name());
+            assert_eq!(FaultKind::from_str(kind.name(), false), Ok(kind));
+            let weights = FaultWeights::of(&[(kind, 1)]).weights();
+            assert_eq!(weights.iter().position(|w| *w == 1), Some(i));
+        }
     }
 }

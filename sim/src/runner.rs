@@ -7,13 +7,18 @@ use std::time::Instant;
 use chatproof_server::mutants::{self, Mutant};
 use clap::{Parser, Subcommand};
 
-use crate::checker::{check, Violation, World};
+use crate::checker::{check, Finding, World};
 use crate::cluster::{simulate, Outcome};
-use crate::options::{Preset, SimOptions};
+use crate::exit::Exit;
+use crate::options::{FaultKind, Preset, SimOptions};
 
 /// Deterministic fault simulator for chatproof.
 #[derive(Debug, Parser)]
-#[command(name = "chatproof-sim", version)]
+#[command(
+    name = "chatproof-sim",
+    version,
+    after_help = "Exit status: 0 all seeds passed; 1 a delivery-contract violation; 2 no convergence by the liveness deadline; 3 a panic; 4 a usage error; 5 a mutant escaped (mutants); 6 a seed was not deterministic (determinism)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -24,10 +29,9 @@ struct Common {
     /// Preset file (scenarios/sim/*.toml); default: the built-in smoke preset.
     #[arg(long)]
     scenario: Option<PathBuf>,
-    /// Only these fault kinds, comma-separated (server_crash, partition, partition_one_way,
-    /// link_partition, latency_spike, packet_loss, client_disconnect, clock_skew).
-    #[arg(long, value_delimiter = ',')]
-    faults: Option<Vec<String>>,
+    /// Only these fault kinds, comma-separated.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    faults: Option<Vec<FaultKind>>,
     /// Print the event trace of every seed (always printed for a failing seed).
     #[arg(long)]
     trace: bool,
@@ -81,7 +85,7 @@ pub enum Verdict {
     /// Everything held.
     Pass,
     /// The checker found violations.
-    Correctness(Vec<Violation>),
+    Correctness(Vec<Finding>),
     /// No convergence by the deadline.
     Liveness(String),
     /// A panic.
@@ -89,12 +93,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn code(&self) -> i32 {
+    fn exit(&self) -> Exit {
         match self {
-            Verdict::Pass => 0,
-            Verdict::Correctness(_) => 1,
-            Verdict::Liveness(_) => 2,
-            Verdict::Crash(_) => 3,
+            Verdict::Pass => Exit::Pass,
+            Verdict::Correctness(_) => Exit::Correctness,
+            Verdict::Liveness(_) => Exit::Liveness,
+            Verdict::Crash(_) => Exit::Crash,
         }
     }
 }
@@ -124,7 +128,7 @@ fn preset(common: &Common) -> anyhow::Result<Preset> {
         None => Preset::smoke(),
     };
     if let Some(only) = &common.faults {
-        preset.faults = preset.faults.only(only)?;
+        preset.faults = preset.faults.only(only);
     }
     Ok(preset)
 }
@@ -185,7 +189,8 @@ fn replay_command(common: &Common, seed: u64, mutant: Option<Mutant>) -> String 
         cmd.push_str(&format!(" --scenario {}", s.display()));
     }
     if let Some(f) = &common.faults {
-        cmd.push_str(&format!(" --faults {}", f.join(",")));
+        let names: Vec<&str> = f.iter().map(|k| k.name()).collect();
+        cmd.push_str(&format!(" --faults {}", names.join(",")));
     }
     if let Some(m) = mutant {
         cmd.push_str(&format!(" --mutant {}", m.name()));
@@ -196,16 +201,24 @@ fn replay_command(common: &Common, seed: u64, mutant: Option<Mutant>) -> String 
 fn describe(result: &SeedResult) -> String {
     match &result.verdict {
         Verdict::Pass => "pass".into(),
-        Verdict::Correctness(v) => {
-            let mut s = format!("{} violation(s):", v.len());
-            for x in v.iter().take(10) {
-                s.push_str(&format!("\n    {x}"));
-            }
-            s
-        }
+        Verdict::Correctness(findings) => describe_findings(findings),
         Verdict::Liveness(why) => format!("liveness: {why}"),
         Verdict::Crash(why) => format!("crash: {why}"),
     }
+}
+
+/// The count of every violation seen and the first example of each, so no
+/// kind hides behind another's many examples.
+fn describe_findings(findings: &[Finding]) -> String {
+    let mut s = format!("{} violation(s):", findings.len());
+    for violation in chatproof_contract::Violation::ALL {
+        let mut of_kind = findings.iter().filter(|f| f.violation == violation);
+        if let Some(first) = of_kind.next() {
+            let count = 1 + of_kind.count();
+            s.push_str(&format!("\n    {violation} ×{count}, first: {first}"));
+        }
+    }
+    s
 }
 
 fn print_trace(result: &SeedResult) {
@@ -231,11 +244,13 @@ fn print_trace(result: &SeedResult) {
 }
 
 /// Entry point; returns the exit status.
-pub fn main() -> i32 {
+pub fn main() -> Exit {
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_writer(std::io::stderr)
+            // Colour only on a terminal: a log file or pipe gets plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let cli = Cli::parse();
@@ -243,12 +258,12 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("chatproof-sim: {e:#}");
-            4
+            Exit::Usage
         }
     }
 }
 
-fn execute(cli: Cli) -> anyhow::Result<i32> {
+fn execute(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Cmd::Run {
             seeds,
@@ -258,7 +273,7 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
             let preset = preset(&common)?;
             let seeds = parse_seeds(&seeds)?;
             let started = Instant::now();
-            let (mut sim_ms, mut messages, mut worst) = (0u64, 0usize, 0);
+            let (mut sim_ms, mut messages, mut worst) = (0u64, 0usize, Exit::Pass);
             let mut cases = Vec::new();
             // On a terminal, one progress line that updates in place; in logs, a line per seed.
             let progress_bar =
@@ -278,7 +293,7 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                         seeds.len(),
                         cases
                             .iter()
-                            .filter(|c: &&(u64, f64, i32, String)| c.2 != 0)
+                            .filter(|c: &&(u64, f64, Exit, String)| c.2 != Exit::Pass)
                             .count()
                     );
                 } else {
@@ -289,8 +304,8 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                     sim_ms += o.sim_ms;
                     messages += o.history.acked.len();
                 }
-                let code = result.verdict.code();
-                if code != 0 {
+                let code = result.verdict.exit();
+                if code != Exit::Pass {
                     eprintln!(
                         "  FAIL seed {seed}: {}\n  replay: {}",
                         describe(&result),
@@ -307,7 +322,7 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                 eprintln!();
             }
             let wall = started.elapsed().as_secs_f64();
-            let failed = cases.iter().filter(|c| c.2 != 0).count();
+            let failed = cases.iter().filter(|c| c.2 != Exit::Pass).count();
             println!(
                 "chatproof-sim: preset {} | {} seeds, {failed} failed | {:.1} s simulated in {wall:.1} s wall (x{:.0}) | {:.1} seeds/min | {messages} acknowledged messages checked",
                 preset.name,
@@ -342,7 +357,7 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
             let result = run_one(&opts, mutant);
             print_trace(&result);
             println!("seed {seed}: {}", describe(&result));
-            Ok(result.verdict.code())
+            Ok(result.verdict.exit())
         }
         Cmd::Mutants { seeds_max, common } => {
             let preset = preset(&common)?;
@@ -360,7 +375,7 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                     let mut opts = SimOptions::derive(seed, &preset);
                     opts.mutant = Some(mutant.name().to_owned());
                     let result = run_one(&opts, Some(mutant));
-                    if result.verdict.code() != 0 {
+                    if result.verdict.exit() != Exit::Pass {
                         caught = Some((seed, describe(&result)));
                         break;
                     }
@@ -379,7 +394,11 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                     }
                 }
             }
-            Ok(if escaped > 0 { 5 } else { 0 })
+            Ok(if escaped > 0 {
+                Exit::MutantEscaped
+            } else {
+                Exit::Pass
+            })
         }
         Cmd::Determinism { seeds, common } => {
             let preset = preset(&common)?;
@@ -423,7 +442,11 @@ fn execute(cli: Cli) -> anyhow::Result<i32> {
                 }
                 differing += usize::from(!same);
             }
-            Ok(if differing > 0 { 1 } else { 0 })
+            Ok(if differing > 0 {
+                Exit::Nondeterminism
+            } else {
+                Exit::Pass
+            })
         }
     }
 }
@@ -435,8 +458,8 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-fn junit_xml(preset: &str, cases: &[(u64, f64, i32, String)]) -> String {
-    let failures = cases.iter().filter(|c| c.2 != 0).count();
+fn junit_xml(preset: &str, cases: &[(u64, f64, Exit, String)]) -> String {
+    let failures = cases.iter().filter(|c| c.2 != Exit::Pass).count();
     let mut xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"chatproof-sim.{}\" tests=\"{}\" failures=\"{failures}\">\n",
         xml_escape(preset),
@@ -447,9 +470,10 @@ fn junit_xml(preset: &str, cases: &[(u64, f64, i32, String)]) -> String {
             "  <testcase classname=\"chatproof-sim.{}\" name=\"seed-{seed}\" time=\"{wall:.3}\">",
             xml_escape(preset)
         ));
-        if *code != 0 {
+        if *code != Exit::Pass {
             xml.push_str(&format!(
-                "<failure message=\"exit {code}\">{}</failure>",
+                "<failure message=\"{}\">{}</failure>",
+                xml_escape(&code.to_string()),
                 xml_escape(detail)
             ));
         }

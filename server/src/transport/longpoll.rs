@@ -105,10 +105,7 @@ pub async fn poll(
         .timeout_ms
         .map_or(POLL_TIMEOUT_DEFAULT, Duration::from_millis)
         .min(svc.limits.poll_timeout_max);
-    let limit = req
-        .limit
-        .unwrap_or(svc.limits.page_len_max)
-        .clamp(1, svc.limits.page_len_max) as usize;
+    let limit = svc.limits.page_len(req.limit)? as usize;
     let mailbox = open_mailbox(svc, caller).await?;
     let generation = mailbox.begin_poll(svc.clock.now_ms());
     let result = poll_in(

@@ -215,6 +215,68 @@ async fn switching_transports_loses_nothing() {
     assert_eq!(after, vec![8, 9]);
 }
 
+/// One device goes WebSocket → HTTP → WebSocket → HTTP while its peer keeps
+/// sending: every poll with nothing new is held to its timeout (not answered at
+/// once by a stale close), every poll ends the device's WebSocket, and every
+/// message reaches the device exactly once, in order.
+#[tokio::test]
+async fn switching_back_and_forth_holds_polls_and_ends_the_other_transport() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let mut received: Vec<u64> = Vec::new();
+    let mut sent = 0;
+    for round in 0..2 {
+        let cursors = match received.last() {
+            Some(held) => json!({ &conv: held }),
+            None => json!({}),
+        };
+        let (mut bob, caught_up) = server.login_with("bob", "tablet", cursors).await;
+        received.extend(seqs(&caught_up, &conv));
+        for _ in 0..2 {
+            sent += 1;
+            send(&mut alice, &conv, &format!("m{sent}"), "over ws").await;
+        }
+        let last = sent + 1;
+        if received.last() != Some(&last) {
+            received.extend(seqs(&msgs_until(&mut bob, &conv, last).await, &conv));
+        }
+        let mut cursors = json!({ &conv: last });
+        let started = Instant::now();
+        let idle = poll(
+            &server,
+            "bob",
+            "tablet",
+            json!({"cursors": cursors, "timeout_ms": 600}),
+        )
+        .await;
+        assert_eq!(idle.status, 200, "{}", String::from_utf8_lossy(&idle.body));
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "round {round}: a poll with nothing new returned after {:?} instead of being held",
+            started.elapsed()
+        );
+        assert!(idle.json()["entries"].as_array().unwrap().is_empty());
+        let ended = bob.events_until(WAIT, |e| e["type"] == "error").await;
+        match ended {
+            Ok(events) => assert_eq!(
+                events.last().unwrap()["code"],
+                "replaced",
+                "round {round}: {events:?}"
+            ),
+            Err(chatproof_client::ClientError::Closed) => {}
+            Err(e) => panic!("round {round}: the WebSocket was not ended by the poll: {e}"),
+        }
+        for _ in 0..2 {
+            sent += 1;
+            send(&mut alice, &conv, &format!("m{sent}"), "over http").await;
+        }
+        let polled = poll_until(&server, "bob", "tablet", &mut cursors, &conv, sent + 1).await;
+        received.extend(entry_seqs(&polled, &conv));
+    }
+    assert_eq!(received, (1..=sent + 1).collect::<Vec<_>>());
+}
+
 /// A future cursor is refused; a stale one delivers again from where it says;
 /// unknown conversations and bad fields are refused; nothing is lost meanwhile.
 #[tokio::test]

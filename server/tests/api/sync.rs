@@ -207,3 +207,41 @@ async fn restart_keeps_entries_and_sequence() {
         .await;
     assert_eq!(seqs(&backlog, &conv), (1..=7).collect::<Vec<_>>());
 }
+
+/// `limit: 0` in `sync`, `history` and `/v1/poll` is refused with `bad_request`
+/// (it used to return one entry with `has_more`); a limit above the page limit is
+/// clamped to it.
+#[tokio::test]
+async fn zero_limit_is_refused_and_large_limits_are_clamped() {
+    let limits = Limits {
+        page_len_max: 4,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(limits).await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    for i in 0..6 {
+        send(&mut alice, &conv, &format!("m{i}"), "paged").await;
+    }
+    for op in ["sync", "history"] {
+        let zero = alice
+            .request(json!({"op": op, "conv": &conv, "after": 0, "limit": 0}))
+            .await
+            .unwrap();
+        assert_eq!(err_code(zero), "bad_request", "{op} with limit 0");
+        let big = ok(alice
+            .request(json!({"op": op, "conv": &conv, "after": 0, "limit": 1000}))
+            .await
+            .unwrap());
+        assert_eq!(big["entries"].as_array().unwrap().len(), 4, "{op}: clamped");
+        assert_eq!(big["has_more"], true, "{op}");
+    }
+    let zero = poll(
+        &server,
+        "bob",
+        "web",
+        json!({"cursors": {&conv: 0}, "limit": 0, "timeout_ms": 100}),
+    )
+    .await;
+    assert_eq!((zero.status, zero.code().as_str()), (400, "bad_request"));
+}

@@ -133,3 +133,98 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Holds what the tests' devices received to the delivery contract
+/// (`docs/GUARANTEES.md`) under the contract's violation names; a test feeds it
+/// and ends with [`DeliveryCheck::assert_clean`].
+#[derive(Default)]
+pub struct DeliveryCheck {
+    tally: chatproof_contract::Tally,
+}
+
+impl DeliveryCheck {
+    /// One device's entries of `conv` in arrival order, which should be exactly
+    /// `1..=last_seq`: out of order is `reorder`, twice is `duplicate`, a hole
+    /// below a received seq is `gap`, a missing tail is `lost`, and a seq past
+    /// `last_seq` is `phantom`.
+    pub fn device_stream(&mut self, device: &str, conv: &str, seqs: &[u64], last_seq: u64) {
+        use chatproof_contract::{OrderCheck, Violation};
+        let mut order = OrderCheck::default();
+        for &seq in seqs {
+            if seq > last_seq {
+                self.tally.record(Violation::Phantom, || {
+                    format!("{device} received {conv} seq {seq}, past its last seq {last_seq}")
+                });
+            } else if let Err(fault) = order.observe(conv, seq) {
+                self.tally
+                    .record(fault.violation, || fault.describe(device, conv, seq));
+            }
+        }
+        let highest = seqs.iter().copied().max().unwrap_or(0);
+        for seq in (1..=last_seq).filter(|s| !order.holds(conv, *s)) {
+            let violation = if seq < highest {
+                Violation::Gap
+            } else {
+                Violation::Lost
+            };
+            self.tally.record(violation, || {
+                format!("{device} never received {conv} seq {seq} of 1..={last_seq}")
+            });
+        }
+    }
+
+    /// A message acknowledged as `id` at `seq` of `conv`; `shown` is the message
+    /// id `device` holds at that seq: none is `lost`, another is `conflict`.
+    pub fn acknowledged(
+        &mut self,
+        device: &str,
+        conv: &str,
+        id: &str,
+        seq: u64,
+        shown: Option<&str>,
+    ) {
+        use chatproof_contract::Violation;
+        match shown {
+            Some(shown) if shown == id => {}
+            Some(shown) => self.tally.record(Violation::Conflict, || {
+                format!("{conv}: {id} was acknowledged at seq {seq}, {device} holds {shown} there")
+            }),
+            None => self.tally.record(Violation::Lost, || {
+                format!("{conv}: acknowledged {id} at seq {seq} never reached {device}")
+            }),
+        }
+    }
+
+    /// Every `(seq, message_id)` stored in `conv`: one id under two seqs is `duplicate`.
+    pub fn stored_once<'a>(
+        &mut self,
+        conv: &str,
+        entries: impl IntoIterator<Item = (u64, &'a str)>,
+    ) {
+        let mut seen = std::collections::BTreeMap::new();
+        for (seq, id) in entries {
+            if let Some(first) = seen.insert(id, seq) {
+                self.tally
+                    .record(chatproof_contract::Violation::Duplicate, || {
+                        format!("{conv}: {id} stored at seq {first} and seq {seq}")
+                    });
+            }
+        }
+    }
+
+    /// Everything fed so far, counted.
+    pub fn tally(&self) -> &chatproof_contract::Tally {
+        &self.tally
+    }
+
+    /// Fails the test with every count and example unless nothing was violated.
+    #[track_caller]
+    pub fn assert_clean(&self, what: &str) {
+        assert!(
+            self.tally.is_clean(),
+            "{what}: delivery contract violated: {}\n{}",
+            self.tally.line(),
+            self.tally.examples().join("\n")
+        );
+    }
+}

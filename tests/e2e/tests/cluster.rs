@@ -330,15 +330,10 @@ async fn traffic(
     }
 
     let mut acked_total = 0;
+    let mut contract = chatproof_e2e::DeliveryCheck::default();
     for (i, device) in devices.iter().enumerate() {
         for conv in [&group, &directs[i], &directs[(i + USERS - 1) % USERS]] {
-            let seqs = &device.received[conv];
-            assert_eq!(
-                *seqs,
-                (1..=last_seq[conv]).collect::<Vec<_>>(),
-                "{} on {conv}: every entry once, in order",
-                device.user
-            );
+            contract.device_stream(&device.user, conv, &device.received[conv], last_seq[conv]);
         }
     }
     for sender in &devices {
@@ -349,16 +344,13 @@ async fn traffic(
                     || *conv == directs[i]
                     || *conv == directs[(i + USERS - 1) % USERS];
                 if member {
-                    assert_eq!(
-                        device.ids[conv].get(seq),
-                        Some(id),
-                        "{}: acknowledged {conv}/{id} at seq {seq} missing",
-                        device.user
-                    );
+                    let shown = device.ids[conv].get(seq).map(String::as_str);
+                    contract.acknowledged(&device.user, conv, id, *seq, shown);
                 }
             }
         }
     }
+    contract.assert_clean("cluster traffic");
     let reconnects: usize = devices.iter().map(|d| d.reconnects).sum();
     (acked_total, reconnects)
 }

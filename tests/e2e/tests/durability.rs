@@ -112,6 +112,7 @@ async fn kill_9_loses_no_acknowledged_message() {
         assert!(ack["seq"].as_u64().unwrap() > 0);
     }
     let mut reader = login(&server.url, "owner", "reader").await;
+    let mut contract = chatproof_e2e::DeliveryCheck::default();
     for conv in [
         "g:durable".to_owned(),
         "d:owner:s1".to_owned(),
@@ -119,27 +120,24 @@ async fn kill_9_loses_no_acknowledged_message() {
     ] {
         let entries = read_all(&mut reader, &conv).await;
         let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
-        assert_eq!(
-            seqs,
-            (1..=seqs.len() as u64).collect::<Vec<_>>(),
-            "{conv}: gap-free from 1"
-        );
-        let mut ids = BTreeMap::new();
-        for e in &entries {
-            let id = e["message_id"].as_str().unwrap().to_owned();
-            assert!(
-                ids.insert(id.clone(), e["seq"].as_u64().unwrap()).is_none(),
-                "{conv}: {id} stored twice"
-            );
-        }
-        for (id, (c, seq)) in acked.iter().filter(|(_, (c, _))| *c == conv) {
-            assert_eq!(
-                ids.get(id),
-                Some(seq),
-                "{c}: acknowledged {id} at seq {seq} lost or moved"
-            );
+        let stored: BTreeMap<u64, &str> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["message_id"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        let last_seq = seqs.iter().copied().max().unwrap_or(0);
+        contract.device_stream("history", &conv, &seqs, last_seq);
+        contract.stored_once(&conv, stored.iter().map(|(seq, id)| (*seq, *id)));
+        for (id, (_, seq)) in acked.iter().filter(|(_, (c, _))| *c == conv) {
+            let shown = stored.get(seq).copied();
+            contract.acknowledged("history", &conv, id, *seq, shown);
         }
     }
+    contract.assert_clean("history after kill -9");
     eprintln!(
         "kill -9: {} acknowledged messages all survived; {} in-flight retried once",
         acked.len(),
@@ -156,4 +154,47 @@ async fn client_open_direct(url: &str, user: &str) -> String {
         .unwrap()
         .unwrap();
     r["conversation"]["conv"].as_str().unwrap().to_owned()
+}
+
+/// Logs written to a pipe or file are plain text: no ANSI colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chatproof_e2e::server_binary())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret",
+            chatproof_e2e::SECRET,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting chatproof-server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on "), "{line:?}");
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(logs.lines().count() > 0, "info logs expected");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in piped logs:\n{logs}"
+    );
 }
