@@ -45,4 +45,4 @@ run_commit crash-restart 10
 run_commit partition-heavy 10
 run_commit reconnect-storm 10
 run_commit group-fanout-500 1
-run_commit cluster 50
+run_commit cluster 20

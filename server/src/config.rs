@@ -98,6 +98,18 @@ pub struct ServeArgs {
     /// How often expired messages are deleted, in seconds.
     #[arg(long, env = "CHATPROOF_EXPIRY_SWEEP_SECS", default_value_t = 600)]
     pub expiry_sweep_secs: u64,
+    /// Connections beyond --max-connections that may still reach /healthz and /metrics (nothing else).
+    #[arg(long, env = "CHATPROOF_HEALTH_CONNECTIONS", default_value_t = 16)]
+    pub health_connections: usize,
+    /// Seconds an HTTP connection may take to send a request head (from connect, or from its previous response).
+    #[arg(long, env = "CHATPROOF_HEADER_READ_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds an HTTP connection may stay open with no request in flight and no byte arriving.
+    #[arg(long, env = "CHATPROOF_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_alive_timeout_secs: u64,
+    /// Seconds a WebSocket may stay open without a successful hello (closed with hello_timeout).
+    #[arg(long, env = "CHATPROOF_HELLO_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub hello_timeout_secs: u64,
     /// Close connections silent for this long, in seconds (the server pings at a third of it).
     #[arg(long, env = "CHATPROOF_IDLE_TIMEOUT_SECS", default_value_t = 90)]
     pub idle_timeout_secs: u64,
@@ -138,6 +150,10 @@ impl ServeArgs {
             frame_len_max_bytes: self.frame_max_bytes,
             group_members_max: self.group_max_members,
             connections_max: self.max_connections,
+            health_connections_max: self.health_connections,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(self.keep_alive_timeout_secs),
+            hello_timeout: Duration::from_secs(self.hello_timeout_secs),
             retention: Duration::from_secs(self.retention_secs),
             expiry_sweep_interval: Duration::from_secs(self.expiry_sweep_secs.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout_secs.max(3)),

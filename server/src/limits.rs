@@ -13,8 +13,21 @@ pub struct Limits {
     pub group_members_max: usize,
     /// Largest page of `sync` and `history`, and of each catch-up read.
     pub page_len_max: u32,
-    /// Concurrent connections; more are refused with `overloaded`.
+    /// Concurrent connections; more are refused with `overloaded` (but see
+    /// `health_connections_max`).
     pub connections_max: usize,
+    /// Connections beyond `connections_max` that may still reach `/healthz` and
+    /// `/metrics` (anything else on them is refused with `overloaded`), so a
+    /// full server can still be probed.
+    pub health_connections_max: usize,
+    /// Longest an HTTP connection may take to send a request's head, from when
+    /// the server starts waiting for it (on connect, or after the previous response).
+    pub header_read_timeout: Duration,
+    /// Longest an HTTP connection may stay open with no request in flight and no
+    /// byte arriving (keep-alive idle, or connected and silent).
+    pub keep_alive_timeout: Duration,
+    /// Longest a WebSocket may stay open without a successful `hello`.
+    pub hello_timeout: Duration,
     /// Live events queued for one device before it is dropped as `slow_consumer`.
     pub device_queue_len_max: usize,
     /// Entries a brand-new device receives per conversation before it pages `history`.
@@ -59,6 +72,10 @@ impl Default for Limits {
             group_members_max: GROUP_MEMBERS_MAX_DEFAULT,
             page_len_max: 500,
             connections_max: 100_000,
+            health_connections_max: 16,
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(20),
+            hello_timeout: Duration::from_secs(10),
             device_queue_len_max: 4096,
             new_device_recent_len: 100,
             retention: RETENTION_DEFAULT,
@@ -104,6 +121,12 @@ impl Limits {
         }
         if self.presence_interval.is_zero() || self.presence_users_max == 0 {
             return Err("the presence interval and request size must be positive".into());
+        }
+        if self.header_read_timeout.is_zero()
+            || self.keep_alive_timeout.is_zero()
+            || self.hello_timeout.is_zero()
+        {
+            return Err("the header-read, keep-alive and hello timeouts must be positive".into());
         }
         if self.page_len_max == 0 || self.device_queue_len_max == 0 || self.connections_max == 0 {
             return Err("page, queue and connection limits must be positive".into());

@@ -40,6 +40,33 @@ pub struct Metrics {
     pub media_uploads: Counter,
     /// Bytes of image uploads received.
     pub media_bytes_in: Counter,
+    /// Connections the server closed or refused because a limit was hit, by reason.
+    pub closed_for: Family<Vec<(String, String)>, Counter>,
+}
+
+/// Why the server closed or refused a connection on its own (see [`Metrics::count_closed_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedFor {
+    /// The connection limit was reached (answered 503 `overloaded`).
+    ConnectionLimit,
+    /// An HTTP request head did not arrive within the header-read timeout.
+    HeaderTimeout,
+    /// An HTTP connection was idle (no request, no byte) past the keep-alive timeout.
+    KeepAliveIdle,
+    /// A WebSocket sent no successful `hello` within the hello timeout.
+    HelloTimeout,
+}
+
+impl ClosedFor {
+    /// The `reason` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            ClosedFor::ConnectionLimit => "connection_limit",
+            ClosedFor::HeaderTimeout => "header_timeout",
+            ClosedFor::KeepAliveIdle => "keep_alive_idle",
+            ClosedFor::HelloTimeout => "hello_timeout",
+        }
+    }
 }
 
 /// Counters of the cluster fabric; clones share their values.
@@ -147,6 +174,12 @@ impl Default for Metrics {
             "Push notification attempts that failed and were retried",
             push_retries.clone(),
         );
+        let closed_for = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "connections_closed_for",
+            "Connections the server closed or refused because a limit was hit, by reason",
+            closed_for.clone(),
+        );
         let media_uploads = Counter::default();
         registry.register(
             "media_uploads",
@@ -166,6 +199,7 @@ impl Default for Metrics {
             push_sent,
             push_dropped,
             push_retries,
+            closed_for,
             media_uploads,
             media_bytes_in,
             registry,
@@ -189,6 +223,13 @@ impl Metrics {
             .unwrap_or_default();
         self.errors
             .get_or_create(&vec![("code".to_owned(), code)])
+            .inc();
+    }
+
+    /// Counts a connection closed or refused because of the limit `reason`.
+    pub fn count_closed_for(&self, reason: ClosedFor) {
+        self.closed_for
+            .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
             .inc();
     }
 

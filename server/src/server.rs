@@ -13,8 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::ClosedFor;
 use crate::service::ChatService;
 use crate::transport::http::route;
+use crate::transport::idle::{Activity, Watched};
+use crate::transport::timer::Timer;
 
 /// Entries deleted per expiry transaction.
 const EXPIRY_BATCH_LEN: u32 = 10_000;
@@ -24,6 +27,10 @@ const EXPIRY_BATCH_LEN: u32 = 10_000;
 pub struct ConnGuard {
     _permit: OwnedSemaphorePermit,
     _drain: mpsc::Sender<()>,
+    /// Admitted beyond the connection limit: only `/healthz` and `/metrics` are served.
+    pub health_only: bool,
+    /// What the connection is doing, for the keep-alive timeout.
+    pub activity: Arc<Activity>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting, tells
@@ -36,6 +43,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(service.limits.connections_max));
+    let health_permits = Arc::new(Semaphore::new(service.limits.health_connections_max));
     let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
     let presence = tokio::spawn(publish_presence_forever(Arc::clone(&service)));
     tokio::pin!(shutdown);
@@ -45,7 +53,7 @@ pub async fn run(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -54,41 +62,51 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            tokio::spawn(async move {
-                let body = r#"{"code":"overloaded","message":"connection limit reached"}"#;
-                let reply = format!(
-                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(reply.as_bytes()).await;
-                // Close politely: a socket closed with unread request bytes sends a
-                // reset, and the client would lose the reply.
-                let _ = stream.shutdown().await;
-                let mut sink = [0u8; 4096];
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), stream.read(&mut sink)).await;
-            });
-            continue;
+        let (permit, health_only) = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match Arc::clone(&health_permits).try_acquire_owned() {
+                Ok(permit) => (permit, true),
+                Err(_) => {
+                    service.metrics.count_closed_for(ClosedFor::ConnectionLimit);
+                    tokio::spawn(refuse_overloaded(stream));
+                    continue;
+                }
+            },
         };
+        let activity = Activity::new();
         let guard = Arc::new(ConnGuard {
             _permit: permit,
             _drain: drain_tx.clone(),
+            health_only,
+            activity: Arc::clone(&activity),
         });
         let service = Arc::clone(&service);
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let stop_for_routes = stop.clone();
+            let limits = service.limits.clone();
+            let metrics_service = Arc::clone(&service);
             let svc = service_fn(move |req| {
-                route(
+                let serving = guard.activity.request();
+                let routed = route(
                     req,
                     Arc::clone(&service),
                     stop_for_routes.clone(),
                     Arc::clone(&guard),
-                )
+                );
+                async move {
+                    let response = routed.await;
+                    drop(serving);
+                    response
+                }
             });
             let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
+                .timer(Timer)
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(
+                    TokioIo::new(Watched::new(stream, Arc::clone(&activity))),
+                    svc,
+                )
                 .with_upgrades();
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -98,9 +116,23 @@ pub async fn run(
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
+                () = activity.idle_past(limits.keep_alive_timeout) => {
+                    metrics_service.metrics.count_closed_for(ClosedFor::KeepAliveIdle);
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "http connection ended with an error");
+            match result {
+                Err(e) if e.is_timeout() => {
+                    metrics_service
+                        .metrics
+                        .count_closed_for(ClosedFor::HeaderTimeout);
+                    tracing::debug!(%peer, "request head not received in time; closed");
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "http connection ended with an error")
+                }
+                Ok(()) => {}
             }
         });
     }
@@ -123,6 +155,21 @@ pub async fn run(
     service.publish_presence().await;
     presence.abort();
     let _ = presence.await;
+}
+
+/// Answers a connection over every limit with 503 `overloaded` and closes it.
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
+    let body = r#"{"code":"overloaded","message":"connection limit reached"}"#;
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    // Close politely: a socket closed with unread request bytes sends a
+    // reset, and the client would lose the reply.
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut sink)).await;
 }
 
 /// Once per presence interval: closes idle long-poll mailboxes, then publishes

@@ -68,6 +68,8 @@ pub enum ErrorCode {
     NotFound,
     /// An unexpected server-side failure; nothing was acknowledged.
     Internal,
+    /// WebSocket only: no successful `hello` within the hello timeout; the connection closes.
+    HelloTimeout,
 }
 
 impl ErrorCode {
@@ -83,6 +85,7 @@ impl ErrorCode {
                 | Self::Replaced
                 | Self::ShuttingDown
                 | Self::Overloaded
+                | Self::HelloTimeout
         )
     }
 }

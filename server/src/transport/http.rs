@@ -91,6 +91,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         C::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         C::Overloaded | C::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        C::HelloTimeout => StatusCode::REQUEST_TIMEOUT,
         C::BadFrame
         | C::UnknownOp
         | C::BadRequest
@@ -209,6 +210,13 @@ pub async fn route(
 ) -> Result<HttpResponse, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if guard.health_only && !matches!(path.as_str(), "/healthz" | "/metrics") {
+        let refused = ApiError::new(
+            ErrorCode::Overloaded,
+            "connection limit reached; only /healthz and /metrics are served beyond it",
+        );
+        return Ok(refused.response(&service));
+    }
     let result = match (&method, path.as_str()) {
         (&Method::GET, "/v1/ws") => Ok(upgrade(req, Arc::clone(&service), shutdown, guard)),
         (&Method::POST, "/v1/rpc") => rpc(req, &service).await,

@@ -2,7 +2,9 @@
 //! the WebSocket session loop, the long-polling fallback and image transfer. They parse and frame; the service decides.
 
 pub mod http;
+pub mod idle;
 pub mod longpoll;
 #[cfg(not(madsim))]
 pub mod media;
 pub mod session;
+pub mod timer;

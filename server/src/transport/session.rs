@@ -139,6 +139,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let idle = self.service.limits.idle_timeout;
         let mut ping_every = tokio::time::interval(idle / 3);
         let mut last_heard = tokio::time::Instant::now();
+        let hello_by = last_heard + self.service.limits.hello_timeout;
         let end = loop {
             let catching_up = !self.catch_up.is_empty();
             tokio::select! {
@@ -184,6 +185,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 _ = sleep_until_some(self.resync_retry_at), if self.resync_retry_at.is_some() => {
                     self.resync().await;
+                }
+                () = tokio::time::sleep_until(hello_by), if self.caller.is_none() => {
+                    self.service.metrics.count_closed_for(crate::metrics::ClosedFor::HelloTimeout);
+                    let secs = self.service.limits.hello_timeout.as_secs_f64();
+                    break End::Error(ProtocolError::new(
+                        ErrorCode::HelloTimeout,
+                        format!("no successful hello within {secs} s of connecting; closing"),
+                    ));
                 }
                 _ = std::future::ready(()), if catching_up => {
                     if let Err(e) = self.catch_up_one_page().await { break End::Transport(e) }

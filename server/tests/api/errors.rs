@@ -276,11 +276,13 @@ async fn same_device_again_replaces_the_old_connection() {
     still_alive(&mut second).await;
 }
 
-/// Past the connection limit the server answers 503 `overloaded` and serves the others.
+/// Past the connection limit (and with no spare health connections) the server
+/// answers 503 `overloaded` and serves the others.
 #[tokio::test]
 async fn connection_limit_refuses_with_overloaded() {
     let limits = Limits {
         connections_max: 1,
+        health_connections_max: 0,
         ..Limits::default()
     };
     let server = TestServer::start_with(limits).await;

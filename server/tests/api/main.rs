@@ -9,4 +9,5 @@ mod media;
 mod messaging;
 mod presence;
 mod push;
+mod stalled;
 mod sync;

@@ -223,16 +223,22 @@ async fn zero_limit_is_refused_and_large_limits_are_clamped() {
     for i in 0..6 {
         send(&mut alice, &conv, &format!("m{i}"), "paged").await;
     }
-    for op in ["sync", "history"] {
-        let zero = alice
-            .request(json!({"op": op, "conv": &conv, "after": 0, "limit": 0}))
-            .await
-            .unwrap();
-        assert_eq!(err_code(zero), "bad_request", "{op} with limit 0");
-        let big = ok(alice
-            .request(json!({"op": op, "conv": &conv, "after": 0, "limit": 1000}))
-            .await
-            .unwrap());
+    let sync = json!({"op": "sync", "conv": &conv, "after": 0});
+    let history = json!({"op": "history", "conv": &conv});
+    for (op, frame) in [("sync", sync), ("history", history)] {
+        let with_limit = |limit: u32| {
+            let mut frame = frame.clone();
+            frame["limit"] = json!(limit);
+            frame
+        };
+        match alice.request(with_limit(0)).await.unwrap() {
+            Ok(v) => panic!("{op} with limit 0 answered {v}"),
+            Err(e) => {
+                assert_eq!(e.code, "bad_request", "{op}: {}", e.message);
+                assert!(e.message.contains("limit"), "{op}: {}", e.message);
+            }
+        }
+        let big = ok(alice.request(with_limit(1000)).await.unwrap());
         assert_eq!(big["entries"].as_array().unwrap().len(), 4, "{op}: clamped");
         assert_eq!(big["has_more"], true, "{op}");
     }
