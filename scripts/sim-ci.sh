@@ -22,11 +22,14 @@ run partition-heavy 1..11
 run reconnect-storm 1..11
 run group-fanout-500 1..3
 run cluster 1..201
+run storage-faults 1..41
 
 echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
 "$sim" determinism --seeds 1..4
 echo "-- determinism (cluster seeds 1..3)"
 "$sim" determinism --scenario scenarios/sim/cluster.toml --seeds 1..3
+echo "-- determinism (storage-faults seeds 1..3)"
+"$sim" determinism --scenario scenarios/sim/storage-faults.toml --seeds 1..3
 
 echo "-- mutants (each must be caught within 30 seeds)"
 "$sim" mutants --seeds-max 30
@@ -46,3 +49,4 @@ run_commit partition-heavy 10
 run_commit reconnect-storm 10
 run_commit group-fanout-500 1
 run_commit cluster 20
+run_commit storage-faults 10

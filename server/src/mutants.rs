@@ -22,11 +22,16 @@ pub enum Mutant {
     /// Complete (several servers): when a server loses its link to the router, the
     /// events pending for its devices are dropped and its sessions never resync.
     DropPendingOnRouterLoss = 7,
+    /// Durable: a group whose commit failed (a write or fsync error) is acknowledged anyway.
+    AckFailedCommit = 8,
+    /// Recovery: after a failed commit the embedded store stays closed for good
+    /// (every later write fails until the process restarts).
+    StayDownAfterIoError = 9,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 7] = [
+    pub const ALL: [Mutant; 9] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -34,6 +39,8 @@ impl Mutant {
         Mutant::ForgetCursorOnReconnect,
         Mutant::ReceiptRegress,
         Mutant::DropPendingOnRouterLoss,
+        Mutant::AckFailedCommit,
+        Mutant::StayDownAfterIoError,
     ];
 
     /// A stable kebab-case name.
@@ -46,6 +53,8 @@ impl Mutant {
             Mutant::ForgetCursorOnReconnect => "forget-cursor-on-reconnect",
             Mutant::ReceiptRegress => "receipt-regress",
             Mutant::DropPendingOnRouterLoss => "drop-pending-on-router-loss",
+            Mutant::AckFailedCommit => "ack-failed-commit",
+            Mutant::StayDownAfterIoError => "stay-down-after-io-error",
         }
     }
 }

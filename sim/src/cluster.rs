@@ -13,16 +13,17 @@ use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
 use chatproof_server::service::ChatService;
-use chatproof_server::store::embedded::EmbeddedStore;
+use chatproof_server::store::embedded::{EmbeddedStore, Opener};
 use chatproof_server::store::shared::memory::MemTables;
 use chatproof_server::store::shared::SharedStore;
-use chatproof_server::store::Store;
+use chatproof_server::store::{Store, StoreError};
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
 use serde_json::json;
 
 use crate::checker::ConvSpec;
 use crate::client::{self, DeviceSpec, Progress};
+use crate::disk::SimDisk;
 use crate::faults::{self, Backends};
 use crate::history::{DeviceKey, History, MemberChange};
 use crate::options::{ChangeKind, PlannedChange, SimOptions};
@@ -107,9 +108,19 @@ impl Clock for SkewedClock {
 #[derive(Clone)]
 enum Backend {
     /// One server: the embedded store on a simulated disk that outlives crashes.
-    Embedded(Arc<redb::Database>),
+    Embedded(Arc<SimDisk>),
     /// Several servers: the shared store on the store node, the router between servers.
     Cluster { me: SocketAddr },
+}
+
+/// Opens the embedded database on `disk` (again after an I/O error or a restart).
+fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
+    let disk = Arc::clone(disk);
+    Box::new(move || {
+        redb::Builder::new()
+            .create_with_backend(disk.backend())
+            .map_err(|e| StoreError::Backend(format!("opening the simulated disk: {e}")))
+    })
 }
 
 async fn serve(backend: Backend, shared: Arc<Shared>) {
@@ -120,9 +131,20 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
     };
     let key = TokenKey::new(SECRET).expect("secret");
     let store: Arc<dyn Store> = match &backend {
-        Backend::Embedded(db) => Arc::new(
-            EmbeddedStore::with_database(Arc::clone(db)).expect("opening the simulated disk"),
-        ),
+        Backend::Embedded(disk) => {
+            // A restart can meet a faulty disk: keep trying, as a supervisor
+            // restarting the server would.
+            let store = loop {
+                match EmbeddedStore::with_opener(disk_opener(disk)) {
+                    Ok(store) => break store,
+                    Err(e) => {
+                        shared.note(format!("store did not open ({e}); retrying"));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            };
+            Arc::new(store)
+        }
         Backend::Cluster { .. } => {
             let tables =
                 SimTables::connect(SocketAddr::new(IpAddr::V4(STORE_IP), STORE_PORT)).await;
@@ -197,11 +219,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         disconnect: Mutex::new(BTreeSet::new()),
     });
     shared.note(format!("options: {opts}"));
-    let db = Arc::new(
-        redb::Builder::new()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .expect("in-memory database"),
-    );
+    let disk = SimDisk::new();
     let cluster = opts.servers > 1;
     let mut backends = Backends::default();
     if cluster {
@@ -239,7 +257,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             let backend = if cluster {
                 Backend::Cluster { me: server_addr(i) }
             } else {
-                Backend::Embedded(Arc::clone(&db))
+                Backend::Embedded(Arc::clone(&disk))
             };
             let shared = Arc::clone(&shared);
             handle
@@ -252,6 +270,9 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         })
         .collect();
     backends.servers = servers;
+    if !cluster {
+        backends.disk = Some(Arc::clone(&disk));
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let convs = conversations(&opts);
     let key = TokenKey::new(SECRET).expect("secret");

@@ -4,8 +4,9 @@
 //! client's link, latency spikes, packet loss, and clients dropping their connection
 //! (possibly mid-send); with several servers also crashes of the shared store's node
 //! (losing only calls in flight) and of the router (losing its registry), and cuts of
-//! one server's link to either. The system must survive all of them and converge
-//! after `heal`.
+//! one server's link to either; with one server, storage faults on its disk
+//! ([`crate::disk`]: full, write or fsync errors, power loss with torn writes).
+//! The system must survive all of them and converge after `heal`.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use madsim::runtime::Handle;
 use madsim::task::NodeId;
 
 use crate::cluster::{sim_ms, Shared};
+use crate::disk::{DiskFault, SimDisk};
 use crate::history::WindowKind;
 use crate::history::{DeviceKey, FaultWindow};
 use crate::options::{FaultKind, SeedRng, SimOptions};
@@ -29,6 +31,8 @@ pub struct Backends {
     pub store: Option<NodeId>,
     /// The router's node (several servers only).
     pub router: Option<NodeId>,
+    /// The server's disk (one server only).
+    pub disk: Option<Arc<SimDisk>>,
 }
 
 /// Draws and applies faults.
@@ -182,6 +186,34 @@ impl Injector {
                     tokio::time::sleep(hold).await;
                     handle.restart(router);
                 }
+                FaultKind::DiskFull | FaultKind::DiskIo => {
+                    let Some(disk) = &self.nodes.disk else {
+                        continue;
+                    };
+                    let fault = match kind {
+                        FaultKind::DiskFull => DiskFault::Full,
+                        _ if self.range(0, 1) == 0 => DiskFault::WriteIo,
+                        _ => DiskFault::SyncIo,
+                    };
+                    self.shared.note(format!("disk fault {fault:?} begins"));
+                    disk.set_fault(Some(fault));
+                    tokio::time::sleep(hold).await;
+                    disk.set_fault(None);
+                }
+                FaultKind::PowerLoss => {
+                    let Some(disk) = &self.nodes.disk else {
+                        continue;
+                    };
+                    handle.kill(server);
+                    let kept = self.range(0, 8) as usize;
+                    let torn_len = self.range(0, 4096) as usize;
+                    let pending = disk.power_loss(kept, torn_len);
+                    self.shared.note(format!(
+                        "power loss: {pending} unsynced change(s), first {kept} kept, the last torn at {torn_len} bytes"
+                    ));
+                    tokio::time::sleep(hold).await;
+                    handle.restart(server);
+                }
                 FaultKind::BackendPartition => {
                     let backend = if self.range(0, 1) == 0 {
                         self.nodes.store
@@ -211,6 +243,9 @@ impl Injector {
             c.packet_loss_rate = 0.0;
             c.send_latency = Duration::from_millis(1)..Duration::from_millis(10);
         });
+        if let Some(disk) = &self.nodes.disk {
+            disk.set_fault(None);
+        }
         let _ = handle;
     }
 }

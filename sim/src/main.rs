@@ -14,6 +14,7 @@ mod checker;
 mod client;
 #[cfg(madsim)]
 mod cluster;
+mod disk;
 mod exit;
 #[cfg(madsim)]
 mod faults;

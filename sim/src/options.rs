@@ -98,11 +98,18 @@ pub enum FaultKind {
     RouterCrash,
     /// Several servers: one server's link to the store or to the router is cut.
     BackendPartition,
+    /// One server: its disk is full for a while (writes fail with ENOSPC).
+    DiskFull,
+    /// One server: its disk fails writes, or fsyncs, with EIO for a while.
+    DiskIo,
+    /// One server: power loss: the server dies and its disk keeps only what was
+    /// synced, the last unsynced writes possibly torn; then it restarts.
+    PowerLoss,
 }
 
 impl FaultKind {
     /// Every kind, in draw order.
-    pub const ALL: [FaultKind; 11] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::ServerCrash,
         FaultKind::Partition,
         FaultKind::PartitionOneWay,
@@ -114,6 +121,9 @@ impl FaultKind {
         FaultKind::StoreCrash,
         FaultKind::RouterCrash,
         FaultKind::BackendPartition,
+        FaultKind::DiskFull,
+        FaultKind::DiskIo,
+        FaultKind::PowerLoss,
     ];
 
     /// The name used in presets, `--faults`, traces and replay commands.
@@ -130,6 +140,9 @@ impl FaultKind {
             FaultKind::StoreCrash => "store_crash",
             FaultKind::RouterCrash => "router_crash",
             FaultKind::BackendPartition => "backend_partition",
+            FaultKind::DiskFull => "disk_full",
+            FaultKind::DiskIo => "disk_io",
+            FaultKind::PowerLoss => "power_loss",
         }
     }
 }
@@ -204,6 +217,12 @@ impl Preset {
             "devices_per_user at least 1"
         );
         Ok(preset)
+    }
+
+    /// The storage-fault preset (`scenarios/sim/storage-faults.toml`).
+    pub fn storage_faults() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/storage-faults.toml"))
+            .expect("built-in storage-faults preset")
     }
 
     /// The built-in smoke preset (also `scenarios/sim/smoke.toml`).
@@ -471,7 +490,7 @@ mod tests {
     fn fault_filter() {
         let w = FaultWeights::of(&[(FaultKind::ServerCrash, 3), (FaultKind::Partition, 2)]);
         let only = w.only(&[FaultKind::Partition, FaultKind::PacketLoss]);
-        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
         let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
         assert_eq!(parsed, w);
         assert!(toml::from_str::<FaultWeights>("meteor = 1").is_err());

@@ -365,8 +365,18 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             for mutant in Mutant::ALL {
                 // A bug of the router path shows only with several servers.
                 let needs_cluster = mutant == Mutant::DropPendingOnRouterLoss;
+                // A bug of the failed-commit path shows only when commits fail.
+                let needs_disk_faults = matches!(
+                    mutant,
+                    Mutant::AckFailedCommit | Mutant::StayDownAfterIoError
+                );
+                let disk_faults = [FaultKind::DiskFull, FaultKind::DiskIo, FaultKind::PowerLoss];
                 let preset = if needs_cluster && preset.servers[1] <= 1 {
                     Preset::cluster()
+                } else if needs_disk_faults
+                    && disk_faults.iter().all(|k| preset.faults.weight(*k) == 0)
+                {
+                    Preset::storage_faults()
                 } else {
                     preset.clone()
                 };

@@ -178,6 +178,12 @@ pub trait Store: Send + Sync + 'static {
     /// The last-seen time of each of `users`, in the same order; `None` if never seen.
     async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError>;
 
+    /// Whether the store can take writes now (`Err` says why not). A store that
+    /// can recover by itself may use the call to try.
+    async fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Deletes up to `budget` entries older than `cutoff_ms`; returns how many.
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError>;
 }

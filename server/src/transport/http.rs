@@ -210,10 +210,10 @@ pub async fn route(
 ) -> Result<HttpResponse, Infallible> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if guard.health_only && !matches!(path.as_str(), "/healthz" | "/metrics") {
+    if guard.health_only && !matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics") {
         let refused = ApiError::new(
             ErrorCode::Overloaded,
-            "connection limit reached; only /healthz and /metrics are served beyond it",
+            "connection limit reached; only /healthz, /readyz and /metrics are served beyond it",
         );
         return Ok(refused.response(&service));
     }
@@ -231,8 +231,9 @@ pub async fn route(
             "text/plain; version=0.0.4",
             service.metrics.render(),
         )),
-        (&Method::GET, "/healthz") => Ok(text(StatusCode::OK, "text/plain", "ok\n".into())),
-        (_, "/v1/ws" | "/metrics" | "/healthz") => {
+        (&Method::GET, "/healthz") => Ok(health(&service, None).await),
+        (&Method::GET, "/readyz") => Ok(health(&service, Some(&shutdown)).await),
+        (_, "/v1/ws" | "/metrics" | "/healthz" | "/readyz") => {
             Err(ApiError::new(ErrorCode::MethodNotAllowed, "use GET"))
         }
         (_, "/v1/rpc" | "/v1/poll" | "/v1/media") => {
@@ -244,6 +245,24 @@ pub async fn route(
         _ => Err(ApiError::new(ErrorCode::NotFound, "no such endpoint")),
     };
     Ok(result.unwrap_or_else(|e| e.response(&service)))
+}
+
+/// `GET /healthz` (`shutdown` absent) and `GET /readyz`: `200 ok` while the
+/// store takes writes (and, for readiness, the server is not shutting down);
+/// otherwise `503` with the code and why.
+async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>) -> HttpResponse {
+    if shutdown.is_some_and(|stop| *stop.borrow()) {
+        let body = json!({"code": ErrorCode::ShuttingDown, "message": "server shutting down"});
+        return json_body(StatusCode::SERVICE_UNAVAILABLE, &body);
+    }
+    match service.store.health().await {
+        Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        Err(why) => {
+            let message = format!("store unhealthy: {why}");
+            let body = json!({"code": ErrorCode::Internal, "message": message});
+            json_body(StatusCode::SERVICE_UNAVAILABLE, &body)
+        }
+    }
 }
 
 /// `POST /v1/rpc`: one request frame (any op but `hello`), its reply frame back.

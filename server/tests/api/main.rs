@@ -10,4 +10,5 @@ mod messaging;
 mod presence;
 mod push;
 mod stalled;
+mod storage;
 mod sync;

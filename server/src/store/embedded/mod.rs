@@ -10,6 +10,7 @@
 //! crashes: a commit is one synchronous step, so a crash loses exactly the writes
 //! that were queued but not yet committed, none of which was acknowledged.
 
+mod slot;
 mod tables;
 mod writer;
 
@@ -20,6 +21,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase};
 use tokio::sync::{mpsc, oneshot};
 
+use self::slot::DatabaseSlot;
+pub use self::slot::Opener;
 use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, SEQS, USER_CONVS};
 use self::writer::{WriteCtx, WriteOp};
 use super::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
@@ -39,7 +42,7 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, 
 
 /// The redb-backed [`Store`].
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: Arc<DatabaseSlot>,
     ops: Option<mpsc::UnboundedSender<WriteOp>>,
     #[cfg(not(madsim))]
     writer: Option<std::thread::JoinHandle<()>>,
@@ -61,13 +64,16 @@ impl EmbeddedStore {
     /// Opens (or creates) the database file `dir/chatproof.redb` and starts the writer thread.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
-        let db = Arc::new(Database::create(dir.join("chatproof.redb")).map_err(backend)?);
-        Self::with_database(db)
+        let path = dir.join("chatproof.redb");
+        Self::with_opener(Box::new(move || {
+            Database::create(&path).map_err(|e| backend(format!("{}: {e}", path.display())))
+        }))
     }
 
-    /// Uses an open database (the simulator passes one on redb's in-memory backend).
-    pub fn with_database(db: Arc<Database>) -> Result<Self, StoreError> {
-        writer::create_tables(&db)?;
+    /// Opens the database with `opener`, and again with it after an I/O error
+    /// (the simulator passes one over its simulated disk).
+    pub fn with_opener(opener: Opener) -> Result<Self, StoreError> {
+        let db = Arc::new(DatabaseSlot::open(opener)?);
         let (ops, rx) = mpsc::unbounded_channel();
         let writer_db = Arc::clone(&db);
         #[cfg(not(madsim))]
@@ -100,12 +106,19 @@ impl EmbeddedStore {
             })
         });
         let ops = self.ops.as_ref().expect("open until dropped");
-        ops.send(op).map_err(|_| backend("store writer stopped"))?;
-        rx.await.map_err(|_| backend("store writer stopped"))?
+        let not_committed = || {
+            let why = self
+                .db
+                .last_error()
+                .unwrap_or_else(|| "store writer stopped".into());
+            backend(format!("not committed: storage unavailable ({why})"))
+        };
+        ops.send(op).map_err(|_| not_committed())?;
+        rx.await.map_err(|_| not_committed())?
     }
 
     fn read_conv(&self, conv: &str) -> Result<Option<ConvState>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
         let convs = txn.open_table(CONVS).map_err(backend)?;
         let Some(raw) = convs.get(conv).map_err(backend)? else {
             return Ok(None);
@@ -123,7 +136,7 @@ impl EmbeddedStore {
         limit: u32,
         newest_first: bool,
     ) -> Result<Vec<Entry>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
         let entries = txn.open_table(ENTRIES).map_err(backend)?;
         let (lo, hi) = range.into_inner();
         if lo > hi {
@@ -156,6 +169,19 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
+    /// Whether the last commit succeeded; otherwise why not. Probes a closed
+    /// store with an empty write, which reopens it if the disk takes writes again.
+    async fn health(&self) -> Result<(), String> {
+        if self.db.healthy() {
+            return Ok(());
+        }
+        let _ = self.write(|_| Ok(())).await;
+        match self.db.healthy() {
+            true => Ok(()),
+            false => Err(self.db.last_error().unwrap_or_else(|| "unhealthy".into())),
+        }
+    }
+
     async fn open_direct(
         &self,
         opener: &str,
@@ -224,7 +250,7 @@ impl Store for EmbeddedStore {
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
         let ids: Vec<String> = {
-            let txn = self.db.begin_read().map_err(backend)?;
+            let txn = self.db.get()?.begin_read().map_err(backend)?;
             let index = txn.open_table(USER_CONVS).map_err(backend)?;
             let mut ids = Vec::new();
             for row in index.range((user, "")..).map_err(backend)? {
@@ -272,7 +298,7 @@ impl Store for EmbeddedStore {
         device: &str,
         conv: &str,
     ) -> Result<Option<Cursor>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
         let cursors = txn.open_table(DEVICE_CURSORS).map_err(backend)?;
         let found = cursors.get((user, device, conv)).map_err(backend)?;
         Ok(found.map(|g| {
@@ -288,7 +314,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
-        let txn = self.db.begin_read().map_err(backend)?;
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
         let table = txn.open_table(LAST_SEEN).map_err(backend)?;
         users
             .iter()

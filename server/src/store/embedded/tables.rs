@@ -21,3 +21,5 @@ pub const LAST_SEEN: TableDefinition<&str, u64> = TableDefinition::new("last_see
 /// `(conv, user)` → `(delivered, read)`: the maximum over the user's devices.
 pub const USER_CURSORS: TableDefinition<(&str, &str), (u64, u64)> =
     TableDefinition::new("user_cursors");
+/// Store bookkeeping: `"reopened"` → how many times the store reopened after an I/O error.
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");

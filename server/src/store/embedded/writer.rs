@@ -10,8 +10,9 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc;
 
+use super::slot::DatabaseSlot;
 use super::tables::{
-    CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, SEQS, USER_CONVS, USER_CURSORS,
+    CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, META, SEQS, USER_CONVS, USER_CURSORS,
 };
 use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
@@ -55,29 +56,56 @@ pub fn create_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(DEVICE_CURSORS).map_err(backend)?;
     txn.open_table(USER_CURSORS).map_err(backend)?;
     txn.open_table(LAST_SEEN).map_err(backend)?;
+    txn.open_table(META).map_err(backend)?;
+    txn.commit().map_err(backend)
+}
+
+/// Opens a write transaction that commits in two phases (data pages synced
+/// before the header that names them), so that a failed fsync never leaves a
+/// visible commit whose pages are not durable.
+fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    txn.set_two_phase_commit(true);
+    Ok(txn)
+}
+
+/// Commits a change to the store's bookkeeping with an fsync: after a reopen,
+/// the header on disk is then the one every later read builds on.
+pub fn commit_marker(db: &Database) -> Result<(), StoreError> {
+    let txn = begin(db)?;
+    {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        let reopened = meta
+            .get("reopened")
+            .map_err(backend)?
+            .map_or(0, |g| g.value());
+        meta.insert("reopened", reopened + 1).map_err(backend)?;
+    }
     txn.commit().map_err(backend)
 }
 
 /// The writer loop on an OS thread: runs until every sender of `ops` is dropped.
 #[cfg(not(madsim))]
-pub fn run(db: &Database, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
+pub fn run(slot: &DatabaseSlot, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
     let mut cache = HashMap::new();
     while let Some(first) = ops.blocking_recv() {
-        commit_group(db, &mut cache, take_group(first, &mut ops));
+        commit_group(slot, &mut cache, take_group(first, &mut ops));
     }
 }
 
 /// The writer loop as a task (the simulator forbids OS threads).
 #[cfg(madsim)]
-pub async fn run_task(db: &Database, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
+pub async fn run_task(slot: &DatabaseSlot, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
     let mut cache = HashMap::new();
     while let Some(first) = ops.recv().await {
         let group = take_group(first, &mut ops);
         if crate::mutants::active(crate::mutants::Mutant::AckBeforeDurable) {
-            commit_group_acking_first(db, &mut cache, group).await;
+            if let Ok(db) = slot.get() {
+                commit_group_acking_first(&db, &mut cache, group).await;
+            }
             continue;
         }
-        commit_group(db, &mut cache, group);
+        commit_group(slot, &mut cache, group);
         // Let the callers run before the next group, as the thread would.
         tokio::task::yield_now().await;
     }
@@ -90,7 +118,7 @@ async fn commit_group_acking_first(
     cache: &mut HashMap<String, CachedConv>,
     batch: Vec<WriteOp>,
 ) {
-    let Ok(txn) = db.begin_write() else { return };
+    let Ok(txn) = begin(db) else { return };
     let (completions, failed) = apply_group(&txn, cache, batch);
     for complete in completions {
         complete(Ok(()));
@@ -134,12 +162,21 @@ fn take_group(first: WriteOp, ops: &mut mpsc::UnboundedReceiver<WriteOp>) -> Vec
     batch
 }
 
-fn commit_group(db: &Database, cache: &mut HashMap<String, CachedConv>, batch: Vec<WriteOp>) {
-    let txn = match db.begin_write() {
+/// Commits `batch` in one transaction; each write's completion learns the
+/// outcome. A failed commit closes the database (redb refuses everything after
+/// an I/O error until reopened); the next group reopens it first, and while it
+/// cannot, groups are dropped unrun, which fails each caller: nothing is
+/// acknowledged while the store is down.
+fn commit_group(slot: &DatabaseSlot, cache: &mut HashMap<String, CachedConv>, batch: Vec<WriteOp>) {
+    if !slot.reopen() {
+        return;
+    }
+    let txn = match slot.get().and_then(|db| begin(&db)) {
         Ok(txn) => txn,
         Err(e) => {
             tracing::error!(error = %e, "cannot begin a write transaction");
-            return; // Dropping the ops fails each caller with "store writer stopped".
+            slot.close_after(&e.to_string());
+            return;
         }
     };
     let (completions, failed) = apply_group(&txn, cache, batch);
@@ -153,7 +190,13 @@ fn commit_group(db: &Database, cache: &mut HashMap<String, CachedConv>, batch: V
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "group commit failed; nothing in it was acknowledged");
         cache.clear();
+        slot.close_after(&e.to_string());
     }
+    let outcome = if crate::mutants::active(crate::mutants::Mutant::AckFailedCommit) {
+        Ok(())
+    } else {
+        outcome
+    };
     for complete in completions {
         complete(outcome.clone());
     }
