@@ -9,7 +9,7 @@ use crate::clock::SystemClock;
 #[cfg(not(madsim))]
 use crate::cluster::redis::{RedisConfig, RedisFabric};
 use crate::config::{Backend, ServeArgs};
-use crate::service::ChatService;
+use crate::service::ServiceBuilder;
 use crate::store::embedded::EmbeddedStore;
 #[cfg(not(madsim))]
 use crate::store::scylla::{ScyllaConfig, ScyllaStore};
@@ -79,7 +79,7 @@ pub async fn serve(
         }
     };
     #[cfg_attr(madsim, allow(unused_mut))]
-    let mut service = ChatService::new(store, Arc::new(SystemClock), limits, key);
+    let mut service = ServiceBuilder::new(store, Arc::new(SystemClock), limits, key);
     #[cfg(not(madsim))]
     {
         let media_dir = args
@@ -92,7 +92,7 @@ pub async fn serve(
                 why: e.to_string(),
             }
         })?;
-        service.media = Some(Arc::new(blobs));
+        service = service.media(Arc::new(blobs));
         if let Some(url) = &args.push_webhook {
             let config = crate::push::webhook::WebhookConfig {
                 url: url.clone(),
@@ -101,9 +101,9 @@ pub async fn serve(
                 backoff: std::time::Duration::from_millis(args.push_backoff_ms),
             };
             let sink =
-                crate::push::webhook::WebhookSink::start(config, Arc::clone(&service.metrics))
+                crate::push::webhook::WebhookSink::start(config, Arc::clone(service.metrics()))
                     .map_err(LaunchError::Config)?;
-            service.push = sink;
+            service = service.push(sink);
         }
     }
     let listener = bind_listener(args.listen, args.listen_backlog)
@@ -121,14 +121,14 @@ pub async fn serve(
         let config = redis_config(args, local)?;
         let fabric = RedisFabric::start(
             config,
-            Arc::clone(&service.hub),
-            service.metrics.fabric.clone(),
+            Arc::clone(service.hub()),
+            service.metrics().fabric.clone(),
         )
         .await
         .map_err(|e| LaunchError::Backend(e.to_string()))?;
-        service.fabric = Some(fabric);
+        service = service.fabric(fabric);
     }
-    let service = Arc::new(service);
+    let service = Arc::new(service.build());
     tracing::info!(listen = %local, backend = ?args.backend, "chatproof-server ready");
     on_ready(local);
     crate::run(listener, service, shutdown).await;

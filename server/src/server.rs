@@ -42,8 +42,8 @@ pub async fn run(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-    let permits = Arc::new(Semaphore::new(service.limits.connections_max));
-    let health_permits = Arc::new(Semaphore::new(service.limits.health_connections_max));
+    let permits = Arc::new(Semaphore::new(service.limits().connections_max));
+    let health_permits = Arc::new(Semaphore::new(service.limits().health_connections_max));
     let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
     let presence = tokio::spawn(publish_presence_forever(Arc::clone(&service)));
     tokio::pin!(shutdown);
@@ -67,7 +67,9 @@ pub async fn run(
             Err(_) => match Arc::clone(&health_permits).try_acquire_owned() {
                 Ok(permit) => (permit, true),
                 Err(_) => {
-                    service.metrics.count_closed_for(ClosedFor::ConnectionLimit);
+                    service
+                        .metrics()
+                        .count_closed_for(ClosedFor::ConnectionLimit);
                     tokio::spawn(refuse_overloaded(stream));
                     continue;
                 }
@@ -84,7 +86,7 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let stop_for_routes = stop.clone();
-            let limits = service.limits.clone();
+            let limits = service.limits().clone();
             let metrics_service = Arc::clone(&service);
             let svc = service_fn(move |req| {
                 let serving = guard.activity.request();
@@ -117,7 +119,7 @@ pub async fn run(
                     conn.await
                 }
                 () = activity.idle_past(limits.keep_alive_timeout) => {
-                    metrics_service.metrics.count_closed_for(ClosedFor::KeepAliveIdle);
+                    metrics_service.metrics().count_closed_for(ClosedFor::KeepAliveIdle);
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -125,7 +127,7 @@ pub async fn run(
             match result {
                 Err(e) if e.is_timeout() => {
                     metrics_service
-                        .metrics
+                        .metrics()
                         .count_closed_for(ClosedFor::HeaderTimeout);
                     tracing::debug!(%peer, "request head not received in time; closed");
                 }
@@ -139,7 +141,7 @@ pub async fn run(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(drain_tx);
-    let drain_timeout = service.limits.drain_timeout;
+    let drain_timeout = service.limits().drain_timeout;
     if tokio::time::timeout(drain_timeout, drain_rx.recv())
         .await
         .is_err()
@@ -175,7 +177,7 @@ async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
 /// Once per presence interval: closes idle long-poll mailboxes, then publishes
 /// the coalesced presence changes.
 async fn publish_presence_forever(service: Arc<ChatService>) {
-    let mut every = tokio::time::interval(service.limits.presence_interval);
+    let mut every = tokio::time::interval(service.limits().presence_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
@@ -186,14 +188,15 @@ async fn publish_presence_forever(service: Arc<ChatService>) {
 
 /// Deletes expired entries every sweep interval, in bounded batches.
 async fn expire_forever(service: Arc<ChatService>) {
-    let mut every = tokio::time::interval(service.limits.expiry_sweep_interval);
+    let mut every = tokio::time::interval(service.limits().expiry_sweep_interval);
     loop {
         every.tick().await;
-        let retention_ms = u64::try_from(service.limits.retention.as_millis()).unwrap_or(u64::MAX);
-        let cutoff_ms = service.clock.now_ms().saturating_sub(retention_ms);
+        let retention_ms =
+            u64::try_from(service.limits().retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff_ms = service.clock().now_ms().saturating_sub(retention_ms);
         loop {
             match service
-                .store
+                .store()
                 .expire_before(cutoff_ms, EXPIRY_BATCH_LEN)
                 .await
             {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
-use chatproof_server::service::ChatService;
+use chatproof_server::service::ServiceBuilder;
 use chatproof_server::store::embedded::{EmbeddedStore, Opener};
 use chatproof_server::store::shared::memory::MemTables;
 use chatproof_server::store::shared::SharedStore;
@@ -151,13 +151,14 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
             Arc::new(SharedStore::new(Arc::new(tables)))
         }
     };
-    let mut service = ChatService::new(store, Arc::new(SkewedClock(skew)), limits, key);
+    let mut service = ServiceBuilder::new(store, Arc::new(SkewedClock(skew)), limits, key);
     if let Backend::Cluster { me } = backend {
         let router = SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT);
         let deliver = SocketAddr::new(me.ip(), DELIVER_PORT);
-        let fabric = SimFabric::start(router, deliver, Arc::clone(&service.hub)).await;
-        service.fabric = Some(fabric);
+        let fabric = SimFabric::start(router, deliver, Arc::clone(service.hub())).await;
+        service = service.fabric(fabric);
     }
+    let service = service.build();
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         CHAT_PORT,

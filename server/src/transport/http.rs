@@ -64,7 +64,7 @@ impl ApiError {
     }
 
     fn response(&self, service: &ChatService) -> HttpResponse {
-        service.metrics.count_error(self.error.code);
+        service.metrics().count_error(self.error.code);
         let body = json!({ "code": self.error.code, "message": self.error.message });
         json_body(status_of(self.error.code), &body)
     }
@@ -156,8 +156,8 @@ fn authenticate(
             )
         })?;
     let claims = service
-        .tokens
-        .verify(token.trim(), service.clock.now_ms() / 1000)?;
+        .tokens()
+        .verify(token.trim(), service.clock().now_ms() / 1000)?;
     let device = match req.headers().get(DEVICE_HEADER) {
         Some(v) => {
             let device = v.to_str().unwrap_or_default().to_owned();
@@ -229,7 +229,7 @@ pub async fn route(
         (&Method::GET, "/metrics") => Ok(text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            service.metrics.render(),
+            service.metrics().render(),
         )),
         (&Method::GET, "/healthz") => Ok(health(&service, None).await),
         (&Method::GET, "/readyz") => Ok(health(&service, Some(&shutdown)).await),
@@ -255,7 +255,7 @@ async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>)
         let body = json!({"code": ErrorCode::ShuttingDown, "message": "server shutting down"});
         return json_body(StatusCode::SERVICE_UNAVAILABLE, &body);
     }
-    match service.store.health().await {
+    match service.store().health().await {
         Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".into()),
         Err(why) => {
             let message = format!("store unhealthy: {why}");
@@ -268,7 +268,7 @@ async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>)
 /// `POST /v1/rpc`: one request frame (any op but `hello`), its reply frame back.
 async fn rpc(req: Request<Incoming>, service: &Arc<ChatService>) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&req, service, true)?;
-    let body = read_json(req, service.limits.frame_len_max_bytes).await?;
+    let body = read_json(req, service.limits().frame_len_max_bytes).await?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::new(ErrorCode::BadFrame, "the body is not UTF-8"))?;
     let (frame, status) = match decode_request(text) {
@@ -282,7 +282,7 @@ async fn rpc(req: Request<Incoming>, service: &Arc<ChatService>) -> Result<HttpR
         },
     };
     if let ServerFrame::Error { code, .. } = &frame {
-        service.metrics.count_error(*code);
+        service.metrics().count_error(*code);
     }
     Ok(text_frame(status, frame.to_json()))
 }
@@ -297,7 +297,7 @@ async fn poll(
     service: &Arc<ChatService>,
 ) -> Result<HttpResponse, ApiError> {
     let caller = authenticate(&req, service, true)?;
-    let body = read_json(req, service.limits.frame_len_max_bytes).await?;
+    let body = read_json(req, service.limits().frame_len_max_bytes).await?;
     let request: PollRequest = if body.iter().all(u8::is_ascii_whitespace) {
         PollRequest::default()
     } else {
@@ -371,7 +371,7 @@ fn upgrade(
         .response(&service);
     };
     let accept = derive_accept_key(key.as_bytes());
-    let config = websocket_config(service.limits.frame_len_max_bytes);
+    let config = websocket_config(service.limits().frame_len_max_bytes);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let _guard = guard; // Held for the session's life: connection limit and drain.

@@ -104,10 +104,10 @@ pub async fn poll(
     let timeout = req
         .timeout_ms
         .map_or(POLL_TIMEOUT_DEFAULT, Duration::from_millis)
-        .min(svc.limits.poll_timeout_max);
-    let limit = svc.limits.page_len(req.limit)? as usize;
+        .min(svc.limits().poll_timeout_max);
+    let limit = svc.limits().page_len(req.limit)? as usize;
     let mailbox = open_mailbox(svc, caller).await?;
-    let generation = mailbox.begin_poll(svc.clock.now_ms());
+    let generation = mailbox.begin_poll(svc.clock().now_ms());
     let result = poll_in(
         svc,
         caller,
@@ -118,8 +118,8 @@ pub async fn poll(
         limit,
     )
     .await;
-    mailbox.end_poll(svc.clock.now_ms());
-    result.map(|c| c.response(svc.clock.now_ms()))
+    mailbox.end_poll(svc.clock().now_ms());
+    result.map(|c| c.response(svc.clock().now_ms()))
 }
 
 /// The device's mailbox; a new one is registered here and in the cluster
@@ -128,19 +128,19 @@ async fn open_mailbox(
     svc: &Arc<ChatService>,
     caller: &Caller,
 ) -> Result<Arc<Mailbox>, ProtocolError> {
-    let now = svc.clock.now_ms();
-    let queue_len = svc.limits.device_queue_len_max;
+    let now = svc.clock().now_ms();
+    let queue_len = svc.limits().device_queue_len_max;
     match svc
-        .mailboxes
-        .get_or_open(&svc.hub, &caller.user, &caller.device, queue_len, now)
+        .mailboxes()
+        .get_or_open(svc.hub(), &caller.user, &caller.device, queue_len, now)
     {
         Opened::Existing(mailbox) => {
             svc.record_last_seen(&caller.user);
             Ok(mailbox)
         }
         Opened::New(mailbox) => {
-            svc.metrics.polls_open.set(svc.mailboxes.len() as i64);
-            if let Some(fabric) = &svc.fabric {
+            svc.metrics().polls_open.set(svc.mailboxes().len() as i64);
+            if let Some(fabric) = svc.fabric() {
                 if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
                     tracing::error!(error = %e, "cannot register a polling device in the cluster");
                     mailbox.close();
@@ -191,7 +191,7 @@ async fn poll_in(
             return Ok(got);
         }
         if !got.presence.is_empty() {
-            let due = *presence_due.get_or_insert(now + svc.limits.presence_interval);
+            let due = *presence_due.get_or_insert(now + svc.limits().presence_interval);
             if now >= due {
                 return Ok(got);
             }
@@ -262,7 +262,7 @@ async fn read_behind(
         let until = pos.last_seq.min(pos.visible_until);
         let room = u32::try_from(room).unwrap_or(u32::MAX);
         let entries = svc
-            .store
+            .store()
             .read_after(conv, pos.next - 1, until, room)
             .await
             .map_err(|e| {

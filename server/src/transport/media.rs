@@ -36,8 +36,7 @@ impl Drop for Staged {
 }
 
 fn store_of(svc: &ChatService) -> Result<&Arc<dyn BlobStore>, ApiError> {
-    svc.media
-        .as_ref()
+    svc.media()
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "this server does not store images"))
 }
 
@@ -62,7 +61,7 @@ pub async fn upload(
         )
         .into());
     }
-    let limit = svc.limits.media_len_max_bytes;
+    let limit = svc.limits().media_len_max_bytes;
     let staged = Staged(blobs.staging_path());
     let mut file = tokio::fs::File::create(&staged.0)
         .await
@@ -103,7 +102,7 @@ pub async fn upload(
             .await
             .map_err(|e| storage_failure(&MediaError::Storage(e.to_string())))?;
     }
-    svc.metrics.media_bytes_in.inc_by(size);
+    svc.metrics().media_bytes_in.inc_by(size);
     if let Some(refused) = refused {
         return Err(refused);
     }
@@ -141,7 +140,7 @@ pub async fn upload(
         .put(&staged.0, meta)
         .await
         .map_err(|e| storage_failure(&e))?;
-    svc.metrics.media_uploads.inc();
+    svc.metrics().media_uploads.inc();
     Ok(json_body(
         hyper::StatusCode::CREATED,
         &serde_json::json!({ "media": stored.media }),

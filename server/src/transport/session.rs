@@ -81,7 +81,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    service.metrics.connections.inc();
+    service.metrics().connections.inc();
     let mut session = Session {
         ws,
         service: Arc::clone(&service),
@@ -131,15 +131,15 @@ pub async fn run<S>(
     if let Some(frame) = close {
         let _ = tokio::time::timeout(Duration::from_secs(1), session.ws.close(Some(frame))).await;
     }
-    service.metrics.connections.dec();
+    service.metrics().connections.dec();
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn drive(&mut self, shutdown: &mut watch::Receiver<bool>) -> End {
-        let idle = self.service.limits.idle_timeout;
+        let idle = self.service.limits().idle_timeout;
         let mut ping_every = tokio::time::interval(idle / 3);
         let mut last_heard = tokio::time::Instant::now();
-        let hello_by = last_heard + self.service.limits.hello_timeout;
+        let hello_by = last_heard + self.service.limits().hello_timeout;
         let end = loop {
             let catching_up = !self.catch_up.is_empty();
             tokio::select! {
@@ -187,8 +187,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.resync().await;
                 }
                 () = tokio::time::sleep_until(hello_by), if self.caller.is_none() => {
-                    self.service.metrics.count_closed_for(crate::metrics::ClosedFor::HelloTimeout);
-                    let secs = self.service.limits.hello_timeout.as_secs_f64();
+                    self.service.metrics().count_closed_for(crate::metrics::ClosedFor::HelloTimeout);
+                    let secs = self.service.limits().hello_timeout.as_secs_f64();
                     break End::Error(ProtocolError::new(
                         ErrorCode::HelloTimeout,
                         format!("no successful hello within {secs} s of connecting; closing"),
@@ -204,9 +204,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
         if let (Some(caller), Some((conn, _))) = (&self.caller, &self.hub_rx) {
-            let hub = &self.service.hub;
+            let hub = self.service.hub();
             hub.unregister(&caller.user, *conn);
-            if let Some(fabric) = &self.service.fabric {
+            if let Some(fabric) = self.service.fabric() {
                 if !hub.device_online(&caller.user, &caller.device) {
                     fabric.device_disconnected(&caller.user, &caller.device);
                 }
@@ -266,7 +266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .insert(state.user.clone(), PresenceState::clone(state));
         }
         if self.presence_flush_at.is_none() {
-            let interval = self.service.limits.presence_interval;
+            let interval = self.service.limits().presence_interval;
             self.presence_flush_at = Some(tokio::time::Instant::now() + interval);
         }
     }
@@ -290,7 +290,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     async fn reply_error(&mut self, rid: Option<String>, err: ProtocolError) -> WsResult<()> {
-        self.service.metrics.count_error(err.code);
+        self.service.metrics().count_error(err.code);
         self.ws
             .send(Message::Text(ServerFrame::error(rid, err).to_json().into()))
             .await
@@ -346,7 +346,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.reply_error(Some(rid), err.clone()).await?;
             return Ok(Some(End::Replied(err)));
         }
-        let claims = match svc.tokens.verify(&hello.token, svc.clock.now_ms() / 1000) {
+        let claims = match svc
+            .tokens()
+            .verify(&hello.token, svc.clock().now_ms() / 1000)
+        {
             Ok(claims) => claims,
             Err(err) => {
                 self.reply_error(Some(rid), err.clone()).await?;
@@ -362,16 +365,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Register before reading state: anything sequenced later is pushed,
         // anything earlier is in the store, so nothing falls between.
-        let (conn, rx) = svc.hub.register(
+        let (conn, rx) = svc.hub().register(
             &caller.user,
             &caller.device,
-            svc.limits.device_queue_len_max,
+            svc.limits().device_queue_len_max,
         );
-        if let Some(fabric) = &svc.fabric {
+        if let Some(fabric) = svc.fabric() {
             // Other servers must route to this device before its catch-up reads the store.
             if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
                 tracing::error!(error = %e, "cannot register the device in the cluster");
-                svc.hub.unregister(&caller.user, conn);
+                svc.hub().unregister(&caller.user, conn);
                 let err = ProtocolError::new(
                     ErrorCode::Internal,
                     "the cluster registry is unavailable; retry hello",
@@ -383,7 +386,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let states = match started {
             Ok(states) => states,
             Err(err) => {
-                svc.hub.unregister(&caller.user, conn);
+                svc.hub().unregister(&caller.user, conn);
                 self.stream = DeviceStream::default();
                 self.catch_up.clear();
                 return self.reply_error(Some(rid), err).await.map(|()| None);
@@ -394,7 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "version": PROTOCOL_VERSION,
             "user": caller.user,
             "device": caller.device,
-            "server_time_ms": svc.clock.now_ms(),
+            "server_time_ms": svc.clock().now_ms(),
             "conversations": ChatService::summaries(&caller, &states),
         });
         svc.device_up(&caller.user);
@@ -442,7 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .expect("catch-up queue is not empty")
             .clone();
         let svc = Arc::clone(&self.service);
-        let page = svc.limits.page_len_max;
+        let page = svc.limits().page_len_max;
         let (Some(next), Some(until)) = (
             self.stream.next_seq(&conv),
             self.stream.visible_until(&conv),
@@ -450,7 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.catch_up.pop_front();
             return Ok(());
         };
-        match svc.store.read_after(&conv, next - 1, until, page).await {
+        match svc.store().read_after(&conv, next - 1, until, page).await {
             Ok(entries) => {
                 let full_page = entries.len() == page as usize;
                 for entry in entries {
@@ -494,9 +497,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.stream.delivered(&entry.conv, entry.seq);
         let svc = &self.service;
-        svc.metrics.messages_out.inc();
-        let lag_ms = svc.clock.now_ms().saturating_sub(entry.server_time_ms);
-        svc.metrics.delivery_latency.observe(lag_ms as f64 / 1000.0);
+        svc.metrics().messages_out.inc();
+        let lag_ms = svc.clock().now_ms().saturating_sub(entry.server_time_ms);
+        svc.metrics()
+            .delivery_latency
+            .observe(lag_ms as f64 / 1000.0);
         if self.concerns_me(entry, &[MemberAction::Remove, MemberAction::Leave]) {
             self.stream.close_at(&entry.conv, entry.seq);
         }
@@ -660,8 +665,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut after = from - 1;
         while after < to {
             let entries = match svc
-                .store
-                .read_after(conv, after, to, svc.limits.page_len_max)
+                .store()
+                .read_after(conv, after, to, svc.limits().page_len_max)
                 .await
             {
                 Ok(entries) => entries,

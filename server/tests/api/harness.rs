@@ -8,8 +8,9 @@ use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
 use chatproof_server::media::disk::DiskBlobStore;
-use chatproof_server::service::ChatService;
+use chatproof_server::service::ServiceBuilder;
 use chatproof_server::store::embedded::EmbeddedStore;
+use chatproof_server::store::Store;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -36,23 +37,40 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, limits: Limits) -> Self {
-        Self::start_configured(dir, limits, |_| {}).await
+        Self::start_configured(dir, limits, |service| service).await
     }
 
-    /// Starts with images stored under the data directory, after `setup` adjusted the service.
+    /// Starts on the embedded store with images stored under the data
+    /// directory, after `setup` added to the service.
     pub async fn start_configured(
         dir: tempfile::TempDir,
         limits: Limits,
-        setup: impl FnOnce(&mut ChatService),
+        setup: impl FnOnce(ServiceBuilder) -> ServiceBuilder,
     ) -> Self {
-        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        Self::start_on(dir, limits, store, setup).await
+    }
+
+    /// Starts on `store`, with images stored under the data directory.
+    pub async fn start_on_store(
+        dir: tempfile::TempDir,
+        limits: Limits,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        Self::start_on(dir, limits, store, |service| service).await
+    }
+
+    async fn start_on(
+        dir: tempfile::TempDir,
+        limits: Limits,
+        store: Arc<dyn Store>,
+        setup: impl FnOnce(ServiceBuilder) -> ServiceBuilder,
+    ) -> Self {
         let key = TokenKey::new(SECRET).unwrap();
-        let mut service =
-            ChatService::new(Arc::new(store), Arc::new(SystemClock), limits, key.clone());
         let blobs = DiskBlobStore::open(&dir.path().join("media")).unwrap();
-        service.media = Some(Arc::new(blobs));
-        setup(&mut service);
-        let service = Arc::new(service);
+        let service = ServiceBuilder::new(store, Arc::new(SystemClock), limits, key.clone())
+            .media(Arc::new(blobs));
+        let service = Arc::new(setup(service).build());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/v1/ws", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();

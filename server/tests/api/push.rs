@@ -79,7 +79,8 @@ async fn start_with_webhook(url: &str, attempts: u32, queue_len: usize) -> TestS
                 attempts,
                 backoff: Duration::from_millis(20),
             };
-            svc.push = WebhookSink::start(config, Arc::clone(&svc.metrics)).unwrap();
+            let sink = WebhookSink::start(config, Arc::clone(svc.metrics())).unwrap();
+            svc.push(sink)
         },
     )
     .await

@@ -75,15 +75,13 @@ async fn full_disk_refuses_sends_reports_unhealthy_and_recovers() {
     let disk = Arc::new(FlakyDisk::default());
     let for_store = Arc::clone(&disk);
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_configured(dir, Limits::default(), move |service| {
-        let opener = Box::new(move || {
-            redb::Builder::new()
-                .create_with_backend(Handle(Arc::clone(&for_store)))
-                .map_err(|e| StoreError::Backend(e.to_string()))
-        });
-        service.store = Arc::new(EmbeddedStore::with_opener(opener).unwrap());
-    })
-    .await;
+    let opener = Box::new(move || {
+        redb::Builder::new()
+            .create_with_backend(Handle(Arc::clone(&for_store)))
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    });
+    let store = Arc::new(EmbeddedStore::with_opener(opener).unwrap());
+    let server = TestServer::start_on_store(dir, Limits::default(), store).await;
     let (mut alice, _) = server.login("alice", "phone").await;
     let conv = open_direct(&mut alice, "bob").await;
     send(&mut alice, &conv, "before", "kept").await;

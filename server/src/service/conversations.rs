@@ -1,0 +1,187 @@
+//! Conversations and membership: opening direct chats, creating groups, adding and removing members, and reading what a caller may see.
+
+use super::*;
+
+impl ChatService {
+    /// The conversation, if `caller` is or was a member; errors otherwise.
+    pub async fn readable(
+        &self,
+        caller: &Caller,
+        conv: &str,
+    ) -> Result<(ConvState, crate::domain::Membership), ProtocolError> {
+        validate_conv_id(conv)?;
+        let state = self
+            .store
+            .conversation(conv)
+            .await
+            .map_err(reject)?
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::UnknownConversation,
+                    format!("no conversation {conv:?}"),
+                )
+            })?;
+        let membership = state.record.require_reader(&caller.user)?;
+        Ok((state, membership))
+    }
+
+    pub(super) fn summary(caller: &Caller, state: &ConvState) -> Value {
+        json!(state.record.summary_for(&caller.user, state.last_seq))
+    }
+
+    /// `open_direct`.
+    pub async fn open_direct(&self, caller: &Caller, peer: &str) -> Result<Value, ProtocolError> {
+        let now = self.clock.now_ms();
+        let (state, created) = self
+            .store
+            .open_direct(&caller.user, &caller.device, peer, now)
+            .await
+            .map_err(reject)?;
+        if let Some(created) = &created {
+            // Creation is acknowledged even if not routed: members learn of it at
+            // their next resync, reconnect or message.
+            let _ = self.publish(created).await;
+        }
+        Ok(json!({ "conversation": Self::summary(caller, &state) }))
+    }
+
+    pub(super) fn mint_group_id(&self, owner: &str) -> String {
+        let n = self.group_ids_minted.fetch_add(1, Ordering::Relaxed);
+        let digest = Sha256::digest(format!(
+            "{owner}\0{}\0{}\0{n}",
+            self.boot_ms,
+            self.clock.now_ms()
+        ));
+        let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        format!("g:{hex}")
+    }
+
+    /// `create_group`.
+    pub async fn create_group(
+        &self,
+        caller: &Caller,
+        conv: Option<String>,
+        members: Vec<String>,
+    ) -> Result<Value, ProtocolError> {
+        let conv = match conv {
+            Some(conv) => {
+                validate_conv_id(&conv)?;
+                if !conv.starts_with("g:") {
+                    return Err(ProtocolError::new(
+                        ErrorCode::InvalidId,
+                        "group ids start with \"g:\"",
+                    ));
+                }
+                conv
+            }
+            None => self.mint_group_id(&caller.user),
+        };
+        let now = self.clock.now_ms();
+        let (state, created) = self
+            .store
+            .create_group(
+                &conv,
+                &caller.user,
+                &caller.device,
+                members,
+                self.limits.group_members_max,
+                now,
+            )
+            .await
+            .map_err(reject)?;
+        if let Some(created) = &created {
+            // Creation is acknowledged even if not routed: members learn of it at
+            // their next resync, reconnect or message.
+            let _ = self.publish(created).await;
+        }
+        Ok(json!({ "conversation": Self::summary(caller, &state) }))
+    }
+
+    /// `add_members`, `remove_members` and `leave`.
+    pub async fn change_members(
+        &self,
+        caller: &Caller,
+        conv: &str,
+        change: GroupChange,
+    ) -> Result<Value, ProtocolError> {
+        validate_conv_id(conv)?;
+        let now = self.clock.now_ms();
+        let concerned: Vec<String> = match &change {
+            GroupChange::Add(users) | GroupChange::Remove(users) => users.clone(),
+            GroupChange::Leave => vec![caller.user.clone()],
+        };
+        let changed = self
+            .store
+            .change_members(
+                conv,
+                &caller.user,
+                &caller.device,
+                change,
+                self.limits.group_members_max,
+                now,
+            )
+            .await;
+        let appended = match changed {
+            Ok(appended) => appended,
+            Err(StoreError::Rejected(e))
+                if matches!(e.code, ErrorCode::DuplicateMember | ErrorCode::NotMember) =>
+            {
+                // Perhaps a retry of a change that was made but whose reply (and
+                // fan-out) was lost: publish the entry that made it, then refuse.
+                self.republish_membership(conv, &concerned).await;
+                return Err(e);
+            }
+            Err(e) => return Err(reject(e)),
+        };
+        // Acknowledged even if not routed: members learn of it at their next
+        // resync, reconnect or message (a retry would be a second change).
+        let _ = self.publish(&appended).await;
+        Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
+    }
+
+    /// Publishes again the entries that last changed the membership of `users`
+    /// in `conv` (best effort; device streams drop what they already have).
+    pub(super) async fn republish_membership(&self, conv: &str, users: &[String]) {
+        let Ok(Some(state)) = self.store.conversation(conv).await else {
+            return;
+        };
+        let mut seqs: Vec<u64> = users
+            .iter()
+            .filter_map(|u| state.record.membership(u))
+            .map(|m| m.left_seq.unwrap_or(m.joined_seq))
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut recipients = state.record.current_members();
+        recipients.extend(users.iter().cloned());
+        recipients.sort();
+        recipients.dedup();
+        let recipients: Arc<[String]> = recipients.into();
+        for seq in seqs {
+            let Ok(found) = self.store.read_after(conv, seq - 1, seq, 1).await else {
+                continue;
+            };
+            for entry in found.into_iter().filter(|e| e.seq == seq) {
+                let appended = Appended {
+                    entry: Arc::new(entry),
+                    duplicate: true,
+                    recipients: Arc::clone(&recipients),
+                };
+                let _ = self.publish(&appended).await;
+            }
+        }
+    }
+
+    /// `conversations`: every conversation the caller is or was in.
+    pub async fn conversations(&self, caller: &Caller) -> Result<Vec<ConvState>, ProtocolError> {
+        self.store
+            .conversations_of(&caller.user)
+            .await
+            .map_err(reject)
+    }
+
+    /// Summaries of `states` as `caller` sees them.
+    pub fn summaries(caller: &Caller, states: &[ConvState]) -> Value {
+        Value::Array(states.iter().map(|s| Self::summary(caller, s)).collect())
+    }
+}

@@ -1,0 +1,229 @@
+//! Messages and receipts: sending (text and images), acknowledging with the receipts it causes, and reading with `sync` and `history`.
+
+use super::*;
+
+impl ChatService {
+    /// `send`: the ack is returned only once the message is durable.
+    pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Value, ProtocolError> {
+        validate_conv_id(&req.conv)?;
+        validate_message_id(&req.message_id)?;
+        if let Some(text) = &req.text {
+            if text.len() > self.limits.text_len_max_bytes {
+                return Err(ProtocolError::new(
+                    ErrorCode::TextTooLarge,
+                    format!(
+                        "text is {} bytes; the limit is {}",
+                        text.len(),
+                        self.limits.text_len_max_bytes
+                    ),
+                ));
+            }
+        }
+        let body = match (req.media, req.text) {
+            (None, None) => {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "send needs \"text\", \"media\" or both",
+                ))
+            }
+            (None, Some(text)) => Body::Text { text },
+            (Some(id), caption) => Body::Image {
+                media: self.uploaded_to(&req.conv, &id).await?,
+                caption,
+            },
+        };
+        let message = NewMessage {
+            conv: req.conv,
+            sender: caller.user.clone(),
+            sender_device: caller.device.clone(),
+            message_id: req.message_id,
+            body,
+        };
+        let started = tokio::time::Instant::now();
+        let appended = self
+            .store
+            .append(message, self.clock.now_ms())
+            .await
+            .map_err(reject)?;
+        self.metrics
+            .store_append_latency
+            .observe(started.elapsed().as_secs_f64());
+        if appended.duplicate {
+            self.metrics.messages_duplicate.inc();
+        } else {
+            self.metrics.messages_in.inc();
+        }
+        self.publish(&appended).await?;
+        let e = &appended.entry;
+        Ok(json!({
+            "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
+            "server_time_ms": e.server_time_ms, "duplicate": appended.duplicate,
+        }))
+    }
+
+    /// The reference of image `id`, if it was uploaded to `conv`.
+    pub(super) async fn uploaded_to(
+        &self,
+        conv: &str,
+        id: &str,
+    ) -> Result<crate::protocol::MediaRef, ProtocolError> {
+        let Some(media) = &self.media else {
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "this server does not store images",
+            ));
+        };
+        let meta = media.meta(id).await.map_err(|e| {
+            tracing::error!(error = %e, "media storage failure");
+            ProtocolError::new(ErrorCode::Internal, "media storage failure; retry")
+        })?;
+        match meta {
+            Some(meta) if meta.convs.contains(conv) => Ok(meta.media),
+            _ => Err(ProtocolError::new(
+                ErrorCode::UnknownMedia,
+                format!("no image {id:?} was uploaded to {conv}; upload it there first"),
+            )),
+        }
+    }
+
+    /// `ack`: advances cursors and sends receipts to the senders concerned.
+    pub async fn ack(&self, caller: &Caller, req: AckRequest) -> Result<Value, ProtocolError> {
+        validate_conv_id(&req.conv)?;
+        if req.delivered.is_none() && req.read.is_none() {
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "ack needs \"delivered\" or \"read\"",
+            ));
+        }
+        let update = self
+            .store
+            .ack(
+                &req.conv,
+                &caller.user,
+                &caller.device,
+                req.delivered,
+                req.read,
+            )
+            .await
+            .map_err(reject)?;
+        if update.user_after != update.user_before {
+            self.send_receipts(
+                caller,
+                &req.conv,
+                update.user_before,
+                update.user_after,
+                update.all_members,
+            )
+            .await?;
+        }
+        Ok(
+            json!({ "conv": req.conv, "delivered": update.device.delivered, "read": update.device.read }),
+        )
+    }
+
+    pub(super) async fn send_receipts(
+        &self,
+        caller: &Caller,
+        conv: &str,
+        before: Cursor,
+        after: Cursor,
+        all: Option<Cursor>,
+    ) -> Result<(), ProtocolError> {
+        let from = before.read;
+        let until = after.delivered;
+        let mut targets = if until - from > RECEIPT_SCAN_LEN_MAX {
+            let state = self.store.conversation(conv).await.map_err(reject)?;
+            state
+                .map(|s| s.record.current_members())
+                .unwrap_or_default()
+        } else {
+            let limit = u32::try_from(until - from).expect("bounded by RECEIPT_SCAN_LEN_MAX");
+            self.store
+                .senders_between(conv, from, until, limit)
+                .await
+                .map_err(reject)?
+        };
+        targets.retain(|u| *u != caller.user);
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let receipt = Receipt {
+            conv: conv.to_owned(),
+            user: caller.user.clone(),
+            delivered: after.delivered,
+            read: after.read,
+            all_delivered: all.map(|c| c.delivered),
+            all_read: all.map(|c| c.read),
+        };
+        let receipt = Arc::new(receipt);
+        let frame = Utf8Bytes::from(ServerFrame::Receipt(Receipt::clone(&receipt)).to_json());
+        if let Some(fabric) = &self.fabric {
+            // In the background: the acking session must not wait on the router.
+            // Receipts are state, not history: a lost one is superseded by the next
+            // or by the cursors a reconnecting device reads.
+            let (fabric, dropped) = (Arc::clone(fabric), self.metrics.fabric.dropped.clone());
+            let (users, event) = (
+                targets.clone().into(),
+                Routed::Receipt(Arc::clone(&receipt)),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = fabric.forward(users, event).await {
+                    dropped.inc();
+                    tracing::warn!(error = %e, "receipt not routed to other servers");
+                }
+            });
+        }
+        self.hub.publish(&targets, &Push::Receipt(receipt, frame));
+        Ok(())
+    }
+
+    /// `sync`: entries after a cursor, within what the caller may see.
+    pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<Value, ProtocolError> {
+        let (state, m) = self.readable(caller, &req.conv).await?;
+        let visible_max = state.last_seq.min(m.visible_until());
+        if req.after > visible_max {
+            return Err(ProtocolError::new(
+                ErrorCode::CursorAhead,
+                format!(
+                    "after {} is beyond the last entry you may see ({visible_max})",
+                    req.after
+                ),
+            ));
+        }
+        let limit = self.limits.page_len(req.limit)?;
+        let after = req.after.max(m.joined_seq - 1);
+        let entries = self
+            .store
+            .read_after(&req.conv, after, visible_max, limit)
+            .await
+            .map_err(reject)?;
+        let next_after = entries.last().map_or(visible_max, |e| e.seq);
+        Ok(json!({
+            "conv": req.conv, "entries": entries, "last_seq": visible_max,
+            "has_more": next_after < visible_max,
+        }))
+    }
+
+    /// `history`: the newest entries before a seq, ascending, within what the caller may see.
+    pub async fn history(
+        &self,
+        caller: &Caller,
+        req: HistoryRequest,
+    ) -> Result<Value, ProtocolError> {
+        let (state, m) = self.readable(caller, &req.conv).await?;
+        let visible_max = state.last_seq.min(m.visible_until());
+        let before = req
+            .before
+            .unwrap_or(u64::MAX)
+            .min(visible_max.saturating_add(1));
+        let limit = self.limits.page_len(req.limit)?;
+        let mut entries = self
+            .store
+            .read_before(&req.conv, before, limit)
+            .await
+            .map_err(reject)?;
+        entries.retain(|e| e.seq >= m.joined_seq);
+        let has_more = entries.first().is_some_and(|e| e.seq > m.joined_seq);
+        Ok(json!({ "conv": req.conv, "entries": entries, "has_more": has_more }))
+    }
+}

@@ -1,0 +1,264 @@
+//! The chat service: every operation a transport offers, on top of the store and
+//! the hub. Transports parse frames and call this; it knows no socket.
+//!
+//! # Layout
+//! - this file: [`ChatService`] (built by [`ServiceBuilder`]), [`Caller`], and `dispatch`.
+//! - `fanout`: an appended entry to devices here and on other servers; push for offline users.
+//! - `conversations`: direct chats, groups, membership, what a caller may read.
+//! - `messages`: send, ack and receipts, `sync`, `history`.
+//! - `devices`: where a device starts, its coming and going, long-poll mailboxes.
+//! - `presence`: last seen, `presence` requests, publishing changes.
+
+mod conversations;
+mod devices;
+mod fanout;
+mod messages;
+mod presence;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::auth::TokenKey;
+use crate::clock::Clock;
+use crate::cluster::{Fabric, Forwarded, Routed};
+use crate::domain::{Cursor, GroupChange};
+use crate::hub::{Hub, Push};
+use crate::limits::Limits;
+use crate::media::BlobStore;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::protocol::{
+    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, ErrorCode,
+    HistoryRequest, PresenceRequest, PresenceState, ProtocolError, Receipt, Request, SendRequest,
+    ServerFrame, SyncRequest,
+};
+use crate::push::{LogSink, Notification, PushSink};
+use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
+
+/// Presence changes published at once (each reads the store, and Redis in a cluster).
+const PRESENCE_PUBLISH_CONCURRENCY: usize = 32;
+
+/// Last-seen writes in flight at once (every user of a server is due at shutdown).
+const LAST_SEEN_WRITES_CONCURRENCY: usize = 64;
+
+/// Acks wider than this notify every member instead of scanning for senders.
+const RECEIPT_SCAN_LEN_MAX: u64 = 1000;
+
+/// An authenticated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The user id from the token.
+    pub user: String,
+    /// The device id from `hello`.
+    pub device: String,
+}
+
+/// Shared services of one server process; built by [`ServiceBuilder`] and
+/// entered through its methods.
+pub struct ChatService {
+    /// Durable storage.
+    store: Arc<dyn Store>,
+    /// Connected devices.
+    hub: Arc<Hub>,
+    /// Wall time.
+    clock: Arc<dyn Clock>,
+    /// Limits.
+    limits: Limits,
+    /// Metrics.
+    metrics: Arc<Metrics>,
+    /// Token verification.
+    tokens: TokenKey,
+    /// Registry and routing to other servers (cluster mode); `None` on one node.
+    fabric: Option<Arc<dyn Fabric>>,
+    /// Presence changes waiting for publication, and local presence subscriptions.
+    presence: Presence,
+    /// Devices on the long-polling fallback.
+    mailboxes: crate::mailbox::Mailboxes,
+    /// Where notifications for users with no connected device go.
+    push: Arc<dyn PushSink>,
+    /// Image storage; `None` where images are not served (the simulator).
+    media: Option<Arc<dyn BlobStore>>,
+    group_ids_minted: AtomicU64,
+    boot_ms: u64,
+}
+
+/// Builds a [`ChatService`]: the parts every server has first (store, clock,
+/// limits, tokens), then the optional ones (cluster fabric, media, push sink).
+/// The hub and metrics exist from the start, for the parts that need them.
+pub struct ServiceBuilder {
+    service: ChatService,
+}
+
+impl ServiceBuilder {
+    /// A service on `store` with no fabric (one node), no media, and push
+    /// notifications logged.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        tokens: TokenKey,
+    ) -> Self {
+        let boot_ms = clock.now_ms();
+        let metrics = Arc::new(Metrics::default());
+        Self {
+            service: ChatService {
+                push: LogSink::new(Arc::clone(&metrics)),
+                media: None,
+                store,
+                hub: Arc::new(Hub::default()),
+                clock,
+                limits,
+                metrics,
+                tokens,
+                fabric: None,
+                presence: Presence::default(),
+                mailboxes: crate::mailbox::Mailboxes::default(),
+                group_ids_minted: AtomicU64::new(0),
+                boot_ms,
+            },
+        }
+    }
+
+    /// The hub the service will fan out through (a fabric delivers into it).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.service.hub
+    }
+
+    /// The metrics the service will count in (sinks and fabrics count there too).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.service.metrics
+    }
+
+    /// Routes to other servers through `fabric` (cluster mode).
+    pub fn fabric(mut self, fabric: Arc<dyn Fabric>) -> Self {
+        self.service.fabric = Some(fabric);
+        self
+    }
+
+    /// Serves images from `media`.
+    pub fn media(mut self, media: Arc<dyn BlobStore>) -> Self {
+        self.service.media = Some(media);
+        self
+    }
+
+    /// Sends notifications for users with no connected device to `push`.
+    pub fn push(mut self, push: Arc<dyn PushSink>) -> Self {
+        self.service.push = push;
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> ChatService {
+        self.service
+    }
+}
+
+/// The answer when the cluster registry (Redis) could not be reached.
+pub fn registry_unavailable() -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::Internal,
+        "the cluster registry is unavailable; retry",
+    )
+}
+
+fn reject(err: StoreError) -> ProtocolError {
+    match err {
+        StoreError::Rejected(e) => e,
+        StoreError::Backend(why) => {
+            tracing::error!(%why, "store failure");
+            ProtocolError::new(
+                ErrorCode::Internal,
+                "storage failure; nothing was acknowledged, retry",
+            )
+        }
+    }
+}
+
+impl ChatService {
+    /// Limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Wall time.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Durable storage.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Devices connected to this server.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Token verification.
+    pub fn tokens(&self) -> &TokenKey {
+        &self.tokens
+    }
+
+    /// Registry and routing to other servers; `None` on one node.
+    pub fn fabric(&self) -> Option<&Arc<dyn Fabric>> {
+        self.fabric.as_ref()
+    }
+
+    /// Devices on the long-polling fallback.
+    pub fn mailboxes(&self) -> &crate::mailbox::Mailboxes {
+        &self.mailboxes
+    }
+
+    /// Image storage; `None` where images are not served.
+    pub fn media(&self) -> Option<&Arc<dyn BlobStore>> {
+        self.media.as_ref()
+    }
+
+    /// Runs one request of an authenticated device (any but `hello`), for every transport.
+    pub async fn dispatch(
+        self: Arc<Self>,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<Value, ProtocolError> {
+        match request {
+            Request::Hello(_) => Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "hello opens a WebSocket session; HTTP requests authenticate with a bearer token",
+            )),
+            Request::OpenDirect(r) => self.open_direct(caller, &r.peer).await,
+            Request::CreateGroup(r) => self.create_group(caller, r.conv, r.members).await,
+            Request::AddMembers(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Add(r.users))
+                    .await
+            }
+            Request::RemoveMembers(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Remove(r.users))
+                    .await
+            }
+            Request::Leave(r) => {
+                self.change_members(caller, &r.conv, GroupChange::Leave)
+                    .await
+            }
+            Request::Send(r) => self.send(caller, r).await,
+            Request::Ack(r) => self.ack(caller, r).await,
+            Request::Sync(r) => self.sync(caller, r).await,
+            Request::History(r) => self.history(caller, r).await,
+            Request::Presence(r) => self.presence_request(caller, r).await,
+            Request::Conversations(_) => {
+                let states = self.conversations(caller).await?;
+                Ok(json!({ "conversations": Self::summaries(caller, &states) }))
+            }
+            Request::Ping => Ok(json!({ "server_time_ms": self.clock.now_ms() })),
+        }
+    }
+}
