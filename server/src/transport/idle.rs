@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// How often a busy connection is looked at again.
+const BUSY_RECHECK: Duration = Duration::from_secs(1);
+
 /// What one connection has been doing; shared by its stream and its handler.
 #[derive(Debug)]
 pub struct Activity {
     started: tokio::time::Instant,
-    /// Milliseconds after `started` that bytes last arrived.
-    last_read_ms: AtomicU64,
+    /// Milliseconds after `started` that bytes last arrived or a request ended.
+    last_active_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
 
@@ -25,7 +28,7 @@ impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             started: tokio::time::Instant::now(),
-            last_read_ms: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         })
     }
@@ -40,13 +43,20 @@ impl Activity {
         InFlight(Arc::clone(self))
     }
 
+    /// Notes activity now.
+    fn touch(&self) {
+        self.last_active_ms
+            .store(self.elapsed_ms(), Ordering::SeqCst);
+    }
+
     /// How long the connection has been idle: no request in flight and no byte
-    /// read. `None` while a request is being served.
+    /// read, since the later of the last byte and the end of the last request.
+    /// `None` while a request is being served.
     pub fn idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return None;
         }
-        let last = self.last_read_ms.load(Ordering::SeqCst);
+        let last = self.last_active_ms.load(Ordering::SeqCst);
         Some(Duration::from_millis(
             self.elapsed_ms().saturating_sub(last),
         ))
@@ -58,8 +68,9 @@ impl Activity {
             let wait = match self.idle_for() {
                 Some(idle) if idle >= limit => return,
                 Some(idle) => limit - idle,
-                // Busy: look again later (a request may be held for its whole poll).
-                None => limit,
+                // Busy (a poll may be held for a long while): look again soon, so
+                // the bound holds from when it ends.
+                None => limit.min(BUSY_RECHECK),
             };
             tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
         }
@@ -72,6 +83,7 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.touch();
         let before = self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
         assert!(before > 0, "request count went below zero");
     }
@@ -100,8 +112,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let now = self.activity.elapsed_ms();
-            self.activity.last_read_ms.store(now, Ordering::SeqCst);
+            self.activity.touch();
         }
         polled
     }
@@ -158,7 +169,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(activity.idle_for(), None, "a request is in flight");
         drop(serving);
-        assert!(activity.idle_for().unwrap() >= Duration::from_millis(200));
+        assert!(
+            activity.idle_for().unwrap() < Duration::from_millis(150),
+            "idle from the end of the request, not from its last byte"
+        );
         activity.idle_past(Duration::from_millis(100)).await;
     }
 }

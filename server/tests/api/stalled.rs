@@ -188,3 +188,63 @@ async fn healthz_answers_while_stalled_connections_hold_every_slot() {
         .unwrap());
     assert!(pong["server_time_ms"].as_u64().is_some());
 }
+
+/// Writes one HTTP/1.1 request on `stream` and reads its response (status and body).
+async fn exchange(stream: &mut TcpStream, head: &str, body: &str) -> (u16, String) {
+    let request = format!("{head}content-length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            if rest.len() >= len {
+                let status = head[9..12].parse().unwrap();
+                return (status, rest[..len].to_owned());
+            }
+        }
+    }
+}
+
+/// A poll held longer than the keep-alive timeout does not cost its connection:
+/// the idle time counts from the end of the response, so the next poll on the same
+/// connection is served.
+#[tokio::test]
+async fn held_poll_longer_than_the_keep_alive_timeout_keeps_its_connection() {
+    let server = TestServer::start_with(short_bounds()).await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let mut conn = TcpStream::connect(addr(&server)).await.unwrap();
+    let head = format!(
+        "POST /v1/poll HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nx-chatproof-device: web\r\ncontent-type: application/json\r\n",
+        server.token("bob")
+    );
+    let body = format!(r#"{{"cursors": {{"{conv}": 1}}, "timeout_ms": 1200}}"#);
+    let started = Instant::now();
+    let (status, first) = exchange(&mut conn, &head, &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(started.elapsed() >= Duration::from_millis(1000), "held");
+    // Idle for less than the keep-alive timeout since the response, but longer
+    // than it since the request's last byte.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, second) = exchange(&mut conn, &head, &body.replace("1200", "100")).await;
+    assert_eq!(status, 200, "{second}");
+}
