@@ -54,27 +54,36 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(chatproof_server::launch::serve(
-        &args,
-        |local| println!("listening on {local}"),
-        shutdown_signal(),
-    ))?;
-    Ok(())
+    runtime.block_on(async {
+        // Installed before the server says it listens: a SIGTERM sent as soon as
+        // it is ready must be a clean shutdown, not the default kill.
+        let shutdown = shutdown_signal()?;
+        chatproof_server::launch::serve(&args, |local| println!("listening on {local}"), shutdown)
+            .await?;
+        anyhow::Ok(())
+    })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(all(unix, not(madsim)))]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves on either.
+#[cfg(all(unix, not(madsim)))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(all(unix, not(madsim))))]
-    let _ = ctrl_c.await;
+    })
+}
+
+/// Ctrl-C only where there are no Unix signals.
+#[cfg(not(all(unix, not(madsim))))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn init_logs(format: LogFormat) {
