@@ -5,7 +5,8 @@
 //! (possibly mid-send); with several servers also crashes of the shared store's node
 //! (losing only calls in flight) and of the router (losing its registry), and cuts of
 //! one server's link to either; with one server, storage faults on its disk
-//! ([`crate::disk`]: full, write or fsync errors, power loss with torn writes).
+//! ([`crate::disk`]: full, write or fsync errors, power loss with torn writes);
+//! and a server process pausing (a long GC pause or SIGSTOP) and resuming.
 //! The system must survive all of them and converge after `heal`.
 
 use std::sync::atomic::Ordering;
@@ -213,6 +214,11 @@ impl Injector {
                     ));
                     tokio::time::sleep(hold).await;
                     handle.restart(server);
+                }
+                FaultKind::ProcessPause => {
+                    handle.pause(server);
+                    tokio::time::sleep(hold).await;
+                    handle.resume(server);
                 }
                 FaultKind::BackendPartition => {
                     let backend = if self.range(0, 1) == 0 {

@@ -105,11 +105,14 @@ pub enum FaultKind {
     /// One server: power loss: the server dies and its disk keeps only what was
     /// synced, the last unsynced writes possibly torn; then it restarts.
     PowerLoss,
+    /// A server stops running for a while (a long GC pause, SIGSTOP, a stalled VM)
+    /// and then resumes where it was, its connections and registry entries aged.
+    ProcessPause,
 }
 
 impl FaultKind {
     /// Every kind, in draw order.
-    pub const ALL: [FaultKind; 14] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::ServerCrash,
         FaultKind::Partition,
         FaultKind::PartitionOneWay,
@@ -124,6 +127,7 @@ impl FaultKind {
         FaultKind::DiskFull,
         FaultKind::DiskIo,
         FaultKind::PowerLoss,
+        FaultKind::ProcessPause,
     ];
 
     /// The name used in presets, `--faults`, traces and replay commands.
@@ -143,6 +147,7 @@ impl FaultKind {
             FaultKind::DiskFull => "disk_full",
             FaultKind::DiskIo => "disk_io",
             FaultKind::PowerLoss => "power_loss",
+            FaultKind::ProcessPause => "process_pause",
         }
     }
 }
@@ -490,7 +495,10 @@ mod tests {
     fn fault_filter() {
         let w = FaultWeights::of(&[(FaultKind::ServerCrash, 3), (FaultKind::Partition, 2)]);
         let only = w.only(&[FaultKind::Partition, FaultKind::PacketLoss]);
-        assert_eq!(only.weights(), [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            only.weights(),
+            [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
         let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
         assert_eq!(parsed, w);
         assert!(toml::from_str::<FaultWeights>("meteor = 1").is_err());
