@@ -86,8 +86,9 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let stop_for_routes = stop.clone();
-            let limits = service.limits().clone();
-            let metrics_service = Arc::clone(&service);
+            let header_read_timeout = service.limits().header_read_timeout;
+            let keep_alive_timeout = service.limits().keep_alive_timeout;
+            let metrics = Arc::clone(service.metrics());
             let svc = service_fn(move |req| {
                 let serving = guard.activity.request();
                 let routed = route(
@@ -104,7 +105,7 @@ pub async fn run(
             });
             let conn = http1::Builder::new()
                 .timer(Timer)
-                .header_read_timeout(limits.header_read_timeout)
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(
                     TokioIo::new(Watched::new(stream, Arc::clone(&activity))),
                     svc,
@@ -118,17 +119,15 @@ pub async fn run(
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                () = activity.idle_past(limits.keep_alive_timeout) => {
-                    metrics_service.metrics().count_closed_for(ClosedFor::KeepAliveIdle);
+                () = activity.idle_past(keep_alive_timeout) => {
+                    metrics.count_closed_for(ClosedFor::KeepAliveIdle);
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
             };
             match result {
                 Err(e) if e.is_timeout() => {
-                    metrics_service
-                        .metrics()
-                        .count_closed_for(ClosedFor::HeaderTimeout);
+                    metrics.count_closed_for(ClosedFor::HeaderTimeout);
                     tracing::debug!(%peer, "request head not received in time; closed");
                 }
                 Err(e) => {
