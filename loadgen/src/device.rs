@@ -9,11 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::borrow::Cow;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::metrics::{record_us, LatencyStats};
@@ -34,24 +36,90 @@ pub fn now_us() -> u64 {
     u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// A completed send, for the driver to report to goose.
-#[derive(Debug)]
-pub struct AckDone {
-    /// From the scheduled send time to the ack.
-    pub latency: Duration,
-    /// The error code, if the server refused it.
-    pub error: Option<String>,
-}
-
 struct Pending {
     scheduled_us: u64,
     /// The send frame, written again (same rid and message id) after a reconnect.
-    frame: String,
+    frame: Utf8Bytes,
+}
+
+/// A `send` request as written on the wire.
+#[derive(Serialize)]
+struct SendFrame<'a> {
+    rid: &'a str,
+    op: &'static str,
+    conv: &'a str,
+    message_id: &'a str,
+    text: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    media: Option<&'a str>,
+}
+
+/// The fields of a server frame the generator reads; the rest is skipped unparsed.
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    rid: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    conv: Option<Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    body: Option<Body<'a>>,
+    #[serde(default, borrow)]
+    result: Option<Acked<'a>>,
+    #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    message: Option<Cow<'a, str>>,
+    /// `presence`: the user states (only counted).
+    #[serde(default)]
+    users: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// The part of an `ok` result a send's ack carries.
+#[derive(Deserialize)]
+struct Acked<'a> {
+    #[serde(default, borrow)]
+    conv: Option<Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// The part of an entry's body the generator reads.
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(default, borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    caption: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    media: Option<MediaRef<'a>>,
+}
+
+#[derive(Deserialize)]
+struct MediaRef<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    size: u64,
+}
+
+/// The request id of the `n`-th send of a device.
+fn send_rid(n: u64) -> String {
+    format!("s{n}")
+}
+
+/// `n` back from a send's request id.
+fn parse_send_rid(rid: &str) -> Option<u64> {
+    rid.strip_prefix('s')?.parse().ok()
 }
 
 /// What a device observed; read after the run.
 pub struct DeviceState {
-    pending: HashMap<String, Pending>,
+    pending: HashMap<u64, Pending>,
     member_convs: HashSet<String>,
     order: OrderCheck,
     /// Contract violations seen by this device.
@@ -112,7 +180,6 @@ struct Link {
     device: String,
     target: std::net::SocketAddr,
     source: Option<std::net::IpAddr>,
-    acks: mpsc::UnboundedSender<AckDone>,
     stats: Arc<Mutex<LatencyStats>>,
 }
 
@@ -151,7 +218,6 @@ async fn session(
         Arc::clone(state),
         Arc::clone(&link.stats),
         name.to_owned(),
-        link.acks.clone(),
         ready_tx,
     ));
     match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
@@ -224,7 +290,6 @@ impl Device {
         token: &str,
         (user, device): (&str, &str),
         member_convs: HashSet<String>,
-        acks: mpsc::UnboundedSender<AckDone>,
         stats: Arc<Mutex<LatencyStats>>,
         (target, source): (std::net::SocketAddr, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Arc<Self>> {
@@ -250,7 +315,6 @@ impl Device {
             device: device.to_owned(),
             target,
             source,
-            acks,
             stats,
         };
         let (sink, reader) = session(&link, &name, &state, json!({})).await?;
@@ -292,7 +356,7 @@ impl Device {
         *self.sink.lock().await = sink;
         *self.reader.lock().expect("reader") = Some(reader);
         self.offline.store(false, Ordering::SeqCst);
-        let frames: Vec<String> = self
+        let frames: Vec<Utf8Bytes> = self
             .state
             .lock()
             .expect("device state")
@@ -302,7 +366,7 @@ impl Device {
             .collect();
         let mut sink = self.sink.lock().await;
         for frame in frames {
-            sink.send(Message::Text(frame.into())).await?;
+            sink.send(Message::Text(frame)).await?;
         }
         Ok(took)
     }
@@ -330,13 +394,17 @@ impl Device {
         if self.offline.load(Ordering::SeqCst) {
             return Err(SendError::Offline);
         }
-        let rid = format!("s{}", self.next_rid.fetch_add(1, Ordering::Relaxed));
-        let mut frame =
-            json!({"rid": rid, "op": "send", "conv": conv, "message_id": message_id, "text": text});
-        if let Some(media) = media {
-            frame["media"] = json!(media);
-        }
-        let frame = frame.to_string();
+        let n = self.next_rid.fetch_add(1, Ordering::Relaxed);
+        let rid = send_rid(n);
+        let frame = SendFrame {
+            rid: &rid,
+            op: "send",
+            conv,
+            message_id,
+            text,
+            media,
+        };
+        let frame = Utf8Bytes::from(serde_json::to_string(&frame).expect("a send serializes"));
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
@@ -351,17 +419,12 @@ impl Device {
                 scheduled_us,
                 frame: frame.clone(),
             };
-            state.pending.insert(rid.clone(), pending);
+            state.pending.insert(n, pending);
         }
-        let sent = self
-            .sink
-            .lock()
-            .await
-            .send(Message::Text(frame.into()))
-            .await;
+        let sent = self.sink.lock().await.send(Message::Text(frame)).await;
         if let Err(e) = sent {
             let mut state = self.state.lock().expect("device state");
-            state.pending.remove(&rid);
+            state.pending.remove(&n);
             state.send_errors += 1;
             return Err(anyhow!("{}: {e}", self.name).into());
         }
@@ -384,7 +447,6 @@ async fn read_loop(
     state: Arc<Mutex<DeviceState>>,
     stats: Arc<Mutex<LatencyStats>>,
     name: String,
-    acks: mpsc::UnboundedSender<AckDone>,
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
@@ -394,50 +456,48 @@ async fn read_loop(
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
-        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+        let Ok(event) = serde_json::from_str::<Event<'_>>(&text) else {
             continue;
         };
         let now = now_us();
         let mut s = state.lock().expect("device state");
-        match (frame["type"].as_str(), frame["rid"].as_str()) {
-            (Some("error"), Some("hello")) => {
-                let why = format!("hello refused: {} {}", frame["code"], frame["message"]);
+        match (event.kind.as_ref(), event.rid.as_deref()) {
+            ("error", Some("hello")) => {
+                let why = format!(
+                    "hello refused: {} {}",
+                    event.code.as_deref().unwrap_or("?"),
+                    event.message.as_deref().unwrap_or("")
+                );
                 if let Some(r) = ready.take() {
                     let _ = r.send(Err(why));
                 }
             }
-            (Some("ok"), Some("hello")) => {}
-            (Some("ok"), Some(rid)) => {
-                if let Some(p) = s.pending.remove(rid) {
-                    let latency_us = now.saturating_sub(p.scheduled_us);
-                    record_us(&mut stats.lock().expect("stats").ack, latency_us);
-                    let result = &frame["result"];
-                    if let (Some(conv), Some(seq)) =
-                        (result["conv"].as_str(), result["seq"].as_u64())
+            (_, Some("hello")) => {}
+            ("ok", Some(rid)) => {
+                if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
+                    record_us(
+                        &mut stats.lock().expect("stats").ack,
+                        now.saturating_sub(p.scheduled_us),
+                    );
+                    if let Some(Acked {
+                        conv: Some(conv),
+                        seq: Some(seq),
+                    }) = event.result
                     {
-                        s.acked.push((conv.to_owned(), seq));
+                        s.acked.push((conv.into_owned(), seq));
                     }
-                    let _ = acks.send(AckDone {
-                        latency: Duration::from_micros(latency_us),
-                        error: None,
-                    });
                 }
             }
-            (Some("error"), Some(rid)) => {
-                if let Some(p) = s.pending.remove(rid) {
-                    s.send_errors += 1;
-                    let code = frame["code"].as_str().unwrap_or("unknown").to_owned();
-                    let latency = Duration::from_micros(now.saturating_sub(p.scheduled_us));
-                    let _ = acks.send(AckDone {
-                        latency,
-                        error: Some(code),
-                    });
-                }
+            ("error", Some(rid))
+                if parse_send_rid(rid).is_some_and(|n| s.pending.remove(&n).is_some()) =>
+            {
+                s.send_errors += 1;
+                tracing::debug!(device = name, code = ?event.code, "send refused");
             }
-            (Some("msg"), _) => {
+            ("msg", _) => {
                 s.received += 1;
-                let conv = frame["conv"].as_str().unwrap_or_default();
-                let seq = frame["seq"].as_u64().unwrap_or(0);
+                let conv = event.conv.as_deref().unwrap_or_default();
+                let seq = event.seq.unwrap_or(0);
                 let member = s.member_convs.contains(conv);
                 let DeviceState {
                     order, violations, ..
@@ -449,17 +509,17 @@ async fn read_loop(
                 } else if let Err(fault) = order.observe(conv, seq) {
                     violations.record(fault.violation, || fault.describe(&name, conv, seq));
                 }
-                let body = &frame["body"];
-                if body["kind"] == "image" && ready.is_none() {
-                    if let (Some(id), Some(size)) =
-                        (body["media"]["id"].as_str(), body["media"]["size"].as_u64())
-                    {
-                        s.images_received.push((id.to_owned(), size, now));
+                let Some(body) = event.body else { continue };
+                if body.kind.as_deref() == Some("image") && ready.is_none() {
+                    if let Some(media) = &body.media {
+                        s.images_received
+                            .push((media.id.clone().into_owned(), media.size, now));
                     }
                 }
-                let stamp = body["text"]
-                    .as_str()
-                    .or_else(|| body["caption"].as_str())
+                let stamp = body
+                    .text
+                    .as_deref()
+                    .or(body.caption.as_deref())
                     .and_then(|t| t.strip_prefix("lg:"))
                     .and_then(|t| t.split(':').next());
                 if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
@@ -473,15 +533,15 @@ async fn read_loop(
                     record_us(h, now.saturating_sub(scheduled_us));
                 }
             }
-            (Some("presence"), _) => {
+            ("presence", _) => {
                 s.presence_frames += 1;
-                s.presence_states += frame["users"].as_array().map_or(0, |u| u.len() as u64);
+                s.presence_states += event.users.map_or(0, |u| u.len() as u64);
                 if let Some(last) = s.last_presence_us.replace(now) {
                     let gap = now.saturating_sub(last);
                     s.presence_gap_min_us = Some(s.presence_gap_min_us.map_or(gap, |g| g.min(gap)));
                 }
             }
-            (Some("caught_up"), _) => {
+            ("caught_up", _) => {
                 if let Some(r) = ready.take() {
                     let _ = r.send(Ok(()));
                 }

@@ -181,8 +181,8 @@ pub struct GeneratorUsage {
 impl GeneratorUsage {
     /// The figures of one process from its usage before the connects and at the end.
     pub fn of(
-        before: crate::reference::ProcUsage,
-        after: crate::reference::ProcUsage,
+        before: crate::local::ProcUsage,
+        after: crate::local::ProcUsage,
         devices: u64,
     ) -> Self {
         Self {
@@ -220,6 +220,9 @@ pub struct Summary {
     pub target: String,
     /// True when the generator started its own reference server.
     pub reference_server: bool,
+    /// The server the generator started itself (none: it loaded `--target`).
+    #[serde(default)]
+    pub local_server: Option<crate::local::LocalKind>,
     /// Wall-clock seconds from first connect to the end of the drain.
     pub wall_secs: f64,
     /// `I/N` when this run is one part of a scenario split over machines (`--part`);
@@ -268,8 +271,8 @@ pub struct Summary {
 /// Computes the summary from every device's observations.
 pub fn summarize_run(
     run: &Run,
-    (target, reference_server): (&str, bool),
-    usage: Option<(crate::reference::ProcUsage, crate::reference::ProcUsage)>,
+    (target, local_server): (&str, Option<crate::local::LocalKind>),
+    usage: Option<(crate::local::ProcUsage, crate::local::ProcUsage)>,
     generator_usage: Option<GeneratorUsage>,
     wall_secs: f64,
 ) -> (Summary, Histograms) {
@@ -367,7 +370,8 @@ pub fn summarize_run(
         scenario: run.scenario.name.clone(),
         run_id: run.run_id.clone(),
         target: target.to_owned(),
-        reference_server,
+        reference_server: local_server == Some(crate::local::LocalKind::Reference),
+        local_server,
         wall_secs,
         part: None,
         schedule_start_unix_ms: match run
@@ -414,8 +418,8 @@ pub fn summarize_run(
 /// The reference server's figures over a run, from its usage before and after.
 pub fn server_usage(
     summary: &Summary,
-    before: crate::reference::ProcUsage,
-    after: crate::reference::ProcUsage,
+    before: crate::local::ProcUsage,
+    after: crate::local::ProcUsage,
 ) -> ServerUsage {
     let cpu_secs = (after.cpu_secs - before.cpu_secs).max(0.01);
     let devices = summary.counts.devices_connected.max(1) as f64;
@@ -584,7 +588,7 @@ fn markdown(s: &Summary) -> String {
         "# Load run `{}`: {verdict}\n\nTarget `{}`{}; run id `{}`; {:.1} s wall; open-file limit {}.\n\n",
         s.scenario,
         s.target,
-        if s.reference_server { " (reference server started by the generator)" } else { "" },
+        s.local_server.map_or(String::new(), |k| format!(" ({}, started by the generator)", k.label())),
         s.run_id,
         s.wall_secs,
         s.open_files_limit.map_or("unknown".into(), |n| n.to_string()),
@@ -645,7 +649,9 @@ fn markdown(s: &Summary) -> String {
         ));
     }
     if let Some(u) = &s.server_usage {
-        let heading = if s.reference_server {
+        let heading = if let Some(kind) = s.local_server {
+            kind.label().to_owned()
+        } else if s.reference_server {
             "Reference server".to_owned()
         } else {
             format!(
@@ -712,7 +718,7 @@ fn html(s: &Summary, h: &Histograms, md: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::ProcUsage;
+    use crate::local::ProcUsage;
 
     fn usage(cpu_secs: f64, rss_kib: u64) -> ProcUsage {
         ProcUsage {

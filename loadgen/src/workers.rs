@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, ensure, Context};
 use chatproof_server::auth::TokenKey;
 
 use crate::device::Target;
-use crate::reference::{ProcUsage, ReferenceServer};
+use crate::local::{LocalServer, ProcUsage};
 use crate::scenario::Scenario;
 use crate::world::World;
 use crate::RunArgs;
@@ -54,7 +54,7 @@ pub fn parent(
     world: &World,
     (targets, secret, key, run_id): (&[Target], &str, &TokenKey, &str),
     out: &Path,
-    (server, measured): (Option<ReferenceServer>, &[u32]),
+    (server, measured): (Option<LocalServer>, &[u32]),
 ) -> anyhow::Result<i32> {
     let n = args.workers;
     // With --part p/P, worker i drives share p + P*i of P*n: a split of the part's groups.
@@ -142,7 +142,8 @@ pub fn parent(
     let (mut summary, histograms) = crate::merge::merge(runs)?;
     summary.config = scenario.clone();
     summary.part.clone_from(&args.part);
-    summary.reference_server = server.is_some();
+    summary.local_server = server.as_ref().map(|s| s.kind);
+    summary.reference_server = summary.local_server == Some(crate::local::LocalKind::Reference);
     if let Some((before, after)) = usage_before.zip(usage_after) {
         summary.server_usage = Some(crate::report::server_usage(&summary, before, after));
     }

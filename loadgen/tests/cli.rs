@@ -364,3 +364,47 @@ fn parts_share_a_schedule_and_merge() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// `--floor` loads the protocol floor in place of the reference server: the same checks
+/// pass against it, the report names it, and a scenario it cannot serve is refused.
+#[test]
+fn the_floor_stands_in_for_the_reference_server() {
+    let text = "# On the floor.\nname = \"floor\"\n[population]\nusers = 8\ndevices_per_user = 2\ngroup_size = 4\n\
+                [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
+    let (_tmp, status, report) = run_text("floor", text, &["--floor"]);
+    let s = summary(&report);
+    assert_eq!(status.code(), Some(0), "{s:#}");
+    assert_eq!(s["local_server"], "floor");
+    assert_eq!(s["reference_server"], false);
+    assert_eq!(s["counts"]["acked"], 80);
+    assert_eq!(
+        s["counts"]["deliveries_received"],
+        s["counts"]["deliveries_expected"]
+    );
+    for kind in ["lost", "duplicate", "reorder", "gap", "phantom"] {
+        assert_eq!(s["violations"][kind], 0, "{kind}: {s:#}");
+    }
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("protocol floor"), "{md}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let churn = tmp.path().join("churn.toml");
+    std::fs::write(
+        &churn,
+        format!("{text}[churn]\nshare = 0.5\nat_secs = 1\noffline_secs = 1\n"),
+    )
+    .unwrap();
+    let refused = loadgen(&[
+        "run",
+        churn.to_str().unwrap(),
+        "--floor",
+        "--out-dir",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("churn") && stderr.contains("history"),
+        "{stderr}"
+    );
+}

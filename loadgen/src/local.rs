@@ -1,35 +1,68 @@
-//! The reference server the generator starts when no `--target` is given: this same
-//! executable, re-run as `serve-reference` in a child process, on a free loopback
-//! port with a temporary data directory.
+//! The server the generator starts when no `--target` is given: this same executable,
+//! re-run in a child process (`serve-reference` or `serve-floor`) on a free loopback
+//! port, the reference server with a temporary data directory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
 
-/// A running reference server; killed and its data removed on drop.
-pub struct ReferenceServer {
+/// Which server the generator starts itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalKind {
+    /// The reference server on embedded storage (durable: acks after fsync).
+    Reference,
+    /// The protocol floor (`floor.rs`): in memory, the least a server of the protocol does.
+    Floor,
+}
+
+impl LocalKind {
+    /// How reports name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Reference => "reference server (embedded storage)",
+            Self::Floor => "protocol floor (in memory)",
+        }
+    }
+}
+
+/// A server child process; killed (and its data removed) on drop.
+pub struct LocalServer {
     child: Child,
-    _data: tempfile::TempDir,
+    _data: Option<tempfile::TempDir>,
+    /// What it is.
+    pub kind: LocalKind,
     /// `HOST:PORT`.
     pub addr: String,
 }
 
-impl ReferenceServer {
+impl LocalServer {
     /// Starts the child and waits until it listens.
-    pub fn start(secret: &str) -> anyhow::Result<Self> {
-        let data = tempfile::tempdir().context("creating a temporary data directory")?;
+    pub fn start(kind: LocalKind, secret: &str) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating this executable")?;
-        let mut child = Command::new(exe)
-            .args([
-                "serve-reference",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "text",
-                "--data-dir",
-            ])
-            .arg(data.path())
+        let mut command = Command::new(exe);
+        let data = match kind {
+            LocalKind::Reference => {
+                let data = tempfile::tempdir().context("creating a temporary data directory")?;
+                command
+                    .args([
+                        "serve-reference",
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--log-format",
+                        "text",
+                        "--data-dir",
+                    ])
+                    .arg(data.path());
+                Some(data)
+            }
+            LocalKind::Floor => {
+                command.args(["serve-floor", "--listen", "127.0.0.1:0"]);
+                None
+            }
+        };
+        let mut child = command
             .env("CHATPROOF_SECRET", secret)
             .env(
                 "RUST_LOG",
@@ -38,19 +71,20 @@ impl ReferenceServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting the reference server")?;
-        let stdout = child.stdout.take().context("reference server stdout")?;
+            .with_context(|| format!("starting the {}", kind.label()))?;
+        let stdout = child.stdout.take().context("server stdout")?;
         let mut line = String::new();
         BufReader::new(stdout)
             .read_line(&mut line)
-            .context("reading the reference server's address")?;
+            .context("reading the server's address")?;
         let Some(addr) = line.trim().strip_prefix("listening on ") else {
             let _ = child.kill();
-            bail!("the reference server did not start (it printed {line:?})");
+            bail!("the {} did not start (it printed {line:?})", kind.label());
         };
         Ok(Self {
             addr: addr.to_owned(),
             child,
+            kind,
             _data: data,
         })
     }
@@ -115,14 +149,14 @@ impl ProcUsage {
     }
 }
 
-impl ReferenceServer {
+impl LocalServer {
     /// The server process's id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 }
 
-impl Drop for ReferenceServer {
+impl Drop for LocalServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
