@@ -1,5 +1,6 @@
 //! `compare`: a run against a baseline `summary.json`, metric by metric.
 
+use crate::metrics::Measure;
 use crate::report::Summary;
 
 /// One compared figure.
@@ -18,37 +19,37 @@ pub struct Row {
 /// Compares `run` with `baseline`; a figure regresses when it is worse by more than
 /// `tolerance_pct` percent (any new contract violation always regresses).
 pub fn compare(baseline: &Summary, run: &Summary, tolerance_pct: f64) -> Vec<Row> {
-    let per_sec = |s: &Summary| s.counts.acked as f64 / s.config.load.duration_secs.max(1) as f64;
+    let per_sec = |s: &Summary| s.counts.acked as f64 / s.config.load.schedule_secs().max(1) as f64;
     let lower_is_better: [(&'static str, f64, f64); 6] = [
         (
             "delivery p50 (ms)",
-            baseline.latency.delivery.p50_ms,
-            run.latency.delivery.p50_ms,
+            baseline.latency[Measure::Delivery].p50_ms,
+            run.latency[Measure::Delivery].p50_ms,
         ),
         (
             "delivery p99 (ms)",
-            baseline.latency.delivery.p99_ms,
-            run.latency.delivery.p99_ms,
+            baseline.latency[Measure::Delivery].p99_ms,
+            run.latency[Measure::Delivery].p99_ms,
         ),
         (
             "delivery p99.9 (ms)",
-            baseline.latency.delivery.p999_ms,
-            run.latency.delivery.p999_ms,
+            baseline.latency[Measure::Delivery].p999_ms,
+            run.latency[Measure::Delivery].p999_ms,
         ),
         (
             "send→ack p99 (ms)",
-            baseline.latency.send_ack.p99_ms,
-            run.latency.send_ack.p99_ms,
+            baseline.latency[Measure::SendAck].p99_ms,
+            run.latency[Measure::SendAck].p99_ms,
         ),
         (
             "connect p99 (ms)",
-            baseline.latency.connect.p99_ms,
-            run.latency.connect.p99_ms,
+            baseline.latency[Measure::Connect].p99_ms,
+            run.latency[Measure::Connect].p99_ms,
         ),
         (
             "generator lag p99 (ms)",
-            baseline.latency.generator_lag.p99_ms,
-            run.latency.generator_lag.p99_ms,
+            baseline.latency[Measure::GeneratorLag].p99_ms,
+            run.latency[Measure::GeneratorLag].p99_ms,
         ),
     ];
     let factor = 1.0 + tolerance_pct / 100.0;

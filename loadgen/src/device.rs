@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::metrics::{record_us, LatencyStats};
+use crate::metrics::LatencyStats;
 use chatproof_contract::{OrderCheck, Tally, Violation};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -475,10 +475,7 @@ async fn read_loop(
             (_, Some("hello")) => {}
             ("ok", Some(rid)) => {
                 if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
-                    record_us(
-                        &mut stats.lock().expect("stats").ack,
-                        now.saturating_sub(p.scheduled_us),
-                    );
+                    stats.lock().expect("stats").record_ack(p.scheduled_us, now);
                     if let Some(Acked {
                         conv: Some(conv),
                         seq: Some(seq),
@@ -523,14 +520,12 @@ async fn read_loop(
                     .and_then(|t| t.strip_prefix("lg:"))
                     .and_then(|t| t.split(':').next());
                 if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
-                    let mut stats = stats.lock().expect("stats");
                     // Entries streamed before `caught_up` waited for this device to come back.
-                    let h = if ready.is_some() {
-                        &mut stats.delivery_caught_up
-                    } else {
-                        &mut stats.delivery
-                    };
-                    record_us(h, now.saturating_sub(scheduled_us));
+                    stats.lock().expect("stats").record_delivery(
+                        scheduled_us,
+                        now,
+                        ready.is_some(),
+                    );
                 }
             }
             ("presence", _) => {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::device::{now_us, Device, Target};
 use crate::media::{ImageSet, MediaHttp};
-use crate::metrics::{latency_histogram, record_us, LatencyStats};
+use crate::metrics::{latency_histogram, record_us, Histograms, LatencyStats, Measure};
 use crate::scenario::Scenario as LoadScenario;
 use crate::world::{mix, World};
 
@@ -155,15 +155,31 @@ impl Run {
         run
     }
 
-    /// All latency histograms merged.
-    pub fn merged_stats(&self) -> LatencyStats {
-        let mut all = LatencyStats::default();
+    /// Every latency histogram of the run so far, the drivers' merged.
+    pub fn histograms(&self) -> Histograms {
+        let mut all = Histograms::default();
         for stats in &self.stats {
-            let s = stats.lock().expect("stats");
-            all.delivery.add(&s.delivery).expect("same bounds");
-            all.ack.add(&s.ack).expect("same bounds");
-            all.delivery_caught_up
-                .add(&s.delivery_caught_up)
+            stats.lock().expect("stats").add_to(&mut all);
+        }
+        for (m, h) in [
+            (Measure::Connect, &self.connect),
+            (Measure::GeneratorLag, &self.lag),
+            (Measure::Reconnect, &self.reconnect),
+            (Measure::Upload, &self.upload),
+            (Measure::Download, &self.download),
+        ] {
+            all[m]
+                .add(&*h.lock().expect("histogram"))
+                .expect("same bounds");
+        }
+        all
+    }
+
+    /// Online delivery latency so far (the judged histogram), the drivers' merged.
+    pub fn delivery_so_far(&self) -> Histogram<u64> {
+        let mut all = latency_histogram();
+        for stats in &self.stats {
+            all.add(&stats.lock().expect("stats").delivery)
                 .expect("same bounds");
         }
         all
@@ -177,7 +193,7 @@ impl Run {
     /// Sends each driver makes: the total rate over the duration, split evenly.
     pub fn sends_per_driver(&self) -> u64 {
         let l = &self.scenario.load;
-        let total = l.messages_per_sec * l.duration_secs as f64;
+        let total = l.messages_per_sec * l.schedule_secs() as f64;
         ((total / f64::from(l.drivers)).ceil() as u64).max(1)
     }
 
@@ -290,8 +306,14 @@ async fn connect_devices(user: &mut GooseUser) -> TransactionResult {
                 let _ = tokio::task::spawn_blocking(move || wait_until(at)).await;
             }
         }
+        let started_us = now_us();
         run.schedule_started_ms
-            .store(now_us() / 1000, Ordering::Relaxed);
+            .store(started_us / 1000, Ordering::Relaxed);
+        // Messages scheduled before this belong to the warm-up.
+        let judged_from_us = started_us + run.scenario.load.warmup_secs * 1_000_000;
+        for stats in &run.stats {
+            stats.lock().expect("stats").judged_from_us = judged_from_us;
+        }
         run.go.send_replace(true);
     } else {
         let _ = run.go.subscribe().wait_for(|go| *go).await;
@@ -535,7 +557,7 @@ pub async fn churn(run: Arc<Run>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let start = tokio::time::Instant::now();
-    let end = start + Duration::from_secs(run.scenario.load.duration_secs);
+    let end = start + Duration::from_secs(run.scenario.load.schedule_secs());
     let mut round = 0u64;
     loop {
         let wait = Duration::from_secs(if round == 0 { c.at_secs } else { c.every_secs });

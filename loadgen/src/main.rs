@@ -335,9 +335,9 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         (false, None) => drive::Start::Connected,
     };
     eprintln!(
-        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s, {} drivers -> {urls}{}; open-file limit {}",
+        "chatproof-loadgen: scenario {} (seed {}): {} users x {} devices, {} conversations, {} msg/s for {} s after {} s of warm-up, {} drivers -> {urls}{}; open-file limit {}",
         scenario.name, scenario.seed, users.len(), scenario.population.devices_per_user, world.convs.len(),
-        scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.drivers,
+        scenario.load.messages_per_sec, scenario.load.duration_secs, scenario.load.warmup_secs, scenario.load.drivers,
         share.map(|w| format!(" (part {w})")).unwrap_or_default(),
         report::open_files_limit().map_or("unknown".into(), |n| n.to_string()),
     );
@@ -491,7 +491,7 @@ async fn progress(run: Arc<Run>) {
             .iter()
             .map(|d| d.state.lock().expect("state").received)
             .sum();
-        let total = run.merged_stats().delivery;
+        let total = run.delivery_so_far();
         let mut window = total.clone();
         window.subtract(&previous).expect("counts only grow");
         previous = total;

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context};
 
-use crate::metrics::{decode, summarize};
-use crate::report::{evaluate, write, Histograms, Summary};
+use crate::metrics::decode;
+use crate::metrics::{Histograms, Measure};
+use crate::report::{evaluate, write, Summary};
 
 /// Reads a run directory's `summary.json` and `histograms.json`.
 pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
@@ -19,31 +20,15 @@ pub fn read_run(dir: &Path) -> anyhow::Result<(Summary, Histograms)> {
         &std::fs::read_to_string(dir.join("histograms.json"))
             .with_context(|| format!("reading {}/histograms.json", dir.display()))?,
     )?;
-    let get = |name: &str| -> anyhow::Result<hdrhistogram::Histogram<u64>> {
-        decode(
-            raw[name]
-                .as_str()
-                .with_context(|| format!("{}: histograms.json lacks {name}", dir.display()))?,
-        )
-    };
-    // Histograms added after the first release: runs written before them have none.
-    let get_or_empty = |name: &str| -> anyhow::Result<hdrhistogram::Histogram<u64>> {
-        if raw.get(name).is_some() {
-            get(name)
-        } else {
-            Ok(crate::metrics::latency_histogram())
+    let mut histograms = Histograms::default();
+    for m in Measure::ALL {
+        match raw[m.key()].as_str() {
+            Some(encoded) => histograms[m] = decode(encoded)?,
+            // Histograms added after the first release: runs written before them have none.
+            None if !m.always_recorded() => {}
+            None => anyhow::bail!("{}: histograms.json lacks {}", dir.display(), m.key()),
         }
-    };
-    let histograms = Histograms {
-        delivery: get("delivery")?,
-        ack: get("send_ack")?,
-        connect: get("connect")?,
-        lag: get("generator_lag")?,
-        reconnect: get_or_empty("reconnect")?,
-        caught_up: get_or_empty("delivery_caught_up")?,
-        upload: get_or_empty("upload")?,
-        download: get_or_empty("download")?,
-    };
+    }
     Ok((summary, histograms))
 }
 
@@ -84,14 +69,7 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
             s.scenario,
             other.scenario
         );
-        h.delivery.add(&oh.delivery)?;
-        h.ack.add(&oh.ack)?;
-        h.connect.add(&oh.connect)?;
-        h.lag.add(&oh.lag)?;
-        h.reconnect.add(&oh.reconnect)?;
-        h.caught_up.add(&oh.caught_up)?;
-        h.upload.add(&oh.upload)?;
-        h.download.add(&oh.download)?;
+        h.add(&oh)?;
         let (c, o) = (&mut s.counts, &other.counts);
         c.scheduled += o.scheduled;
         c.sent += o.sent;
@@ -139,14 +117,7 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
             }
         }
     }
-    s.latency.delivery = summarize(&h.delivery);
-    s.latency.send_ack = summarize(&h.ack);
-    s.latency.connect = summarize(&h.connect);
-    s.latency.generator_lag = summarize(&h.lag);
-    s.latency.reconnect = summarize(&h.reconnect);
-    s.latency.delivery_caught_up = summarize(&h.caught_up);
-    s.latency.upload = summarize(&h.upload);
-    s.latency.download = summarize(&h.download);
+    s.latency = h.summaries();
     evaluate(&mut s);
     Ok((s, h))
 }

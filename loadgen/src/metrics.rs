@@ -13,8 +13,172 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static bounds are valid")
 }
 
+/// Every latency a run measures. Each is one HDR histogram (`Histograms`), one entry of
+/// `summary.json`'s `latency` and `histograms.json` under [`Measure::key`], and one row of
+/// the report.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// Scheduled send → receipt at each recipient device that was online (the target).
+    Delivery,
+    /// Scheduled send → ack at the sender.
+    SendAck,
+    /// Connect + hello + catch-up per device.
+    Connect,
+    /// How late the generator itself sent versus the schedule.
+    GeneratorLag,
+    /// Churn: reconnect until the end of catch-up, per returning device.
+    Reconnect,
+    /// Churn: messages that waited for an offline device, scheduled send → receipt.
+    DeliveryCaughtUp,
+    /// Media: image upload (`POST /v1/media`) time.
+    Upload,
+    /// Media: image download (`GET /v1/media/{id}`) time.
+    Download,
+    /// Delivery of messages scheduled during the warm-up (`warmup_secs`), not judged.
+    DeliveryWarmup,
+    /// Send → ack of messages scheduled during the warm-up, not judged.
+    SendAckWarmup,
+}
+
+impl Measure {
+    /// Every measure, in report order.
+    pub const ALL: [Self; 10] = [
+        Self::Delivery,
+        Self::SendAck,
+        Self::Connect,
+        Self::GeneratorLag,
+        Self::Reconnect,
+        Self::DeliveryCaughtUp,
+        Self::Upload,
+        Self::Download,
+        Self::DeliveryWarmup,
+        Self::SendAckWarmup,
+    ];
+
+    /// Its name in `summary.json`, `histograms.json` and `.hgrm` file names.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Delivery => "delivery",
+            Self::SendAck => "send_ack",
+            Self::Connect => "connect",
+            Self::GeneratorLag => "generator_lag",
+            Self::Reconnect => "reconnect",
+            Self::DeliveryCaughtUp => "delivery_caught_up",
+            Self::Upload => "upload",
+            Self::Download => "download",
+            Self::DeliveryWarmup => "delivery_warmup",
+            Self::SendAckWarmup => "send_ack_warmup",
+        }
+    }
+
+    /// Its row in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Delivery => "delivery to online devices (scheduled send → recipient)",
+            Self::SendAck => "send → ack",
+            Self::Connect => "connect + catch-up",
+            Self::GeneratorLag => "generator lag",
+            Self::Reconnect => "reconnect + catch-up (churn)",
+            Self::DeliveryCaughtUp => "delivery after coming back online (churn)",
+            Self::Upload => "image upload",
+            Self::Download => "image download",
+            Self::DeliveryWarmup => "delivery during warm-up (not judged)",
+            Self::SendAckWarmup => "send → ack during warm-up (not judged)",
+        }
+    }
+
+    /// Recorded by every run since the first release; `histograms.json` of older runs
+    /// lacks the others, which then read as empty.
+    pub fn always_recorded(self) -> bool {
+        matches!(
+            self,
+            Self::Delivery | Self::SendAck | Self::Connect | Self::GeneratorLag
+        )
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One histogram per [`Measure`].
+#[derive(Debug, Clone)]
+pub struct Histograms {
+    by_measure: Vec<Histogram<u64>>,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        Self {
+            by_measure: Measure::ALL.iter().map(|_| latency_histogram()).collect(),
+        }
+    }
+}
+
+impl std::ops::Index<Measure> for Histograms {
+    type Output = Histogram<u64>;
+    fn index(&self, m: Measure) -> &Histogram<u64> {
+        &self.by_measure[m.index()]
+    }
+}
+
+impl std::ops::IndexMut<Measure> for Histograms {
+    fn index_mut(&mut self, m: Measure) -> &mut Histogram<u64> {
+        &mut self.by_measure[m.index()]
+    }
+}
+
+impl Histograms {
+    /// Adds every histogram of `other` (lossless).
+    pub fn add(&mut self, other: &Self) -> anyhow::Result<()> {
+        for m in Measure::ALL {
+            self[m]
+                .add(&other[m])
+                .map_err(|e| anyhow::anyhow!("{}: {e:?}", m.key()))?;
+        }
+        Ok(())
+    }
+
+    /// Each measure's figures.
+    pub fn summaries(&self) -> Latencies {
+        Latencies(
+            Measure::ALL
+                .iter()
+                .map(|&m| (m, summarize(&self[m])))
+                .collect(),
+        )
+    }
+}
+
+/// The figures of every measure: `summary.json`'s `latency` object, keyed by
+/// [`Measure::key`]. A measure missing from an older file reads as empty.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Latencies(pub std::collections::BTreeMap<Measure, LatencySummary>);
+
+/// The figures of an empty histogram.
+pub const EMPTY_SUMMARY: LatencySummary = LatencySummary {
+    count: 0,
+    p50_ms: 0.0,
+    p90_ms: 0.0,
+    p99_ms: 0.0,
+    p999_ms: 0.0,
+    max_ms: 0.0,
+    mean_ms: 0.0,
+};
+
+impl std::ops::Index<Measure> for Latencies {
+    type Output = LatencySummary;
+    fn index(&self, m: Measure) -> &LatencySummary {
+        self.0.get(&m).unwrap_or(&EMPTY_SUMMARY)
+    }
+}
+
 /// Latency histograms shared by the devices of one driver (a histogram costs ~180 KB,
-/// too much to keep one per device).
+/// too much to keep one per device): what devices record as frames arrive.
 #[derive(Debug, Clone)]
 pub struct LatencyStats {
     /// Scheduled send → receipt at a recipient device, µs.
@@ -24,6 +188,13 @@ pub struct LatencyStats {
     /// Scheduled send → receipt of messages that waited for an offline device (caught
     /// up after a reconnect), µs; kept apart from the online delivery target.
     pub delivery_caught_up: Histogram<u64>,
+    /// Delivery of messages scheduled before `judged_from_us`, µs.
+    pub delivery_warmup: Histogram<u64>,
+    /// Ack of messages scheduled before `judged_from_us`, µs.
+    pub ack_warmup: Histogram<u64>,
+    /// Messages scheduled before this instant (Unix µs) belong to the warm-up; 0 until
+    /// the schedule starts (no warm-up: its start).
+    pub judged_from_us: u64,
 }
 
 impl Default for LatencyStats {
@@ -32,6 +203,47 @@ impl Default for LatencyStats {
             delivery: latency_histogram(),
             ack: latency_histogram(),
             delivery_caught_up: latency_histogram(),
+            delivery_warmup: latency_histogram(),
+            ack_warmup: latency_histogram(),
+            judged_from_us: 0,
+        }
+    }
+}
+
+impl LatencyStats {
+    /// Records the delivery of a message scheduled at `scheduled_us`, received at
+    /// `now_us`; `caught_up` when it waited for the device to come back online.
+    pub fn record_delivery(&mut self, scheduled_us: u64, now_us: u64, caught_up: bool) {
+        let h = if scheduled_us < self.judged_from_us {
+            &mut self.delivery_warmup
+        } else if caught_up {
+            &mut self.delivery_caught_up
+        } else {
+            &mut self.delivery
+        };
+        record_us(h, now_us.saturating_sub(scheduled_us));
+    }
+
+    /// Records the ack of a send scheduled at `scheduled_us`, received at `now_us`.
+    pub fn record_ack(&mut self, scheduled_us: u64, now_us: u64) {
+        let h = if scheduled_us < self.judged_from_us {
+            &mut self.ack_warmup
+        } else {
+            &mut self.ack
+        };
+        record_us(h, now_us.saturating_sub(scheduled_us));
+    }
+
+    /// Adds these histograms into `into`.
+    pub fn add_to(&self, into: &mut Histograms) {
+        for (m, h) in [
+            (Measure::Delivery, &self.delivery),
+            (Measure::SendAck, &self.ack),
+            (Measure::DeliveryCaughtUp, &self.delivery_caught_up),
+            (Measure::DeliveryWarmup, &self.delivery_warmup),
+            (Measure::SendAckWarmup, &self.ack_warmup),
+        ] {
+            into[m].add(h).expect("same bounds");
         }
     }
 }
@@ -67,15 +279,7 @@ fn ms(us: u64) -> f64 {
 /// Summarizes `h` (all zero when empty).
 pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
     if h.is_empty() {
-        return LatencySummary {
-            count: 0,
-            p50_ms: 0.0,
-            p90_ms: 0.0,
-            p99_ms: 0.0,
-            p999_ms: 0.0,
-            max_ms: 0.0,
-            mean_ms: 0.0,
-        };
+        return EMPTY_SUMMARY;
     }
     LatencySummary {
         count: h.len(),

@@ -19,7 +19,7 @@ pub const CHECKED_VIOLATIONS: [Violation; 5] = [
     Violation::Phantom,
 ];
 use crate::drive::Run;
-use crate::metrics::{hgrm, summarize, LatencySummary};
+use crate::metrics::{hgrm, Histograms, Latencies, Measure};
 use crate::scenario::Scenario;
 
 /// One second of the run, sampled by the progress task.
@@ -53,35 +53,6 @@ pub struct SloResult {
     /// The target is a lower bound.
     #[serde(default)]
     pub at_least: bool,
-}
-
-/// Latency figures of a run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Latencies {
-    /// Scheduled send → receipt at each recipient device.
-    pub delivery: LatencySummary,
-    /// Scheduled send → ack at the sender.
-    pub send_ack: LatencySummary,
-    /// Connect + hello + catch-up per device.
-    pub connect: LatencySummary,
-    /// How late the generator itself sent versus the schedule.
-    pub generator_lag: LatencySummary,
-    /// Churn: messages that waited for an offline device, scheduled send → receipt at catch-up.
-    #[serde(default = "empty_summary")]
-    pub delivery_caught_up: LatencySummary,
-    /// Churn: reconnect until the end of catch-up, per returning device.
-    #[serde(default = "empty_summary")]
-    pub reconnect: LatencySummary,
-    /// Media: image upload (`POST /v1/media`) time.
-    #[serde(default = "empty_summary")]
-    pub upload: LatencySummary,
-    /// Media: image download (`GET /v1/media/{id}`) time.
-    #[serde(default = "empty_summary")]
-    pub download: LatencySummary,
-}
-
-fn empty_summary() -> LatencySummary {
-    summarize(&crate::metrics::latency_histogram())
 }
 
 /// Message counts of a run.
@@ -277,8 +248,7 @@ pub fn summarize_run(
     wall_secs: f64,
 ) -> (Summary, Histograms) {
     let devices = run.devices.lock().expect("devices").clone();
-    let merged = run.merged_stats();
-    let (delivery, ack, caught_up) = (merged.delivery, merged.ack, merged.delivery_caught_up);
+    let histograms = run.histograms();
     let mut violations = Tally::default();
     let mut counts = Counts {
         devices_planned: run.users.len() as u64
@@ -351,21 +321,7 @@ pub fn summarize_run(
             }
         }
     }
-    let connect = run.connect.lock().expect("histogram").clone();
-    let lag = run.lag.lock().expect("histogram").clone();
-    let latency = Latencies {
-        delivery: summarize(&delivery),
-        send_ack: summarize(&ack),
-        connect: summarize(&connect),
-        generator_lag: summarize(&lag),
-        reconnect: summarize(&run.reconnect.lock().expect("histogram")),
-        delivery_caught_up: summarize(&caught_up),
-        upload: summarize(&run.upload.lock().expect("histogram")),
-        download: summarize(&run.download.lock().expect("histogram")),
-    };
-    let reconnect = run.reconnect.lock().expect("histogram").clone();
-    let upload = run.upload.lock().expect("histogram").clone();
-    let download = run.download.lock().expect("histogram").clone();
+    let latency = histograms.summaries();
     let mut summary = Summary {
         scenario: run.scenario.name.clone(),
         run_id: run.run_id.clone(),
@@ -400,19 +356,7 @@ pub fn summarize_run(
     if let Some((before, after)) = usage {
         summary.server_usage = Some(server_usage(&summary, before, after));
     }
-    (
-        summary,
-        Histograms {
-            delivery,
-            ack,
-            connect,
-            lag,
-            reconnect,
-            caught_up,
-            upload,
-            download,
-        },
-    )
+    (summary, histograms)
 }
 
 /// The reference server's figures over a run, from its usage before and after.
@@ -446,12 +390,12 @@ pub fn evaluate(s: &mut Summary) {
         slo_result(
             "delivery p99 (ms)",
             slo_cfg.delivery_p99_ms,
-            s.latency.delivery.p99_ms,
+            s.latency[Measure::Delivery].p99_ms,
         ),
         slo_result(
             "send→ack p99 (ms)",
             slo_cfg.ack_p99_ms,
-            s.latency.send_ack.p99_ms,
+            s.latency[Measure::SendAck].p99_ms,
         ),
         slo_result(
             "lost deliveries",
@@ -472,10 +416,10 @@ pub fn evaluate(s: &mut Summary) {
     }
     s.invalid_reasons.clear();
     let lag_max_ms = slo_cfg.generator_lag_p99_ms;
-    if s.latency.generator_lag.p99_ms > lag_max_ms {
+    if s.latency[Measure::GeneratorLag].p99_ms > lag_max_ms {
         s.invalid_reasons.push(format!(
             "generator lag p99 {:.1} ms exceeds {lag_max_ms:.1} ms: the generator, not the server, was the bottleneck",
-            s.latency.generator_lag.p99_ms
+            s.latency[Measure::GeneratorLag].p99_ms
         ));
     }
     if s.counts.devices_failed > 0 {
@@ -518,26 +462,6 @@ fn slo_result(name: &str, target: f64, measured: f64) -> SloResult {
     }
 }
 
-/// The merged histograms of a run.
-pub struct Histograms {
-    /// Delivery latency, µs.
-    pub delivery: hdrhistogram::Histogram<u64>,
-    /// Send→ack latency, µs.
-    pub ack: hdrhistogram::Histogram<u64>,
-    /// Connect time, µs.
-    pub connect: hdrhistogram::Histogram<u64>,
-    /// Generator lag, µs.
-    pub lag: hdrhistogram::Histogram<u64>,
-    /// Reconnect + catch-up after churn, µs.
-    pub reconnect: hdrhistogram::Histogram<u64>,
-    /// Deliveries that waited for an offline device, µs.
-    pub caught_up: hdrhistogram::Histogram<u64>,
-    /// Image uploads, µs.
-    pub upload: hdrhistogram::Histogram<u64>,
-    /// Image downloads, µs.
-    pub download: hdrhistogram::Histogram<u64>,
-}
-
 /// The soft open-file limit of this process, from `/proc/self/limits`.
 pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -552,22 +476,17 @@ pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()
         dir.join("summary.json"),
         serde_json::to_string_pretty(summary)?,
     )?;
-    std::fs::write(dir.join("delivery.hgrm"), hgrm(&h.delivery))?;
-    std::fs::write(dir.join("send_ack.hgrm"), hgrm(&h.ack))?;
-    std::fs::write(dir.join("connect.hgrm"), hgrm(&h.connect))?;
-    std::fs::write(dir.join("generator_lag.hgrm"), hgrm(&h.lag))?;
+    for m in Measure::ALL {
+        if m.always_recorded() || !h[m].is_empty() {
+            std::fs::write(dir.join(format!("{}.hgrm", m.key())), hgrm(&h[m]))?;
+        }
+    }
     let md = markdown(summary);
     std::fs::write(dir.join("report.md"), &md)?;
-    let encoded = serde_json::json!({
-        "delivery": crate::metrics::encode(&h.delivery),
-        "send_ack": crate::metrics::encode(&h.ack),
-        "connect": crate::metrics::encode(&h.connect),
-        "generator_lag": crate::metrics::encode(&h.lag),
-        "reconnect": crate::metrics::encode(&h.reconnect),
-        "delivery_caught_up": crate::metrics::encode(&h.caught_up),
-        "upload": crate::metrics::encode(&h.upload),
-        "download": crate::metrics::encode(&h.download),
-    });
+    let encoded: serde_json::Map<String, serde_json::Value> = Measure::ALL
+        .iter()
+        .map(|&m| (m.key().to_owned(), crate::metrics::encode(&h[m]).into()))
+        .collect();
     std::fs::write(
         dir.join("histograms.json"),
         serde_json::to_string_pretty(&encoded)?,
@@ -607,22 +526,13 @@ fn markdown(s: &Summary) -> String {
         md.push_str(&format!("\n**Invalid run:** {reason}\n"));
     }
     md.push_str("\n## Latency (ms)\n\n| | count | p50 | p90 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|\n");
-    for (name, l) in [
-        (
-            "delivery to online devices (scheduled send → recipient)",
-            &s.latency.delivery,
-        ),
-        ("send → ack", &s.latency.send_ack),
-        ("connect + catch-up", &s.latency.connect),
-        ("generator lag", &s.latency.generator_lag),
-        ("reconnect + catch-up (churn)", &s.latency.reconnect),
-        (
-            "delivery after coming back online (churn)",
-            &s.latency.delivery_caught_up,
-        ),
-        ("image upload", &s.latency.upload),
-        ("image download", &s.latency.download),
-    ] {
+    // Histograms a run did not use (no churn, no images, no warm-up) are left out.
+    for m in Measure::ALL {
+        let l = &s.latency[m];
+        if l.count == 0 && !m.always_recorded() {
+            continue;
+        }
+        let name = m.label();
         md.push_str(&format!(
             "| {name} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
             l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
@@ -695,7 +605,7 @@ fn escape(text: &str) -> String {
 /// A self-contained page: the Markdown report as text plus inline SVG charts.
 fn html(s: &Summary, h: &Histograms, md: &str) -> String {
     let charts = [
-        crate::plots::percentile_spectrum(&h.delivery, &h.ack),
+        crate::plots::percentile_spectrum(&h[Measure::Delivery], &h[Measure::SendAck]),
         crate::plots::latency_over_time(&s.timeline),
         crate::plots::throughput_over_time(&s.timeline),
         crate::plots::devices_over_time(&s.timeline),

@@ -57,6 +57,11 @@ fn one() -> u32 {
 pub struct Load {
     /// Measured period, seconds.
     pub duration_secs: u64,
+    /// Before the measured period: traffic at the same rate whose latencies are
+    /// reported apart and not judged (the contract still is), seconds. Devices
+    /// connecting and presence arriving then do not decide the run's percentiles.
+    #[serde(default)]
+    pub warmup_secs: u64,
     /// Messages per second over the whole population.
     pub messages_per_sec: f64,
     /// Share of messages sent to groups (the rest are 1:1).
@@ -80,6 +85,13 @@ pub struct Load {
     /// Share of image deliveries the receiving device downloads (`GET /v1/media/{id}`).
     #[serde(default)]
     pub image_download_share: f64,
+}
+
+impl Load {
+    /// Seconds of schedule: the warm-up, then the measured period.
+    pub fn schedule_secs(&self) -> u64 {
+        self.warmup_secs + self.duration_secs
+    }
 }
 
 fn default_image_kib() -> Vec<u32> {

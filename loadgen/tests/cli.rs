@@ -408,3 +408,35 @@ fn the_floor_stands_in_for_the_reference_server() {
         "{stderr}"
     );
 }
+
+/// `warmup_secs`: traffic runs before the measured period at the same rate, its
+/// latencies are reported apart, and every message is still held to the contract.
+#[test]
+fn warm_up_is_reported_apart_and_still_checked() {
+    let text = "# With a warm-up.\nname = \"warm\"\n[population]\nusers = 6\ndevices_per_user = 1\ngroup_size = 3\n\
+                [load]\nwarmup_secs = 1\nduration_secs = 2\nmessages_per_sec = 30\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
+    let (_tmp, status, report) = run_text("warm", text, &[]);
+    let s = summary(&report);
+    assert_eq!(status.code(), Some(0), "{s:#}");
+    // 3 s of schedule at 30/s, warm-up included.
+    assert_eq!(s["counts"]["acked"], 90);
+    assert_eq!(
+        s["counts"]["deliveries_received"],
+        s["counts"]["deliveries_expected"]
+    );
+    let warm_acks = s["latency"]["send_ack_warmup"]["count"].as_u64().unwrap();
+    let judged_acks = s["latency"]["send_ack"]["count"].as_u64().unwrap();
+    assert_eq!(warm_acks + judged_acks, 90);
+    // The driver's phase shifts a send or two across the boundary.
+    assert!(
+        (25..=35).contains(&warm_acks),
+        "{warm_acks} of 90 acks in the 1 s warm-up"
+    );
+    assert!(s["latency"]["delivery_warmup"]["count"].as_u64().unwrap() > 0);
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("during warm-up (not judged)"), "{md}");
+    assert!(
+        !md.contains("image upload"),
+        "unused histograms are left out: {md}"
+    );
+}
