@@ -4,6 +4,7 @@
 //! Exit status: 0 every target met; 1 a target missed or a contract violation;
 //! 2 usage or setup error; 3 invalid run (the generator was the bottleneck or devices failed).
 
+mod capacity;
 mod compare;
 mod device;
 mod drive;
@@ -52,6 +53,13 @@ struct Cli {
 enum Cmd {
     /// Run a scenario (scenarios/load/*.toml) and write reports/<scenario>/<timestamp>/.
     Run(RunArgs),
+    /// Find the highest offered rate at which the server meets the scenario's targets
+    /// with a valid run: runs the scenario at doubling, then bisected rates, each with a
+    /// warm-up, and writes reports/<scenario>/capacity-<timestamp>/ (summary.json with the
+    /// curve and the knee, report.md, report.html, and each step's run folder).
+    /// Exit status: 0 knee found, 1 no rate passed or a contract violation, 2 usage or
+    /// setup error, 3 no step was valid (the generator was the limit at every rate).
+    Capacity(capacity::CapacityArgs),
     /// Merge the runs of several generator processes or machines into one report.
     Merge {
         /// Run directories (each with summary.json and histograms.json).
@@ -141,6 +149,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Cmd::ServeReference(args) => serve_reference(args),
+        Cmd::Capacity(args) => report_errors(capacity::run(&args)),
         Cmd::ServeFloor(args) => report_errors(floor::serve(&args).map(|()| 0)),
         Cmd::Merge { runs, out } => report_errors(merge::run(&runs, &out).map(|s| {
             eprintln!(

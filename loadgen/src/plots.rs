@@ -146,3 +146,17 @@ pub fn devices_over_time(timeline: &[TimelinePoint]) -> String {
         &|x| format!("{x:.0}"),
     )
 }
+
+/// `capacity`: delivery p50 and p99 against the offered rate, one point per valid step
+/// (`(offered msgs/s, p50 ms, p99 ms)`, sorted by rate).
+pub fn capacity_curve(title: &str, points: &[(f64, f64, f64)]) -> String {
+    let p50 = points.iter().map(|p| (p.0, p.1)).collect();
+    let p99 = points.iter().map(|p| (p.0, p.2)).collect();
+    line_chart(
+        title,
+        "offered messages per second",
+        "delivery latency, ms",
+        &[("p50", BLUE, p50), ("p99", RED, p99)],
+        &|x| format!("{x:.0}"),
+    )
+}

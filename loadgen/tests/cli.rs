@@ -440,3 +440,59 @@ fn warm_up_is_reported_apart_and_still_checked() {
         "unused histograms are left out: {md}"
     );
 }
+
+/// `capacity` runs the scenario at doubling rates (here every step passes, so the search
+/// limit ends it), against the reference server and, with `--floor`, the floor, and
+/// writes the curve, the knee and the ratio between the two.
+#[test]
+fn capacity_steps_the_rate_and_finds_the_knee() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cap.toml");
+    std::fs::write(
+        &path,
+        "# Capacity.\nname = \"cap\"\n[population]\nusers = 6\ndevices_per_user = 1\ngroup_size = 3\n\
+         [load]\nwarmup_secs = 1\nduration_secs = 1\nmessages_per_sec = 20\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 2\n\
+         [slo]\ndelivery_p99_ms = 2000\nack_p99_ms = 2000\ngenerator_lag_p99_ms = 1000\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("reports");
+    let done = loadgen(&[
+        "capacity",
+        path.to_str().unwrap(),
+        "--floor",
+        "--max-steps",
+        "2",
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        done.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let dir = only_run(&out.join("cap"));
+    let s = summary(&dir);
+    for search in ["server", "floor"] {
+        let steps = s[search]["steps"].as_array().unwrap();
+        let rates: Vec<f64> = steps
+            .iter()
+            .map(|st| st["offered_per_sec"].as_f64().unwrap())
+            .collect();
+        assert_eq!(rates, [20.0, 40.0], "{search}: {s:#}");
+        assert!(steps.iter().all(|st| st["verdict"] == "pass"), "{s:#}");
+        assert_eq!(s[search]["knee"]["offered_per_sec"], 40.0);
+        assert_eq!(s[search]["bound"], "search_limit");
+        // Each step is a complete run with its own report.
+        let run = std::path::PathBuf::from(steps[1]["run"].as_str().unwrap());
+        assert_eq!(
+            summary(&run)["counts"]["acked"],
+            80,
+            "2 s of schedule at 40/s"
+        );
+    }
+    assert_eq!(s["knee_ratio_to_floor"], 1.0);
+    assert_eq!(s["pass"], true);
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), 2, "one curve per search");
+}
