@@ -322,8 +322,11 @@ fn step(
             }
         }
     }
+    // The step's progress and report go to its log, not between the search's lines.
+    let log = std::fs::File::create(dir.join("run.log"))?;
     let output = command
-        .stderr(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .status()
         .context("running a step")?;
     let verdict = match output.code() {
@@ -472,17 +475,5 @@ fn html(s: &CapacitySummary, md: &str) -> String {
             &curve(f),
         ));
     }
-    let mut page = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>chatproof capacity {}</title>\n\
-         <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}pre{{white-space:pre-wrap}}</style></head><body>\n",
-        crate::report::escape(&s.scenario)
-    );
-    page.push_str(&format!("<pre>{}</pre>\n", crate::report::escape(md)));
-    for chart in charts {
-        page.push_str("<div>");
-        page.push_str(&chart);
-        page.push_str("</div>\n");
-    }
-    page.push_str("</body></html>\n");
-    page
+    crate::report::page(&format!("chatproof capacity {}", s.scenario), md, &charts)
 }

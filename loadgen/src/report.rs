@@ -596,7 +596,7 @@ fn markdown(s: &Summary) -> String {
     md
 }
 
-pub(crate) fn escape(text: &str) -> String {
+fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -610,15 +610,21 @@ fn html(s: &Summary, h: &Histograms, md: &str) -> String {
         crate::plots::throughput_over_time(&s.timeline),
         crate::plots::devices_over_time(&s.timeline),
     ];
+    page(&format!("chatproof load run {}", s.scenario), md, &charts)
+}
+
+/// A self-contained HTML page titled `title`: the Markdown report `md` as text, then each
+/// inline SVG chart.
+pub(crate) fn page(title: &str, md: &str, charts: &[String]) -> String {
     let mut page = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>chatproof load run {}</title>\n\
-         <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}pre{{white-space:pre-wrap}}</style></head><body>\n",
-        escape(&s.scenario)
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{}</title>\n\
+         <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}pre{{white-space:pre-wrap}}</style></head><body>\n",
+        escape(title)
     );
     page.push_str(&format!("<pre>{}</pre>\n", escape(md)));
     for chart in charts {
         page.push_str("<div>");
-        page.push_str(&chart);
+        page.push_str(chart);
         page.push_str("</div>\n");
     }
     page.push_str("</body></html>\n");
