@@ -79,11 +79,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         tolerance_pct: f64,
     },
-    /// Size a fleet for a scenario's [design] point from a calibration run's measurements.
+    /// Size a fleet for a scenario's [design] point from a capacity search's knee (or one run's server figures).
     Plan {
         /// Scenario with a [design] table (e.g. scenarios/load/design-point.toml).
         scenario: PathBuf,
-        /// summary.json of a run against the reference server (its server_usage figures).
+        /// summary.json of `capacity` (the figures at the server's knee), or of one `run`
+        /// against the reference server (its server_usage; a warning says it is not a
+        /// capacity).
         #[arg(long)]
         calibration: PathBuf,
         #[command(flatten)]
@@ -216,16 +218,66 @@ fn plan_cmd(
     let design = scenario
         .design
         .ok_or_else(|| anyhow!("{} has no [design] table", scenario.name))?;
-    let usage = read_summary(calibration)?
-        .server_usage
-        .ok_or_else(|| anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server"))?;
+    let (cal, source) = read_calibration(calibration)?;
+    if let Some(warning) = source.warning() {
+        eprintln!("chatproof-loadgen plan: warning: {warning}");
+    }
+    let fleet = plan::plan(&design, hardware, &cal);
+    println!(
+        "{}",
+        plan::report(&design, hardware, (&cal, &source), &fleet)
+    );
+    Ok(0)
+}
+
+/// The calibration figures of `path`: a `capacity` summary (its knee) or a `run`
+/// summary (its server usage, with a warning that it is not a capacity).
+fn read_calibration(
+    path: &std::path::Path,
+) -> anyhow::Result<(plan::Calibration, plan::CalibrationSource)> {
+    let file = if path.is_dir() {
+        path.join("summary.json")
+    } else {
+        path.to_owned()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    if let Ok(capacity) = serde_json::from_str::<capacity::CapacitySummary>(&text) {
+        let search = &capacity.server;
+        let knee = search
+            .knee
+            .as_ref()
+            .ok_or_else(|| anyhow!("{}: the capacity search found no knee", file.display()))?;
+        let (Some(us_per_delivery), Some(bytes)) = (
+            knee.server_cpu_us_per_delivery,
+            knee.server_bytes_per_connection,
+        ) else {
+            bail!("{}: the knee has no server figures: search without --target (or with --server-pid)", file.display());
+        };
+        let cal = plan::Calibration {
+            bytes_per_connection: bytes.max(1.0),
+            deliveries_per_core_sec: 1e6 / us_per_delivery,
+        };
+        let source = plan::CalibrationSource::Capacity {
+            scenario: capacity.scenario.clone(),
+            knee_per_sec: knee.offered_per_sec,
+            bound: search.bound,
+        };
+        return Ok((cal, source));
+    }
+    let summary = read_summary(&file)?;
+    let usage = summary.server_usage.as_ref().ok_or_else(|| {
+        anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server")
+    })?;
     let cal = plan::Calibration {
         bytes_per_connection: usage.bytes_per_connection.max(1.0),
         deliveries_per_core_sec: usage.deliveries_per_cpu_sec,
     };
-    let fleet = plan::plan(&design, hardware, &cal);
-    println!("{}", plan::report(&design, hardware, &cal, &fleet));
-    Ok(0)
+    let source = plan::CalibrationSource::Run {
+        scenario: summary.scenario.clone(),
+        offered_per_sec: summary.config.load.messages_per_sec,
+    };
+    Ok((cal, source))
 }
 
 fn serve_reference(args: chatproof_server::config::ServeArgs) -> i32 {

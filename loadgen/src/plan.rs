@@ -81,6 +81,64 @@ pub struct Calibration {
     pub deliveries_per_core_sec: f64,
 }
 
+/// Where the calibration figures come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CalibrationSource {
+    /// The knee of a `capacity` search: the figures at the highest rate the server
+    /// carried within the scenario's targets.
+    Capacity {
+        /// Scenario searched.
+        scenario: String,
+        /// The knee's offered rate, messages per second.
+        knee_per_sec: f64,
+        /// What bounded the search there.
+        bound: crate::capacity::Bound,
+    },
+    /// One `run`: the figures at its offered rate, which need not be near capacity.
+    Run {
+        /// Scenario run.
+        scenario: String,
+        /// Its offered rate, messages per second.
+        offered_per_sec: f64,
+    },
+}
+
+impl CalibrationSource {
+    /// One line for the plan.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Capacity {
+                scenario,
+                knee_per_sec,
+                bound,
+            } => format!(
+                "the knee of a capacity search of `{scenario}`: {knee_per_sec:.0} msgs/s offered (bounded by {})",
+                serde_json::to_value(bound).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            ),
+            Self::Run {
+                scenario,
+                offered_per_sec,
+            } => format!("one run of `{scenario}` at {offered_per_sec:.0} msgs/s offered"),
+        }
+    }
+
+    /// Why these figures may mislead, if they may.
+    pub fn warning(&self) -> Option<String> {
+        match self {
+            Self::Run { .. } => Some(
+                "this calibration is one run, not a capacity: at a light load the server spends far more CPU per delivery (waking up) than at its knee, so the servers for CPU are overstated; calibrate with the summary.json of `chatproof-loadgen capacity`".to_owned(),
+            ),
+            Self::Capacity {
+                bound: crate::capacity::Bound::Generator,
+                ..
+            } => Some(
+                "the generator, not the server, ended the capacity search: the server carries at least the knee, so the servers for CPU may be overstated".to_owned(),
+            ),
+            Self::Capacity { .. } => None,
+        }
+    }
+}
+
 /// The fleet and the loads that size it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Fleet {
@@ -186,7 +244,12 @@ pub fn plan(d: &Design, hw: &Hardware, cal: &Calibration) -> Fleet {
 }
 
 /// The plan as Markdown: assumptions, calibration, and the fleet.
-pub fn report(d: &Design, hw: &Hardware, cal: &Calibration, f: &Fleet) -> String {
+pub fn report(
+    d: &Design,
+    hw: &Hardware,
+    (cal, source): (&Calibration, &CalibrationSource),
+    f: &Fleet,
+) -> String {
     let mut out = String::from("# Capacity plan\n\n## Design point (assumed)\n\n");
     out.push_str(&format!(
         "- {:.0} daily active users, {:.0} % online at the busy hour, {:.2} devices each → **{:.0} connections**\n\
@@ -205,9 +268,12 @@ pub fn report(d: &Design, hw: &Hardware, cal: &Calibration, f: &Fleet) -> String
         hw.server_cores, hw.server_memory_gib, hw.utilisation * 100.0, hw.connections_per_server_max, hw.kernel_bytes_per_connection, hw.redis_ops_per_node, hw.scylla_writes_per_node, hw.store_overhead_bytes, hw.frame_overhead_bytes
     ));
     out.push_str(&format!(
-        "\n## Calibration (measured)\n\n- {:.0} bytes of server memory per connection\n- {:.0} deliveries per server core-second\n",
-        cal.bytes_per_connection, cal.deliveries_per_core_sec
+        "\n## Calibration (measured)\n\nFrom {}.\n\n- {:.0} bytes of server memory per connection\n- {:.0} deliveries per server core-second\n",
+        source.describe(), cal.bytes_per_connection, cal.deliveries_per_core_sec
     ));
+    if let Some(warning) = source.warning() {
+        out.push_str(&format!("\n**Warning:** {warning}.\n"));
+    }
     out.push_str(&format!(
         "\n## Fleet\n\n| what | figure |\n|---|---|\n\
          | chat servers for memory | {:.1} |\n| chat servers for CPU | {:.1} |\n| chat servers for the connection cap | {:.1} |\n| **chat servers** | **{:.0}** ({:.0} connections each) |\n\

@@ -495,4 +495,36 @@ fn capacity_steps_the_rate_and_finds_the_knee() {
     assert_eq!(s["pass"], true);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 2, "one curve per search");
+
+    // `plan` takes the knee as its calibration, and warns when given one run instead.
+    let design = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../scenarios/load/design-point.toml"
+    );
+    let planned = loadgen(&["plan", design, "--calibration", dir.to_str().unwrap()]);
+    assert_eq!(
+        planned.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&planned.stderr)
+    );
+    let plan = String::from_utf8_lossy(&planned.stdout);
+    assert!(
+        plan.contains("the knee of a capacity search of `cap`: 40 msgs/s"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("bounded by search_limit") && !plan.contains("Warning"),
+        "{plan}"
+    );
+    let one_run = steps_run(&s);
+    let planned = loadgen(&["plan", design, "--calibration", one_run.to_str().unwrap()]);
+    assert_eq!(planned.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&planned.stderr).contains("not a capacity"));
+    assert!(String::from_utf8_lossy(&planned.stdout).contains("one run of `cap` at 20 msgs/s"));
+}
+
+/// The run folder of the server search's first step.
+fn steps_run(capacity: &Value) -> PathBuf {
+    PathBuf::from(capacity["server"]["steps"][0]["run"].as_str().unwrap())
 }
