@@ -445,7 +445,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         .await?;
         // Devices still offline when the schedule ends come back before the drain.
         let _ = churn.await;
-        settle(&run, drain).await;
+        let (drain_waited, settled) = settle(&run, drain).await;
         progress.abort();
         downloads.abort();
         let usage_after = ProcUsage::of_all(&measured);
@@ -462,6 +462,9 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             started.elapsed().as_secs_f64(),
         );
         summary.part.clone_from(&args.part);
+        summary.drain_waited_secs = drain_waited.as_secs_f64();
+        summary.settled = settled;
+        report::evaluate(&mut summary);
         report::write(&out, &summary, &histograms)?;
         let devices = run.devices.lock().expect("devices").clone();
         for device in devices {
@@ -516,19 +519,31 @@ fn resolve_targets(addrs: &[String]) -> anyhow::Result<Vec<device::Target>> {
         .collect()
 }
 
-/// Waits until no send is pending and deliveries stop arriving, at most `drain`.
-async fn settle(run: &Run, drain: Duration) {
-    let deadline = tokio::time::Instant::now() + drain;
+/// Longest wait past the scenario's `drain_secs` while deliveries keep arriving.
+const DRAIN_EXTENSION_MAX: Duration = Duration::from_secs(30);
+
+/// Waits until no send is pending and deliveries stop arriving, at most `drain`; past
+/// `drain`, waits on while deliveries still arrive, at most [`DRAIN_EXTENSION_MAX`] more.
+/// Returns how long it waited and whether deliveries had stopped arriving (when they had
+/// not, a delivery still missing may be late rather than lost).
+async fn settle(run: &Run, drain: Duration) -> (Duration, bool) {
+    let started = tokio::time::Instant::now();
+    let (soft, hard) = (started + drain, started + drain + DRAIN_EXTENSION_MAX);
     let mut last = u64::MAX;
-    while tokio::time::Instant::now() < deadline {
+    loop {
         let devices = run.devices.lock().expect("devices").clone();
         let pending: usize = devices.iter().map(|d| d.pending()).sum();
         let received: u64 = devices
             .iter()
             .map(|d| d.state.lock().expect("state").received)
             .sum();
-        if pending == 0 && received == last {
-            return;
+        let quiet = received == last;
+        let now = tokio::time::Instant::now();
+        if quiet && (pending == 0 || now >= soft) {
+            return (started.elapsed(), true);
+        }
+        if now >= hard {
+            return (started.elapsed(), false);
         }
         last = received;
         tokio::time::sleep(Duration::from_millis(300)).await;

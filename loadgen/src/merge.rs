@@ -70,6 +70,8 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
             other.scenario
         );
         h.add(&oh)?;
+        s.settled &= other.settled;
+        s.drain_waited_secs = s.drain_waited_secs.max(other.drain_waited_secs);
         let (c, o) = (&mut s.counts, &other.counts);
         c.scheduled += o.scheduled;
         c.sent += o.sent;

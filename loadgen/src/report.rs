@@ -127,6 +127,10 @@ pub struct ServerUsage {
     pub messages_per_cpu_sec: f64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn one() -> u32 {
     1
 }
@@ -196,6 +200,14 @@ pub struct Summary {
     pub local_server: Option<crate::local::LocalKind>,
     /// Wall-clock seconds from first connect to the end of the drain.
     pub wall_secs: f64,
+    /// Seconds waited after the schedule for deliveries in flight: the scenario's
+    /// `drain_secs`, extended while deliveries kept arriving (at most 30 s more).
+    #[serde(default)]
+    pub drain_waited_secs: f64,
+    /// False when deliveries were still arriving when that wait ended: a delivery still
+    /// missing then may be late rather than lost, so the run is invalid.
+    #[serde(default = "yes")]
+    pub settled: bool,
     /// `I/N` when this run is one part of a scenario split over machines (`--part`);
     /// after `merge`, the parts merged, comma-separated.
     #[serde(default)]
@@ -329,6 +341,8 @@ pub fn summarize_run(
         reference_server: local_server == Some(crate::local::LocalKind::Reference),
         local_server,
         wall_secs,
+        drain_waited_secs: 0.0,
+        settled: true,
         part: None,
         schedule_start_unix_ms: match run
             .schedule_started_ms
@@ -436,6 +450,12 @@ pub fn evaluate(s: &mut Summary) {
     }
     if s.counts.acked == 0 {
         s.invalid_reasons.push("no message was acknowledged".into());
+    }
+    if !s.settled {
+        s.invalid_reasons.push(format!(
+            "deliveries were still arriving {:.1} s after the schedule ended: a missing delivery cannot be told from a late one",
+            s.drain_waited_secs
+        ));
     }
     if s.schedule_start_spread_ms > SCHEDULE_START_SPREAD_MAX_MS {
         s.invalid_reasons.push(format!(

@@ -136,7 +136,7 @@ impl BlobStore for DiskBlobStore {
         }
         let merged = match existing {
             Some(mut old) => {
-                old.convs.extend(meta.convs);
+                old.merge_convs(meta.convs);
                 old
             }
             None => meta,
@@ -150,17 +150,6 @@ impl BlobStore for DiskBlobStore {
             return Ok(None);
         }
         self.read_meta(id).await
-    }
-
-    async fn add_conv(&self, id: &str, conv: &str) -> Result<bool, MediaError> {
-        let _guard = self.meta_lock.lock().await;
-        let Some(mut meta) = self.meta(id).await? else {
-            return Ok(false);
-        };
-        if meta.convs.insert(conv.to_owned()) {
-            self.write_meta(&meta).await?;
-        }
-        Ok(true)
     }
 
     async fn open(

@@ -18,7 +18,7 @@ pub mod disk;
 #[cfg(not(madsim))]
 pub mod image_info;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use async_trait::async_trait;
@@ -38,8 +38,46 @@ pub const THUMBNAIL_SIDE_MAX: u32 = 64;
 pub struct MediaMeta {
     /// The reference messages carry.
     pub media: MediaRef,
-    /// Conversations it was uploaded to: their readers may download it.
-    pub convs: BTreeSet<String>,
+    /// Conversations it was uploaded to, each with the conversation's last seq when it
+    /// was first uploaded there. Current members may download it; a former member only
+    /// when it was uploaded before the entry that removed them. (Metadata written before
+    /// the seq was recorded lists the conversations only; they read as seq 0.)
+    #[serde(deserialize_with = "convs_with_seqs")]
+    pub convs: BTreeMap<String, u64>,
+}
+
+impl MediaMeta {
+    /// Whether a reader of `conv` with `membership` may download it.
+    pub fn readable_by(&self, conv: &str, membership: &crate::domain::Membership) -> bool {
+        match (self.convs.get(conv), membership.left_seq) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(&uploaded_at), Some(left_seq)) => uploaded_at < left_seq,
+        }
+    }
+
+    /// Merges `other`'s conversations in, keeping each one's earliest upload.
+    pub fn merge_convs(&mut self, other: BTreeMap<String, u64>) {
+        for (conv, seq) in other {
+            let at = self.convs.entry(conv).or_insert(seq);
+            *at = (*at).min(seq);
+        }
+    }
+}
+
+fn convs_with_seqs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Convs {
+        WithSeqs(BTreeMap<String, u64>),
+        Names(BTreeSet<String>),
+    }
+    Ok(match Convs::deserialize(d)? {
+        Convs::WithSeqs(map) => map,
+        Convs::Names(names) => names.into_iter().map(|c| (c, 0)).collect(),
+    })
 }
 
 /// Why an image was refused or could not be served.
@@ -76,9 +114,6 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// The metadata of `id`, if stored.
     async fn meta(&self, id: &str) -> Result<Option<MediaMeta>, MediaError>;
-
-    /// Adds `conv` to the conversations `id` may be read through; false if `id` is unknown.
-    async fn add_conv(&self, id: &str, conv: &str) -> Result<bool, MediaError>;
 
     /// The bytes of `id` as a stream, if stored.
     async fn open(
@@ -126,6 +161,43 @@ mod tests {
         assert_eq!(sniff(b"<html>"), None);
         assert_eq!(sniff(b""), None);
         assert_eq!(sniff(&[0xFF, 0xD8]), None, "too short to be sure");
+    }
+
+    /// Metadata written before upload seqs were kept still reads (as seq 0); a former
+    /// member may read only what was uploaded before the entry that removed them.
+    #[test]
+    fn former_members_read_what_came_before_their_removal() {
+        let old = r#"{"media": {"id": "ab", "size": 1, "content_type": "image/png", "width": 1,
+                      "height": 1, "thumbnail": ""}, "convs": ["g:a", "g:b"]}"#;
+        let mut meta: MediaMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            meta.convs,
+            BTreeMap::from([("g:a".into(), 0), ("g:b".into(), 0)])
+        );
+        meta.merge_convs(BTreeMap::from([("g:a".into(), 9), ("g:c".into(), 7)]));
+        assert_eq!(meta.convs["g:a"], 0, "the earliest upload counts");
+        assert_eq!(meta.convs["g:c"], 7);
+        let round_trip: MediaMeta =
+            serde_json::from_str(&serde_json::to_string(&meta).unwrap()).unwrap();
+        assert_eq!(round_trip, meta);
+        let member = crate::domain::Membership {
+            joined_seq: 1,
+            left_seq: None,
+        };
+        let left_at = |seq| crate::domain::Membership {
+            joined_seq: 1,
+            left_seq: Some(seq),
+        };
+        assert!(meta.readable_by("g:c", &member));
+        assert!(
+            meta.readable_by("g:c", &left_at(8)),
+            "uploaded at 7, removed at 8"
+        );
+        assert!(
+            !meta.readable_by("g:c", &left_at(7)),
+            "uploaded after the removal"
+        );
+        assert!(!meta.readable_by("g:z", &member), "never uploaded there");
     }
 
     /// Media ids are SHA-256 hex digests.

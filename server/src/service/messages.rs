@@ -78,7 +78,7 @@ impl ChatService {
             ProtocolError::new(ErrorCode::Internal, "media storage failure; retry")
         })?;
         match meta {
-            Some(meta) if meta.convs.contains(conv) => Ok(meta.media),
+            Some(meta) if meta.convs.contains_key(conv) => Ok(meta.media),
             _ => Err(ProtocolError::new(
                 ErrorCode::UnknownMedia,
                 format!("no image {id:?} was uploaded to {conv}; upload it there first"),

@@ -5,7 +5,7 @@
 //! upload over the limit, or whose first bytes are not an image signature, is
 //! read to its end (up to a bound) and discarded, then refused; nothing is kept.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -53,7 +53,7 @@ pub async fn upload(
     mut body: Incoming,
 ) -> Result<HttpResponse, ApiError> {
     let blobs = store_of(svc)?;
-    let (_, membership) = svc.readable(caller, conv).await?;
+    let (state, membership) = svc.readable(caller, conv).await?;
     if membership.left_seq.is_some() {
         return Err(ProtocolError::new(
             ErrorCode::NotMember,
@@ -134,7 +134,7 @@ pub async fn upload(
             height,
             thumbnail,
         },
-        convs: BTreeSet::from([conv.to_owned()]),
+        convs: BTreeMap::from([(conv.to_owned(), state.last_seq)]),
     };
     let stored = blobs
         .put(&staged.0, meta)
@@ -167,11 +167,14 @@ pub async fn download(
         .await
         .map_err(|e| storage_failure(&e))?
         .ok_or_else(unknown)?;
+    // A former member may fetch only what was uploaded before their removal.
     let mut allowed = false;
-    for conv in &meta.convs {
-        if svc.readable(caller, conv).await.is_ok() {
-            allowed = true;
-            break;
+    for conv in meta.convs.keys() {
+        if let Ok((_, membership)) = svc.readable(caller, conv).await {
+            if meta.readable_by(conv, &membership) {
+                allowed = true;
+                break;
+            }
         }
     }
     if !allowed {

@@ -158,6 +158,21 @@ pub async fn http(
     auth: Option<(&str, &str)>,
     body: Vec<u8>,
 ) -> HttpReply {
+    let token = auth.map(|(user, device)| (server.token(user), device));
+    let auth = token
+        .as_ref()
+        .map(|(token, device)| (token.as_str(), *device));
+    http_with_token(server, method, path, auth, body).await
+}
+
+/// One HTTP request to the server; `auth` is `(bearer token, device)` (device may be empty).
+pub async fn http_with_token(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: Vec<u8>,
+) -> HttpReply {
     use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -165,8 +180,8 @@ pub async fn http(
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(format!("{}{path}", server.http_base()));
-    if let Some((user, device)) = auth {
-        request = request.header("authorization", format!("Bearer {}", server.token(user)));
+    if let Some((token, device)) = auth {
+        request = request.header("authorization", format!("Bearer {token}"));
         if !device.is_empty() {
             request = request.header("x-chatproof-device", device);
         }

@@ -2,6 +2,7 @@
 
 mod harness;
 
+mod authz;
 mod conversations;
 mod errors;
 mod longpoll;
