@@ -189,6 +189,43 @@ fn load_or_create_secret(dir: &Path) -> Result<String, String> {
     std::io::Read::read_exact(&mut urandom, &mut bytes)
         .map_err(|e| format!("/dev/urandom: {e}"))?;
     let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::write(&path, &secret).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(secret)
+    // Readable by the owner only: anyone who reads it can mint tokens for every user.
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    let written = file
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, secret.as_bytes()));
+    match written {
+        Ok(()) => Ok(secret),
+        // Another process created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The secret is created once, kept, and readable by its owner only.
+    #[test]
+    fn secret_file_is_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_secret(dir.path()).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(load_or_create_secret(dir.path()).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("secret"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        }
+    }
 }
