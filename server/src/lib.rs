@@ -24,6 +24,7 @@ pub mod domain;
 pub mod hub;
 pub mod launch;
 pub mod limits;
+pub mod log_throttle;
 pub mod mailbox;
 pub mod media;
 pub mod metrics;

@@ -154,7 +154,7 @@ impl RedisFabric {
                 // Treated as dead for a while: events for local devices were not routed.
                 Ok(true) => self.recover(&hub).await,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "registry heartbeat failed; retrying"),
+                Err(e) => crate::warn_throttled!(error = %e, "registry heartbeat failed; retrying"),
             }
         }
     }

@@ -24,7 +24,7 @@ impl ChatService {
         };
         if let Err(e) = &routed {
             self.metrics.fabric.dropped.inc();
-            tracing::warn!(error = %e, seq = appended.entry.seq, conv = appended.entry.conv, "not routed to other servers");
+            crate::warn_throttled!(error = %e, seq = appended.entry.seq, conv = appended.entry.conv, "not routed to other servers");
         }
         self.publish_here(appended);
         if !appended.duplicate {

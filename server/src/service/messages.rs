@@ -169,7 +169,7 @@ impl ChatService {
             tokio::spawn(async move {
                 if let Err(e) = fabric.forward(users, event).await {
                     dropped.inc();
-                    tracing::warn!(error = %e, "receipt not routed to other servers");
+                    crate::warn_throttled!(error = %e, "receipt not routed to other servers");
                 }
             });
         }

@@ -205,7 +205,7 @@ impl ChatService {
                     .await;
                 if let Err(e) = routed {
                     self.metrics.fabric.dropped.inc();
-                    tracing::warn!(error = %e, "presence change not routed to other servers");
+                    crate::warn_throttled!(error = %e, "presence change not routed to other servers");
                 }
             });
             futures_util::stream::iter(forwards)
