@@ -188,7 +188,8 @@ fn report_errors(result: anyhow::Result<i32>) -> i32 {
     })
 }
 
-fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
+/// The text of `path`'s `summary.json` (`path` is the file or its folder), and the file.
+fn summary_text(path: &std::path::Path) -> anyhow::Result<(PathBuf, String)> {
     let file = if path.is_dir() {
         path.join("summary.json")
     } else {
@@ -196,6 +197,11 @@ fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
     };
     let text =
         std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok((file, text))
+}
+
+fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
+    let (file, text) = summary_text(path)?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
 }
 
@@ -235,13 +241,7 @@ fn plan_cmd(
 fn read_calibration(
     path: &std::path::Path,
 ) -> anyhow::Result<(plan::Calibration, plan::CalibrationSource)> {
-    let file = if path.is_dir() {
-        path.join("summary.json")
-    } else {
-        path.to_owned()
-    };
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let (file, text) = summary_text(path)?;
     if let Ok(capacity) = serde_json::from_str::<capacity::CapacitySummary>(&text) {
         let search = &capacity.server;
         let knee = search
@@ -265,7 +265,8 @@ fn read_calibration(
         };
         return Ok((cal, source));
     }
-    let summary = read_summary(&file)?;
+    let summary: report::Summary =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
     let usage = summary.server_usage.as_ref().ok_or_else(|| {
         anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server")
     })?;
