@@ -23,6 +23,7 @@ run reconnect-storm 1..11
 run group-fanout-500 1..3
 run cluster 1..201
 run storage-faults 1..41
+run router-outage 1..41
 
 echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
 "$sim" determinism --seeds 1..4
@@ -50,3 +51,4 @@ run_commit reconnect-storm 10
 run_commit group-fanout-500 1
 run_commit cluster 20
 run_commit storage-faults 10
+run_commit router-outage 10

@@ -137,6 +137,9 @@ pub struct ServeArgs {
     /// Presence changes are published, and written to each connection, at most once per this many ms.
     #[arg(long, env = "CHATPROOF_PRESENCE_INTERVAL_MS", default_value_t = 1000)]
     pub presence_interval_ms: u64,
+    /// Cluster mode: while Redis takes no events, at most this many wait to be routed (one per conversation, reader or user with something unrouted); past it a send answers internal (stored, retry).
+    #[arg(long, env = "CHATPROOF_UNROUTED_MAX", default_value_t = crate::cluster::outbox::CAPACITY_DEFAULT)]
+    pub unrouted_max: usize,
     /// Log format.
     #[arg(long, env = "CHATPROOF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -160,6 +163,7 @@ impl ServeArgs {
             presence_interval: Duration::from_millis(self.presence_interval_ms),
             poll_timeout_max: Duration::from_secs(self.poll_timeout_max_secs.max(1)),
             media_len_max_bytes: self.media_max_bytes,
+            unrouted_slots_max: self.unrouted_max,
             ..Limits::default()
         };
         limits.validate()?;

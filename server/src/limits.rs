@@ -48,6 +48,8 @@ pub struct Limits {
     pub poll_timeout_max: Duration,
     /// Largest image upload, in bytes.
     pub media_len_max_bytes: u64,
+    /// Cluster mode: events waiting for the router at most (outbox slots).
+    pub unrouted_slots_max: usize,
 }
 
 /// Default text limit: 64 KiB.
@@ -86,6 +88,7 @@ impl Default for Limits {
             presence_users_max: 500,
             poll_timeout_max: Duration::from_secs(30),
             media_len_max_bytes: crate::media::MEDIA_LEN_MAX_BYTES_DEFAULT,
+            unrouted_slots_max: crate::cluster::outbox::CAPACITY_DEFAULT,
         }
     }
 }
@@ -127,6 +130,9 @@ impl Limits {
             || self.hello_timeout.is_zero()
         {
             return Err("the header-read, keep-alive and hello timeouts must be positive".into());
+        }
+        if self.unrouted_slots_max == 0 {
+            return Err("the unrouted-event limit must be positive".into());
         }
         if self.page_len_max == 0 || self.device_queue_len_max == 0 || self.connections_max == 0 {
             return Err("page, queue and connection limits must be positive".into());

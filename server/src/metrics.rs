@@ -74,8 +74,16 @@ impl ClosedFor {
 pub struct FabricCounters {
     /// Events published to other servers (one per receiving server).
     pub forwarded: Counter,
-    /// Events not forwarded (Redis failed or was too slow); filled from the store later.
+    /// Events given up because the outbox was full (a send then answers `internal`).
     pub dropped: Counter,
+    /// Events the router did not take at once, queued in the outbox to retry.
+    pub queued: Counter,
+    /// Queued events the router took on a retry.
+    pub retried: Counter,
+    /// Outbox slots waiting for the router now.
+    pub waiting: Gauge,
+    /// Peer servers found dead (their lease lapsed), each followed by a resync.
+    pub peers_lost: Counter,
     /// Events received from other servers.
     pub received: Counter,
     /// Times every local session was told to re-read its conversations.
@@ -131,8 +139,28 @@ impl Default for Metrics {
         );
         registry.register(
             "fabric_dropped",
-            "Events not forwarded to other servers (filled from the store later)",
+            "Events given up because the outbox of unrouted events was full",
             fabric.dropped.clone(),
+        );
+        registry.register(
+            "fabric_queued",
+            "Events the router did not take at once, queued to retry",
+            fabric.queued.clone(),
+        );
+        registry.register(
+            "fabric_retried",
+            "Queued events the router took on a retry",
+            fabric.retried.clone(),
+        );
+        registry.register(
+            "fabric_waiting",
+            "Outbox slots (conversations, readers, users) waiting for the router",
+            fabric.waiting.clone(),
+        );
+        registry.register(
+            "fabric_peers_lost",
+            "Peer servers found dead (lease lapsed); each is followed by a resync",
+            fabric.peers_lost.clone(),
         );
         registry.register(
             "fabric_received",

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::cluster::outbox::RETRY_EVERY;
 use crate::metrics::ClosedFor;
 use crate::service::ChatService;
 use crate::transport::http::route;
@@ -46,6 +47,7 @@ pub async fn run(
     let health_permits = Arc::new(Semaphore::new(service.limits().health_connections_max));
     let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
     let presence = tokio::spawn(publish_presence_forever(Arc::clone(&service)));
+    let reroute = tokio::spawn(route_unrouted_forever(Arc::clone(&service)));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -156,6 +158,23 @@ pub async fn run(
     service.publish_presence().await;
     presence.abort();
     let _ = presence.await;
+    reroute.abort();
+    let _ = reroute.await;
+    // Last chance for events still waiting for the router (bounded: the router may
+    // be down for good); what is left is durable, and peers resync when this
+    // server's lease lapses.
+    let _ = tokio::time::timeout(drain_timeout, service.route_unrouted()).await;
+    service.leave_cluster().await;
+}
+
+/// Offers the events waiting for the router again, every [`RETRY_EVERY`].
+async fn route_unrouted_forever(service: Arc<ChatService>) {
+    let mut every = tokio::time::interval(RETRY_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        service.route_unrouted().await;
+    }
 }
 
 /// Answers a connection over every limit with 503 `overloaded` and closes it.

@@ -374,8 +374,9 @@ impl Tables for SimTables {
 /// Calls from a server to the router.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RouterCall {
-    /// Heartbeat of the server receiving events at this address.
-    Announce(SocketAddr),
+    /// Heartbeat of the server receiving events at this address, in this
+    /// incarnation (a new one per start).
+    Announce(SocketAddr, u64),
     /// `device` of `user` is connected to the server at the address.
     Register(String, String, SocketAddr),
     /// Every `(user, device)` listed is connected to the server at the address.
@@ -404,6 +405,9 @@ pub enum RouterReply {
         /// The server's previous heartbeat had expired: the router treated it as
         /// dead and skipped it when routing, without counting anything as sent.
         lapsed: bool,
+        /// Server processes found dead in this generation (lease lapsed, or
+        /// announced again under a new incarnation).
+        deaths: u64,
     },
     /// To `Route` (the users with no device on a live server) and `Watchers`.
     Users(Vec<String>),
@@ -438,6 +442,9 @@ impl Request for Deliver {
 struct RouterState {
     devices: BTreeMap<String, BTreeMap<String, SocketAddr>>,
     alive_until: BTreeMap<SocketAddr, tokio::time::Instant>,
+    /// Running server processes: incarnation and lease, by address.
+    lives: BTreeMap<SocketAddr, (u64, tokio::time::Instant)>,
+    deaths: u64,
     sent: BTreeMap<SocketAddr, u64>,
     watchers: BTreeMap<String, BTreeSet<String>>,
 }
@@ -476,14 +483,21 @@ fn route_call(
     let now = tokio::time::Instant::now();
     let mut s = state.lock().expect("router state");
     match call {
-        RouterCall::Announce(server) => {
+        RouterCall::Announce(server, incarnation) => {
             let previous = s.alive_until.insert(server, now + ROUTER_TTL);
             let lapsed = previous.is_none_or(|until| until <= now);
+            let before = s.lives.len();
+            s.lives.retain(|_, (_, until)| *until > now);
+            let mut died = (before - s.lives.len()) as u64;
+            let life = s.lives.insert(server, (incarnation, now + ROUTER_TTL));
+            died += u64::from(life.is_some_and(|(earlier, _)| earlier != incarnation));
+            s.deaths += died;
             let sent = s.sent.get(&server).copied().unwrap_or(0);
             return RouterReply::Alive {
                 generation,
                 sent,
                 lapsed,
+                deaths: s.deaths,
             };
         }
         RouterCall::RegisterAll(devices, server) => {
@@ -571,6 +585,8 @@ fn route_call(
 struct Link {
     generation: Option<u64>,
     received: u64,
+    /// The router's count of dead server processes, as last heard.
+    deaths: u64,
     /// Events may have been lost since the last recovery.
     suspect: bool,
 }
@@ -581,6 +597,8 @@ pub struct SimFabric {
     router: SocketAddr,
     me: SocketAddr,
     id: String,
+    /// This start of the server (the router tells a restart from a heartbeat).
+    incarnation: u64,
     link: Arc<Mutex<Link>>,
     recoveries: AtomicU64,
 }
@@ -595,6 +613,7 @@ impl SimFabric {
             router,
             me,
             id: me.to_string(),
+            incarnation: madsim::rand::random(),
             link: Arc::new(Mutex::new(Link::default())),
             recoveries: AtomicU64::new(0),
         });
@@ -626,11 +645,14 @@ impl SimFabric {
     }
 
     /// Heartbeats; after anything that may have lost events (no answer, a new
-    /// generation, fewer events received than sent) re-registers the local
-    /// devices and makes every session resync.
+    /// generation, fewer events received than sent, a peer's death: it may have
+    /// died with events for local devices still in its outbox) re-registers the
+    /// local devices and makes every session resync.
     async fn heartbeat_loop(self: Arc<Self>, hub: Arc<Hub>) {
         loop {
-            let reply = self.call(RouterCall::Announce(self.me)).await;
+            let reply = self
+                .call(RouterCall::Announce(self.me, self.incarnation))
+                .await;
             let recover = {
                 let mut l = self.link.lock().expect("link");
                 match reply {
@@ -638,11 +660,17 @@ impl SimFabric {
                         generation,
                         sent,
                         lapsed,
+                        deaths,
                     }) => {
                         if l.generation != Some(generation) {
                             l.suspect |= l.generation.is_some();
                             l.generation = Some(generation);
                             l.received = 0;
+                            l.deaths = deaths;
+                        }
+                        if deaths > l.deaths {
+                            l.suspect = true;
+                            l.deaths = deaths;
                         }
                         // Skipped as dead for a while: events for its devices were dropped.
                         l.suspect |= lapsed;

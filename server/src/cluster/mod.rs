@@ -7,6 +7,7 @@
 //! after any interruption of the fabric each local session re-reads its
 //! conversations (see [`crate::hub::Push::Resync`]).
 
+pub mod outbox;
 #[cfg(not(madsim))]
 pub mod redis;
 
@@ -72,6 +73,11 @@ pub trait Fabric: Send + Sync + 'static {
 
     /// The users subscribed to the presence changes of `target`.
     async fn watchers(&self, target: &str) -> Result<Vec<String>, FabricError>;
+
+    /// Leaves the cluster at a clean shutdown with nothing left unrouted, so that
+    /// peers do not count this process as dead (and resync). Best effort; by
+    /// default a no-op (the lease then lapses like a crash).
+    async fn leave(&self) {}
 }
 
 /// How long an explicit presence subscription lasts unless renewed.

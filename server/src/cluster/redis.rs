@@ -5,6 +5,13 @@
 //! - `dev:{user}`: hash, device → id of the server holding its connection.
 //! - `srv:{server}`: exists while the server is alive; set every TTL/3 with
 //!   expiry TTL, so a crashed server's entries stop being routed to within TTL.
+//!   It holds the server's incarnation (a new one per start).
+//! - `lives`: set of `{incarnation}@{server}`, one per running server process.
+//!   A member whose `srv:` key lapsed or names another incarnation died; the
+//!   server that notices removes it and counts it in `peer_deaths`.
+//! - `peer_deaths`: how many server processes died; every server re-reads its
+//!   sessions when it grows, since the dead one may have held events for them
+//!   that its router outbox never handed over (see [`super::outbox`]).
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
 //! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
 //!   expiring [`WATCH_TTL`] after the last subscription.
@@ -39,6 +46,27 @@ if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
 end
 return 0";
 
+/// Removes the dead members given (ARGV) from the set of lives (KEYS[1]) and
+/// counts those it removed in the death counter (KEYS[2]); returns the counter.
+const BURY_LUA: &str = r"
+local n = 0
+for _, member in ipairs(ARGV) do
+  n = n + redis.call('SREM', KEYS[1], member)
+end
+if n > 0 then
+  return redis.call('INCRBY', KEYS[2], n)
+end
+return tonumber(redis.call('GET', KEYS[2]) or '0')";
+
+/// Ends this incarnation (ARGV[1]: incarnation, ARGV[2]: its member of lives):
+/// deletes the liveness key (KEYS[1]) if it is still this incarnation's and leaves
+/// the set of lives (KEYS[2]).
+const LEAVE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return redis.call('SREM', KEYS[2], ARGV[2])";
+
 /// How to reach Redis and name this server.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -58,7 +86,20 @@ pub struct RedisFabric {
     config: RedisConfig,
     conn: ConnectionManager,
     forgetter: redis::Script,
+    bury: redis::Script,
+    /// This process's incarnation: `srv:{id}` holds it while it runs.
+    incarnation: String,
+    /// The death counter as last read; `None` before the first read.
+    deaths_seen: Arc<std::sync::Mutex<Option<i64>>>,
     counters: FabricCounters,
+}
+
+/// A string no other start of any server shares: process id and start time.
+fn new_incarnation() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> FabricError {
@@ -97,6 +138,9 @@ impl RedisFabric {
             config,
             conn,
             forgetter: redis::Script::new(FORGET_DEVICE_LUA),
+            bury: redis::Script::new(BURY_LUA),
+            incarnation: new_incarnation(),
+            deaths_seen: Arc::new(std::sync::Mutex::new(None)),
             counters,
         });
         fabric.heartbeat_once().await?;
@@ -134,16 +178,77 @@ impl RedisFabric {
         let ttl_ms = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
         let key = self.alive_key(&self.config.server_id);
         let mut conn = self.conn.clone();
-        let previous: Option<String> = redis::cmd("SET")
+        let (previous,): (Option<String>,) = redis::pipe()
+            .cmd("SET")
             .arg(&key)
-            .arg("1")
+            .arg(&self.incarnation)
             .arg("PX")
             .arg(ttl_ms)
             .arg("GET")
+            .sadd(self.lives_key(), self.member())
+            .ignore()
             .query_async(&mut conn)
             .await
             .map_err(|e| fail("heartbeat", e))?;
         Ok(previous.is_none())
+    }
+
+    fn lives_key(&self) -> String {
+        format!("{}lives", self.config.prefix)
+    }
+
+    fn deaths_key(&self) -> String {
+        format!("{}peer_deaths", self.config.prefix)
+    }
+
+    /// This process in the set of lives.
+    fn member(&self) -> String {
+        format!("{}@{}", self.incarnation, self.config.server_id)
+    }
+
+    /// Finds server processes that died (lease lapsed, or restarted under the
+    /// same id), records their deaths, and returns how many deaths any server saw
+    /// since this one last looked: events the dead owed local devices may never
+    /// have been routed, so the caller resyncs the sessions when it is not 0.
+    async fn peers_died(&self) -> Result<u64, FabricError> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn
+            .smembers(self.lives_key())
+            .await
+            .map_err(|e| fail("listing servers", e))?;
+        let me = self.member();
+        let peers: Vec<(&str, &str, &String)> = members
+            .iter()
+            .filter(|m| **m != me)
+            .filter_map(|m| m.split_once('@').map(|(inc, id)| (inc, id, m)))
+            .collect();
+        let mut dead = Vec::new();
+        if !peers.is_empty() {
+            let keys: Vec<String> = peers.iter().map(|(_, id, _)| self.alive_key(id)).collect();
+            let found: Vec<Option<String>> = conn
+                .mget(&keys)
+                .await
+                .map_err(|e| fail("liveness lookup", e))?;
+            for ((incarnation, _, member), found) in peers.iter().zip(found) {
+                if found.as_deref() != Some(*incarnation) {
+                    dead.push((*member).clone());
+                }
+            }
+        }
+        let mut invocation = self.bury.prepare_invoke();
+        invocation.key(self.lives_key()).key(self.deaths_key());
+        for member in &dead {
+            invocation.arg(member);
+        }
+        let deaths: i64 = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| fail("recording server deaths", e))?;
+        let mut seen = self.deaths_seen.lock().expect("deaths seen");
+        // (A smaller counter means Redis restarted empty: recovery resyncs then.)
+        let grew = seen.map_or(0, |before| deaths.saturating_sub(before).max(0));
+        *seen = Some(deaths);
+        Ok(u64::try_from(grew).unwrap_or(0))
     }
 
     async fn heartbeat_loop(self: Arc<Self>, hub: Arc<Hub>) {
@@ -154,7 +259,26 @@ impl RedisFabric {
                 // Treated as dead for a while: events for local devices were not routed.
                 Ok(true) => self.recover(&hub).await,
                 Ok(false) => {}
-                Err(e) => crate::warn_throttled!(error = %e, "registry heartbeat failed; retrying"),
+                Err(e) => {
+                    crate::warn_throttled!(error = %e, "registry heartbeat failed; retrying");
+                    continue;
+                }
+            }
+            match self.peers_died().await {
+                Ok(0) => {}
+                Ok(died) => {
+                    self.counters.peers_lost.inc_by(died);
+                    let told = super::resync_sessions(&hub);
+                    self.counters.resyncs.inc();
+                    tracing::info!(
+                        died,
+                        told,
+                        "a peer server died; sessions re-read their conversations"
+                    );
+                }
+                Err(e) => {
+                    crate::warn_throttled!(error = %e, "checking peer servers failed; retrying")
+                }
             }
         }
     }
@@ -394,5 +518,22 @@ impl Fabric for RedisFabric {
         conn.smembers(self.watch_key(target))
             .await
             .map_err(|e| fail("presence subscribers", e))
+    }
+
+    async fn leave(&self) {
+        let mut conn = self.conn.clone();
+        let left = redis::Script::new(LEAVE_LUA)
+            .key(self.alive_key(&self.config.server_id))
+            .key(self.lives_key())
+            .arg(&self.incarnation)
+            .arg(self.member())
+            .invoke_async::<i64>(&mut conn)
+            .await;
+        match left {
+            Ok(_) => tracing::info!("left the cluster"),
+            Err(e) => {
+                tracing::warn!(error = %e, "leaving the cluster failed; peers will resync once the lease lapses")
+            }
+        }
     }
 }

@@ -133,8 +133,8 @@ impl ChatService {
             }
             Err(e) => return Err(reject(e)),
         };
-        // Acknowledged even if not routed: members learn of it at their next
-        // resync, reconnect or message (a retry would be a second change).
+        // Acknowledged even if the outbox is full: members learn of it at their
+        // next resync, reconnect or message (a retry would be a second change).
         let _ = self.publish(&appended).await;
         Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
     }

@@ -157,18 +157,17 @@ impl ChatService {
         };
         let receipt = Arc::new(receipt);
         let frame = Utf8Bytes::from(ServerFrame::Receipt(Receipt::clone(&receipt)).to_json());
-        if let Some(fabric) = &self.fabric {
+        if let Some(outbox) = &self.outbox {
             // In the background: the acking session must not wait on the router.
-            // Receipts are state, not history: a lost one is superseded by the next
-            // or by the cursors a reconnecting device reads.
-            let (fabric, dropped) = (Arc::clone(fabric), self.metrics.fabric.dropped.clone());
+            // Receipts are state, not history: one the outbox cannot hold is
+            // superseded by the next or by the cursors a reconnecting device reads.
+            let outbox = Arc::clone(outbox);
             let (users, event) = (
                 targets.clone().into(),
                 Routed::Receipt(Arc::clone(&receipt)),
             );
             tokio::spawn(async move {
-                if let Err(e) = fabric.forward(users, event).await {
-                    dropped.inc();
+                if let Err(e) = outbox.forward(users, event).await {
                     crate::warn_throttled!(error = %e, "receipt not routed to other servers");
                 }
             });

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::auth::TokenKey;
 use crate::clock::Clock;
+use crate::cluster::outbox::{Outbox, Routing};
 use crate::cluster::{Fabric, Forwarded, Routed};
 use crate::domain::{Cursor, GroupChange};
 use crate::hub::{Hub, Push};
@@ -32,7 +33,7 @@ use crate::media::BlobStore;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::protocol::{
-    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, ErrorCode,
+    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, Entry, ErrorCode,
     HistoryRequest, PresenceRequest, PresenceState, ProtocolError, Receipt, Request, SendRequest,
     ServerFrame, SyncRequest,
 };
@@ -74,6 +75,8 @@ pub struct ChatService {
     tokens: TokenKey,
     /// Registry and routing to other servers (cluster mode); `None` on one node.
     fabric: Option<Arc<dyn Fabric>>,
+    /// Events for other servers that the fabric could not take yet (cluster mode).
+    outbox: Option<Arc<Outbox>>,
     /// Presence changes waiting for publication, and local presence subscriptions.
     presence: Presence,
     /// Devices on the long-polling fallback.
@@ -115,6 +118,7 @@ impl ServiceBuilder {
                 metrics,
                 tokens,
                 fabric: None,
+                outbox: None,
                 presence: Presence::default(),
                 mailboxes: crate::mailbox::Mailboxes::default(),
                 group_ids_minted: AtomicU64::new(0),
@@ -134,7 +138,15 @@ impl ServiceBuilder {
     }
 
     /// Routes to other servers through `fabric` (cluster mode).
+    /// Events the fabric cannot take at once wait in an outbox of at most
+    /// `limits.unrouted_slots_max` slots (see [`crate::cluster::outbox`]).
     pub fn fabric(mut self, fabric: Arc<dyn Fabric>) -> Self {
+        let outbox = Outbox::new(
+            Arc::clone(&fabric),
+            self.service.limits.unrouted_slots_max,
+            self.service.metrics.fabric.clone(),
+        );
+        self.service.outbox = Some(Arc::new(outbox));
         self.service.fabric = Some(fabric);
         self
     }

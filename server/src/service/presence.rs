@@ -198,13 +198,12 @@ impl ChatService {
             .presence_published
             .inc_by(published.len() as u64);
         // Elsewhere: through the fabric, one event per changed user.
-        if let Some(fabric) = &self.fabric {
+        if let Some(outbox) = &self.outbox {
             let forwards = published.into_iter().map(|(state, audience)| async move {
-                let routed = fabric
+                let routed = outbox
                     .forward(audience.into(), Routed::Presence(state))
                     .await;
                 if let Err(e) = routed {
-                    self.metrics.fabric.dropped.inc();
                     crate::warn_throttled!(error = %e, "presence change not routed to other servers");
                 }
             });
