@@ -37,6 +37,8 @@ pub struct ErrorReply {
     pub code: String,
     /// The human-readable message.
     pub message: String,
+    /// How long to wait before retrying, when the server says (`rate_limited`).
+    pub retry_after_ms: Option<u64>,
 }
 
 /// How long a request waits for its reply by default.
@@ -209,6 +211,7 @@ fn decode_reply(frame: Value) -> Result<Value, ErrorReply> {
         Err(ErrorReply {
             code: frame["code"].as_str().unwrap_or_default().to_owned(),
             message: frame["message"].as_str().unwrap_or_default().to_owned(),
+            retry_after_ms: frame["retry_after_ms"].as_u64(),
         })
     }
 }

@@ -140,6 +140,18 @@ pub struct ServeArgs {
     /// Cluster mode: while Redis takes no events, at most this many wait to be routed (one per conversation, reader or user with something unrouted); past it a send answers internal (stored, retry).
     #[arg(long, env = "CHATPROOF_UNROUTED_MAX", default_value_t = crate::cluster::outbox::CAPACITY_DEFAULT)]
     pub unrouted_max: usize,
+    /// Sends per second one user may make (all devices together); more get rate_limited with retry_after_ms.
+    #[arg(long, env = "CHATPROOF_USER_SEND_RATE", default_value_t = crate::limits::SEND_RATE_DEFAULT.per_sec)]
+    pub user_send_rate: f64,
+    /// Sends one user may make at once after a quiet spell.
+    #[arg(long, env = "CHATPROOF_USER_SEND_BURST", default_value_t = crate::limits::SEND_RATE_DEFAULT.burst)]
+    pub user_send_burst: u32,
+    /// Group creations and membership changes per second one user may make; more get rate_limited.
+    #[arg(long, env = "CHATPROOF_USER_GROUP_CHANGE_RATE", default_value_t = crate::limits::GROUP_CHANGE_RATE_DEFAULT.per_sec)]
+    pub user_group_change_rate: f64,
+    /// Group creations and membership changes one user may make at once.
+    #[arg(long, env = "CHATPROOF_USER_GROUP_CHANGE_BURST", default_value_t = crate::limits::GROUP_CHANGE_RATE_DEFAULT.burst)]
+    pub user_group_change_burst: u32,
     /// Log format.
     #[arg(long, env = "CHATPROOF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -164,6 +176,14 @@ impl ServeArgs {
             poll_timeout_max: Duration::from_secs(self.poll_timeout_max_secs.max(1)),
             media_len_max_bytes: self.media_max_bytes,
             unrouted_slots_max: self.unrouted_max,
+            send_rate: crate::rate::Rate {
+                per_sec: self.user_send_rate,
+                burst: self.user_send_burst,
+            },
+            group_change_rate: crate::rate::Rate {
+                per_sec: self.user_group_change_rate,
+                burst: self.user_group_change_burst,
+            },
             ..Limits::default()
         };
         limits.validate()?;
@@ -184,9 +204,19 @@ impl StorageArgs {
 fn load_or_create_secret(dir: &Path) -> Result<String, String> {
     let path = dir.join("secret");
     if let Ok(secret) = std::fs::read_to_string(&path) {
-        return Ok(secret.trim().to_owned());
+        let secret = secret.trim().to_owned();
+        if secret.len() < crate::auth::SECRET_LEN_MIN_BYTES {
+            return Err(format!(
+                "{} holds no usable secret ({} bytes); delete it to have a new one generated \
+                 (tokens signed with the old one stop working)",
+                path.display(),
+                secret.len()
+            ));
+        }
+        return Ok(secret);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let hint = crate::store::embedded::io_hint;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}{}", dir.display(), hint(&e)))?;
     let mut bytes = [0u8; 32];
     let mut urandom =
         std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
@@ -207,13 +237,28 @@ fn load_or_create_secret(dir: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
             .map(|s| s.trim().to_owned())
             .map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => {
+            // Created but not written (a full disk): leave nothing half-made behind.
+            let _ = std::fs::remove_file(&path);
+            Err(format!("{}: {e}{}", path.display(), hint(&e)))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret file left empty (a start on a full disk, a bad copy) is refused
+    /// with a message naming it and what to do, not used as a weak key.
+    #[test]
+    fn an_empty_secret_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"\n").unwrap();
+        let why = load_or_create_secret(dir.path()).unwrap_err();
+        assert!(why.contains("secret holds no usable secret"), "{why}");
+        assert!(why.contains("delete it"), "{why}");
+    }
 
     /// The secret is created once, kept, and readable by its owner only.
     #[test]

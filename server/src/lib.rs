@@ -32,6 +32,7 @@ pub mod mutants;
 pub mod presence;
 pub mod protocol;
 pub mod push;
+pub mod rate;
 pub mod server;
 pub mod service;
 pub mod store;

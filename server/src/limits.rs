@@ -50,7 +50,24 @@ pub struct Limits {
     pub media_len_max_bytes: u64,
     /// Cluster mode: events waiting for the router at most (outbox slots).
     pub unrouted_slots_max: usize,
+    /// Sends per user (over all their devices, on this server).
+    pub send_rate: crate::rate::Rate,
+    /// Group creations and membership changes per user (on this server).
+    pub group_change_rate: crate::rate::Rate,
 }
+
+/// Sends per user per second by default: far above any person, and above the
+/// per-user rates of the load scenarios (the design point's busiest is 50/s).
+pub const SEND_RATE_DEFAULT: crate::rate::Rate = crate::rate::Rate {
+    per_sec: 200.0,
+    burst: 400,
+};
+
+/// Group changes per user per second by default.
+pub const GROUP_CHANGE_RATE_DEFAULT: crate::rate::Rate = crate::rate::Rate {
+    per_sec: 20.0,
+    burst: 100,
+};
 
 /// Default text limit: 64 KiB.
 pub const TEXT_LEN_MAX_BYTES_DEFAULT: usize = 64 * 1024;
@@ -89,6 +106,8 @@ impl Default for Limits {
             poll_timeout_max: Duration::from_secs(30),
             media_len_max_bytes: crate::media::MEDIA_LEN_MAX_BYTES_DEFAULT,
             unrouted_slots_max: crate::cluster::outbox::CAPACITY_DEFAULT,
+            send_rate: SEND_RATE_DEFAULT,
+            group_change_rate: GROUP_CHANGE_RATE_DEFAULT,
         }
     }
 }
@@ -131,6 +150,8 @@ impl Limits {
         {
             return Err("the header-read, keep-alive and hello timeouts must be positive".into());
         }
+        self.send_rate.validate("send")?;
+        self.group_change_rate.validate("group change")?;
         if self.unrouted_slots_max == 0 {
             return Err("the unrouted-event limit must be positive".into());
         }

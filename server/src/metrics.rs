@@ -42,6 +42,27 @@ pub struct Metrics {
     pub media_bytes_in: Counter,
     /// Connections the server closed or refused because a limit was hit, by reason.
     pub closed_for: Family<Vec<(String, String)>, Counter>,
+    /// Requests refused because a limit was hit, by limit (see [`Metrics::count_limit_hit`]).
+    pub limit_hits: Family<Vec<(String, String)>, Counter>,
+}
+
+/// A limit on what users may do, counted when it refuses a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// A user's sends came faster than `--user-send-rate` allows.
+    SendRate,
+    /// A user's group creations and membership changes came faster than allowed.
+    GroupChangeRate,
+}
+
+impl LimitHit {
+    /// The `limit` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            LimitHit::SendRate => "send_rate",
+            LimitHit::GroupChangeRate => "group_change_rate",
+        }
+    }
 }
 
 /// Why the server closed or refused a connection on its own (see [`Metrics::count_closed_for`]).
@@ -208,6 +229,12 @@ impl Default for Metrics {
             "Connections the server closed or refused because a limit was hit, by reason",
             closed_for.clone(),
         );
+        let limit_hits = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "limit_hits",
+            "Requests refused because a per-user or server limit was hit, by limit",
+            limit_hits.clone(),
+        );
         let media_uploads = Counter::default();
         registry.register(
             "media_uploads",
@@ -228,6 +255,7 @@ impl Default for Metrics {
             push_dropped,
             push_retries,
             closed_for,
+            limit_hits,
             media_uploads,
             media_bytes_in,
             registry,
@@ -258,6 +286,13 @@ impl Metrics {
     pub fn count_closed_for(&self, reason: ClosedFor) {
         self.closed_for
             .get_or_create(&vec![("reason".to_owned(), reason.label().to_owned())])
+            .inc();
+    }
+
+    /// Counts a request refused by `limit`.
+    pub fn count_limit_hit(&self, limit: LimitHit) {
+        self.limit_hits
+            .get_or_create(&vec![("limit".to_owned(), limit.label().to_owned())])
             .inc();
     }
 

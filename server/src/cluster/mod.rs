@@ -74,6 +74,11 @@ pub trait Fabric: Send + Sync + 'static {
     /// The users subscribed to the presence changes of `target`.
     async fn watchers(&self, target: &str) -> Result<Vec<String>, FabricError>;
 
+    /// Whether the router answers now (for `/healthz`); by default it does.
+    async fn health(&self) -> Result<(), FabricError> {
+        Ok(())
+    }
+
     /// Leaves the cluster at a clean shutdown with nothing left unrouted, so that
     /// peers do not count this process as dead (and resync). Best effort; by
     /// default a no-op (the lease then lapses like a crash).

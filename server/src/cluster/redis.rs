@@ -520,6 +520,19 @@ impl Fabric for RedisFabric {
             .map_err(|e| fail("presence subscribers", e))
     }
 
+    async fn health(&self) -> Result<(), FabricError> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match tokio::time::timeout(FORWARD_WAIT_MAX, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(fail("Redis PING", e)),
+            Err(_) => Err(FabricError(format!(
+                "Redis did not answer PING within {FORWARD_WAIT_MAX:?}"
+            ))),
+        }
+    }
+
     async fn leave(&self) {
         let mut conn = self.conn.clone();
         let left = redis::Script::new(LEAVE_LUA)

@@ -70,6 +70,9 @@ pub enum ErrorCode {
     Internal,
     /// WebSocket only: no successful `hello` within the hello timeout; the connection closes.
     HelloTimeout,
+    /// Too many sends or group changes by this user just now (HTTP 429); nothing was
+    /// done: retry after `retry_after_ms`.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -98,6 +101,8 @@ pub struct ProtocolError {
     pub code: ErrorCode,
     /// What was wrong, for people.
     pub message: String,
+    /// When retrying makes sense, how long to wait first (rate limits, overload).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ProtocolError {
@@ -106,6 +111,13 @@ impl ProtocolError {
         Self {
             code,
             message: message.into(),
+            retry_after_ms: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `ms` milliseconds.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
     }
 }

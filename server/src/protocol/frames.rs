@@ -444,6 +444,9 @@ pub enum ServerFrame {
         code: ErrorCode,
         /// Human-readable explanation.
         message: String,
+        /// How long to wait before retrying, when the error says.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// A conversation entry pushed to a member device.
     Msg(Arc<Entry>),
@@ -466,6 +469,7 @@ impl ServerFrame {
             rid,
             code: err.code,
             message: err.message,
+            retry_after_ms: err.retry_after_ms,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::domain::{Cursor, GroupChange};
 use crate::hub::{Hub, Push};
 use crate::limits::Limits;
 use crate::media::BlobStore;
-use crate::metrics::Metrics;
+use crate::metrics::{LimitHit, Metrics};
 use crate::presence::Presence;
 use crate::protocol::{
     validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, Entry, ErrorCode,
@@ -38,6 +38,7 @@ use crate::protocol::{
     ServerFrame, SyncRequest,
 };
 use crate::push::{LogSink, Notification, PushSink};
+use crate::rate::RateLimiter;
 use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
 
 /// Presence changes published at once (each reads the store, and Redis in a cluster).
@@ -85,6 +86,10 @@ pub struct ChatService {
     push: Arc<dyn PushSink>,
     /// Image storage; `None` where images are not served (the simulator).
     media: Option<Arc<dyn BlobStore>>,
+    /// Sends per user.
+    send_rate: RateLimiter,
+    /// Group creations and membership changes per user.
+    group_change_rate: RateLimiter,
     group_ids_minted: AtomicU64,
     boot_ms: u64,
 }
@@ -107,6 +112,8 @@ impl ServiceBuilder {
     ) -> Self {
         let boot_ms = clock.now_ms();
         let metrics = Arc::new(Metrics::default());
+        let send_rate = RateLimiter::new(limits.send_rate);
+        let group_change_rate = RateLimiter::new(limits.group_change_rate);
         Self {
             service: ChatService {
                 push: LogSink::new(Arc::clone(&metrics)),
@@ -121,6 +128,8 @@ impl ServiceBuilder {
                 outbox: None,
                 presence: Presence::default(),
                 mailboxes: crate::mailbox::Mailboxes::default(),
+                send_rate,
+                group_change_rate,
                 group_ids_minted: AtomicU64::new(0),
                 boot_ms,
             },
@@ -175,6 +184,32 @@ pub fn registry_unavailable() -> ProtocolError {
         ErrorCode::Internal,
         "the cluster registry is unavailable; retry",
     )
+}
+
+impl ChatService {
+    /// Takes one of `user`'s tokens for `limit`, or refuses with `rate_limited`
+    /// and how long until the next token (nothing was done).
+    fn within_rate(&self, limit: LimitHit, user: &str) -> Result<(), ProtocolError> {
+        let (limiter, what, rate) = match limit {
+            LimitHit::SendRate => (&self.send_rate, "sends", self.limits.send_rate),
+            LimitHit::GroupChangeRate => (
+                &self.group_change_rate,
+                "group changes",
+                self.limits.group_change_rate,
+            ),
+        };
+        limiter.take(user, self.clock.now_ms()).map_err(|wait_ms| {
+            self.metrics.count_limit_hit(limit);
+            ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many {what}: at most {} per second ({} at once); nothing was done, retry in {wait_ms} ms",
+                    rate.per_sec, rate.burst
+                ),
+            )
+            .retry_after(wait_ms)
+        })
+    }
 }
 
 fn reject(err: StoreError) -> ProtocolError {

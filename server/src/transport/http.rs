@@ -65,8 +65,20 @@ impl ApiError {
 
     fn response(&self, service: &ChatService) -> HttpResponse {
         service.metrics().count_error(self.error.code);
-        let body = json!({ "code": self.error.code, "message": self.error.message });
-        json_body(status_of(self.error.code), &body)
+        let mut body = json!({ "code": self.error.code, "message": self.error.message });
+        match self.error.retry_after_ms {
+            Some(ms) => {
+                body["retry_after_ms"] = json!(ms);
+                let mut response = json_body(status_of(self.error.code), &body);
+                // HTTP's Retry-After counts whole seconds.
+                let secs = HeaderValue::from(ms.div_ceil(1000).max(1));
+                response
+                    .headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, secs);
+                response
+            }
+            None => json_body(status_of(self.error.code), &body),
+        }
     }
 }
 
@@ -92,6 +104,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         C::Overloaded | C::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         C::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         C::HelloTimeout => StatusCode::REQUEST_TIMEOUT,
+        C::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         C::BadFrame
         | C::UnknownOp
         | C::BadRequest
@@ -247,22 +260,35 @@ pub async fn route(
     Ok(result.unwrap_or_else(|e| e.response(&service)))
 }
 
-/// `GET /healthz` (`shutdown` absent) and `GET /readyz`: `200 ok` while the
-/// store takes writes (and, for readiness, the server is not shutting down);
-/// otherwise `503` with the code and why.
+/// `GET /healthz` (`shutdown` absent) and `GET /readyz`.
+///
+/// `/healthz`: `200 ok` while the store takes writes (in a cluster: the CQL nodes
+/// answer) and, in a cluster, Redis answers; otherwise `503` naming what is
+/// unhealthy. `/readyz`, for load balancers: `200 ok` while the store takes writes
+/// and the server is not shutting down. It does not depend on Redis: sends are
+/// acknowledged without it (their routing waits).
 async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>) -> HttpResponse {
+    let readiness = shutdown.is_some();
     if shutdown.is_some_and(|stop| *stop.borrow()) {
         let body = json!({"code": ErrorCode::ShuttingDown, "message": "server shutting down"});
         return json_body(StatusCode::SERVICE_UNAVAILABLE, &body);
     }
-    match service.store().health().await {
-        Ok(()) => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        Err(why) => {
-            let message = format!("store unhealthy: {why}");
-            let body = json!({"code": ErrorCode::Internal, "message": message});
-            json_body(StatusCode::SERVICE_UNAVAILABLE, &body)
+    let mut unhealthy = Vec::new();
+    if let Err(why) = service.store().health().await {
+        unhealthy.push(format!("store unhealthy: {why}"));
+    }
+    if !readiness {
+        if let Some(fabric) = service.fabric() {
+            if let Err(why) = fabric.health().await {
+                unhealthy.push(format!("router unhealthy: {why}"));
+            }
         }
     }
+    if unhealthy.is_empty() {
+        return text(StatusCode::OK, "text/plain", "ok\n".into());
+    }
+    let body = json!({"code": ErrorCode::Internal, "message": unhealthy.join("; ")});
+    json_body(StatusCode::SERVICE_UNAVAILABLE, &body)
 }
 
 /// `POST /v1/rpc`: one request frame (any op but `hello`), its reply frame back.
@@ -281,10 +307,30 @@ async fn rpc(req: Request<Incoming>, service: &Arc<ChatService>) -> Result<HttpR
             ),
         },
     };
-    if let ServerFrame::Error { code, .. } = &frame {
-        service.metrics().count_error(*code);
+    let retry_after_ms = match &frame {
+        ServerFrame::Error {
+            code,
+            retry_after_ms,
+            ..
+        } => {
+            service.metrics().count_error(*code);
+            *retry_after_ms
+        }
+        _ => None,
+    };
+    let mut response = text_frame(status, frame.to_json());
+    if let Some(ms) = retry_after_ms {
+        set_retry_after(&mut response, ms);
     }
-    Ok(text_frame(status, frame.to_json()))
+    Ok(response)
+}
+
+/// Adds `Retry-After` (whole seconds, at least 1) for a wait of `ms`.
+fn set_retry_after(response: &mut HttpResponse, ms: u64) {
+    let secs = HeaderValue::from(ms.div_ceil(1000).max(1));
+    response
+        .headers_mut()
+        .insert(hyper::header::RETRY_AFTER, secs);
 }
 
 fn text_frame(status: StatusCode, json: String) -> HttpResponse {

@@ -5,6 +5,7 @@ mod harness;
 mod authz;
 mod conversations;
 mod errors;
+mod limits;
 mod longpoll;
 mod media;
 mod messaging;

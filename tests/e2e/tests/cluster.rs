@@ -529,6 +529,26 @@ impl Drop for OwnRedis {
     }
 }
 
+/// `GET path` on the server at `addr`: status and body.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("request");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
+}
+
 /// The value of a Prometheus counter on the server at `addr`.
 fn metric(addr: &str, name: &str) -> f64 {
     use std::io::{Read, Write};
@@ -577,15 +597,24 @@ async fn redis_restart_loses_nothing() {
     );
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let mut phase = 0;
+    let health_addr = servers[0].addr.clone();
     let mut outage = |elapsed: Duration, _: &mut [bool]| {
         if phase == 0 && elapsed > Duration::from_millis(1500) {
             redis.kill_9();
             eprintln!("killed redis");
             phase = 1;
-        } else if phase == 1 && elapsed > Duration::from_millis(2500) {
+        } else if phase == 1 && elapsed > Duration::from_millis(1800) {
+            // Health names Redis; readiness does not depend on it.
+            let (status, body) = http_get(&health_addr, "/healthz");
+            assert_eq!(status, 503, "/healthz while Redis is down: {body}");
+            assert!(body.contains("router unhealthy"), "{body}");
+            let (status, body) = http_get(&health_addr, "/readyz");
+            assert_eq!(status, 200, "/readyz while Redis is down: {body}");
+            phase = 2;
+        } else if phase == 2 && elapsed > Duration::from_millis(2500) {
             assert!(redis.restart(), "redis restarts");
             eprintln!("restarted redis (empty)");
-            phase = 2;
+            phase = 3;
         }
     };
     let Traffic { acked, refused, .. } = traffic(&urls, &run, &mut outage).await;
@@ -615,6 +644,10 @@ async fn redis_restart_loses_nothing() {
         "waiting events were handed over once Redis was back"
     );
     assert_eq!(sum("chatproof_fabric_waiting"), 0.0, "nothing still waits");
+    for server in &servers {
+        let (status, body) = http_get(&server.addr, "/healthz");
+        assert_eq!(status, 200, "/healthz once Redis is back: {body}");
+    }
     for server in servers {
         assert!(server.terminate(), "SIGTERM gives a clean exit");
     }

@@ -1,4 +1,5 @@
-//! Durability across `kill -9`: every acknowledged message survives, in order, once.
+//! Durability across `kill -9`: every acknowledged message survives, in order, once;
+//! and start-up refuses a damaged store or a full disk with a message saying so.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -197,4 +198,114 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
         !logs.contains('\u{1b}'),
         "colour codes in piped logs:\n{logs}"
     );
+}
+
+/// Runs `chatproof-server serve` on `data_dir` with `extra` flags and expects it
+/// to refuse to start: returns its stderr (it must exit non-zero within 60 s).
+fn refused_start(data_dir: &std::path::Path, extra: &[&str]) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(chatproof_e2e::server_binary())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting chatproof-server");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("chatproof-server started on a store it should refuse");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "exit status {status}; stderr:\n{stderr}");
+    stderr
+}
+
+/// A corrupted store file stops start-up with a message naming the file and what
+/// to do; the file is left untouched.
+#[test]
+fn a_corrupted_store_file_stops_start_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("chatproof.redb");
+    let garbage = vec![0x5A_u8; 128 * 1024];
+    std::fs::write(&file, &garbage).unwrap();
+    let stderr = refused_start(dir.path(), &["--secret", chatproof_e2e::SECRET]);
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("corrupted"), "{stderr}");
+    assert!(stderr.contains("move it aside"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        garbage,
+        "the file is left as it was"
+    );
+}
+
+/// A tmpfs of `size` mounted on a new directory, unmounted on drop; `None` where
+/// mounting is not allowed (not root, or no CAP_SYS_ADMIN in a container).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self { dir })
+    }
+
+    /// Fills the disk to the last byte.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(self.dir.path().join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while filler.write_all(&block).is_ok() {}
+        let _ = filler.write_all(&[0u8]);
+        while filler.write_all(&[0u8]).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Start-up on a full disk says the disk is full, whether it fails at the secret
+/// file or at the store file, and leaves no empty secret behind.
+#[test]
+fn start_up_on_a_full_disk_says_so() {
+    let Some(disk) = SmallDisk::mount("1m") else {
+        eprintln!("SKIPPED durability::start_up_on_a_full_disk_says_so: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    disk.fill();
+    let data = disk.dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    // The secret file is the first thing written.
+    let stderr = refused_start(&data, &[]);
+    assert!(stderr.contains("the disk is full"), "{stderr}");
+    assert!(
+        !data.join("secret").exists(),
+        "no empty secret file left behind"
+    );
+    // With the secret given, the store file is.
+    let stderr = refused_start(&data, &["--secret", chatproof_e2e::SECRET]);
+    assert!(stderr.contains("the disk is full"), "{stderr}");
+    assert!(stderr.contains("chatproof.redb"), "{stderr}");
 }

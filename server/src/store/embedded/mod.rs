@@ -29,6 +29,57 @@ use super::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
 use crate::protocol::Entry;
 
+/// The database file in the data directory.
+pub const FILE_NAME: &str = "chatproof.redb";
+
+/// Said after an error caused by a full disk.
+const FULL_HINT: &str =
+    "; the disk is full: free space (or move the data directory) and start again";
+
+/// What to do about an I/O error met while opening the store, if it says.
+pub(crate) fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull => FULL_HINT,
+        std::io::ErrorKind::PermissionDenied => {
+            "; permission denied: run the server as the directory's owner"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => "; the file system is read-only",
+        _ => "",
+    }
+}
+
+/// A message for a failure to open the database file at `path`: names the file,
+/// says what is wrong and what to do.
+pub fn describe_open_error(path: &Path, e: redb::DatabaseError) -> String {
+    let file = path.display();
+    match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => format!(
+            "{file} is corrupted ({why}); the server will not start on it: restore the file \
+             from a backup, or move it aside to start with an empty store"
+        ),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            let hint = match io.kind() {
+                // Shorter than its header, or no redb header: cut short, overwritten,
+                // or another file in its place.
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData => {
+                    "; the file is corrupted, truncated or not a chatproof store: restore it \
+                     from a backup, or move it aside to start with an empty store"
+                }
+                _ => io_hint(&io),
+            };
+            format!("{file}: {io}{hint}")
+        }
+        redb::DatabaseError::DatabaseAlreadyOpen => format!(
+            "{file} is already open in another process (another chatproof-server on the \
+             same --data-dir?)"
+        ),
+        redb::DatabaseError::UpgradeRequired(version) => format!(
+            "{file} is in an older file format (version {version}) that this build cannot open"
+        ),
+        other => format!("{file}: {other}"),
+    }
+}
+
 /// Most write requests committed together in one transaction.
 pub const GROUP_COMMIT_OPS_MAX: usize = 1024;
 
@@ -62,12 +113,26 @@ impl Drop for EmbeddedStore {
 
 impl EmbeddedStore {
     /// Opens (or creates) the database file `dir/chatproof.redb` and starts the writer thread.
+    ///
+    /// Fails with a message naming the file and what to do when it is corrupted,
+    /// open in another process, or on a full disk.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
-        let path = dir.join("chatproof.redb");
-        Self::with_opener(Box::new(move || {
-            Database::create(&path).map_err(|e| backend(format!("{}: {e}", path.display())))
-        }))
+        std::fs::create_dir_all(dir)
+            .map_err(|e| backend(format!("{}: {e}{}", dir.display(), io_hint(&e))))?;
+        let path = dir.join(FILE_NAME);
+        let opened = Self::with_opener(Box::new({
+            let path = path.clone();
+            move || Database::create(&path).map_err(|e| backend(describe_open_error(&path, e)))
+        }));
+        // Creating the tables of a new file writes too: a full disk shows there.
+        opened.map_err(|e| match e {
+            StoreError::Backend(why)
+                if why.contains("No space left") && !why.contains(FULL_HINT) =>
+            {
+                backend(format!("{}: {why}{FULL_HINT}", path.display()))
+            }
+            other => other,
+        })
     }
 
     /// Opens the database with `opener`, and again with it after an I/O error
@@ -325,5 +390,74 @@ impl Store for EmbeddedStore {
     async fn expire_before(&self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {
         self.write(move |ctx| ctx.expire_before(cutoff_ms, budget))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_error(dir: &Path) -> String {
+        match EmbeddedStore::open(dir) {
+            Ok(_) => panic!("opened a store that should not open"),
+            Err(StoreError::Backend(why)) => why,
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    /// A file that is not a store (garbage, or cut short) stops the open with a
+    /// message naming the file and what to do.
+    #[test]
+    fn a_damaged_store_file_is_named_at_open() {
+        for (what, bytes) in [
+            ("garbage", vec![0xAB_u8; 64 * 1024]),
+            ("cut short", b"redb".to_vec()),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(FILE_NAME);
+            std::fs::write(&path, &bytes).unwrap();
+            let why = open_error(dir.path());
+            assert!(why.contains(&path.display().to_string()), "{what}: {why}");
+            assert!(
+                why.contains("corrupted") || why.contains("truncated"),
+                "{what}: {why}"
+            );
+            assert!(why.contains("move it aside"), "{what}: {why}");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "{what}: the damaged file is left as it was"
+            );
+        }
+    }
+
+    /// A store file already open elsewhere, a full disk and a corrupted file each
+    /// get their own explanation.
+    #[test]
+    fn open_errors_say_what_to_do() {
+        let path = Path::new("/data/chatproof.redb");
+        let full = std::io::Error::from_raw_os_error(28);
+        let why = describe_open_error(
+            path,
+            redb::DatabaseError::Storage(redb::StorageError::Io(full)),
+        );
+        assert!(why.starts_with("/data/chatproof.redb: "), "{why}");
+        assert!(why.contains("the disk is full"), "{why}");
+        let why = describe_open_error(path, redb::DatabaseError::DatabaseAlreadyOpen);
+        assert!(why.contains("already open in another process"), "{why}");
+        let corrupted = redb::StorageError::Corrupted("bad checksum".into());
+        let why = describe_open_error(path, redb::DatabaseError::Storage(corrupted));
+        assert!(why.contains("is corrupted (bad checksum)"), "{why}");
+    }
+
+    /// The data directory cannot be created (a file stands in its place): the
+    /// error names it.
+    #[test]
+    fn an_unusable_data_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("data");
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let why = open_error(&blocker);
+        assert!(why.contains(&blocker.display().to_string()), "{why}");
     }
 }

@@ -46,6 +46,9 @@ pub const BUCKET_MS: u64 = 7 * 24 * 3600 * 1000;
 /// How often a server retries sequencing when other servers keep winning the race.
 const SEQUENCE_ATTEMPTS_MAX: usize = 64;
 
+/// The conversation whose head `/healthz` reads: no such conversation can exist.
+const HEALTH_PROBE_CONV: &str = "health-probe";
+
 /// Conversations remembered as rolled forward; beyond it the memo starts over.
 const ROLLED_MEMO_MAX: usize = 100_000;
 
@@ -832,6 +835,15 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
     async fn last_seen(&self, users: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
         let reads = users.iter().map(|u| self.tables.last_seen(u));
         futures_util::future::try_join_all(reads).await
+    }
+
+    /// One read of a conversation head no client can create (conversation ids
+    /// start with `d:` or `g:`): healthy while the store answers reads.
+    async fn health(&self) -> Result<(), String> {
+        match self.tables.head(HEALTH_PROBE_CONV).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     async fn expire_before(&self, _cutoff_ms: u64, _budget: u32) -> Result<u64, StoreError> {

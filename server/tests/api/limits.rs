@@ -1,0 +1,143 @@
+//! Per-user rate limits: past the burst, a send or group change is refused with
+//! `rate_limited` and `retry_after_ms`, nothing is done, and the retry after that
+//! wait succeeds; counted in `/metrics`.
+
+use std::time::Duration;
+
+use chatproof_server::limits::Limits;
+use chatproof_server::rate::Rate;
+use serde_json::json;
+
+use crate::harness::*;
+
+fn limits(send: Rate, group_change: Rate) -> Limits {
+    Limits {
+        send_rate: send,
+        group_change_rate: group_change,
+        ..Limits::default()
+    }
+}
+
+async fn metric(server: &TestServer, line_start: &str) -> f64 {
+    let reply = http(server, "GET", "/metrics", None, Vec::new()).await;
+    let text = String::from_utf8(reply.body).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A burst of 3 at 4 per second: the 4th send is refused with how long to wait;
+/// it was not stored; after the wait the same message id goes through once.
+#[tokio::test]
+async fn sends_past_the_burst_are_refused_until_a_token_returns() {
+    let server = TestServer::start_with(limits(
+        Rate {
+            per_sec: 4.0,
+            burst: 3,
+        },
+        Limits::default().group_change_rate,
+    ))
+    .await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let mut last_seq = 0;
+    for i in 0..3 {
+        let ack = send(&mut alice, &conv, &format!("m{i}"), "hi").await;
+        last_seq = ack["seq"].as_u64().unwrap();
+    }
+    let refused = alice
+        .request(json!({"op": "send", "conv": conv, "message_id": "m3", "text": "one too many"}))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code, "rate_limited", "{}", refused.message);
+    let wait = refused.retry_after_ms.expect("retry_after_ms");
+    assert!(
+        (1..=250).contains(&wait),
+        "a token returns every 250 ms: {wait}"
+    );
+    assert!(refused.message.contains("retry in"), "{}", refused.message);
+    // Nothing was stored: the history ends at the last accepted send.
+    let history = ok(alice
+        .request(json!({"op": "sync", "conv": conv, "after": 0}))
+        .await
+        .unwrap());
+    let seqs: Vec<u64> = history["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs.last(), Some(&last_seq), "{history}");
+    assert!(!history.to_string().contains("one too many"));
+    // Over HTTP too: 429, Retry-After in seconds, retry_after_ms in the body.
+    let reply = rpc(
+        &server,
+        "alice",
+        "laptop",
+        json!({"rid": "r", "op": "send", "conv": conv, "message_id": "h1", "text": "x"}),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        429,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.headers["retry-after"], "1");
+    let body = reply.json();
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(
+        body["retry_after_ms"].as_u64().is_some_and(|ms| ms >= 1),
+        "{body}"
+    );
+    // After the wait, the same message id goes through, once.
+    tokio::time::sleep(Duration::from_millis(wait + 20)).await;
+    let ack = send(&mut alice, &conv, "m3", "one too many").await;
+    assert_eq!(ack["seq"].as_u64(), Some(last_seq + 1), "{ack}");
+    assert_eq!(ack["duplicate"], false);
+    let hits = metric(&server, "chatproof_limit_hits_total{limit=\"send_rate\"}").await;
+    assert!(hits >= 2.0, "counted in /metrics: {hits}");
+    // Other users have their own budget.
+    let (mut bob, _) = server.login("bob", "phone").await;
+    send(&mut bob, &conv, "b0", "hello").await;
+}
+
+/// Group creations and membership changes share one budget per user.
+#[tokio::test]
+async fn group_changes_past_the_burst_are_refused() {
+    let server = TestServer::start_with(limits(
+        Limits::default().send_rate,
+        Rate {
+            per_sec: 0.5,
+            burst: 2,
+        },
+    ))
+    .await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let created = ok(alice
+        .request(json!({"op": "create_group", "members": ["bob"]}))
+        .await
+        .unwrap());
+    let conv = created["conversation"]["conv"].as_str().unwrap().to_owned();
+    ok(alice
+        .request(json!({"op": "add_members", "conv": conv, "users": ["carol"]}))
+        .await
+        .unwrap());
+    let refused = alice
+        .request(json!({"op": "add_members", "conv": conv, "users": ["dave"]}))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(refused.code, "rate_limited", "{}", refused.message);
+    assert!(refused
+        .retry_after_ms
+        .is_some_and(|ms| ms > 1000 && ms <= 2000));
+    // dave was not added.
+    let members = ok(alice.request(json!({"op": "conversations"})).await.unwrap());
+    assert!(!members.to_string().contains("dave"), "{members}");
+    // Sends are not affected by the group-change budget.
+    send(&mut alice, &conv, "m0", "still talking").await;
+}
