@@ -93,7 +93,7 @@ enum Cmd {
     },
     /// Serve the reference server in this process (what `run` starts without --target).
     #[command(hide = true)]
-    ServeReference(chatproof_server::config::ServeArgs),
+    ServeReference(Box<chatproof_server::config::ServeArgs>),
     /// Serve the protocol floor in this process (what `run --floor` starts).
     #[command(hide = true)]
     ServeFloor(floor::FloorArgs),
@@ -150,7 +150,7 @@ pub(crate) struct RunArgs {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Cmd::ServeReference(args) => serve_reference(args),
+        Cmd::ServeReference(args) => serve_reference(*args),
         Cmd::Capacity(args) => report_errors(capacity::run(&args)),
         Cmd::ServeFloor(args) => report_errors(floor::serve(&args).map(|()| 0)),
         Cmd::Merge { runs, out } => report_errors(merge::run(&runs, &out).map(|s| {

@@ -152,6 +152,15 @@ pub struct ServeArgs {
     /// Group creations and membership changes one user may make at once.
     #[arg(long, env = "CHATPROOF_USER_GROUP_CHANGE_BURST", default_value_t = crate::limits::GROUP_CHANGE_RATE_DEFAULT.burst)]
     pub user_group_change_burst: u32,
+    /// Devices of one user connected to this server at once; another gets too_many_devices.
+    #[arg(long, env = "CHATPROOF_DEVICES_PER_USER_MAX", default_value_t = 32)]
+    pub devices_per_user_max: usize,
+    /// Long-poll mailboxes (devices on the HTTP fallback) open at once; another poll gets 503 overloaded.
+    #[arg(long, env = "CHATPROOF_POLL_MAILBOXES_MAX", default_value_t = 100_000)]
+    pub poll_mailboxes_max: usize,
+    /// Image uploads in progress at once; another gets 503 overloaded with retry_after_ms.
+    #[arg(long, env = "CHATPROOF_UPLOADS_MAX", default_value_t = 64)]
+    pub uploads_max: usize,
     /// Log format.
     #[arg(long, env = "CHATPROOF_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -176,6 +185,9 @@ impl ServeArgs {
             poll_timeout_max: Duration::from_secs(self.poll_timeout_max_secs.max(1)),
             media_len_max_bytes: self.media_max_bytes,
             unrouted_slots_max: self.unrouted_max,
+            devices_per_user_max: self.devices_per_user_max,
+            poll_mailboxes_max: self.poll_mailboxes_max,
+            uploads_max: self.uploads_max,
             send_rate: crate::rate::Rate {
                 per_sec: self.user_send_rate,
                 burst: self.user_send_burst,

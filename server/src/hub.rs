@@ -50,18 +50,35 @@ pub struct Hub {
 pub struct ConnId(u64);
 
 impl Hub {
-    /// Registers `device` of `user`; an older connection of the same device is told to close.
+    /// Registers `device` of `user`; an older connection of the same device is told
+    /// to close. Refused with `too_many_devices` when `user` already has
+    /// `devices_max` other devices here.
     pub fn register(
         &self,
         user: &str,
         device: &str,
         queue_len: usize,
-    ) -> (ConnId, mpsc::Receiver<Push>) {
-        let (tx, rx) = mpsc::channel(queue_len);
-        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        devices_max: usize,
+    ) -> Result<(ConnId, mpsc::Receiver<Push>), ProtocolError> {
         let mut users = self.users.lock().expect("hub lock");
         let slots = users.entry(user.to_owned()).or_default();
-        if let Some(i) = slots.iter().position(|s| s.device == device) {
+        let again = slots.iter().position(|s| s.device == device);
+        if again.is_none() && slots.len() >= devices_max {
+            let held = slots.len();
+            if held == 0 {
+                users.remove(user);
+            }
+            return Err(ProtocolError::new(
+                crate::protocol::ErrorCode::TooManyDevices,
+                format!(
+                    "{user} has {held} devices connected to this server, the most allowed \
+                     (--devices-per-user-max); disconnect one first"
+                ),
+            ));
+        }
+        let (tx, rx) = mpsc::channel(queue_len);
+        let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = again {
             let old = slots.swap_remove(i);
             let _ = old.queue.try_send(Push::Close(ProtocolError::new(
                 crate::protocol::ErrorCode::Replaced,
@@ -73,7 +90,8 @@ impl Hub {
             device: device.to_owned(),
             queue: tx,
         });
-        (ConnId(conn_id), rx)
+        debug_assert!(slots.len() <= devices_max);
+        Ok((ConnId(conn_id), rx))
     }
 
     /// Removes a connection (no-op if it was already replaced or dropped).

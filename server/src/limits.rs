@@ -54,6 +54,12 @@ pub struct Limits {
     pub send_rate: crate::rate::Rate,
     /// Group creations and membership changes per user (on this server).
     pub group_change_rate: crate::rate::Rate,
+    /// Devices of one user connected to this server at once (WebSocket or long-poll).
+    pub devices_per_user_max: usize,
+    /// Long-poll mailboxes open at once.
+    pub poll_mailboxes_max: usize,
+    /// Image uploads in progress at once.
+    pub uploads_max: usize,
 }
 
 /// Sends per user per second by default: far above any person, and above the
@@ -108,6 +114,9 @@ impl Default for Limits {
             unrouted_slots_max: crate::cluster::outbox::CAPACITY_DEFAULT,
             send_rate: SEND_RATE_DEFAULT,
             group_change_rate: GROUP_CHANGE_RATE_DEFAULT,
+            devices_per_user_max: 32,
+            poll_mailboxes_max: 100_000,
+            uploads_max: 64,
         }
     }
 }
@@ -152,6 +161,9 @@ impl Limits {
         }
         self.send_rate.validate("send")?;
         self.group_change_rate.validate("group change")?;
+        if self.devices_per_user_max == 0 || self.poll_mailboxes_max == 0 || self.uploads_max == 0 {
+            return Err("the device, long-poll mailbox and upload limits must be positive".into());
+        }
         if self.unrouted_slots_max == 0 {
             return Err("the unrouted-event limit must be positive".into());
         }

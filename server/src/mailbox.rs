@@ -17,6 +17,11 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 
 use crate::hub::{ConnId, Hub, Push};
+use crate::limits::Limits;
+use crate::protocol::{ErrorCode, ProtocolError};
+
+/// How long a device refused a mailbox (the server holds the most) is told to wait.
+pub const MAILBOX_FULL_RETRY_MS: u64 = 1_000;
 
 /// One polling device's place in the hub.
 pub struct Mailbox {
@@ -88,24 +93,46 @@ pub enum Opened {
 impl Mailboxes {
     /// The open mailbox of `device`, or a new one registered in `hub` (which
     /// closes a WebSocket connection of the same device).
+    ///
+    /// Refused with `overloaded` (and a wait) when `limits.poll_mailboxes_max`
+    /// mailboxes are open already, and with `too_many_devices` when the user has
+    /// the most devices allowed here; nothing is registered then.
     pub fn get_or_open(
         &self,
         hub: &Hub,
         user: &str,
         device: &str,
-        queue_len: usize,
+        limits: &Limits,
         now_ms: u64,
-    ) -> Opened {
+    ) -> Result<Opened, ProtocolError> {
         let key = (user.to_owned(), device.to_owned());
         let mut open = self.open.lock().expect("mailboxes lock");
-        if let Some(mailbox) = open.get(&key) {
+        let reopening = match open.get(&key) {
             // A mailbox whose hub slot was taken (the device connected over
             // WebSocket since) is over, even if no poll has seen its close yet.
-            if !mailbox.is_closed() && hub.holds(user, mailbox.conn) {
-                return Opened::Existing(Arc::clone(mailbox));
+            Some(mailbox) if !mailbox.is_closed() && hub.holds(user, mailbox.conn) => {
+                return Ok(Opened::Existing(Arc::clone(mailbox)));
             }
+            Some(_) => true,
+            None => false,
+        };
+        if !reopening && open.len() >= limits.poll_mailboxes_max {
+            return Err(ProtocolError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "{} long-poll mailboxes are open, the most this server keeps \
+                     (--poll-mailboxes-max); retry later or use WebSocket",
+                    open.len()
+                ),
+            )
+            .retry_after(MAILBOX_FULL_RETRY_MS));
         }
-        let (conn, rx) = hub.register(user, device, queue_len);
+        let (conn, rx) = hub.register(
+            user,
+            device,
+            limits.device_queue_len_max,
+            limits.devices_per_user_max,
+        )?;
         let mailbox = Arc::new(Mailbox {
             conn,
             queue: tokio::sync::Mutex::new(rx),
@@ -118,7 +145,8 @@ impl Mailboxes {
         if let Some(old) = open.insert(key, Arc::clone(&mailbox)) {
             old.close();
         }
-        Opened::New(mailbox)
+        debug_assert!(open.len() <= limits.poll_mailboxes_max);
+        Ok(Opened::New(mailbox))
     }
 
     /// Forgets `mailbox` of `(user, device)` if it is still the open one; true if it was.
@@ -166,15 +194,73 @@ impl Mailboxes {
 mod tests {
     use super::*;
 
+    fn small() -> Limits {
+        Limits {
+            device_queue_len_max: 8,
+            ..Limits::default()
+        }
+    }
+
+    /// Past the mailbox limit a new device is refused with `overloaded` and a
+    /// wait; an open mailbox is still served, and a freed place is taken again.
+    #[test]
+    fn mailboxes_past_the_limit_are_refused() {
+        let (hub, boxes) = (Hub::default(), Mailboxes::default());
+        let limits = Limits {
+            poll_mailboxes_max: 2,
+            ..small()
+        };
+        let Ok(Opened::New(ann)) = boxes.get_or_open(&hub, "ann", "web", &limits, 0) else {
+            panic!("first");
+        };
+        assert!(boxes.get_or_open(&hub, "bob", "web", &limits, 0).is_ok());
+        let refused = boxes
+            .get_or_open(&hub, "cat", "web", &limits, 0)
+            .err()
+            .unwrap();
+        assert_eq!(refused.code, ErrorCode::Overloaded);
+        assert!(refused.retry_after_ms.is_some());
+        assert!(!hub.device_online("cat", "web"), "nothing registered");
+        assert!(matches!(
+            boxes.get_or_open(&hub, "ann", "web", &limits, 0),
+            Ok(Opened::Existing(_))
+        ));
+        assert!(boxes.remove("ann", "web", &ann));
+        assert!(boxes.get_or_open(&hub, "cat", "web", &limits, 0).is_ok());
+    }
+
+    /// A user with the most devices allowed gets no mailbox for another one.
+    #[test]
+    fn devices_past_the_limit_get_no_mailbox() {
+        let (hub, boxes) = (Hub::default(), Mailboxes::default());
+        let limits = Limits {
+            devices_per_user_max: 1,
+            ..small()
+        };
+        assert!(boxes.get_or_open(&hub, "ann", "phone", &limits, 0).is_ok());
+        let refused = boxes
+            .get_or_open(&hub, "ann", "web", &limits, 0)
+            .err()
+            .unwrap();
+        assert_eq!(refused.code, ErrorCode::TooManyDevices);
+        assert_eq!(boxes.len(), 1);
+    }
+
     /// A device keeps one mailbox across polls; idle ones expire, busy ones do not.
     #[test]
     fn mailbox_lifecycle() {
         let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", 8, 1_000) else {
+        let Opened::New(first) = boxes
+            .get_or_open(&hub, "ann", "web", &small(), 1_000)
+            .unwrap()
+        else {
             panic!("a new device gets a new mailbox");
         };
         assert!(hub.device_online("ann", "web"));
-        let Opened::Existing(again) = boxes.get_or_open(&hub, "ann", "web", 8, 1_100) else {
+        let Opened::Existing(again) = boxes
+            .get_or_open(&hub, "ann", "web", &small(), 1_100)
+            .unwrap()
+        else {
             panic!("the open mailbox is reused");
         };
         assert!(Arc::ptr_eq(&first, &again));
@@ -194,11 +280,12 @@ mod tests {
     #[test]
     fn closed_mailbox_is_replaced() {
         let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("new");
         };
         first.close();
-        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap()
+        else {
             panic!("a closed mailbox is not reused");
         };
         assert!(!Arc::ptr_eq(&first, &second));
@@ -214,12 +301,13 @@ mod tests {
     #[test]
     fn mailbox_replaced_in_the_hub_is_not_reused() {
         let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("new");
         };
-        let (websocket, mut ws_queue) = hub.register("ann", "web", 8);
+        let (websocket, mut ws_queue) = hub.register("ann", "web", 8, 4).unwrap();
         assert!(!hub.holds("ann", first.conn) && hub.holds("ann", websocket));
-        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", 8, 0) else {
+        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap()
+        else {
             panic!("a mailbox that lost its hub slot is not reused");
         };
         assert!(first.is_closed() && !Arc::ptr_eq(&first, &second));

@@ -53,6 +53,12 @@ pub enum LimitHit {
     SendRate,
     /// A user's group creations and membership changes came faster than allowed.
     GroupChangeRate,
+    /// A user already had `--devices-per-user-max` devices connected here.
+    DevicesPerUser,
+    /// `--poll-mailboxes-max` long-poll mailboxes were open already.
+    PollMailboxes,
+    /// `--uploads-max` image uploads were in progress already.
+    Uploads,
 }
 
 impl LimitHit {
@@ -61,6 +67,9 @@ impl LimitHit {
         match self {
             LimitHit::SendRate => "send_rate",
             LimitHit::GroupChangeRate => "group_change_rate",
+            LimitHit::DevicesPerUser => "devices_per_user",
+            LimitHit::PollMailboxes => "poll_mailboxes",
+            LimitHit::Uploads => "uploads",
         }
     }
 }

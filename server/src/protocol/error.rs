@@ -73,6 +73,9 @@ pub enum ErrorCode {
     /// Too many sends or group changes by this user just now (HTTP 429); nothing was
     /// done: retry after `retry_after_ms`.
     RateLimited,
+    /// The user has as many devices connected to this server as allowed; this one
+    /// is refused (HTTP 409) and, over WebSocket, closed.
+    TooManyDevices,
 }
 
 impl ErrorCode {
@@ -89,6 +92,7 @@ impl ErrorCode {
                 | Self::ShuttingDown
                 | Self::Overloaded
                 | Self::HelloTimeout
+                | Self::TooManyDevices
         )
     }
 }

@@ -63,7 +63,7 @@ impl ChatService {
         conv: Option<String>,
         members: Vec<String>,
     ) -> Result<Value, ProtocolError> {
-        self.within_rate(LimitHit::GroupChangeRate, &caller.user)?;
+        self.within_rate(Rated::GroupChange, &caller.user)?;
         let conv = match conv {
             Some(conv) => {
                 validate_conv_id(&conv)?;
@@ -106,7 +106,7 @@ impl ChatService {
         change: GroupChange,
     ) -> Result<Value, ProtocolError> {
         validate_conv_id(conv)?;
-        self.within_rate(LimitHit::GroupChangeRate, &caller.user)?;
+        self.within_rate(Rated::GroupChange, &caller.user)?;
         let now = self.clock.now_ms();
         let concerned: Vec<String> = match &change {
             GroupChange::Add(users) | GroupChange::Remove(users) => users.clone(),

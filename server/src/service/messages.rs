@@ -7,7 +7,7 @@ impl ChatService {
     pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Value, ProtocolError> {
         validate_conv_id(&req.conv)?;
         validate_message_id(&req.message_id)?;
-        self.within_rate(LimitHit::SendRate, &caller.user)?;
+        self.within_rate(Rated::Send, &caller.user)?;
         if let Some(text) = &req.text {
             if text.len() > self.limits.text_len_max_bytes {
                 return Err(ProtocolError::new(

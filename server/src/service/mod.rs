@@ -90,6 +90,8 @@ pub struct ChatService {
     send_rate: RateLimiter,
     /// Group creations and membership changes per user.
     group_change_rate: RateLimiter,
+    /// Places for image uploads in progress.
+    uploads: Arc<tokio::sync::Semaphore>,
     group_ids_minted: AtomicU64,
     boot_ms: u64,
 }
@@ -114,6 +116,7 @@ impl ServiceBuilder {
         let metrics = Arc::new(Metrics::default());
         let send_rate = RateLimiter::new(limits.send_rate);
         let group_change_rate = RateLimiter::new(limits.group_change_rate);
+        let uploads = Arc::new(tokio::sync::Semaphore::new(limits.uploads_max));
         Self {
             service: ChatService {
                 push: LogSink::new(Arc::clone(&metrics)),
@@ -130,6 +133,7 @@ impl ServiceBuilder {
                 mailboxes: crate::mailbox::Mailboxes::default(),
                 send_rate,
                 group_change_rate,
+                uploads,
                 group_ids_minted: AtomicU64::new(0),
                 boot_ms,
             },
@@ -189,13 +193,19 @@ pub fn registry_unavailable() -> ProtocolError {
 impl ChatService {
     /// Takes one of `user`'s tokens for `limit`, or refuses with `rate_limited`
     /// and how long until the next token (nothing was done).
-    fn within_rate(&self, limit: LimitHit, user: &str) -> Result<(), ProtocolError> {
-        let (limiter, what, rate) = match limit {
-            LimitHit::SendRate => (&self.send_rate, "sends", self.limits.send_rate),
-            LimitHit::GroupChangeRate => (
+    fn within_rate(&self, kind: Rated, user: &str) -> Result<(), ProtocolError> {
+        let (limiter, what, rate, limit) = match kind {
+            Rated::Send => (
+                &self.send_rate,
+                "sends",
+                self.limits.send_rate,
+                LimitHit::SendRate,
+            ),
+            Rated::GroupChange => (
                 &self.group_change_rate,
                 "group changes",
                 self.limits.group_change_rate,
+                LimitHit::GroupChangeRate,
             ),
         };
         limiter.take(user, self.clock.now_ms()).map_err(|wait_ms| {
@@ -208,6 +218,37 @@ impl ChatService {
                 ),
             )
             .retry_after(wait_ms)
+        })
+    }
+}
+
+/// What a per-user rate limit applies to.
+#[derive(Debug, Clone, Copy)]
+enum Rated {
+    /// `send`.
+    Send,
+    /// `create_group`, `add_members`, `remove_members`, `leave`.
+    GroupChange,
+}
+
+/// How long an upload refused for want of a place is told to wait.
+pub const UPLOADS_FULL_RETRY_MS: u64 = 1_000;
+
+impl ChatService {
+    /// A place for one image upload, held until the returned permit drops; refused
+    /// with `overloaded` and a wait when `--uploads-max` are in progress.
+    pub fn upload_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ProtocolError> {
+        Arc::clone(&self.uploads).try_acquire_owned().map_err(|_| {
+            self.metrics.count_limit_hit(LimitHit::Uploads);
+            ProtocolError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "{} image uploads are in progress, the most this server takes at once \
+                     (--uploads-max); nothing was kept, retry",
+                    self.limits.uploads_max
+                ),
+            )
+            .retry_after(UPLOADS_FULL_RETRY_MS)
         })
     }
 }

@@ -96,9 +96,11 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         C::NotMember | C::Forbidden => StatusCode::FORBIDDEN,
         C::UnknownConversation | C::UnknownMedia | C::NotFound => StatusCode::NOT_FOUND,
         C::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        C::ConversationExists | C::CursorAhead | C::Replaced | C::SlowConsumer => {
-            StatusCode::CONFLICT
-        }
+        C::ConversationExists
+        | C::CursorAhead
+        | C::Replaced
+        | C::SlowConsumer
+        | C::TooManyDevices => StatusCode::CONFLICT,
         C::FrameTooLarge | C::TextTooLarge | C::MediaTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         C::UnsupportedMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         C::Overloaded | C::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,

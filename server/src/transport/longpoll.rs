@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::hub::Push;
 use crate::mailbox::{Mailbox, Opened};
+use crate::metrics::LimitHit;
 use crate::protocol::{Entry, ErrorCode, PollRequest, PresenceState, ProtocolError, Receipt};
 use crate::service::{Caller, ChatService};
 
@@ -129,11 +130,17 @@ async fn open_mailbox(
     caller: &Caller,
 ) -> Result<Arc<Mailbox>, ProtocolError> {
     let now = svc.clock().now_ms();
-    let queue_len = svc.limits().device_queue_len_max;
-    match svc
+    let opened = svc
         .mailboxes()
-        .get_or_open(svc.hub(), &caller.user, &caller.device, queue_len, now)
-    {
+        .get_or_open(svc.hub(), &caller.user, &caller.device, svc.limits(), now)
+        .inspect_err(|e| {
+            let limit = match e.code {
+                ErrorCode::TooManyDevices => LimitHit::DevicesPerUser,
+                _ => LimitHit::PollMailboxes,
+            };
+            svc.metrics().count_limit_hit(limit);
+        })?;
+    match opened {
         Opened::Existing(mailbox) => {
             svc.record_last_seen(&caller.user);
             Ok(mailbox)

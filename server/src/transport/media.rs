@@ -61,6 +61,7 @@ pub async fn upload(
         )
         .into());
     }
+    let _place = svc.upload_place()?;
     let limit = svc.limits().media_len_max_bytes;
     let staged = Staged(blobs.staging_path());
     let mut file = tokio::fs::File::create(&staged.0)

@@ -19,6 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::domain::{DeviceStream, StreamStep};
 use crate::hub::{ConnId, Push};
+use crate::metrics::LimitHit;
 use crate::protocol::{
     decode_request, validate_device_id, Body, Entry, ErrorCode, HelloRequest, MemberAction,
     PresenceState, ProtocolError, Receipt, Request, ServerFrame, PROTOCOL_VERSION,
@@ -365,11 +366,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Register before reading state: anything sequenced later is pushed,
         // anything earlier is in the store, so nothing falls between.
-        let (conn, rx) = svc.hub().register(
+        let registered = svc.hub().register(
             &caller.user,
             &caller.device,
             svc.limits().device_queue_len_max,
+            svc.limits().devices_per_user_max,
         );
+        let (conn, rx) = match registered {
+            Ok(registered) => registered,
+            Err(err) => {
+                svc.metrics().count_limit_hit(LimitHit::DevicesPerUser);
+                self.reply_error(Some(rid), err.clone()).await?;
+                return Ok(Some(End::Replied(err)));
+            }
+        };
         if let Some(fabric) = svc.fabric() {
             // Other servers must route to this device before its catch-up reads the store.
             if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {

@@ -141,3 +141,107 @@ async fn group_changes_past_the_burst_are_refused() {
     // Sends are not affected by the group-change budget.
     send(&mut alice, &conv, "m0", "still talking").await;
 }
+
+/// With two devices connected, a user's third is refused `too_many_devices` and
+/// closed; a device connecting again still replaces itself, and once one leaves
+/// the third gets in. Long-poll devices count too.
+#[tokio::test]
+async fn devices_past_the_limit_are_refused() {
+    let server = TestServer::start_with(Limits {
+        devices_per_user_max: 2,
+        ..Limits::default()
+    })
+    .await;
+    let (phone, _) = server.login("alice", "phone").await;
+    let (_laptop, _) = server.login("alice", "laptop").await;
+    let refused =
+        chatproof_client::Client::login(&server.url, &server.token("alice"), "tablet", json!({}))
+            .await
+            .err()
+            .expect("a third device is refused");
+    assert!(
+        refused.to_string().contains("too_many_devices"),
+        "{refused}"
+    );
+    let reply = poll(
+        &server,
+        "alice",
+        "web",
+        json!({"cursors": {}, "timeout_ms": 0}),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.code(), "too_many_devices");
+    // The same device again replaces itself: not a third device.
+    let (_phone_again, _) = server.login("alice", "phone").await;
+    drop(phone);
+    // Another user is not affected.
+    server.login("bob", "tablet").await;
+    let hits = metric(
+        &server,
+        "chatproof_limit_hits_total{limit=\"devices_per_user\"}",
+    )
+    .await;
+    assert_eq!(hits, 2.0);
+}
+
+/// With one upload in progress and a limit of one, a second is refused with
+/// `overloaded` and a wait, and keeps nothing; once the first ends, uploads are taken again.
+#[tokio::test]
+async fn uploads_past_the_limit_are_refused() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start_with(Limits {
+        uploads_max: 1,
+        ..Limits::default()
+    })
+    .await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let path = format!("/v1/media?conv={}", conv.replace(':', "%3A"));
+    // A slow upload: headers and a few bytes of a promised 100,000.
+    let addr = server.http_base().trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: image/png\r\nContent-Length: 100000\r\n\r\nPNG-",
+        server.token("alice")
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut refused = None;
+    for _ in 0..50 {
+        // The slow upload takes its place once its head is read.
+        let reply = http(&server, "POST", &path, Some(("alice", "")), vec![0u8; 64]).await;
+        if reply.status == 503 {
+            refused = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a second upload is refused while the first holds the place");
+    assert_eq!(refused.code(), "overloaded");
+    assert!(refused.json()["retry_after_ms"].as_u64().is_some());
+    assert_eq!(refused.headers["retry-after"], "1");
+    // The slow upload goes away: its place is free again (this one is refused for
+    // its content, not for want of a place).
+    drop(slow);
+    let mut status = 503;
+    for _ in 0..50 {
+        status = http(&server, "POST", &path, Some(("alice", "")), vec![0u8; 64])
+            .await
+            .status;
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status, 415,
+        "junk is refused as unsupported once a place is free"
+    );
+    assert!(metric(&server, "chatproof_limit_hits_total{limit=\"uploads\"}").await >= 1.0);
+}
