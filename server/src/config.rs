@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// Group creations and membership changes one user may make at once.
     #[arg(long, env = "CHATPROOF_USER_GROUP_CHANGE_BURST", default_value_t = crate::limits::GROUP_CHANGE_RATE_DEFAULT.burst)]
     pub user_group_change_burst: u32,
+    /// Bytes of live events queued for one device that is not reading; past it the device gets slow_consumer and is closed.
+    #[arg(long, env = "CHATPROOF_DEVICE_QUEUE_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub device_queue_max_bytes: usize,
     /// Devices of one user connected to this server at once; another gets too_many_devices.
     #[arg(long, env = "CHATPROOF_DEVICES_PER_USER_MAX", default_value_t = 32)]
     pub devices_per_user_max: usize,
@@ -186,6 +189,7 @@ impl ServeArgs {
             media_len_max_bytes: self.media_max_bytes,
             unrouted_slots_max: self.unrouted_max,
             devices_per_user_max: self.devices_per_user_max,
+            device_queue_bytes_max: self.device_queue_max_bytes,
             poll_mailboxes_max: self.poll_mailboxes_max,
             uploads_max: self.uploads_max,
             send_rate: crate::rate::Rate {

@@ -1,12 +1,12 @@
 //! The local hub: which devices are connected to this server, and fan-out to them.
 //!
 //! A pushed frame is serialized once and shared by every receiving device
-//! (`Utf8Bytes` is reference-counted). Each device has a bounded queue; a
-//! device whose queue is full is dropped (its session closes with
+//! (`Utf8Bytes` is reference-counted). Each device has a queue bounded in events
+//! and in bytes; a device whose queue is full is dropped (its session closes with
 //! `slow_consumer`) rather than letting one slow reader hold memory without bound.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -32,10 +32,58 @@ pub enum Push {
     Resync,
 }
 
+/// Bytes a presence state is counted as in a device's queue (it is written as
+/// about this much JSON).
+const PRESENCE_STATE_BYTES: usize = 64;
+
+impl Push {
+    /// The bytes this push is counted as in a device's queue: its frame, or what
+    /// it will be written as.
+    pub fn queued_len(&self) -> usize {
+        match self {
+            Push::Entry(_, frame) | Push::Receipt(_, frame) | Push::Frame(frame) => frame.len(),
+            Push::Presence(states) => states.len() * PRESENCE_STATE_BYTES,
+            Push::Close(_) | Push::Resync => 0,
+        }
+    }
+}
+
+/// The receiving end of one device's queue: what its session writes.
+pub struct DeviceQueue {
+    rx: mpsc::Receiver<Push>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl DeviceQueue {
+    /// The next push; `None` once the hub dropped the device (replaced, or its
+    /// queue overflowed) and everything queued was taken.
+    pub async fn recv(&mut self) -> Option<Push> {
+        let push = self.rx.recv().await?;
+        self.taken(&push);
+        Some(push)
+    }
+
+    /// The next push if one is queued.
+    pub fn try_recv(&mut self) -> Result<Push, mpsc::error::TryRecvError> {
+        let push = self.rx.try_recv()?;
+        self.taken(&push);
+        Ok(push)
+    }
+
+    fn taken(&self, push: &Push) {
+        let len = push.queued_len();
+        let before = self.bytes.fetch_sub(len, Ordering::Relaxed);
+        debug_assert!(before >= len, "queued bytes went negative");
+    }
+}
+
 struct DeviceSlot {
     conn_id: u64,
     device: String,
     queue: mpsc::Sender<Push>,
+    /// Bytes queued and not yet taken by the session.
+    bytes: Arc<AtomicUsize>,
+    bytes_max: usize,
 }
 
 /// Registry of connected devices by user, with fan-out.
@@ -50,16 +98,18 @@ pub struct Hub {
 pub struct ConnId(u64);
 
 impl Hub {
-    /// Registers `device` of `user`; an older connection of the same device is told
-    /// to close. Refused with `too_many_devices` when `user` already has
-    /// `devices_max` other devices here.
+    /// Registers `device` of `user` with a queue of at most
+    /// `limits.device_queue_len_max` events and `limits.device_queue_bytes_max`
+    /// bytes; an older connection of the same device is told to close. Refused with
+    /// `too_many_devices` when `user` already has `limits.devices_per_user_max`
+    /// other devices here.
     pub fn register(
         &self,
         user: &str,
         device: &str,
-        queue_len: usize,
-        devices_max: usize,
-    ) -> Result<(ConnId, mpsc::Receiver<Push>), ProtocolError> {
+        limits: &crate::limits::Limits,
+    ) -> Result<(ConnId, DeviceQueue), ProtocolError> {
+        let devices_max = limits.devices_per_user_max;
         let mut users = self.users.lock().expect("hub lock");
         let slots = users.entry(user.to_owned()).or_default();
         let again = slots.iter().position(|s| s.device == device);
@@ -76,7 +126,8 @@ impl Hub {
                 ),
             ));
         }
-        let (tx, rx) = mpsc::channel(queue_len);
+        let (tx, rx) = mpsc::channel(limits.device_queue_len_max);
+        let bytes = Arc::new(AtomicUsize::new(0));
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         if let Some(i) = again {
             let old = slots.swap_remove(i);
@@ -89,9 +140,11 @@ impl Hub {
             conn_id,
             device: device.to_owned(),
             queue: tx,
+            bytes: Arc::clone(&bytes),
+            bytes_max: limits.device_queue_bytes_max,
         });
         debug_assert!(slots.len() <= devices_max);
-        Ok((ConnId(conn_id), rx))
+        Ok((ConnId(conn_id), DeviceQueue { rx, bytes }))
     }
 
     /// Removes a connection (no-op if it was already replaced or dropped).
@@ -108,28 +161,43 @@ impl Hub {
     /// Queues `push` for every connected device of every user in `users`.
     ///
     /// Returns how many devices it was queued for. Devices whose queue is full
-    /// are dropped from the hub.
+    /// (in events or in bytes) are dropped from the hub.
     pub fn publish(&self, users: &[String], push: &Push) -> usize {
         let mut queued = 0;
+        let len = push.queued_len();
         let mut users_map = self.users.lock().expect("hub lock");
         for user in users {
             let Some(slots) = users_map.get_mut(user) else {
                 continue;
             };
-            slots.retain(|slot| match slot.queue.try_send(push.clone()) {
-                Ok(()) => {
-                    queued += 1;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+            slots.retain(|slot| {
+                let held = slot.bytes.load(Ordering::Relaxed);
+                if len > 0 && held > 0 && held + len > slot.bytes_max {
                     tracing::warn!(
                         user,
                         device = slot.device,
-                        "device queue full; dropping the connection"
+                        held,
+                        "device queue holds too many bytes; dropping the connection"
                     );
-                    false
+                    return false;
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                // Counted before it is queued, so the session never takes more than was added.
+                slot.bytes.fetch_add(len, Ordering::Relaxed);
+                match slot.queue.try_send(push.clone()) {
+                    Ok(()) => {
+                        queued += 1;
+                        true
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(
+                            user,
+                            device = slot.device,
+                            "device queue full; dropping the connection"
+                        );
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
             });
             if slots.is_empty() {
                 users_map.remove(user);
@@ -184,5 +252,71 @@ impl Hub {
             .expect("hub lock")
             .get(user)
             .map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limits;
+
+    fn frame(len: usize) -> Push {
+        Push::Frame(Utf8Bytes::from("x".repeat(len)))
+    }
+
+    /// A device that does not read is dropped once its queue would hold more than
+    /// its byte limit; what it takes frees room; one big frame alone always fits.
+    #[tokio::test]
+    async fn a_queue_is_bounded_in_bytes() {
+        let hub = Hub::default();
+        let limits = Limits {
+            device_queue_bytes_max: 1_000,
+            ..Limits::default()
+        };
+        let users = ["ann".to_owned()];
+        let (_, mut queue) = hub.register("ann", "phone", &limits).unwrap();
+        assert_eq!(hub.publish(&users, &frame(400)), 1);
+        assert_eq!(hub.publish(&users, &frame(400)), 1);
+        assert!(matches!(queue.recv().await, Some(Push::Frame(_))));
+        // 400 held: another 400 fits again.
+        assert_eq!(hub.publish(&users, &frame(400)), 1);
+        assert_eq!(
+            hub.publish(&users, &frame(400)),
+            0,
+            "1,200 bytes would be held"
+        );
+        assert!(!hub.device_online("ann", "phone"), "dropped from the hub");
+        // The session drains what was queued, then learns it was dropped.
+        assert!(queue.try_recv().is_ok() && queue.try_recv().is_ok());
+        assert!(queue.recv().await.is_none());
+        // One frame larger than the limit reaches an empty queue.
+        let (_, mut queue) = hub.register("ann", "phone", &limits).unwrap();
+        assert_eq!(hub.publish(&users, &frame(5_000)), 1);
+        assert!(queue.try_recv().is_ok());
+        assert_eq!(
+            queue.bytes.load(Ordering::Relaxed),
+            0,
+            "taking frees the bytes"
+        );
+    }
+
+    /// A user's devices are bounded; the same device again replaces itself.
+    #[test]
+    fn devices_per_user_are_bounded() {
+        let hub = Hub::default();
+        let limits = Limits {
+            devices_per_user_max: 2,
+            ..Limits::default()
+        };
+        assert!(hub.register("ann", "a", &limits).is_ok());
+        assert!(hub.register("ann", "b", &limits).is_ok());
+        let refused = hub.register("ann", "c", &limits).err().unwrap();
+        assert_eq!(refused.code, crate::protocol::ErrorCode::TooManyDevices);
+        assert!(
+            hub.register("ann", "a", &limits).is_ok(),
+            "a replaces itself"
+        );
+        assert_eq!(hub.devices_online("ann"), 2);
+        assert!(hub.register("bob", "c", &limits).is_ok());
     }
 }

@@ -54,6 +54,8 @@ pub struct Limits {
     pub send_rate: crate::rate::Rate,
     /// Group creations and membership changes per user (on this server).
     pub group_change_rate: crate::rate::Rate,
+    /// Bytes of live events queued for one device (beyond it, `slow_consumer`).
+    pub device_queue_bytes_max: usize,
     /// Devices of one user connected to this server at once (WebSocket or long-poll).
     pub devices_per_user_max: usize,
     /// Long-poll mailboxes open at once.
@@ -114,6 +116,7 @@ impl Default for Limits {
             unrouted_slots_max: crate::cluster::outbox::CAPACITY_DEFAULT,
             send_rate: SEND_RATE_DEFAULT,
             group_change_rate: GROUP_CHANGE_RATE_DEFAULT,
+            device_queue_bytes_max: 8 * 1024 * 1024,
             devices_per_user_max: 32,
             poll_mailboxes_max: 100_000,
             uploads_max: 64,
@@ -163,6 +166,11 @@ impl Limits {
         self.group_change_rate.validate("group change")?;
         if self.devices_per_user_max == 0 || self.poll_mailboxes_max == 0 || self.uploads_max == 0 {
             return Err("the device, long-poll mailbox and upload limits must be positive".into());
+        }
+        if self.device_queue_bytes_max < self.frame_len_max_bytes {
+            return Err(
+                "a device queue must hold at least one frame (--device-queue-max-bytes)".into(),
+            );
         }
         if self.unrouted_slots_max == 0 {
             return Err("the unrouted-event limit must be positive".into());

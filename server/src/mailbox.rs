@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
-use crate::hub::{ConnId, Hub, Push};
+use crate::hub::{ConnId, DeviceQueue, Hub};
 use crate::limits::Limits;
 use crate::protocol::{ErrorCode, ProtocolError};
 
@@ -28,7 +28,7 @@ pub struct Mailbox {
     /// The hub slot (pass to [`Hub::unregister`]).
     pub conn: ConnId,
     /// Live events since the last poll.
-    pub queue: tokio::sync::Mutex<mpsc::Receiver<Push>>,
+    pub queue: tokio::sync::Mutex<DeviceQueue>,
     generation: AtomicU64,
     superseded: Notify,
     polls_in_flight: AtomicUsize,
@@ -127,12 +127,7 @@ impl Mailboxes {
             )
             .retry_after(MAILBOX_FULL_RETRY_MS));
         }
-        let (conn, rx) = hub.register(
-            user,
-            device,
-            limits.device_queue_len_max,
-            limits.devices_per_user_max,
-        )?;
+        let (conn, rx) = hub.register(user, device, limits)?;
         let mailbox = Arc::new(Mailbox {
             conn,
             queue: tokio::sync::Mutex::new(rx),
@@ -193,6 +188,7 @@ impl Mailboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Push;
 
     fn small() -> Limits {
         Limits {
@@ -304,7 +300,7 @@ mod tests {
         let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("new");
         };
-        let (websocket, mut ws_queue) = hub.register("ann", "web", 8, 4).unwrap();
+        let (websocket, mut ws_queue) = hub.register("ann", "web", &small()).unwrap();
         assert!(!hub.holds("ann", first.conn) && hub.holds("ann", websocket));
         let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap()
         else {

@@ -11,14 +11,14 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::domain::{DeviceStream, StreamStep};
-use crate::hub::{ConnId, Push};
+use crate::hub::{ConnId, DeviceQueue, Push};
 use crate::metrics::LimitHit;
 use crate::protocol::{
     decode_request, validate_device_id, Body, Entry, ErrorCode, HelloRequest, MemberAction,
@@ -46,7 +46,7 @@ struct Session<S> {
     stream: DeviceStream,
     catch_up: VecDeque<String>,
     caught_up_sent: bool,
-    hub_rx: Option<(ConnId, mpsc::Receiver<Push>)>,
+    hub_rx: Option<(ConnId, DeviceQueue)>,
     /// Highest receipt written per (conv, user): receipts computed on different
     /// servers may arrive out of order, and a device never sees one go back.
     receipts_shown: HashMap<(String, String), Receipt>,
@@ -366,12 +366,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         };
         // Register before reading state: anything sequenced later is pushed,
         // anything earlier is in the store, so nothing falls between.
-        let registered = svc.hub().register(
-            &caller.user,
-            &caller.device,
-            svc.limits().device_queue_len_max,
-            svc.limits().devices_per_user_max,
-        );
+        let registered = svc
+            .hub()
+            .register(&caller.user, &caller.device, svc.limits());
         let (conn, rx) = match registered {
             Ok(registered) => registered,
             Err(err) => {
@@ -705,7 +702,7 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn recv(rx: &mut Option<(ConnId, mpsc::Receiver<Push>)>) -> Option<Push> {
+async fn recv(rx: &mut Option<(ConnId, DeviceQueue)>) -> Option<Push> {
     match rx {
         Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,
