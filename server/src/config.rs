@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// Group creations and membership changes one user may make at once.
     #[arg(long, env = "CHATPROOF_USER_GROUP_CHANGE_BURST", default_value_t = crate::limits::GROUP_CHANGE_RATE_DEFAULT.burst)]
     pub user_group_change_burst: u32,
+    /// Connections open at once from one source address; more get 503 overloaded (behind a proxy, raise it and limit in the proxy).
+    #[arg(long, env = "CHATPROOF_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = crate::limits::CONNECTIONS_PER_ADDRESS_DEFAULT)]
+    pub max_connections_per_address: usize,
     /// Bytes of live events queued for one device that is not reading; past it the device gets slow_consumer and is closed.
     #[arg(long, env = "CHATPROOF_DEVICE_QUEUE_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub device_queue_max_bytes: usize,
@@ -189,6 +192,7 @@ impl ServeArgs {
             media_len_max_bytes: self.media_max_bytes,
             unrouted_slots_max: self.unrouted_max,
             devices_per_user_max: self.devices_per_user_max,
+            connections_per_address_max: self.max_connections_per_address,
             device_queue_bytes_max: self.device_queue_max_bytes,
             poll_mailboxes_max: self.poll_mailboxes_max,
             uploads_max: self.uploads_max,

@@ -56,6 +56,8 @@ pub struct Limits {
     pub group_change_rate: crate::rate::Rate,
     /// Bytes of live events queued for one device (beyond it, `slow_consumer`).
     pub device_queue_bytes_max: usize,
+    /// Connections open at once from one source address.
+    pub connections_per_address_max: usize,
     /// Devices of one user connected to this server at once (WebSocket or long-poll).
     pub devices_per_user_max: usize,
     /// Long-poll mailboxes open at once.
@@ -63,6 +65,10 @@ pub struct Limits {
     /// Image uploads in progress at once.
     pub uploads_max: usize,
 }
+
+/// Connections per source address by default: a load generator spreading a million
+/// connections over 250 loopback addresses stays under it.
+pub const CONNECTIONS_PER_ADDRESS_DEFAULT: usize = 4_096;
 
 /// Sends per user per second by default: far above any person, and above the
 /// per-user rates of the load scenarios (the design point's busiest is 50/s).
@@ -117,6 +123,7 @@ impl Default for Limits {
             send_rate: SEND_RATE_DEFAULT,
             group_change_rate: GROUP_CHANGE_RATE_DEFAULT,
             device_queue_bytes_max: 8 * 1024 * 1024,
+            connections_per_address_max: CONNECTIONS_PER_ADDRESS_DEFAULT,
             devices_per_user_max: 32,
             poll_mailboxes_max: 100_000,
             uploads_max: 64,
@@ -171,6 +178,9 @@ impl Limits {
             return Err(
                 "a device queue must hold at least one frame (--device-queue-max-bytes)".into(),
             );
+        }
+        if self.connections_per_address_max == 0 {
+            return Err("the per-address connection limit must be positive".into());
         }
         if self.unrouted_slots_max == 0 {
             return Err("the unrouted-event limit must be positive".into());

@@ -79,6 +79,8 @@ impl LimitHit {
 pub enum ClosedFor {
     /// The connection limit was reached (answered 503 `overloaded`).
     ConnectionLimit,
+    /// The source address held `--max-connections-per-address` already (answered 503 `overloaded`).
+    AddressLimit,
     /// An HTTP request head did not arrive within the header-read timeout.
     HeaderTimeout,
     /// An HTTP connection was idle (no request, no byte) past the keep-alive timeout.
@@ -92,6 +94,7 @@ impl ClosedFor {
     pub const fn label(self) -> &'static str {
         match self {
             ClosedFor::ConnectionLimit => "connection_limit",
+            ClosedFor::AddressLimit => "address_limit",
             ClosedFor::HeaderTimeout => "header_timeout",
             ClosedFor::KeepAliveIdle => "keep_alive_idle",
             ClosedFor::HelloTimeout => "hello_timeout",

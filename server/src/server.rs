@@ -18,6 +18,7 @@ use crate::metrics::ClosedFor;
 use crate::service::ChatService;
 use crate::transport::http::route;
 use crate::transport::idle::{Activity, Watched};
+use crate::transport::per_address::{AddressSlot, PerAddress};
 use crate::transport::timer::Timer;
 
 /// Entries deleted per expiry transaction.
@@ -27,6 +28,7 @@ const EXPIRY_BATCH_LEN: u32 = 10_000;
 /// the connection limit and keeps shutdown waiting until it is dropped.
 pub struct ConnGuard {
     _permit: OwnedSemaphorePermit,
+    _address: AddressSlot,
     _drain: mpsc::Sender<()>,
     /// Admitted beyond the connection limit: only `/healthz` and `/metrics` are served.
     pub health_only: bool,
@@ -45,6 +47,7 @@ pub async fn run(
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let permits = Arc::new(Semaphore::new(service.limits().connections_max));
     let health_permits = Arc::new(Semaphore::new(service.limits().health_connections_max));
+    let per_address = PerAddress::new(service.limits().connections_per_address_max);
     let expiry = tokio::spawn(expire_forever(Arc::clone(&service)));
     let presence = tokio::spawn(publish_presence_forever(Arc::clone(&service)));
     let reroute = tokio::spawn(route_unrouted_forever(Arc::clone(&service)));
@@ -64,6 +67,14 @@ pub async fn run(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Some(address) = per_address.admit(peer.ip()) else {
+            service.metrics().count_closed_for(ClosedFor::AddressLimit);
+            tokio::spawn(refuse_overloaded(
+                stream,
+                "connection limit per address reached",
+            ));
+            continue;
+        };
         let (permit, health_only) = match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => (permit, false),
             Err(_) => match Arc::clone(&health_permits).try_acquire_owned() {
@@ -72,7 +83,7 @@ pub async fn run(
                     service
                         .metrics()
                         .count_closed_for(ClosedFor::ConnectionLimit);
-                    tokio::spawn(refuse_overloaded(stream));
+                    tokio::spawn(refuse_overloaded(stream, "connection limit reached"));
                     continue;
                 }
             },
@@ -80,6 +91,7 @@ pub async fn run(
         let activity = Activity::new();
         let guard = Arc::new(ConnGuard {
             _permit: permit,
+            _address: address,
             _drain: drain_tx.clone(),
             health_only,
             activity: Arc::clone(&activity),
@@ -178,8 +190,8 @@ async fn route_unrouted_forever(service: Arc<ChatService>) {
 }
 
 /// Answers a connection over every limit with 503 `overloaded` and closes it.
-async fn refuse_overloaded(mut stream: tokio::net::TcpStream) {
-    let body = r#"{"code":"overloaded","message":"connection limit reached"}"#;
+async fn refuse_overloaded(mut stream: tokio::net::TcpStream, why: &'static str) {
+    let body = serde_json::json!({"code": "overloaded", "message": why}).to_string();
     let reply = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()

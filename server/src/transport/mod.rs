@@ -6,5 +6,6 @@ pub mod idle;
 pub mod longpoll;
 #[cfg(not(madsim))]
 pub mod media;
+pub mod per_address;
 pub mod session;
 pub mod timer;

@@ -245,3 +245,65 @@ async fn uploads_past_the_limit_are_refused() {
     );
     assert!(metric(&server, "chatproof_limit_hits_total{limit=\"uploads\"}").await >= 1.0);
 }
+
+/// `GET path` on a new connection from `source`: the status (0 if the connection
+/// was refused before any reply) and the whole response.
+async fn get_from(server: &TestServer, source: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr: std::net::SocketAddr = server
+        .http_base()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// With two connections open from 127.0.0.1 and a limit of two per address, a
+/// third from there gets 503 `overloaded` and is closed; another address is served,
+/// and a closed connection frees its place.
+#[tokio::test]
+async fn connections_past_the_per_address_limit_are_refused() {
+    let server = TestServer::start_with(Limits {
+        connections_per_address_max: 2,
+        ..Limits::default()
+    })
+    .await;
+    let (first, _) = server.login("alice", "phone").await;
+    let (_second, _) = server.login("bob", "phone").await;
+    let (status, text) = get_from(&server, "127.0.0.1", "/healthz").await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("overloaded") && text.contains("per address"),
+        "{text}"
+    );
+    assert_eq!(get_from(&server, "127.0.0.2", "/healthz").await.0, 200);
+    let (_, metrics) = get_from(&server, "127.0.0.3", "/metrics").await;
+    assert!(
+        metrics.contains("chatproof_connections_closed_for_total{reason=\"address_limit\"} 1"),
+        "counted in /metrics"
+    );
+    drop(first);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = get_from(&server, "127.0.0.1", "/healthz").await.0;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200, "the closed connection's place is free again");
+}
