@@ -17,15 +17,20 @@ pub const DECODES_MAX: usize = 1;
 
 static DECODES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DECODES_MAX);
 
-/// Width, height and a `data:image/jpeg;base64,…` thumbnail of the image at `path`.
-pub async fn inspect(path: &Path, content_type: &str) -> Result<(u32, u32, String), MediaError> {
-    let format = match content_type {
+/// The decoder format for a content type [`super::sniff`] returns.
+fn format_of(content_type: &str) -> ImageFormat {
+    match content_type {
         "image/jpeg" => ImageFormat::Jpeg,
         "image/png" => ImageFormat::Png,
         "image/gif" => ImageFormat::Gif,
         "image/webp" => ImageFormat::WebP,
         other => unreachable!("sniff returned {other}"),
-    };
+    }
+}
+
+/// Width, height and a `data:image/jpeg;base64,…` thumbnail of the image at `path`.
+pub async fn inspect(path: &Path, content_type: &str) -> Result<(u32, u32, String), MediaError> {
+    let format = format_of(content_type);
     let _permit = DECODES.acquire().await.expect("never closed");
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || inspect_blocking(&path, format))
@@ -33,17 +38,35 @@ pub async fn inspect(path: &Path, content_type: &str) -> Result<(u32, u32, Strin
         .map_err(|e| MediaError::Storage(format!("decoder task: {e}")))?
 }
 
+/// What [`inspect`] finds in `bytes` of `content_type` (one of [`super::sniff`]'s),
+/// on this thread: for tests and fuzzing.
+pub fn inspect_bytes(bytes: &[u8], content_type: &str) -> Result<(u32, u32, String), MediaError> {
+    let format = format_of(content_type);
+    decode(|| {
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(format);
+        Ok(reader)
+    })
+}
+
 fn undecodable(e: impl std::fmt::Display) -> MediaError {
     MediaError::Undecodable(e.to_string())
 }
 
 fn inspect_blocking(path: &Path, format: ImageFormat) -> Result<(u32, u32, String), MediaError> {
-    let open = || -> Result<ImageReader<_>, MediaError> {
+    decode(|| {
         let mut reader = ImageReader::open(path)
             .map_err(|e| MediaError::Storage(format!("{}: {e}", path.display())))?;
         reader.set_format(format);
         Ok(reader)
-    };
+    })
+}
+
+/// Reads the dimensions, refuses images beyond [`PIXELS_MAX`] before decoding,
+/// then decodes (with an allocation limit) and makes the thumbnail.
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    open: impl Fn() -> Result<ImageReader<R>, MediaError>,
+) -> Result<(u32, u32, String), MediaError> {
     let (width, height) = open()?.into_dimensions().map_err(undecodable)?;
     let pixels = u64::from(width) * u64::from(height);
     if pixels == 0 || pixels > PIXELS_MAX {
