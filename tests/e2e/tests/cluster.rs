@@ -551,14 +551,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// The value of a Prometheus counter on the server at `addr`.
 fn metric(addr: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("metrics connect");
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .expect("metrics request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("metrics read");
+    let (_, text) = http_get(addr, "/metrics");
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().nth(1))
