@@ -366,10 +366,10 @@ pub fn summarize_run(
         pass: false,
         config: run.scenario.clone(),
     };
-    evaluate(&mut summary);
     if let Some((before, after)) = usage {
         summary.server_usage = Some(server_usage(&summary, before, after));
     }
+    evaluate(&mut summary);
     (summary, histograms)
 }
 
@@ -429,6 +429,20 @@ pub fn evaluate(s: &mut Summary) {
         });
     }
     s.invalid_reasons.clear();
+    if let Some(bound_mib) = slo_cfg.server_rss_peak_mib {
+        match &s.server_usage {
+            Some(usage) => s.slo.push(slo_result(
+                "server peak resident memory (MiB)",
+                bound_mib,
+                usage.rss_peak_kib as f64 / 1024.0,
+            )),
+            None => s.invalid_reasons.push(
+                "slo.server_rss_peak_mib is set but the server's memory was not read: \
+                 let the generator start the server, or name its processes with --server-pid"
+                    .into(),
+            ),
+        }
+    }
     let lag_max_ms = slo_cfg.generator_lag_p99_ms;
     if s.latency[Measure::GeneratorLag].p99_ms > lag_max_ms {
         s.invalid_reasons.push(format!(

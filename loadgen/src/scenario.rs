@@ -144,6 +144,11 @@ pub struct Slo {
     /// be at least this (the server's coalescing bound), milliseconds.
     #[serde(default)]
     pub presence_gap_min_ms: Option<f64>,
+    /// When set: the server's peak resident memory (all its processes, summed) must
+    /// stay at most this, MiB. Needs the server's usage (the generator started it, or
+    /// `--server-pid` names it); without it the run is invalid.
+    #[serde(default)]
+    pub server_rss_peak_mib: Option<f64>,
 }
 
 fn default_lag_p99_ms() -> f64 {
@@ -162,6 +167,7 @@ impl Default for Slo {
             lost_max: 0,
             generator_lag_p99_ms: default_lag_p99_ms(),
             presence_gap_min_ms: None,
+            server_rss_peak_mib: None,
         }
     }
 }
@@ -208,5 +214,42 @@ impl Scenario {
             bail!("image_kib must list sizes of 1..=10240 KiB (the server's 10 MiB limit)");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scenario the repository ships loads and passes validation, and its file
+    /// name is its `name`.
+    #[test]
+    fn every_shipped_scenario_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/load");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let scenario =
+                Scenario::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert_eq!(
+                Some(scenario.name.as_str()),
+                path.file_stem().and_then(|s| s.to_str()),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 12, "only {seen} scenarios in {}", dir.display());
+    }
+
+    /// The memory bound is read from `[slo]` and absent by default.
+    #[test]
+    fn server_memory_bound_is_optional() {
+        assert_eq!(Slo::default().server_rss_peak_mib, None);
+        let slo: Slo = toml::from_str("server_rss_peak_mib = 384").unwrap();
+        assert_eq!(slo.server_rss_peak_mib, Some(384.0));
     }
 }

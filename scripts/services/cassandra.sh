@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A single-node Apache Cassandra for the tests, run from Maven Central jars (no tarball,
-# no Docker; needs java 17 and mvn). Usage: cassandra.sh start|stop|status
+# no Docker; needs java 17 and mvn). Usage: cassandra.sh start|stop|status|kill|resume
 #   start   fetch the jars once, start a fresh node, print its CQL address (host:port)
 #   stop    stop the node and delete its data
 #   status  print the address and exit 0 when running, exit 3 when not
+#   kill    SIGKILL the node and keep its data (a crash, for crash tests)
+#   resume  start the node again on the data it had (commit log replayed), print the address
 # Environment: CHATPROOF_CASSANDRA_PORT (CQL, 19042), CHATPROOF_CASSANDRA_STORAGE_PORT
 # (17000), CHATPROOF_CASSANDRA_JMX_PORT (17199), CHATPROOF_CASSANDRA_HEAP (JVM heap, 512m),
 # CHATPROOF_SERVICES_DIR (run dirs, /tmp/chatproof-services), CHATPROOF_CASSANDRA_LIB
@@ -122,8 +124,11 @@ commitlog_directory: $RUN_DIR/data/commitlog
 saved_caches_directory: $RUN_DIR/data/saved_caches
 hints_directory: $RUN_DIR/data/hints
 cdc_raw_directory: $RUN_DIR/data/cdc_raw
-commitlog_sync: periodic
-commitlog_sync_period: 10000ms
+# Every write is fsynced to the commit log before Cassandra acknowledges it (writes
+# arriving together share one fsync): the server acknowledges a message only once it is
+# durable, so the node under it must be too. With the default "periodic" mode a SIGKILL
+# of this node lost writes acknowledged in the last seconds (the cassandra_kill_9 test).
+commitlog_sync: batch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
@@ -195,6 +200,16 @@ wait_for_cql() {
   done
 }
 
+# Starts java on the data in RUN_DIR and waits for CQL; prints the address.
+launch() {
+  local started_s=$SECONDS
+  spawn
+  say "starting Cassandra $CASSANDRA_VERSION (pid $(<"$PID_FILE"), log $LOG_FILE)"
+  wait_for_cql "$(<"$PID_FILE")"
+  say "CQL is up on 127.0.0.1:$CQL_PORT after $((SECONDS - started_s))s"
+  echo "127.0.0.1:$CQL_PORT"
+}
+
 start() {
   if [[ -n "$(live_pid "$PID_FILE" "$PID_PATTERN")" ]] && port_open "$CQL_PORT"; then
     say "already running"
@@ -208,12 +223,26 @@ start() {
   require_port_free "$JMX_PORT" "Cassandra JMX, CHATPROOF_CASSANDRA_JMX_PORT"
   fetch_jars
   write_conf
-  local started_s=$SECONDS
-  spawn
-  say "starting Cassandra $CASSANDRA_VERSION (pid $(<"$PID_FILE"), log $LOG_FILE)"
-  wait_for_cql "$(<"$PID_FILE")"
-  say "CQL is up on 127.0.0.1:$CQL_PORT after $((SECONDS - started_s))s"
-  echo "127.0.0.1:$CQL_PORT"
+  launch
+}
+
+# SIGKILL, no shutdown hooks: what the node had not written is lost as in a crash.
+kill_node() {
+  local pid
+  pid="$(live_pid "$PID_FILE" "$PID_PATTERN")"
+  [[ -n "$pid" ]] || die "not running"
+  say "killing pid $pid (SIGKILL; data kept in $RUN_DIR/data)"
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
+# Starts a killed or stopped node on its existing data.
+resume() {
+  [[ -d "$RUN_DIR/data" ]] || die "no data in $RUN_DIR/data to resume from; use start"
+  [[ -z "$(live_pid "$PID_FILE" "$PID_PATTERN")" ]] || die "already running"
+  require_port_free "$CQL_PORT" "Cassandra CQL, CHATPROOF_CASSANDRA_PORT"
+  require_port_free "$STORAGE_PORT" "Cassandra storage, CHATPROOF_CASSANDRA_STORAGE_PORT"
+  launch
 }
 
 # Stops a node left over from an earlier run (if any) and deletes its data.
@@ -245,5 +274,7 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) die "usage: $0 start|stop|status" ;;
+  kill) kill_node ;;
+  resume) resume ;;
+  *) die "usage: $0 start|stop|status|kill|resume" ;;
 esac

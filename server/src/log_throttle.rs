@@ -1,4 +1,4 @@
-//! Rate-limited warnings. During an outage of a dependency (Redis, a CQL node) the same
+//! Rate-limited warnings and errors. During an outage of a dependency (Redis, a CQL node) the same
 //! failure repeats for every message, receipt and retry; one line per interval, carrying
 //! how many were left out since the previous line, keeps the log readable without hiding
 //! that the failure goes on. Time comes from `tokio::time`, so under the simulator it is
@@ -59,6 +59,19 @@ macro_rules! warn_throttled {
             $crate::log_throttle::Throttle::new($crate::log_throttle::WARN_INTERVAL);
         if let Some(left_out) = THROTTLE.admit(::tokio::time::Instant::now()) {
             ::tracing::warn!(left_out, $($arg)+);
+        }
+    }};
+}
+
+/// `tracing::error!` at most once per [`WARN_INTERVAL`] for this call site, with a
+/// `left_out` field counting the occurrences not written since the last line.
+#[macro_export]
+macro_rules! error_throttled {
+    ($($arg:tt)+) => {{
+        static THROTTLE: $crate::log_throttle::Throttle =
+            $crate::log_throttle::Throttle::new($crate::log_throttle::WARN_INTERVAL);
+        if let Some(left_out) = THROTTLE.admit(::tokio::time::Instant::now()) {
+            ::tracing::error!(left_out, $($arg)+);
         }
     }};
 }

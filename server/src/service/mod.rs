@@ -257,7 +257,8 @@ fn reject(err: StoreError) -> ProtocolError {
     match err {
         StoreError::Rejected(e) => e,
         StoreError::Backend(why) => {
-            tracing::error!(%why, "store failure");
+            // One line per interval: during an outage every send and retry fails alike.
+            crate::error_throttled!(%why, "store failure");
             ProtocolError::new(
                 ErrorCode::Internal,
                 "storage failure; nothing was acknowledged, retry",

@@ -4,7 +4,9 @@
 //! mid-run, its devices reconnect to the others with their cursors and retry
 //! what was unacknowledged. Afterwards every device holds every entry of each
 //! of its conversations exactly once, in order, and every acknowledged
-//! message sits at its acknowledged seq.
+//! message sits at its acknowledged seq. The same traffic runs through a
+//! SIGKILL and restart of Redis and of the (only) Cassandra node, the latter
+//! a node of the test's own started by `scripts/services/cassandra.sh`.
 //!
 //! Needs `CHATPROOF_TEST_CQL` and `CHATPROOF_TEST_REDIS` (scripts/test.sh sets
 //! them); without them it prints SKIPPED, or fails when
@@ -264,12 +266,21 @@ async fn traffic(
         }
         round += 1;
     }
+    let retry_deadline = Instant::now() + Duration::from_secs(90);
     for device in &mut devices {
         while device.unacked.is_some() {
+            assert!(
+                Instant::now() < retry_deadline,
+                "{}: a send was still refused 90 s after the traffic ended",
+                device.user
+            );
             if device.client.is_none() {
                 device.connect(&dead).await;
             }
-            device.send("", String::new()).await;
+            if device.send("", String::new()).await && device.unacked.is_some() {
+                // Refused (the store is down): retry with the same id, not in a hot loop.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 
@@ -868,5 +879,127 @@ fn loadgen_spreads_devices_over_a_cluster() {
             "{} delivered something",
             server.addr
         );
+    }
+}
+
+/// A Cassandra node of the test's own (scripts/services/cassandra.sh on free
+/// loopback ports, data in a temporary directory), so it can be killed without
+/// touching the node the other tests share.
+struct OwnCassandra {
+    dir: tempfile::TempDir,
+    ports: [u16; 3],
+}
+
+impl OwnCassandra {
+    /// Starts a fresh node; `None` (with the script's output) when it cannot.
+    fn start() -> Option<Self> {
+        // Below the ephemeral range (32768 and up): a port from it could be taken, while
+        // the node is down, by a connection the servers open (or by a TCP self-connect
+        // to it), and the node could not bind it again on restart.
+        let mut free = (21_000 + (std::process::id() % 3_000) as u16 * 3..32_000)
+            .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok());
+        let node = Self {
+            dir: tempfile::tempdir().ok()?,
+            ports: [free.next()?, free.next()?, free.next()?],
+        };
+        node.script("start").then_some(node)
+    }
+
+    /// Runs `cassandra.sh COMMAND` for this node; true when it succeeded.
+    fn script(&self, command: &str) -> bool {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/services/cassandra.sh"
+        );
+        std::process::Command::new("bash")
+            .arg(script)
+            .arg(command)
+            .env("CHATPROOF_SERVICES_DIR", self.dir.path())
+            .env("CHATPROOF_CASSANDRA_PORT", self.ports[0].to_string())
+            .env(
+                "CHATPROOF_CASSANDRA_STORAGE_PORT",
+                self.ports[1].to_string(),
+            )
+            .env("CHATPROOF_CASSANDRA_JMX_PORT", self.ports[2].to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.ports[0])
+    }
+}
+
+impl Drop for OwnCassandra {
+    fn drop(&mut self) {
+        self.script("stop");
+    }
+}
+
+/// The only Cassandra node is killed with SIGKILL mid-traffic and started again on
+/// its data: sends in between are refused (`internal`, nothing acknowledged) and
+/// retried with the same id, `/healthz` names the store, and afterwards every
+/// acknowledged message is on every member device once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_kill_9_loses_nothing() {
+    let (_, redis) = match services() {
+        Ok(s) => s,
+        Err(why) => {
+            eprintln!("SKIPPED cluster::cassandra_kill_9_loses_nothing: {why}");
+            return;
+        }
+    };
+    let cassandra = std::sync::Arc::new(
+        OwnCassandra::start()
+            .expect("a second Cassandra node starts (scripts/services/cassandra.sh)"),
+    );
+    let run = format!("q{}", std::process::id());
+    let keyspace = format!("chatproof_e2e_{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let cql = cassandra.address();
+    let servers = start_cluster(
+        SERVERS,
+        dir.path(),
+        (&run, &keyspace),
+        (&cql, &redis),
+        &["--registry-ttl-secs", "3"],
+    );
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let health_addr = servers[0].addr.clone();
+    let mut phase = 0;
+    let mut resumed: Option<std::thread::JoinHandle<bool>> = None;
+    let mut outage = |elapsed: Duration, _: &mut [bool]| {
+        if phase == 0 && elapsed > Duration::from_millis(1500) {
+            assert!(cassandra.script("kill"), "cassandra.sh kill");
+            eprintln!("killed cassandra");
+            phase = 1;
+        } else if phase == 1 && elapsed > Duration::from_millis(2500) {
+            let (status, body) = http_get(&health_addr, "/healthz");
+            assert_eq!(status, 503, "/healthz while Cassandra is down: {body}");
+            assert!(body.contains("store unhealthy"), "{body}");
+            // The restart takes seconds: traffic goes on (refused) meanwhile.
+            let node = std::sync::Arc::clone(&cassandra);
+            resumed = Some(std::thread::spawn(move || node.script("resume")));
+            phase = 2;
+        }
+    };
+    let Traffic { acked, refused, .. } = traffic(&urls, &run, &mut outage).await;
+    let resumed = resumed.expect("the outage happened").join().unwrap();
+    assert!(
+        resumed,
+        "cassandra.sh resume started the node again on its data"
+    );
+    eprintln!(
+        "cassandra kill -9: {acked} acknowledged messages delivered once in order to {USERS} devices; \
+         {refused} sends refused while the store was down (retried with the same id)"
+    );
+    assert!(refused > 0, "sends were refused while Cassandra was down");
+    for server in &servers {
+        let (status, body) = http_get(&server.addr, "/healthz");
+        assert_eq!(status, 200, "/healthz once Cassandra is back: {body}");
+    }
+    for server in servers {
+        assert!(server.terminate(), "SIGTERM gives a clean exit");
     }
 }
