@@ -11,10 +11,20 @@ sim="$CARGO_TARGET_DIR/release/chatproof-sim"
 out=reports/sim-junit
 mkdir -p "$out"
 
+# Shows what failed in log $1: each failing seed's verdict and replay command, then the end.
+show_failure() {
+  grep -A 12 '^  FAIL seed' "$1" | head -n 80 || true
+  echo "-- end of $1:"
+  tail -n 30 "$1"
+}
+
 run() { # preset seeds
   echo "-- chatproof-sim run --scenario scenarios/sim/$1.toml --seeds $2"
-  "$sim" run --scenario "scenarios/sim/$1.toml" --seeds "$2" --junit "$out/$1.xml" 2> "$out/$1.log" || {
-    status=$?; tail -n 60 "$out/$1.log"; exit "$status"; }
+  # Results (and failing seeds' traces) go to stdout, progress to stderr: both to the log;
+  # the summary line is shown, or the log's end when a seed failed.
+  "$sim" run --scenario "scenarios/sim/$1.toml" --seeds "$2" --junit "$out/$1.xml" > "$out/$1.log" 2>&1 || {
+    status=$?; show_failure "$out/$1.log"; exit "$status"; }
+  grep '^chatproof-sim: preset' "$out/$1.log" || true
 }
 run smoke 1..51
 run crash-restart 1..11
@@ -41,8 +51,9 @@ echo "-- seeds from commit ${commit:0:12}, on every preset"
 run_commit() { # preset count
   echo "-- chatproof-sim run --scenario scenarios/sim/$1.toml --seeds $base..$((base + $2))"
   "$sim" run --scenario "scenarios/sim/$1.toml" --seeds "$base..$((base + $2))" \
-    --junit "$out/commit-$1.xml" 2> "$out/commit-$1.log" || {
-    status=$?; tail -n 60 "$out/commit-$1.log"; exit "$status"; }
+    --junit "$out/commit-$1.xml" > "$out/commit-$1.log" 2>&1 || {
+    status=$?; show_failure "$out/commit-$1.log"; exit "$status"; }
+  grep '^chatproof-sim: preset' "$out/commit-$1.log" || true
 }
 run_commit smoke 20
 run_commit crash-restart 10

@@ -3,6 +3,8 @@
 # Services the tests need are started here and stopped on exit (scripts/services/):
 # Redis must start, or this fails; when Cassandra cannot start, the tests get
 # CHATPROOF_TEST_CQL=unavailable:<reason> and report the Scylla tests as skipped.
+# Debian's chromium is installed when missing (the browser checks of the HTML reports);
+# when it cannot be, those checks are skipped, or this fails if CHATPROOF_REQUIRE_BROWSER=1.
 # CHATPROOF_SCYLLA_NODES=host:port[,...] runs the Scylla tests against that cluster
 # instead of starting Cassandra. CHATPROOF_TEST_SERVICES=external starts nothing and passes CHATPROOF_TEST_CQL and
 # CHATPROOF_TEST_REDIS through as given.
@@ -69,6 +71,18 @@ else
         "The Scylla store tests will be reported as SKIPPED, not run."
       export CHATPROOF_TEST_CQL="unavailable:$reason"
     fi
+  fi
+  # Debian's Chromium opens the generated HTML reports headless; when it cannot be
+  # installed the page checks are skipped, loudly (CHATPROOF_REQUIRE_BROWSER=1, as CI
+  # sets it, makes them fail instead).
+  if chromium_path="$(start_service chromium "$log")"; then
+    export CHATPROOF_CHROMIUM="$chromium_path" CHATPROOF_REQUIRE_BROWSER=1
+  elif [[ "${CHATPROOF_REQUIRE_BROWSER:-}" == 1 ]]; then
+    loud "Chromium could not be installed: $(tail -n 1 "$log")" "CHATPROOF_REQUIRE_BROWSER=1 requires it; not running the tests."
+    rm -f "$log"
+    exit 1
+  else
+    loud "Chromium is UNAVAILABLE: $(tail -n 1 "$log")" "The browser checks of the HTML reports will be SKIPPED."
   fi
   rm -f "$log"
   echo "test.sh: CHATPROOF_TEST_CQL=$CHATPROOF_TEST_CQL CHATPROOF_TEST_REDIS=$CHATPROOF_TEST_REDIS" >&2

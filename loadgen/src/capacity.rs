@@ -190,8 +190,8 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<i32> {
     )?;
     let md = markdown(&summary);
     std::fs::write(out.join("report.md"), &md)?;
-    std::fs::write(out.join("report.html"), html(&summary, &md))?;
-    eprintln!("{md}");
+    std::fs::write(out.join("report.html"), html(&summary))?;
+    println!("{md}");
     eprintln!("report: {}", out.display());
     let all_invalid = summary
         .server
@@ -459,26 +459,100 @@ fn markdown(s: &CapacitySummary) -> String {
     md
 }
 
-fn html(s: &CapacitySummary, md: &str) -> String {
-    let curve = |search: &Search| -> Vec<(f64, f64, f64)> {
-        let mut points: Vec<(f64, f64, f64)> = search
+/// The capacity report page: verdict, each search's knee and steps, and the curves.
+fn html(s: &CapacitySummary) -> String {
+    use crate::html::{Cell, Page, Verdict};
+    let mut page = Page::new(&format!("Capacity {}", s.scenario));
+    let headline = match &s.server.knee {
+        Some(k) => format!(
+            "{}: knee at {} msgs/s offered, delivery p99 {:.1} ms; bounded by {}",
+            s.server.server,
+            crate::html::figure(k.offered_per_sec.round(), 0),
+            k.delivery_p99_ms,
+            bound_text(s.server.bound)
+        ),
+        None => format!("{}: no rate passed", s.server.server),
+    };
+    let mut reasons = Vec::new();
+    if let Some(r) = s.knee_ratio_to_floor {
+        reasons.push(format!(
+            "the server's knee is {r:.2} of the protocol floor's"
+        ));
+    }
+    let verdict = if s.pass { Verdict::Pass } else { Verdict::Fail };
+    page.banner(verdict, &headline, &reasons);
+    for (title, search) in
+        std::iter::once(("Server", &s.server)).chain(s.floor.iter().map(|f| ("Protocol floor", f)))
+    {
+        page.heading(&format!("{title}: {}", search.server));
+        let rows: Vec<Vec<Cell>> = search
+            .steps
+            .iter()
+            .map(|st| {
+                let opt =
+                    |v: Option<f64>, d: usize| v.map_or(Cell::text("—"), |v| Cell::Num(v, d));
+                vec![
+                    Cell::Num(st.offered_per_sec.round(), 0),
+                    Cell::text(format!("{:?}", st.verdict)),
+                    Cell::Num(st.acked_per_sec.round(), 0),
+                    Cell::Num(st.delivered_per_sec.round(), 0),
+                    Cell::Num(st.delivery_p50_ms, 2),
+                    Cell::Num(st.delivery_p99_ms, 2),
+                    Cell::Num(st.ack_p99_ms, 2),
+                    opt(st.server_cores, 2),
+                    opt(st.server_cpu_us_per_message, 1),
+                    opt(st.generator_cpu_us_per_message, 1),
+                ]
+            })
+            .collect();
+        page.table(
+            &format!("steps-{}", title.to_lowercase().replace(' ', "-")),
+            &[
+                "offered msgs/s",
+                "verdict",
+                "acked/s",
+                "deliveries/s",
+                "delivery p50 ms",
+                "delivery p99 ms",
+                "ack p99 ms",
+                "server cores",
+                "server µs/msg",
+                "generator µs/msg",
+            ],
+            &rows,
+        );
+        let mut points: Vec<&Step> = search
             .steps
             .iter()
             .filter(|st| st.verdict != StepVerdict::Invalid)
+            .collect();
+        points.sort_by(|a, b| a.offered_per_sec.total_cmp(&b.offered_per_sec));
+        let latency: Vec<(f64, f64, f64)> = points
+            .iter()
             .map(|st| (st.offered_per_sec, st.delivery_p50_ms, st.delivery_p99_ms))
             .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        points
-    };
-    let mut charts = vec![crate::plots::capacity_curve(
-        &format!("{}: delivery latency by offered rate", s.server.server),
-        &curve(&s.server),
-    )];
-    if let Some(f) = &s.floor {
-        charts.push(crate::plots::capacity_curve(
-            "protocol floor: delivery latency by offered rate",
-            &curve(f),
-        ));
+        page.chart(
+            "capacity-latency",
+            &crate::plots::capacity_curve(
+                &format!("{}: delivery latency by offered rate", search.server),
+                &latency,
+            ),
+            "Delivery latency (p50, p99) at each valid step, against the offered rate.",
+        );
+        let cores: Vec<(f64, f64)> = points
+            .iter()
+            .filter_map(|st| st.server_cores.map(|c| (st.offered_per_sec, 100.0 * c)))
+            .collect();
+        if !cores.is_empty() {
+            page.chart(
+                "capacity-cpu",
+                &crate::plots::capacity_cpu(
+                    &format!("{}: CPU by offered rate", search.server),
+                    &cores,
+                ),
+                "Server CPU at each valid step, percent of one core.",
+            );
+        }
     }
-    crate::report::page(&format!("chatproof capacity {}", s.scenario), md, &charts)
+    page.finish()
 }

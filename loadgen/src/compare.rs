@@ -79,23 +79,121 @@ pub fn compare(baseline: &Summary, run: &Summary, tolerance_pct: f64) -> Vec<Row
         run: rv,
         regressed: rv > bv,
     });
+    if let (Some(bu), Some(ru)) = (&baseline.server_usage, &run.server_usage) {
+        let per_message = |u: &crate::report::ServerUsage, s: &Summary| {
+            u.cpu_secs * 1e6 / (s.counts.acked.max(1) as f64)
+        };
+        for (name, b, r) in [
+            (
+                "server CPU per message (µs)",
+                per_message(bu, baseline),
+                per_message(ru, run),
+            ),
+            (
+                "server peak memory (KiB)",
+                bu.rss_peak_kib as f64,
+                ru.rss_peak_kib as f64,
+            ),
+        ] {
+            rows.push(Row {
+                name,
+                baseline: b,
+                run: r,
+                regressed: r > b * factor,
+            });
+        }
+    }
+    // Regressions first; otherwise in the order above.
+    rows.sort_by_key(|r| !r.regressed);
     rows
+}
+
+/// The change from baseline to run, as text.
+fn change(r: &Row) -> String {
+    if r.baseline == 0.0 {
+        "n/a".to_owned()
+    } else {
+        format!("{:+.1} %", (r.run - r.baseline) / r.baseline * 100.0)
+    }
+}
+
+/// `compare.md`: a heading naming both runs and the table.
+pub fn markdown(baseline: &Summary, run: &Summary, rows: &[Row]) -> String {
+    let regressed = rows.iter().filter(|r| r.regressed).count();
+    format!(
+        "# Compare `{}` run `{}` with baseline `{}`: {}\n\n{}",
+        run.scenario,
+        run.run_id,
+        baseline.run_id,
+        if regressed == 0 {
+            "no regression".to_owned()
+        } else {
+            format!("{regressed} regressed")
+        },
+        table(rows)
+    )
+}
+
+/// `compare.html`: the same as a page, regressions first and marked.
+pub fn html(baseline: &Summary, run: &Summary, rows: &[Row]) -> String {
+    use crate::html::{Cell, Page, Verdict};
+    let mut page = Page::new(&format!("Compare {}", run.scenario));
+    let regressed: Vec<String> = rows
+        .iter()
+        .filter(|r| r.regressed)
+        .map(|r| {
+            format!(
+                "{}: {} → {} ({})",
+                r.name,
+                crate::html::figure(r.baseline, 3),
+                crate::html::figure(r.run, 3),
+                change(r)
+            )
+        })
+        .collect();
+    let (verdict, headline) = if regressed.is_empty() {
+        (Verdict::Pass, "no figure regressed".to_owned())
+    } else {
+        (
+            Verdict::Fail,
+            format!("{} figure(s) regressed", regressed.len()),
+        )
+    };
+    page.banner(verdict, &headline, &regressed);
+    page.paragraph(&format!(
+        "Run {} (target {}) against baseline {} (target {}).",
+        run.run_id, run.target, baseline.run_id, baseline.target
+    ));
+    let cells: Vec<Vec<Cell>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                Cell::text(r.name),
+                Cell::Num(r.baseline, 3),
+                Cell::Num(r.run, 3),
+                Cell::text(change(r)),
+                Cell::text(if r.regressed { "regressed" } else { "ok" }),
+            ]
+        })
+        .collect();
+    page.table(
+        "compare",
+        &["figure", "baseline", "run", "change", "verdict"],
+        &cells,
+    );
+    page.finish()
 }
 
 /// The comparison as a Markdown table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from("| figure | baseline | run | change | |\n|---|---|---|---|---|\n");
     for r in rows {
-        let change = if r.baseline == 0.0 {
-            "n/a".to_owned()
-        } else {
-            format!("{:+.1} %", (r.run - r.baseline) / r.baseline * 100.0)
-        };
         out.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {change} | {} |\n",
+            "| {} | {} | {} | {} | {} |\n",
             r.name,
-            r.baseline,
-            r.run,
+            crate::html::figure(r.baseline, 3),
+            crate::html::figure(r.run, 3),
+            change(r),
             if r.regressed { "**regressed**" } else { "ok" }
         ));
     }

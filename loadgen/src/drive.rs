@@ -175,6 +175,17 @@ impl Run {
         all
     }
 
+    /// Acknowledgements received so far (judged and warm-up), all drivers.
+    pub fn acked_so_far(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|stats| {
+                let stats = stats.lock().expect("stats");
+                stats.ack.len() + stats.ack_warmup.len()
+            })
+            .sum()
+    }
+
     /// Online delivery latency so far (the judged histogram), the drivers' merged.
     pub fn delivery_so_far(&self) -> Histogram<u64> {
         let mut all = latency_histogram();

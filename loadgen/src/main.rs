@@ -9,6 +9,7 @@ mod compare;
 mod device;
 mod drive;
 mod floor;
+mod html;
 mod local;
 mod media;
 mod merge;
@@ -43,7 +44,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Load generator for chatproof: open-model chat scenarios against any server speaking protocol v1.
 #[derive(Debug, Parser)]
-#[command(name = "chatproof-loadgen", version)]
+#[command(
+    name = "chatproof-loadgen",
+    version,
+    after_help = "Output: `run` and `capacity` write a report folder (--out-dir, default reports/; inside it <scenario>/<timestamp>/ or <scenario>/capacity-<timestamp>/) with summary.json, report.md, report.html, the .hgrm files, histograms.json and goose.html, and print report.md on standard output when done; progress lines, warnings and the folder's path go to standard error. `compare` prints its table on standard output and writes compare.md and compare.html (--out, default the run's folder); `plan` prints on standard output; `merge` writes the folder given by --out.\n\nExit status of `run`: 0 every target met, 1 a target missed or a contract violation, 2 usage or setup error, 3 invalid run (the generator was the limit, or devices failed)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -69,12 +74,16 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Compare a run with a baseline; exit 1 when a figure regressed.
+    /// Compare a run with a baseline, figure by figure, regressions first: prints the
+    /// table and writes compare.md and compare.html; exit 1 when a figure regressed.
     Compare {
         /// Baseline summary.json (or its run directory).
         baseline: PathBuf,
         /// Run summary.json (or its run directory).
         run: PathBuf,
+        /// Where compare.md and compare.html go (default: the run's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// How much worse (percent) a figure may be before it counts as a regression.
         #[arg(long, default_value_t = 10.0)]
         tolerance_pct: f64,
@@ -163,8 +172,9 @@ fn main() {
         Cmd::Compare {
             baseline,
             run,
+            out,
             tolerance_pct,
-        } => report_errors(compare_cmd(&baseline, &run, tolerance_pct)),
+        } => report_errors(compare_cmd(&baseline, &run, out.as_deref(), tolerance_pct)),
         Cmd::Plan {
             scenario,
             calibration,
@@ -208,10 +218,27 @@ fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
 fn compare_cmd(
     baseline: &std::path::Path,
     run: &std::path::Path,
+    out: Option<&std::path::Path>,
     tolerance_pct: f64,
 ) -> anyhow::Result<i32> {
-    let rows = compare::compare(&read_summary(baseline)?, &read_summary(run)?, tolerance_pct);
+    let (base, this) = (read_summary(baseline)?, read_summary(run)?);
+    let rows = compare::compare(&base, &this, tolerance_pct);
     println!("{}", compare::table(&rows));
+    let out = match out {
+        Some(dir) => dir.to_owned(),
+        None if run.is_dir() => run.to_owned(),
+        None => run
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), std::path::Path::to_owned),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join("compare.md"),
+        compare::markdown(&base, &this, &rows),
+    )?;
+    std::fs::write(out.join("compare.html"), compare::html(&base, &this, &rows))?;
+    eprintln!("compare: {}", out.join("compare.html").display());
     Ok(i32::from(rows.iter().any(|r| r.regressed)))
 }
 
@@ -434,7 +461,7 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             run_id,
             media,
         );
-        let progress = tokio::spawn(progress(Arc::clone(&run)));
+        let progress = tokio::spawn(progress(Arc::clone(&run), measured.clone()));
         let churn = tokio::spawn(drive::churn(Arc::clone(&run)));
         let downloads = tokio::spawn(drive::downloads(Arc::clone(&run)));
         let goose_report = out.join("goose.html");
@@ -474,7 +501,8 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         anyhow::Ok(summary)
     })?;
     drop(server);
-    eprintln!(
+    // The report on standard output (for `| less`); progress went to standard error.
+    println!(
         "{}",
         std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
     );
@@ -551,14 +579,24 @@ async fn settle(run: &Run, drain: Duration) -> (Duration, bool) {
     }
 }
 
-/// Samples the timeline every second and prints a progress line every two.
-async fn progress(run: Arc<Run>) {
+/// Samples the timeline every second (with the CPU and memory of the server
+/// processes `server_pids`, when readable) and prints a progress line every two.
+async fn progress(run: Arc<Run>, server_pids: Vec<u32>) {
     let started = Instant::now();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     let mut previous = metrics::latency_histogram();
-    let mut sent_before = 0;
+    let (mut sent_before, mut offered_before, mut acked_before) = (0, 0, 0);
+    let mut server_before = ProcUsage::of_all(&server_pids).map(|u| (Instant::now(), u));
     loop {
         every.tick().await;
+        let server_now = ProcUsage::of_all(&server_pids).map(|u| (Instant::now(), u));
+        let server_cpu_percent = match (server_before, server_now) {
+            (Some((t0, u0)), Some((t1, u1))) if t1 > t0 => {
+                Some(100.0 * (u1.cpu_secs - u0.cpu_secs).max(0.0) / (t1 - t0).as_secs_f64())
+            }
+            _ => None,
+        };
+        server_before = server_now;
         let devices = run.devices.lock().expect("devices").clone();
         let connected = devices
             .iter()
@@ -573,6 +611,8 @@ async fn progress(run: Arc<Run>) {
         window.subtract(&previous).expect("counts only grow");
         previous = total;
         let sent = run.sent.load(Ordering::Relaxed);
+        let offered = run.scheduled.load(Ordering::Relaxed);
+        let acked = run.acked_so_far();
         let point = report::TimelinePoint {
             t_secs: started.elapsed().as_secs_f64(),
             devices_connected: connected,
@@ -580,8 +620,13 @@ async fn progress(run: Arc<Run>) {
             delivered: window.len(),
             delivery_p99_ms: window.value_at_quantile(0.99) as f64 / 1000.0,
             delivery_p50_ms: window.value_at_quantile(0.50) as f64 / 1000.0,
+            delivery_max_ms: window.max() as f64 / 1000.0,
+            offered: offered.saturating_sub(offered_before),
+            acked: acked.saturating_sub(acked_before),
+            server_cpu_percent,
+            server_rss_kib: server_now.map(|(_, u)| u.rss_kib),
         };
-        sent_before = sent;
+        (sent_before, offered_before, acked_before) = (sent, offered, acked);
         let seconds = run.timeline.lock().expect("timeline").len();
         if seconds.is_multiple_of(2) {
             eprintln!(

@@ -114,6 +114,12 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
                     q.delivered += p.delivered;
                     q.delivery_p99_ms = q.delivery_p99_ms.max(p.delivery_p99_ms);
                     q.delivery_p50_ms = q.delivery_p50_ms.max(p.delivery_p50_ms);
+                    q.delivery_max_ms = q.delivery_max_ms.max(p.delivery_max_ms);
+                    q.offered += p.offered;
+                    q.acked += p.acked;
+                    // Server figures come from the part that could read them.
+                    q.server_cpu_percent = q.server_cpu_percent.or(p.server_cpu_percent);
+                    q.server_rss_kib = q.server_rss_kib.or(p.server_rss_kib);
                 }
                 None => s.timeline.push(p.clone()),
             }

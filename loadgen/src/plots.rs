@@ -84,7 +84,11 @@ pub fn percentile_spectrum(delivery: &Histogram<u64>, ack: &Histogram<u64>) -> S
             })
             .collect()
     };
-    let label = |x: &f64| format!("{:.4}%", 100.0 * (1.0 - 10f64.powf(-*x)));
+    // 0 → 0 %, 1 → 90 %, 2 → 99 %, 3 → 99.9 %: as many decimals as the nines need.
+    let label = |x: &f64| {
+        let decimals = (x.ceil() as usize).saturating_sub(2);
+        format!("{:.decimals$}%", 100.0 * (1.0 - 10f64.powf(-*x)))
+    };
     line_chart(
         "Latency by percentile",
         "percentile",
@@ -97,39 +101,90 @@ pub fn percentile_spectrum(delivery: &Histogram<u64>, ack: &Histogram<u64>) -> S
     )
 }
 
-/// Delivery latency (p50, p99 per second) over the run.
+/// Delivery latency (p50, p99 and max per second) over the run.
 pub fn latency_over_time(timeline: &[TimelinePoint]) -> String {
-    let p50 = timeline
-        .iter()
-        .map(|p| (p.t_secs, p.delivery_p50_ms))
-        .collect();
-    let p99 = timeline
-        .iter()
-        .map(|p| (p.t_secs, p.delivery_p99_ms))
-        .collect();
+    let series = |f: fn(&TimelinePoint) -> f64| timeline.iter().map(|p| (p.t_secs, f(p))).collect();
     line_chart(
         "Delivery latency over time",
         "seconds",
         "ms",
-        &[("p50", BLUE, p50), ("p99", RED, p99)],
+        &[
+            ("p50", BLUE, series(|p| p.delivery_p50_ms)),
+            ("p99", RED, series(|p| p.delivery_p99_ms)),
+            (
+                "max",
+                RGBColor(150, 150, 150),
+                series(|p| p.delivery_max_ms),
+            ),
+        ],
         &|x| format!("{x:.0}"),
     )
 }
 
-/// Sends and deliveries per second over the run.
-pub fn throughput_over_time(timeline: &[TimelinePoint]) -> String {
-    let sent = timeline.iter().map(|p| (p.t_secs, p.sent as f64)).collect();
+/// Messages per second over the run: offered by the schedule, sent, acknowledged.
+pub fn messages_over_time(timeline: &[TimelinePoint]) -> String {
+    let series =
+        |f: fn(&TimelinePoint) -> u64| timeline.iter().map(|p| (p.t_secs, f(p) as f64)).collect();
+    line_chart(
+        "Messages per second",
+        "seconds",
+        "messages per second",
+        &[
+            ("offered", RGBColor(150, 150, 150), series(|p| p.offered)),
+            ("sent", RED, series(|p| p.sent)),
+            ("acknowledged", GREEN, series(|p| p.acked)),
+        ],
+        &|x| format!("{x:.0}"),
+    )
+}
+
+/// Deliveries (message × recipient device) per second, on an axis of their own.
+pub fn deliveries_over_time(timeline: &[TimelinePoint]) -> String {
     let delivered = timeline
         .iter()
         .map(|p| (p.t_secs, p.delivered as f64))
         .collect();
     line_chart(
-        "Throughput",
+        "Deliveries per second",
         "seconds",
-        "per second",
-        &[("sent", RED, sent), ("delivered", BLUE, delivered)],
+        "deliveries per second",
+        &[("delivered", BLUE, delivered)],
         &|x| format!("{x:.0}"),
     )
+}
+
+/// The servers' CPU (percent of one core) over the run; `None` without server figures.
+pub fn server_cpu_over_time(timeline: &[TimelinePoint]) -> Option<String> {
+    let cpu: Vec<(f64, f64)> = timeline
+        .iter()
+        .filter_map(|p| p.server_cpu_percent.map(|c| (p.t_secs, c)))
+        .collect();
+    (!cpu.is_empty()).then(|| {
+        line_chart(
+            "Server CPU",
+            "seconds",
+            "% of one core",
+            &[("CPU", RED, cpu)],
+            &|x| format!("{x:.0}"),
+        )
+    })
+}
+
+/// The servers' resident memory (MiB) over the run; `None` without server figures.
+pub fn server_memory_over_time(timeline: &[TimelinePoint]) -> Option<String> {
+    let rss: Vec<(f64, f64)> = timeline
+        .iter()
+        .filter_map(|p| p.server_rss_kib.map(|k| (p.t_secs, k as f64 / 1024.0)))
+        .collect();
+    (!rss.is_empty()).then(|| {
+        line_chart(
+            "Server memory",
+            "seconds",
+            "resident MiB",
+            &[("RSS", BLUE, rss)],
+            &|x| format!("{x:.0}"),
+        )
+    })
 }
 
 /// Connected devices over the run.
@@ -157,6 +212,18 @@ pub fn capacity_curve(title: &str, points: &[(f64, f64, f64)]) -> String {
         "offered messages per second",
         "delivery latency, ms",
         &[("p50", BLUE, p50), ("p99", RED, p99)],
+        &|x| format!("{x:.0}"),
+    )
+}
+
+/// `capacity`: server CPU (percent of one core) against the offered rate, one point per
+/// valid step (sorted by rate).
+pub fn capacity_cpu(title: &str, points: &[(f64, f64)]) -> String {
+    line_chart(
+        title,
+        "offered messages per second",
+        "% of one core",
+        &[("server CPU", GREEN, points.to_vec())],
         &|x| format!("{x:.0}"),
     )
 }

@@ -1,5 +1,5 @@
 //! Results: computed from every device's observations, written as `summary.json`
-//! (machine-readable, usable as a baseline), `report.md` and `.hgrm` files.
+//! (machine-readable, usable as a baseline), `report.md`, `report.html` and `.hgrm` files.
 
 use std::path::Path;
 
@@ -19,6 +19,7 @@ pub const CHECKED_VIOLATIONS: [Violation; 5] = [
     Violation::Phantom,
 ];
 use crate::drive::Run;
+use crate::html::{self, Page, Verdict};
 use crate::metrics::{hgrm, Histograms, Latencies, Measure};
 use crate::scenario::Scenario;
 
@@ -37,6 +38,22 @@ pub struct TimelinePoint {
     pub delivery_p99_ms: f64,
     /// Delivery latency p50 within this second, ms.
     pub delivery_p50_ms: f64,
+    /// Slowest delivery within this second, ms.
+    #[serde(default)]
+    pub delivery_max_ms: f64,
+    /// Sends the schedule made due in this second (the offered load).
+    #[serde(default)]
+    pub offered: u64,
+    /// Acknowledgements received in this second.
+    #[serde(default)]
+    pub acked: u64,
+    /// The servers' CPU in this second, percent of one core (summed over their
+    /// processes); none when the process drawing the timeline could not read it.
+    #[serde(default)]
+    pub server_cpu_percent: Option<f64>,
+    /// The servers' resident memory at the end of this second, KiB (summed).
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
 }
 
 /// One target and what was measured against it.
@@ -503,7 +520,7 @@ pub fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// Writes `summary.json`, `report.md` and the `.hgrm` files into `dir`.
+/// Writes `summary.json`, `histograms.json`, `report.md`, `report.html` and the `.hgrm` files into `dir`.
 pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(
@@ -525,7 +542,7 @@ pub fn write(dir: &Path, summary: &Summary, h: &Histograms) -> anyhow::Result<()
         dir.join("histograms.json"),
         serde_json::to_string_pretty(&encoded)?,
     )?;
-    std::fs::write(dir.join("report.html"), html(summary, h, &md))?;
+    std::fs::write(dir.join("report.html"), html(summary, h))?;
     Ok(())
 }
 
@@ -549,10 +566,10 @@ fn markdown(s: &Summary) -> String {
     md.push_str("## Targets\n\n| what | target | measured | |\n|---|---|---|---|\n");
     for r in &s.slo {
         md.push_str(&format!(
-            "| {} | {} | {:.3} | {} |\n",
+            "| {} | {} | {} | {} |\n",
             r.name,
-            r.target,
-            r.measured,
+            html::figure(r.target, 3),
+            html::figure(r.measured, 3),
             if r.pass { "pass" } else { "**miss**" }
         ));
     }
@@ -630,39 +647,268 @@ fn markdown(s: &Summary) -> String {
     md
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A self-contained page: the Markdown report as text plus inline SVG charts.
-fn html(s: &Summary, h: &Histograms, md: &str) -> String {
-    let charts = [
-        crate::plots::percentile_spectrum(&h[Measure::Delivery], &h[Measure::SendAck]),
-        crate::plots::latency_over_time(&s.timeline),
-        crate::plots::throughput_over_time(&s.timeline),
-        crate::plots::devices_over_time(&s.timeline),
-    ];
-    page(&format!("chatproof load run {}", s.scenario), md, &charts)
-}
-
-/// A self-contained HTML page titled `title`: the Markdown report `md` as text, then each
-/// inline SVG chart.
-pub(crate) fn page(title: &str, md: &str, charts: &[String]) -> String {
-    let mut page = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{}</title>\n\
-         <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}pre{{white-space:pre-wrap}}</style></head><body>\n",
-        escape(title)
-    );
-    page.push_str(&format!("<pre>{}</pre>\n", escape(md)));
-    for chart in charts {
-        page.push_str("<div>");
-        page.push_str(chart);
-        page.push_str("</div>\n");
+/// The run's verdict and the reasons behind it, for the banner.
+fn verdict(s: &Summary) -> (Verdict, String, Vec<String>) {
+    let missed: Vec<String> = s
+        .slo
+        .iter()
+        .filter(|r| !r.pass)
+        .map(|r| {
+            format!(
+                "missed: {} measured {} against {} {}",
+                r.name,
+                html::figure(r.measured, 3),
+                if r.at_least { "at least" } else { "at most" },
+                html::figure(r.target, 3)
+            )
+        })
+        .collect();
+    let c = &s.counts;
+    let mut failures = missed;
+    if s.violations.total() > 0 {
+        failures.push(format!(
+            "{} delivery contract violations",
+            s.violations.total()
+        ));
     }
-    page.push_str("</body></html>\n");
-    page
+    for (n, what) in [
+        (c.send_errors, "sends refused"),
+        (c.upload_failures, "uploads failed"),
+        (c.download_failures, "downloads failed"),
+    ] {
+        if n > 0 {
+            failures.push(format!("{n} {what}"));
+        }
+    }
+    if !s.valid {
+        let mut reasons = s.invalid_reasons.clone();
+        reasons.extend(failures);
+        return (
+            Verdict::Invalid,
+            "the figures say nothing about the server".into(),
+            reasons,
+        );
+    }
+    if s.pass {
+        let headline = format!(
+            "every target met; {} messages acknowledged, {} of {} deliveries, no contract violation",
+            html::thousands(c.acked),
+            html::thousands(c.deliveries_received),
+            html::thousands(c.deliveries_expected)
+        );
+        return (Verdict::Pass, headline, Vec::new());
+    }
+    (
+        Verdict::Fail,
+        format!("{} problem(s)", failures.len()),
+        failures,
+    )
+}
+
+/// `report.html`: a self-contained page (no script, no network) with the verdict, the
+/// targets, latency, counts, usage, the delivery contract and the charts.
+fn html(s: &Summary, h: &Histograms) -> String {
+    use html::Cell;
+    let mut page = Page::new(&format!("Load run {}", s.scenario));
+    let (verdict, headline, reasons) = verdict(s);
+    page.banner(verdict, &headline, &reasons);
+    page.paragraph(&format!(
+        "Target {}{}; run id {}; {:.1} s wall; open-file limit {}.",
+        s.target,
+        s.local_server.map_or(String::new(), |k| format!(
+            " ({}, started by the generator)",
+            k.label()
+        )),
+        s.run_id,
+        s.wall_secs,
+        s.open_files_limit.map_or("unknown".into(), html::thousands)
+    ));
+
+    page.heading("Targets");
+    let rows: Vec<Vec<Cell>> = s
+        .slo
+        .iter()
+        .map(|r| {
+            vec![
+                Cell::text(&r.name),
+                Cell::text(format!(
+                    "{} {}",
+                    if r.at_least { "≥" } else { "≤" },
+                    html::figure(r.target, 3)
+                )),
+                Cell::Num(r.measured, 3),
+                Cell::Mark(r.pass),
+            ]
+        })
+        .collect();
+    page.table("targets", &["what", "target", "measured", "result"], &rows);
+
+    page.heading("Latency (ms)");
+    let rows: Vec<Vec<Cell>> = Measure::ALL
+        .iter()
+        .filter(|m| s.latency[**m].count > 0)
+        .map(|&m| {
+            let l = &s.latency[m];
+            vec![
+                Cell::text(m.label()),
+                Cell::Int(l.count),
+                Cell::Num(l.p50_ms, 3),
+                Cell::Num(l.p90_ms, 3),
+                Cell::Num(l.p99_ms, 3),
+                Cell::Num(l.p999_ms, 3),
+                Cell::Num(l.max_ms, 3),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        page.paragraph("No latency was recorded.");
+    } else {
+        page.table(
+            "latency",
+            &["measure", "count", "p50", "p90", "p99", "p99.9", "max"],
+            &rows,
+        );
+    }
+
+    page.heading("Counts");
+    let c = &s.counts;
+    let mut rows = vec![
+        count_row("devices planned", c.devices_planned),
+        count_row("devices connected", c.devices_connected),
+        count_row("devices that failed to connect", c.devices_failed),
+        count_row("devices dropped during the run", c.devices_dropped),
+        count_row("messages scheduled", c.scheduled),
+        count_row("messages sent", c.sent),
+        count_row("messages acknowledged", c.acked),
+        count_row("sends refused", c.send_errors),
+        count_row("sends skipped (device offline)", c.skipped_offline),
+        count_row("deliveries expected", c.deliveries_expected),
+        count_row("deliveries received", c.deliveries_received),
+    ];
+    if c.images_sent + c.upload_failures > 0 {
+        rows.extend([
+            count_row("images uploaded and sent", c.images_sent),
+            count_row("uploads failed", c.upload_failures),
+            count_row("images downloaded", c.downloads),
+            count_row("downloads failed", c.download_failures),
+        ]);
+    }
+    if c.presence_frames > 0 {
+        rows.extend([
+            count_row("presence frames", c.presence_frames),
+            count_row("user states in them", c.presence_states),
+        ]);
+    }
+    page.table("counts", &["what", "count"], &rows);
+
+    let mut usage_rows = Vec::new();
+    if let Some(u) = &s.server_usage {
+        usage_rows.push(vec![
+            Cell::text(if u.processes > 1 {
+                format!("server ({} processes, summed)", u.processes)
+            } else {
+                "server".into()
+            }),
+            Cell::Num(u.cpu_secs, 2),
+            Cell::Int(u.rss_before_kib),
+            Cell::Int(u.rss_connected_kib),
+            Cell::Int(u.rss_peak_kib),
+            Cell::Num(u.bytes_per_connection, 0),
+        ]);
+    }
+    if let Some(g) = &s.generator_usage {
+        usage_rows.push(vec![
+            Cell::text(format!("generator ({} process(es))", g.processes)),
+            Cell::Num(g.cpu_secs, 2),
+            Cell::Int(g.rss_before_kib),
+            Cell::Int(g.rss_connected_kib),
+            Cell::Int(g.rss_peak_kib),
+            Cell::Num(g.bytes_per_device, 0),
+        ]);
+    }
+    if !usage_rows.is_empty() {
+        page.heading("Resource use");
+        page.table(
+            "usage",
+            &[
+                "process",
+                "CPU s",
+                "KiB before connects",
+                "KiB connected",
+                "KiB peak",
+                "bytes per device",
+            ],
+            &usage_rows,
+        );
+        if let Some(u) = &s.server_usage {
+            page.paragraph(&format!(
+                "Server: {} messages and {} deliveries per CPU second.",
+                html::figure(u.messages_per_cpu_sec.round(), 0),
+                html::figure(u.deliveries_per_cpu_sec.round(), 0)
+            ));
+        }
+    }
+
+    page.heading("Delivery contract (docs/GUARANTEES.md)");
+    let rows: Vec<Vec<Cell>> = CHECKED_VIOLATIONS
+        .iter()
+        .map(|kind| {
+            let n = s.violations.count(*kind);
+            vec![
+                Cell::text(kind.to_string()),
+                Cell::Int(n),
+                Cell::Mark(n == 0),
+            ]
+        })
+        .collect();
+    page.table("contract", &["violation", "count", "result"], &rows);
+    if !s.violations.examples().is_empty() {
+        page.list(s.violations.examples());
+    }
+
+    page.heading("Charts");
+    let t = &s.timeline;
+    page.chart(
+        "percentile-spectrum",
+        &crate::plots::percentile_spectrum(&h[Measure::Delivery], &h[Measure::SendAck]),
+        "Latency by percentile (log scale: each step right is ten times rarer), from the scheduled send time.",
+    );
+    page.chart(
+        "latency-over-time",
+        &crate::plots::latency_over_time(t),
+        "Delivery latency per second: p50, p99 and the slowest delivery.",
+    );
+    page.chart(
+        "messages-over-time",
+        &crate::plots::messages_over_time(t),
+        "Messages per second: offered by the schedule, sent by the generator, acknowledged by the server.",
+    );
+    page.chart(
+        "deliveries-over-time",
+        &crate::plots::deliveries_over_time(t),
+        "Deliveries (message × recipient device) per second.",
+    );
+    page.chart(
+        "devices-over-time",
+        &crate::plots::devices_over_time(t),
+        "Devices with an open connection.",
+    );
+    if let Some(svg) = crate::plots::server_cpu_over_time(t) {
+        page.chart(
+            "server-cpu",
+            &svg,
+            "Server CPU per second, percent of one core.",
+        );
+    }
+    if let Some(svg) = crate::plots::server_memory_over_time(t) {
+        page.chart("server-memory", &svg, "Server resident memory.");
+    }
+    page.paragraph("Files: summary.json, histograms.json (lossless, for merge), *.hgrm (percentile distributions, ms), report.md, goose.html (goose's own report).");
+    page.finish()
+}
+
+fn count_row(what: &str, n: u64) -> Vec<html::Cell> {
+    vec![html::Cell::text(what), html::Cell::Int(n)]
 }
 
 #[cfg(test)]

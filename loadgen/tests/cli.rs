@@ -5,6 +5,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod browser;
+
 fn scenario(dir: &Path, name: &str, delivery_p99_ms: f64) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
@@ -97,6 +99,59 @@ fn tiny_scenario_reports_and_gates() {
     ] {
         assert!(report.join(file).is_file(), "{file} missing");
     }
+    // report.html is a page of its own: verdict, tables, a chart each; only the
+    // latency histograms that recorded something get a row; counts are integers.
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(html.contains("data-verdict=\"PASS\""), "verdict banner");
+    for table in ["targets", "latency", "counts", "usage", "contract"] {
+        assert!(
+            html.contains(&format!("data-table=\"{table}\"")),
+            "table {table}"
+        );
+    }
+    let latency = html.split("data-table=\"latency\"").nth(1).unwrap();
+    let latency = latency.split("</table>").next().unwrap();
+    let recorded = s["latency"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|l| l["count"].as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(latency.matches("<tr>").count(), 1 + recorded, "{latency}");
+    assert!(
+        !latency.contains("<td class=\"n\">0</td><td class=\"n\">0.000"),
+        "{latency}"
+    );
+    assert!(html.contains("<td>messages acknowledged</td><td class=\"n\">60</td>"));
+    for chart in [
+        "percentile-spectrum",
+        "latency-over-time",
+        "messages-over-time",
+        "deliveries-over-time",
+        "devices-over-time",
+        "server-cpu",
+        "server-memory",
+    ] {
+        let at = html
+            .find(&format!("data-chart=\"{chart}\""))
+            .unwrap_or_else(|| panic!("chart {chart} missing"));
+        assert!(
+            html[at..].starts_with(&format!("data-chart=\"{chart}\"><svg")),
+            "{chart} is an SVG"
+        );
+    }
+    assert!(!html.contains("<pre>"), "no Markdown shown as text");
+    browser::assert_page_shows(
+        &report.join("report.html"),
+        &["targets", "latency", "counts", "usage", "contract"],
+        &[
+            "percentile-spectrum",
+            "latency-over-time",
+            "messages-over-time",
+            "server-cpu",
+        ],
+    );
+
     let c = &s["counts"];
     assert_eq!(c["scheduled"], 60);
     assert_eq!(c["acked"], 60);
@@ -133,6 +188,35 @@ fn tiny_scenario_reports_and_gates() {
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{table}");
     assert!(table.contains("| delivery p99 (ms) |"));
+    // compare.md and compare.html land in the run's folder (here the merged one).
+    assert!(merged.join("compare.md").is_file());
+    let page = std::fs::read_to_string(merged.join("compare.html")).unwrap();
+    assert!(page.contains("data-verdict=\"PASS\""), "{page}");
+    assert!(page.contains("<td>delivery p99 (ms)</td>"), "{page}");
+    browser::assert_page_shows(&merged.join("compare.html"), &["compare"], &[]);
+    // A run compared with a far better baseline regresses, and the regressions come first.
+    let mut better: Value = summary(&report);
+    better["latency"]["delivery"]["p99_ms"] = 0.001.into();
+    better["latency"]["delivery"]["p50_ms"] = 0.001.into();
+    let better_dir = tmp.path().join("better");
+    std::fs::create_dir_all(&better_dir).unwrap();
+    std::fs::write(better_dir.join("summary.json"), better.to_string()).unwrap();
+    let out = loadgen(&[
+        "compare",
+        better_dir.to_str().unwrap(),
+        r,
+        "--out",
+        better_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a regression exits 1");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first_rows: Vec<&str> = table.lines().skip(2).take(2).collect();
+    assert!(
+        first_rows.iter().all(|l| l.contains("**regressed**")),
+        "{table}"
+    );
+    let page = std::fs::read_to_string(better_dir.join("compare.html")).unwrap();
+    assert!(page.contains("data-verdict=\"FAIL\""), "{page}");
 
     // plan: the design point sized from this run's server figures.
     let design = concat!(
@@ -494,7 +578,25 @@ fn capacity_steps_the_rate_and_finds_the_knee() {
     assert_eq!(s["knee_ratio_to_floor"], 1.0);
     assert_eq!(s["pass"], true);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    assert_eq!(html.matches("<svg").count(), 2, "one curve per search");
+    assert_eq!(
+        html.matches("data-chart=\"capacity-latency\"").count(),
+        2,
+        "one latency curve per search"
+    );
+    assert!(
+        html.contains("data-verdict=\"PASS\""),
+        "capacity verdict banner"
+    );
+    assert_eq!(
+        html.matches("data-table=\"steps-").count(),
+        2,
+        "a steps table per search"
+    );
+    browser::assert_page_shows(
+        &dir.join("report.html"),
+        &["steps-server", "steps-protocol-floor"],
+        &["capacity-latency"],
+    );
 
     // `plan` takes the knee as its calibration, and warns when given one run instead.
     let design = concat!(
@@ -527,4 +629,21 @@ fn capacity_steps_the_rate_and_finds_the_knee() {
 /// The run folder of the server search's first step.
 fn steps_run(capacity: &Value) -> PathBuf {
     PathBuf::from(capacity["server"]["steps"][0]["run"].as_str().unwrap())
+}
+
+/// The browser check itself can fail: a page whose script throws is reported.
+#[test]
+fn browser_check_sees_script_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let page = tmp.path().join("broken.html");
+    std::fs::write(
+        &page,
+        "<!doctype html><html><body><p>x</p><script>undefinedFunction();</script></body></html>",
+    )
+    .unwrap();
+    let Some(r) = browser::render(&page) else {
+        return;
+    };
+    assert!(r.dom.contains("<p>x</p>"), "{}", r.dom);
+    assert!(!r.script_errors.is_empty(), "the thrown error is seen");
 }

@@ -17,7 +17,7 @@ use crate::options::{FaultKind, Preset, SimOptions};
 #[command(
     name = "chatproof-sim",
     version,
-    after_help = "Exit status: 0 all seeds passed; 1 a delivery-contract violation; 2 no convergence by the liveness deadline; 3 a panic; 4 a usage error; 5 a mutant escaped (mutants); 6 a seed was not deterministic (determinism)."
+    after_help = "Output: results go to standard output: each failing seed's verdict, replay command and event trace (every seed's with --trace), `replay`'s options, trace and verdict, `mutants` and `determinism` verdicts, and the summary line, so `| head` and `| less` see them; progress (a line per seed, or a bar on a terminal) goes to standard error; `run --junit FILE` writes the JUnit XML report to FILE.\n\nExit status: 0 all seeds passed; 1 a delivery-contract violation; 2 no convergence by the liveness deadline; 3 a panic; 4 a usage error; 5 a mutant escaped (mutants); 6 a seed was not deterministic (determinism)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,7 +50,7 @@ enum Cmd {
         #[arg(long)]
         junit: Option<PathBuf>,
     },
-    /// Run one seed again, printing its trace.
+    /// Run one seed again, printing its options, event trace and verdict on standard output.
     Replay {
         /// The seed.
         seed: u64,
@@ -221,22 +221,58 @@ fn describe_findings(findings: &[Finding]) -> String {
     s
 }
 
+/// Set once standard output's reader went away (`| head` exited).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line of results to standard output. When the reader has gone (a closed
+/// pipe), output stops quietly and the run goes on, so the exit status still says the
+/// verdict.
+fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        } else {
+            eprintln!("chatproof-sim: writing to standard output: {e}");
+        }
+    }
+}
+
+/// `println!` through [`out_line`].
+macro_rules! say {
+    ($($arg:tt)*) => { out_line(format_args!($($arg)*)) };
+}
+
+/// The seed's event trace, on standard output (where `| head` and `| less` see it).
 fn print_trace(result: &SeedResult) {
     if let Some(o) = &result.outcome {
         for line in &o.history.trace {
-            eprintln!("  {line}");
+            say!("  {line}");
         }
         if std::env::var_os("CHATPROOF_SIM_DUMP").is_some() {
             for a in &o.history.acked {
-                eprintln!(
+                say!(
                     "  ack {:?} {} {} seq {} at {} ms",
-                    a.device, a.conv, a.message_id, a.seq, a.t_ms
+                    a.device,
+                    a.conv,
+                    a.message_id,
+                    a.seq,
+                    a.t_ms
                 );
             }
             for r in &o.history.received {
-                eprintln!(
+                say!(
                     "  recv {:?} {} seq {} {} at {} ms",
-                    r.device, r.conv, r.seq, r.message_id, r.t_ms
+                    r.device,
+                    r.conv,
+                    r.seq,
+                    r.message_id,
+                    r.t_ms
                 );
             }
         }
@@ -306,7 +342,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 }
                 let code = result.verdict.exit();
                 if code != Exit::Pass {
-                    eprintln!(
+                    say!(
                         "  FAIL seed {seed}: {}\n  replay: {}",
                         describe(&result),
                         replay_command(&common, seed, None)
@@ -323,7 +359,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             }
             let wall = started.elapsed().as_secs_f64();
             let failed = cases.iter().filter(|c| c.2 != Exit::Pass).count();
-            println!(
+            say!(
                 "chatproof-sim: preset {} | {} seeds, {failed} failed | {:.1} s simulated in {wall:.1} s wall (x{:.0}) | {:.1} seeds/min | {messages} acknowledged messages checked",
                 preset.name,
                 seeds.len(),
@@ -353,10 +389,10 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             };
             let mut opts = SimOptions::derive(seed, &preset);
             opts.mutant = mutant.map(|m| m.name().to_owned());
-            eprintln!("{opts}");
+            say!("{opts}");
             let result = run_one(&opts, mutant);
             print_trace(&result);
-            println!("seed {seed}: {}", describe(&result));
+            say!("seed {seed}: {}", describe(&result));
             Ok(result.verdict.exit())
         }
         Cmd::Mutants { seeds_max, common } => {
@@ -393,14 +429,14 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 match caught {
                     Some((seed, how)) => {
                         let first = how.lines().nth(1).unwrap_or(&how).trim().to_owned();
-                        println!(
+                        say!(
                             "mutant {:<28} caught after {seed:>3} seed(s): {first}",
                             mutant.name()
                         );
                     }
                     None => {
                         escaped += 1;
-                        println!("mutant {:<28} ESCAPED {seeds_max} seeds", mutant.name());
+                        say!("mutant {:<28} ESCAPED {seeds_max} seeds", mutant.name());
                     }
                 }
             }
@@ -434,7 +470,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 })
                 .is_ok();
                 let same = same && draws_match;
-                println!(
+                say!(
                     "seed {seed}: {} (history {fa:x?} vs {fb:x?}; madsim draw log {})",
                     if same { "deterministic" } else { "DIFFERENT" },
                     if draws_match { "identical" } else { "diverged" }
@@ -447,7 +483,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                         .zip(&y.history.trace)
                         .find(|(l, r)| l != r);
                     if let Some((l, r)) = first {
-                        println!("  first difference:\n    {l}\n    {r}");
+                        say!("  first difference:\n    {l}\n    {r}");
                     }
                 }
                 differing += usize::from(!same);

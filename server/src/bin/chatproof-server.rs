@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 
 /// chatproof reference chat server: ordered, durable delivery over WebSocket (protocol v1, see docs/PROTOCOL.md).
 #[derive(Debug, Parser)]
-#[command(name = "chatproof-server", version)]
+#[command(
+    name = "chatproof-server",
+    version,
+    after_help = "Output: `serve` writes its log to standard error (--log-format text or json; colour only on a terminal), prints nothing on standard output, and keeps its data under --data-dir (embedded backend); metrics and health are served over HTTP (/metrics, /healthz, /readyz). `token` prints the token on standard output."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
