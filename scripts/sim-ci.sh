@@ -43,7 +43,19 @@ echo "-- determinism (storage-faults seeds 1..3)"
 "$sim" determinism --scenario scenarios/sim/storage-faults.toml --seeds 1..3
 
 echo "-- mutants (each must be caught within 30 seeds)"
-"$sim" mutants --seeds-max 30
+"$sim" mutants --seeds-max 30 | tee "$out/mutants.txt"
+
+# A failing seed as a picture, opened in a real browser: the seed that caught the
+# skip-idempotency mutant, replayed with --html; it must show the swimlanes and mark the
+# violation.
+seed=$(sed -n 's/^mutant skip-idempotency *caught after *\([0-9]*\) seed.*/\1/p' "$out/mutants.txt")
+echo "-- picture of a failing seed: replay $seed --mutant skip-idempotency --html"
+status=0
+"$sim" replay "$seed" --mutant skip-idempotency --html "$out/failing-seed.html" \
+  > "$out/failing-seed.log" 2>&1 || status=$?
+[[ "$status" == 1 ]] || { tail -n 30 "$out/failing-seed.log"; echo "replay exited $status, expected 1 (a violation)"; exit 1; }
+bash scripts/check-page.sh "$out/failing-seed.html" 'data-chart="swimlanes"' '<svg' 'class="violation"' \
+  'data-verdict="FAIL"' 'data-table="violations"'
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo 0)
 base=$(( 16#${commit:0:12} ))

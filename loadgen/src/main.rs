@@ -10,6 +10,7 @@ mod device;
 mod drive;
 mod floor;
 mod html;
+mod live;
 mod local;
 mod media;
 mod merge;
@@ -134,6 +135,12 @@ pub(crate) struct RunArgs {
     /// Directory that receives `<scenario>/<timestamp>/`.
     #[arg(long, default_value = "reports")]
     pub(crate) out_dir: PathBuf,
+    /// Serve the run's live figures (sent, acknowledged, deliveries, violations so far,
+    /// latency percentiles, connected devices) in the Prometheus text format at
+    /// `http://ADDR/metrics` while it runs (dashboards: docs/grafana/). One process
+    /// only: not with --workers.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<std::net::SocketAddr>,
     /// Child processes that share the devices and the schedule (each process may hold
     /// only as many connections as its open-file limit allows); their runs are merged.
     #[arg(long, default_value_t = 1)]
@@ -392,6 +399,22 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let world = World::new(&scenario, &run_id);
     let out = args.out_dir.join(&scenario.name).join(timestamp());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    if args.workers > 1 && args.metrics_listen.is_some() {
+        anyhow::bail!("--metrics-listen serves one process's figures: run without --workers");
+    }
+    let live_listener = match args.metrics_listen {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--metrics-listen {addr}"))?;
+            listener.set_nonblocking(true)?;
+            eprintln!(
+                "chatproof-loadgen: live metrics on http://{}/metrics",
+                listener.local_addr()?
+            );
+            Some(listener)
+        }
+        None => None,
+    };
     if args.workers > 1 {
         return workers::parent(
             &args,
@@ -462,6 +485,13 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             media,
         );
         let progress = tokio::spawn(progress(Arc::clone(&run), measured.clone()));
+        let live = match live_listener {
+            Some(listener) => Some(tokio::spawn(live::serve(
+                tokio::net::TcpListener::from_std(listener)?,
+                Arc::clone(&run),
+            ))),
+            None => None,
+        };
         let churn = tokio::spawn(drive::churn(Arc::clone(&run)));
         let downloads = tokio::spawn(drive::downloads(Arc::clone(&run)));
         let goose_report = out.join("goose.html");
@@ -476,6 +506,9 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         let (drain_waited, settled) = settle(&run, drain).await;
         progress.abort();
         downloads.abort();
+        if let Some(live) = live {
+            live.abort();
+        }
         let usage_after = ProcUsage::of_all(&measured);
         let usage = usage_before.zip(usage_after);
         let connected = run.devices.lock().expect("devices").len() as u64;

@@ -647,3 +647,147 @@ fn browser_check_sees_script_errors() {
     assert!(r.dom.contains("<p>x</p>"), "{}", r.dom);
     assert!(!r.script_errors.is_empty(), "the thrown error is seen");
 }
+
+/// `GET path` on `addr` over plain HTTP/1.1: status and body, or `None` if it cannot connect.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// Metric names in a Prometheus text exposition.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `chatproof_*` metric the queries of a Grafana dashboard name.
+fn dashboard_metrics(file: &str) -> std::collections::BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../docs/grafana")
+        .join(file);
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("chatproof_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    assert!(!names.is_empty(), "{file} queries nothing");
+    names
+}
+
+/// `run --metrics-listen` serves the generator's live figures while it runs; together
+/// with the server's `/metrics` they hold every metric the dashboards in docs/grafana/
+/// query.
+#[test]
+fn dashboards_query_only_metrics_that_exist() {
+    let tmp = tempfile::tempdir().unwrap();
+    let secret = "dashboard-test-secret-0123456789";
+    let mut server = Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+        .args([
+            "serve-reference",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret",
+            secret,
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    // Kept open to the end: the server may print more.
+    let mut server_stdout = std::io::BufReader::new(server.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut server_stdout, &mut line).unwrap();
+    let server_addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .to_owned();
+    let live_addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let scenario = scenario(tmp.path(), "live", 500.0);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_chatproof-loadgen"))
+        .arg("run")
+        .arg(&scenario)
+        .args([
+            "--target",
+            &format!("ws://{server_addr}/v1/ws"),
+            "--secret",
+            secret,
+        ])
+        .args(["--metrics-listen", &live_addr])
+        .arg("--out-dir")
+        .arg(tmp.path().join("reports"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Scrape while the run goes on, until something was acknowledged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let live = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no live metrics within 60 s"
+        );
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "the run ended before it was scraped"
+        );
+        if let Some((200, body)) = http_get(&live_addr, "/metrics") {
+            let acked = body
+                .lines()
+                .find_map(|l| l.strip_prefix("chatproof_loadgen_acked_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if acked.is_some_and(|n| n > 0) {
+                break body;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(http_get(&live_addr, "/other").map(|r| r.0), Some(404));
+    let (status, server_text) = http_get(&server_addr, "/metrics").expect("server /metrics");
+    assert_eq!(status, 200);
+    for (file, text) in [
+        ("chatproof-loadgen.json", &live),
+        ("chatproof-server.json", &server_text),
+    ] {
+        let served = metric_names(text);
+        let missing: Vec<String> = dashboard_metrics(file)
+            .into_iter()
+            .filter(|m| !served.contains(m))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} queries metrics nobody serves: {missing:?}\n{text}"
+        );
+    }
+    assert_eq!(run.wait().unwrap().code(), Some(0), "the run passes");
+    let _ = server.kill();
+    let _ = server.wait();
+}

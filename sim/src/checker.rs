@@ -27,6 +27,10 @@ pub struct Finding {
     pub conv: String,
     /// What exactly (seq, message id, device).
     pub detail: String,
+    /// Where it showed: the device it concerns, when one does.
+    pub device: Option<DeviceKey>,
+    /// When it showed, simulated ms, when one moment does.
+    pub t_ms: Option<u64>,
 }
 
 impl fmt::Display for Finding {
@@ -106,13 +110,17 @@ pub fn visible_ranges(h: &History, world: &World<'_>) -> HashMap<(String, u32), 
 /// conversation and detail.
 pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut v = |violation: Violation, conv: &str, detail: String| {
-        out.push(Finding {
-            violation,
-            conv: conv.to_owned(),
-            detail,
-        })
-    };
+    // `at`: the device and moment the violation showed, where there is one.
+    let mut v =
+        |violation: Violation, conv: &str, at: (Option<DeviceKey>, Option<u64>), detail: String| {
+            out.push(Finding {
+                violation,
+                conv: conv.to_owned(),
+                detail,
+                device: at.0,
+                t_ms: at.1,
+            })
+        };
     let ranges = visible_ranges(h, world);
     let range_of = |conv: &str, user: u32| ranges.get(&(conv.to_owned(), user)).copied();
     let sent: HashMap<(&str, &str), &crate::history::Sent> = h
@@ -134,6 +142,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 Violation::Phantom,
                 &r.conv,
+                (Some(r.device), Some(r.t_ms)),
                 format!(
                     "device {:?} got seq {} of a conversation it was not in at that seq",
                     r.device, r.seq
@@ -146,6 +155,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 Violation::Phantom,
                 &r.conv,
+                (Some(r.device), Some(r.t_ms)),
                 format!(
                     "device {:?} got seq {} ({}) that no client sent",
                     r.device, r.seq, r.message_id
@@ -157,6 +167,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
                 v(
                     Violation::Conflict,
                     &r.conv,
+                    (Some(r.device), Some(r.t_ms)),
                     format!(
                         "seq {} is {} on one device and {} on {:?}",
                         r.seq, other, r.message_id, r.device
@@ -179,6 +190,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 fault.violation,
                 &r.conv,
+                (Some(r.device), Some(r.t_ms)),
                 fault.describe(&device, &r.conv, r.seq),
             );
         }
@@ -192,6 +204,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
                 v(
                     Violation::Conflict,
                     &a.conv,
+                    (Some(a.device), Some(a.t_ms)),
                     format!(
                         "{} was acked at seq {} but devices were shown {} there",
                         a.message_id, a.seq, shown
@@ -210,17 +223,18 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 Violation::Duplicate,
                 conv,
+                (None, None),
                 format!("message {id} exists under seqs {seqs:?}"),
             );
         }
     }
 
     // Nothing acknowledged is lost: every device of every member holds it.
-    let mut acked_seqs: BTreeMap<(&str, u64), &str> = BTreeMap::new();
+    let mut acked_seqs: BTreeMap<(&str, u64), (&str, u64)> = BTreeMap::new();
     for a in &h.acked {
-        acked_seqs.insert((a.conv.as_str(), a.seq), &a.message_id);
+        acked_seqs.insert((a.conv.as_str(), a.seq), (&a.message_id, a.t_ms));
     }
-    for ((conv, seq), id) in &acked_seqs {
+    for ((conv, seq), (id, acked_ms)) in &acked_seqs {
         let holders = ranges
             .iter()
             .filter(|((c, _), (start, end))| c == conv && (*start..=*end).contains(seq))
@@ -231,9 +245,11 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
                     .get(&((user, d), *conv))
                     .is_some_and(|s| s.contains(seq))
                 {
+                    // Drawn on the device that lacks it, where the sender got the ack.
                     v(
                         Violation::Lost,
                         conv,
+                        (Some((user, d)), Some(*acked_ms)),
                         format!(
                             "acknowledged {id} (seq {seq}) never reached device {:?}",
                             (user, d)
@@ -263,6 +279,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
                 v(
                     Violation::ReceiptRegress,
                     &r.conv,
+                    (Some(r.device), None),
                     format!(
                         "user {} went from ({d}, {rd}) to ({}, {}) as seen by {:?}",
                         r.user, r.delivered, r.read, r.device
@@ -279,6 +296,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 Violation::ReceiptOverclaim,
                 &r.conv,
+                (Some(r.device), None),
                 format!(
                     "user {} claimed delivered {} read {} but held {held_max}",
                     r.user, r.delivered, r.read
@@ -299,6 +317,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             v(
                 Violation::Slow,
                 &r.conv,
+                (Some(r.device), Some(r.t_ms)),
                 format!(
                     "{} took {latency} ms to reach {:?} with no fault active",
                     r.message_id, r.device

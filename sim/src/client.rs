@@ -165,7 +165,7 @@ pub async fn run_device(
                         }
                         (Some("ok"), Some("h")) => {
                             if let Some(since) = offline_since.take() {
-                                shared.with(|h| h.faults.push(FaultWindow { kind: WindowKind::DeviceOffline, start_ms: since, end_ms: sim_ms(), device: Some(spec.key) }));
+                                shared.with(|h| h.faults.push(FaultWindow { kind: WindowKind::DeviceOffline, start_ms: since, end_ms: sim_ms(), device: Some(spec.key), server: None }));
                             }
                             shared.note(format!("device {:?} hello accepted", spec.key));
                         }

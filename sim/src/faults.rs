@@ -72,7 +72,13 @@ impl Injector {
         servers[self.range(0, servers.len() as u64 - 1) as usize]
     }
 
-    fn window(&self, kind: FaultKind, start_ms: u64, device: Option<DeviceKey>) {
+    fn window(
+        &self,
+        kind: FaultKind,
+        start_ms: u64,
+        device: Option<DeviceKey>,
+        server: Option<u32>,
+    ) {
         let end_ms = sim_ms();
         self.shared.note(format!(
             "fault {kind} from {start_ms} ms to {end_ms} ms{}",
@@ -84,6 +90,7 @@ impl Injector {
                 start_ms,
                 end_ms,
                 device,
+                server,
             })
         });
     }
@@ -234,7 +241,21 @@ impl Injector {
                     net.unclog_link(backend, server);
                 }
             }
-            self.window(kind, start, device);
+            // The server the fault concerned, for the pictures: the drawn one, or the
+            // only one for a disk fault; none for faults of the network or a backend.
+            let index = self.nodes.servers.iter().position(|s| *s == server);
+            let concerned = match kind {
+                FaultKind::LatencySpike
+                | FaultKind::PacketLoss
+                | FaultKind::ClientDisconnect
+                | FaultKind::StoreCrash
+                | FaultKind::RouterCrash => None,
+                FaultKind::DiskFull | FaultKind::DiskIo => {
+                    (self.nodes.servers.len() == 1).then_some(0)
+                }
+                _ => index,
+            };
+            self.window(kind, start, device, concerned.map(|i| i as u32));
         }
     }
 

@@ -79,8 +79,7 @@ pub enum WindowKind {
 /// A period during which a fault was active.
 #[derive(Debug, Clone)]
 pub struct FaultWindow {
-    /// What (shown in traces and reports).
-    #[allow(dead_code, reason = "kept for reports and debugging")]
+    /// What (shown in traces and pictures).
     pub kind: WindowKind,
     /// Start, simulated ms.
     pub start_ms: u64,
@@ -88,6 +87,8 @@ pub struct FaultWindow {
     pub end_ms: u64,
     /// The device it concerned, if only one.
     pub device: Option<DeviceKey>,
+    /// The server it concerned (index, 0-based), if only one.
+    pub server: Option<u32>,
 }
 
 /// A membership change, as acknowledged to the client that made it.

@@ -24,6 +24,7 @@ mod options;
 mod runner;
 #[cfg(madsim)]
 mod services;
+mod swimlanes;
 
 #[cfg(not(madsim))]
 fn main() {

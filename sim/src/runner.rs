@@ -17,7 +17,7 @@ use crate::options::{FaultKind, Preset, SimOptions};
 #[command(
     name = "chatproof-sim",
     version,
-    after_help = "Output: results go to standard output: each failing seed's verdict, replay command and event trace (every seed's with --trace), `replay`'s options, trace and verdict, `mutants` and `determinism` verdicts, and the summary line, so `| head` and `| less` see them; progress (a line per seed, or a bar on a terminal) goes to standard error; `run --junit FILE` writes the JUnit XML report to FILE.\n\nExit status: 0 all seeds passed; 1 a delivery-contract violation; 2 no convergence by the liveness deadline; 3 a panic; 4 a usage error; 5 a mutant escaped (mutants); 6 a seed was not deterministic (determinism)."
+    after_help = "Output: results go to standard output: each failing seed's verdict, replay command and event trace (every seed's with --trace), `replay`'s options, trace and verdict, `mutants` and `determinism` verdicts, and the summary line, so `| head` and `| less` see them; progress (a line per seed, or a bar on a terminal) goes to standard error; `run --junit FILE` writes the JUnit XML report to FILE and each failing seed's picture next to it (<preset>-seed-<SEED>.html); `replay --html FILE` writes the seed's picture to FILE.\n\nExit status: 0 all seeds passed; 1 a delivery-contract violation; 2 no convergence by the liveness deadline; 3 a panic; 4 a usage error; 5 a mutant escaped (mutants); 6 a seed was not deterministic (determinism)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,7 +46,8 @@ enum Cmd {
         seeds: String,
         #[command(flatten)]
         common: Common,
-        /// Write a JUnit XML report (one test case per seed).
+        /// Write a JUnit XML report (one test case per seed); each failing seed's picture
+        /// (as `replay --html`) goes next to it, as `<preset>-seed-<SEED>.html`.
         #[arg(long)]
         junit: Option<PathBuf>,
     },
@@ -59,6 +60,10 @@ enum Cmd {
         /// Switch on a mutant (as `mutants` does).
         #[arg(long)]
         mutant: Option<String>,
+        /// Also draw the run as an HTML page into FILE: a swimlane per server and
+        /// device, fault windows shaded, every violation marked where it showed.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Switch on each built-in bug and require the checker to catch it within `--seeds-max` seeds.
     Mutants {
@@ -221,6 +226,36 @@ fn describe_findings(findings: &[Finding]) -> String {
     s
 }
 
+/// Writes the seed's picture (`swimlanes`) to `path`.
+fn write_picture(
+    path: &std::path::Path,
+    opts: &SimOptions,
+    result: &SeedResult,
+    replay: &str,
+) -> anyhow::Result<()> {
+    let empty = crate::history::History::default();
+    let (history, sim_ms) = result
+        .outcome
+        .as_ref()
+        .map_or((&empty, 0), |o| (&o.history, o.sim_ms));
+    let findings: &[Finding] = match &result.verdict {
+        Verdict::Correctness(findings) => findings,
+        _ => &[],
+    };
+    let page = crate::swimlanes::render(&crate::swimlanes::Picture {
+        seed: opts.seed,
+        options: opts.to_string(),
+        replay: replay.to_owned(),
+        verdict: describe(result),
+        pass: matches!(result.verdict, Verdict::Pass),
+        servers: opts.servers,
+        history,
+        findings,
+        sim_ms,
+    });
+    std::fs::write(path, page).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
 /// Set once standard output's reader went away (`| head` exited).
 static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -347,6 +382,12 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                         describe(&result),
                         replay_command(&common, seed, None)
                     );
+                    if let Some(junit) = &junit {
+                        let dir = junit.parent().unwrap_or(std::path::Path::new("."));
+                        let path = dir.join(format!("{}-seed-{seed}.html", preset.name));
+                        write_picture(&path, &opts, &result, &replay_command(&common, seed, None))?;
+                        say!("  picture: {}", path.display());
+                    }
                     print_trace(&result);
                     worst = worst.max(code);
                 } else if common.trace {
@@ -376,6 +417,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             seed,
             common,
             mutant,
+            html,
         } => {
             let preset = preset(&common)?;
             let mutant = match mutant {
@@ -393,6 +435,15 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             let result = run_one(&opts, mutant);
             print_trace(&result);
             say!("seed {seed}: {}", describe(&result));
+            if let Some(path) = html {
+                write_picture(
+                    &path,
+                    &opts,
+                    &result,
+                    &replay_command(&common, seed, mutant),
+                )?;
+                eprintln!("picture: {}", path.display());
+            }
             Ok(result.verdict.exit())
         }
         Cmd::Mutants { seeds_max, common } => {
