@@ -57,6 +57,9 @@ status=0
 bash scripts/check-page.sh "$out/failing-seed.html" 'data-chart="swimlanes"' '<svg' 'class="violation"' \
   'data-verdict="FAIL"' 'data-table="violations"'
 
+echo "-- swarm (smoke seeds 1..9 over 2 processes, one summary)"
+"$sim" swarm --seeds 1..9 --jobs 2 --junit-dir "$out/swarm"
+
 commit=$(git rev-parse HEAD 2>/dev/null || echo 0)
 base=$(( 16#${commit:0:12} ))
 echo "-- seeds from commit ${commit:0:12}, on every preset"

@@ -218,12 +218,21 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             .or_default()
             .insert(a.seq);
     }
+    // Where each seq was first shown, to place a duplicate at its second seq.
+    let mut first_shown: HashMap<(&str, u64), (DeviceKey, u64)> = HashMap::new();
+    for r in &h.received {
+        first_shown
+            .entry((r.conv.as_str(), r.seq))
+            .or_insert((r.device, r.t_ms));
+    }
     for ((conv, id), seqs) in &seqs_of_id {
         if seqs.len() > 1 {
+            let second = seqs.iter().nth(1).copied().unwrap_or_default();
+            let at = first_shown.get(&(*conv, second)).copied();
             v(
                 Violation::Duplicate,
                 conv,
-                (None, None),
+                (at.map(|a| a.0), at.map(|a| a.1)),
                 format!("message {id} exists under seqs {seqs:?}"),
             );
         }

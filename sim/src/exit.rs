@@ -41,6 +41,20 @@ impl Exit {
         self as i32
     }
 
+    /// The status a child process of ours exited with (`swarm`); a code we never use
+    /// (a signal, an abort) counts as a crash.
+    pub fn from_code(code: Option<i32>) -> Exit {
+        match code {
+            Some(0) => Exit::Pass,
+            Some(1) => Exit::Correctness,
+            Some(2) => Exit::Liveness,
+            Some(4) => Exit::Usage,
+            Some(5) => Exit::MutantEscaped,
+            Some(6) => Exit::Nondeterminism,
+            _ => Exit::Crash,
+        }
+    }
+
     /// A few words on what the status means (for help and reports).
     pub const fn meaning(self) -> &'static str {
         match self {

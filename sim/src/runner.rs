@@ -12,6 +12,33 @@ use crate::cluster::{simulate, Outcome};
 use crate::exit::Exit;
 use crate::options::{FaultKind, Preset, SimOptions};
 
+/// Set once standard output's reader went away (`| head` exited).
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line of results to standard output. When the reader has gone (a closed
+/// pipe), output stops quietly and the run goes on, so the exit status still says the
+/// verdict.
+fn out_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        } else {
+            eprintln!("chatproof-sim: writing to standard output: {e}");
+        }
+    }
+}
+
+/// `println!` through [`out_line`].
+macro_rules! say {
+    ($($arg:tt)*) => { out_line(format_args!($($arg)*)) };
+}
+
 /// Deterministic fault simulator for chatproof.
 #[derive(Debug, Parser)]
 #[command(
@@ -72,6 +99,22 @@ enum Cmd {
         seeds_max: u64,
         #[command(flatten)]
         common: Common,
+    },
+    /// Spread a large seed range over `--jobs` processes (each a `run` of a contiguous
+    /// share) and print one summary with every failing seed's verdict and replay command.
+    Swarm {
+        /// Seeds: `A..B` (end exclusive).
+        #[arg(long)]
+        seeds: String,
+        /// Processes at once (default: the machine's cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        common: Common,
+        /// Keep each process's JUnit report (`swarm-<I>.xml`), log and failing seeds'
+        /// pictures in this directory.
+        #[arg(long, value_name = "DIR")]
+        junit_dir: Option<PathBuf>,
     },
     /// Run each seed twice and require identical histories.
     Determinism {
@@ -226,6 +269,118 @@ fn describe_findings(findings: &[Finding]) -> String {
     s
 }
 
+/// `swarm`: the seed range in contiguous shares, one `run` process per share (at most
+/// `jobs` at once); their failing seeds and one summary on standard output.
+fn swarm(
+    seeds: &str,
+    jobs: Option<usize>,
+    common: &Common,
+    junit_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Exit> {
+    let all = parse_seeds(seeds)?;
+    let jobs = jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .clamp(1, all.len());
+    let preset = preset(common)?;
+    let work = match junit_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.to_owned()
+        }
+        None => std::env::temp_dir().join(format!("chatproof-sim-swarm-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&work)?;
+    // Shares of the range, small enough that a slow share does not hold up the end.
+    let share_len = all.len().div_ceil(jobs * 4).max(1);
+    let shares: Vec<(u64, u64)> = all
+        .chunks(share_len)
+        .map(|c| (c[0], c[c.len() - 1] + 1))
+        .collect();
+    let exe = std::env::current_exe()?;
+    let started = Instant::now();
+    eprintln!(
+        "chatproof-sim swarm: preset {} seeds {seeds} in {} shares over {jobs} processes",
+        preset.name,
+        shares.len()
+    );
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(usize, Exit, String)>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(a, b)) = shares.get(i) else { return };
+                let mut command = std::process::Command::new(&exe);
+                command.arg("run").arg("--seeds").arg(format!("{a}..{b}"));
+                if let Some(s) = &common.scenario {
+                    command.arg("--scenario").arg(s);
+                }
+                if let Some(f) = &common.faults {
+                    let names: Vec<&str> = f.iter().map(|k| k.name()).collect();
+                    command.arg("--faults").arg(names.join(","));
+                }
+                command
+                    .arg("--junit")
+                    .arg(work.join(format!("swarm-{i}.xml")));
+                let log = std::fs::File::create(work.join(format!("swarm-{i}.log")));
+                let output = match log {
+                    Ok(log) => command.stderr(log).output(),
+                    Err(e) => Err(e),
+                };
+                let (exit, stdout) = match output {
+                    Ok(out) => (
+                        Exit::from_code(out.status.code()),
+                        String::from_utf8_lossy(&out.stdout).into_owned(),
+                    ),
+                    Err(e) => (
+                        Exit::Crash,
+                        format!("  FAIL seeds {a}..{b}: could not run: {e}\n"),
+                    ),
+                };
+                eprintln!("  seeds {a}..{b}: {}", exit.meaning());
+                results.lock().expect("results").push((i, exit, stdout));
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("results");
+    results.sort_by_key(|r| r.0);
+    let worst = results.iter().map(|r| r.1).max().unwrap_or(Exit::Pass);
+    let mut failed = 0;
+    for (_, _, stdout) in &results {
+        // Each failing seed: its verdict lines and its replay command (not its trace).
+        let mut in_failure = false;
+        for line in stdout.lines() {
+            if line.starts_with("  FAIL seed") {
+                failed += 1;
+                in_failure = true;
+            } else {
+                // The verdict's own lines are indented text; trace lines start with a time.
+                let verdict_line = line.starts_with("    ")
+                    && !line.trim_start().starts_with(|c: char| c.is_ascii_digit());
+                let labelled = line.starts_with("  replay:") || line.starts_with("  picture:");
+                if !verdict_line && !labelled {
+                    in_failure = false;
+                }
+            }
+            if in_failure {
+                say!("{line}");
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    say!(
+        "chatproof-sim swarm: preset {} | {} seeds, {failed} failed | {wall:.1} s wall over {jobs} processes | {:.1} seeds/min | {}",
+        preset.name,
+        all.len(),
+        all.len() as f64 / wall.max(1e-9) * 60.0,
+        worst.meaning()
+    );
+    if junit_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(worst)
+}
+
 /// Writes the seed's picture (`swimlanes`) to `path`.
 fn write_picture(
     path: &std::path::Path,
@@ -254,33 +409,6 @@ fn write_picture(
         sim_ms,
     });
     std::fs::write(path, page).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
-}
-
-/// Set once standard output's reader went away (`| head` exited).
-static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Writes one line of results to standard output. When the reader has gone (a closed
-/// pipe), output stops quietly and the run goes on, so the exit status still says the
-/// verdict.
-fn out_line(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    use std::sync::atomic::Ordering;
-    if STDOUT_CLOSED.load(Ordering::Relaxed) {
-        return;
-    }
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            STDOUT_CLOSED.store(true, Ordering::Relaxed);
-        } else {
-            eprintln!("chatproof-sim: writing to standard output: {e}");
-        }
-    }
-}
-
-/// `println!` through [`out_line`].
-macro_rules! say {
-    ($($arg:tt)*) => { out_line(format_args!($($arg)*)) };
 }
 
 /// The seed's event trace, on standard output (where `| head` and `| less` see it).
@@ -497,6 +625,12 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 Exit::Pass
             })
         }
+        Cmd::Swarm {
+            seeds,
+            jobs,
+            common,
+            junit_dir,
+        } => swarm(&seeds, jobs, &common, junit_dir.as_deref()),
         Cmd::Determinism { seeds, common } => {
             let preset = preset(&common)?;
             let mut differing = 0;
