@@ -28,11 +28,14 @@ pub enum Violation {
     ReceiptOverclaim,
     /// Outside fault windows, a delivery above the latency bound (guarantee 7).
     Slow,
+    /// An entry's `server_time_ms` is below that of an earlier entry of its
+    /// conversation (guarantee 3).
+    TimeRegress,
 }
 
 impl Violation {
     /// Every violation, in the contract's order.
-    pub const ALL: [Violation; 9] = [
+    pub const ALL: [Violation; 10] = [
         Violation::Lost,
         Violation::Duplicate,
         Violation::Reorder,
@@ -42,6 +45,7 @@ impl Violation {
         Violation::ReceiptRegress,
         Violation::ReceiptOverclaim,
         Violation::Slow,
+        Violation::TimeRegress,
     ];
 
     /// The contract's name.
@@ -56,6 +60,7 @@ impl Violation {
             Violation::ReceiptRegress => "receipt-regress",
             Violation::ReceiptOverclaim => "receipt-overclaim",
             Violation::Slow => "slow",
+            Violation::TimeRegress => "time-regress",
         }
     }
 
@@ -75,6 +80,9 @@ impl Violation {
                 "a receipt claimed more than the user's devices held or read"
             }
             Violation::Slow => "delivered above the latency bound with no fault active",
+            Violation::TimeRegress => {
+                "an entry's server time is below an earlier entry's of its conversation"
+            }
         }
     }
 

@@ -27,11 +27,14 @@ pub enum Mutant {
     /// Recovery: after a failed commit the embedded store stays closed for good
     /// (every later write fails until the process restarts).
     StayDownAfterIoError = 9,
+    /// One order: an entry's server time is the clock's reading, not at least the
+    /// previous entry's (so a clock set back makes a conversation's times go back).
+    ServerTimeFromRawClock = 10,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 9] = [
+    pub const ALL: [Mutant; 10] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -41,6 +44,7 @@ impl Mutant {
         Mutant::DropPendingOnRouterLoss,
         Mutant::AckFailedCommit,
         Mutant::StayDownAfterIoError,
+        Mutant::ServerTimeFromRawClock,
     ];
 
     /// A stable kebab-case name.
@@ -55,6 +59,7 @@ impl Mutant {
             Mutant::DropPendingOnRouterLoss => "drop-pending-on-router-loss",
             Mutant::AckFailedCommit => "ack-failed-commit",
             Mutant::StayDownAfterIoError => "stay-down-after-io-error",
+            Mutant::ServerTimeFromRawClock => "server-time-from-raw-clock",
         }
     }
 }

@@ -197,6 +197,36 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
         held.entry(key).or_default().insert(r.seq);
     }
 
+    // Server times never go back along a conversation's seqs (checked over the first
+    // showing of each seq, whichever device saw it).
+    let mut times: BTreeMap<(&str, u64), (u64, DeviceKey, u64)> = BTreeMap::new();
+    for r in &h.received {
+        times
+            .entry((r.conv.as_str(), r.seq))
+            .or_insert((r.server_time_ms, r.device, r.t_ms));
+    }
+    // (conv, seq, time) of the conversation's latest entry so far.
+    let mut latest: Option<(&str, u64, u64)> = None;
+    for ((conv, seq), (time, device, t_ms)) in &times {
+        match latest {
+            Some((c, before_seq, before)) if c == *conv => {
+                if *time < before {
+                    v(
+                        Violation::TimeRegress,
+                        conv,
+                        (Some(*device), Some(*t_ms)),
+                        format!(
+                            "seq {seq} has server_time_ms {time}, below seq {before_seq}'s {before}"
+                        ),
+                    );
+                } else {
+                    latest = Some((conv, *seq, *time));
+                }
+            }
+            _ => latest = Some((conv, *seq, *time)),
+        }
+    }
+
     // Idempotency and acks agree with what devices were shown.
     for a in &h.acked {
         match at_seq.get(&(a.conv.as_str(), a.seq)) {
@@ -351,6 +381,7 @@ mod tests {
             message_id: id.into(),
             system: id.starts_with("member"),
             members: None,
+            server_time_ms: 1_000 + seq,
             t_ms: 10,
         }
     }
@@ -489,6 +520,44 @@ mod tests {
             world_check(&gap),
             vec![Violation::Reorder, Violation::Gap, Violation::Gap]
         );
+
+        // Server time going back between seqs; equal times are fine.
+        let mut time = base();
+        for d in [(0, 0), (1, 0)] {
+            time.received.push(recv(d, 1, "member-1"));
+            let mut second = recv(d, 2, "m1");
+            second.server_time_ms = 999;
+            time.received.push(second);
+        }
+        assert_eq!(world_check(&time), vec![Violation::TimeRegress]);
+        let found = check(
+            &time,
+            &World {
+                convs: &[ConvSpec {
+                    id: "c".into(),
+                    members: vec![0, 1],
+                }],
+                devices_per_user: &[1, 1],
+                latency_bound_ms: 1000,
+            },
+        );
+        assert!(
+            found[0]
+                .detail
+                .contains("seq 2 has server_time_ms 999, below seq 1's 1001"),
+            "{}",
+            found[0]
+        );
+        let mut same = base();
+        for d in [(0, 0), (1, 0)] {
+            let mut first = recv(d, 1, "member-1");
+            first.server_time_ms = 5;
+            same.received.push(first);
+            let mut second = recv(d, 2, "m1");
+            second.server_time_ms = 5;
+            same.received.push(second);
+        }
+        assert!(world_check(&same).is_empty());
 
         let mut phantom = base();
         phantom.received.push(recv((0, 0), 3, "never-sent"));

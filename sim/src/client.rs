@@ -195,7 +195,8 @@ pub async fn run_device(
                                 }
                             }
                             let members = members.map(|(action, users)| (action, users.iter().filter_map(|u| u.trim_start_matches('u').parse().ok()).collect()));
-                            shared.with(|h| h.received.push(Received { device: spec.key, conv: conv.into(), seq, message_id: id, system, members, t_ms: sim_ms() }));
+                            let server_time_ms = v["server_time_ms"].as_u64().unwrap_or(0);
+                            shared.with(|h| h.received.push(Received { device: spec.key, conv: conv.into(), seq, message_id: id, system, members, server_time_ms, t_ms: sim_ms() }));
                             if let Some(c) = cursors.get_mut(conv) {
                                 if seq == *c + 1 {
                                     *c = seq;

@@ -67,6 +67,9 @@ pub struct Shared {
     pub stop_all: AtomicBool,
     /// Clock skew applied to the server at its next start, ms.
     pub skew_ms: AtomicI64,
+    /// Each server's clock offset now, ms (by server index): set from `skew_ms` when
+    /// it starts, moved by a clock jump while it runs.
+    pub clocks: Vec<Arc<AtomicI64>>,
     /// Chat addresses of the servers.
     pub servers: Vec<SocketAddr>,
     disconnect: Mutex<BTreeSet<DeviceKey>>,
@@ -95,12 +98,14 @@ impl Shared {
     }
 }
 
-/// The server clock, skewed by the harness.
-struct SkewedClock(i64);
+/// The server clock, offset by the harness (read at every call, so a jump shows at once).
+struct SkewedClock(Arc<AtomicI64>);
 
 impl Clock for SkewedClock {
     fn now_ms(&self) -> u64 {
-        SystemClock.now_ms().saturating_add_signed(self.0)
+        SystemClock
+            .now_ms()
+            .saturating_add_signed(self.0.load(Ordering::SeqCst))
     }
 }
 
@@ -124,7 +129,16 @@ fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
 }
 
 async fn serve(backend: Backend, shared: Arc<Shared>) {
-    let skew = shared.skew_ms.load(Ordering::SeqCst);
+    let index = match &backend {
+        Backend::Embedded(_) => 0,
+        Backend::Cluster { me } => shared
+            .servers
+            .iter()
+            .position(|a| a == me)
+            .expect("a server of the run"),
+    };
+    let clock = Arc::clone(&shared.clocks[index]);
+    clock.store(shared.skew_ms.load(Ordering::SeqCst), Ordering::SeqCst);
     let limits = Limits {
         idle_timeout: Duration::from_secs(10),
         ..Limits::default()
@@ -151,7 +165,7 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
             Arc::new(SharedStore::new(Arc::new(tables)))
         }
     };
-    let mut service = ServiceBuilder::new(store, Arc::new(SkewedClock(skew)), limits, key);
+    let mut service = ServiceBuilder::new(store, Arc::new(SkewedClock(clock)), limits, key);
     if let Backend::Cluster { me } = backend {
         let router = SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT);
         let deliver = SocketAddr::new(me.ip(), DELIVER_PORT);
@@ -216,6 +230,9 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         stop_sending: AtomicBool::new(false),
         stop_all: AtomicBool::new(false),
         skew_ms: AtomicI64::new(0),
+        clocks: (0..opts.servers)
+            .map(|_| Arc::new(AtomicI64::new(0)))
+            .collect(),
         servers: (0..opts.servers).map(server_addr).collect(),
         disconnect: Mutex::new(BTreeSet::new()),
     });

@@ -1,6 +1,6 @@
 //! The fault injector. During the safety phase it draws, from the seed, one fault at a
 //! time: a server crash and restart (its store keeps exactly what was committed), clock
-//! skew on restart, two-way and one-way partitions of a server, a partition of one
+//! skew on restart, a running server's clock stepping forward or back, two-way and one-way partitions of a server, a partition of one
 //! client's link, latency spikes, packet loss, and clients dropping their connection
 //! (possibly mid-send); with several servers also crashes of the shared store's node
 //! (losing only calls in flight) and of the router (losing its registry), and cuts of
@@ -221,6 +221,18 @@ impl Injector {
                     ));
                     tokio::time::sleep(hold).await;
                     handle.restart(server);
+                }
+                FaultKind::ClockJump => {
+                    let index = self.nodes.servers.iter().position(|s| *s == server);
+                    if let Some(clock) = index.and_then(|i| self.shared.clocks.get(i)) {
+                        let step = self.range(0, 60_000) as i64 - 30_000;
+                        let now = clock.fetch_add(step, Ordering::SeqCst) + step;
+                        self.shared.note(format!(
+                            "clock of server {} steps {step:+} ms (offset now {now:+} ms)",
+                            index.unwrap_or_default()
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 FaultKind::ProcessPause => {
                     handle.pause(server);

@@ -48,6 +48,8 @@ pub struct Received {
     pub system: bool,
     /// A membership entry: its action (`create`, `add`, `remove`, `leave`) and users.
     pub members: Option<(String, Vec<u32>)>,
+    /// The entry's `server_time_ms` (the server's clock, not the simulated one).
+    pub server_time_ms: u64,
     /// Simulated time, ms.
     pub t_ms: u64,
 }

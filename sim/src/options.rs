@@ -108,11 +108,14 @@ pub enum FaultKind {
     /// A server stops running for a while (a long GC pause, SIGSTOP, a stalled VM)
     /// and then resumes where it was, its connections and registry entries aged.
     ProcessPause,
+    /// A running server's wall clock steps forward or back (up to 30 s), as an NTP
+    /// step would, without a restart.
+    ClockJump,
 }
 
 impl FaultKind {
     /// Every kind, in draw order.
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::ServerCrash,
         FaultKind::Partition,
         FaultKind::PartitionOneWay,
@@ -128,6 +131,7 @@ impl FaultKind {
         FaultKind::DiskIo,
         FaultKind::PowerLoss,
         FaultKind::ProcessPause,
+        FaultKind::ClockJump,
     ];
 
     /// The name used in presets, `--faults`, traces and replay commands.
@@ -148,6 +152,7 @@ impl FaultKind {
             FaultKind::DiskIo => "disk_io",
             FaultKind::PowerLoss => "power_loss",
             FaultKind::ProcessPause => "process_pause",
+            FaultKind::ClockJump => "clock_jump",
         }
     }
 }
@@ -497,7 +502,7 @@ mod tests {
         let only = w.only(&[FaultKind::Partition, FaultKind::PacketLoss]);
         assert_eq!(
             only.weights(),
-            [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
         assert_eq!(parsed, w);

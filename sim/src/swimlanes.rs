@@ -304,6 +304,7 @@ mod tests {
             message_id: "m1".into(),
             system: false,
             members: None,
+            server_time_ms: 1_000,
             t_ms: 130,
         });
         h.faults.push(FaultWindow {

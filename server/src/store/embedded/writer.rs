@@ -307,7 +307,12 @@ impl<'t> WriteCtx<'t> {
             .get_mut(conv)
             .expect("sequence on a loaded conversation");
         let seq = cached.last_seq + 1;
-        let server_time_ms = now_ms.max(cached.last_time_ms);
+        let server_time_ms =
+            if crate::mutants::active(crate::mutants::Mutant::ServerTimeFromRawClock) {
+                now_ms
+            } else {
+                now_ms.max(cached.last_time_ms)
+            };
         let message_id = message_id.map_or_else(|| format!("member-{seq}"), str::to_owned);
         let entry = Entry {
             conv: conv.to_owned(),
