@@ -30,11 +30,14 @@ pub enum Mutant {
     /// One order: an entry's server time is the clock's reading, not at least the
     /// previous entry's (so a clock set back makes a conversation's times go back).
     ServerTimeFromRawClock = 10,
+    /// Complete: `sync` pages stop one entry short of the newest the caller may see,
+    /// and say nothing more is left.
+    SyncStopsShort = 11,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 10] = [
+    pub const ALL: [Mutant; 11] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -45,6 +48,7 @@ impl Mutant {
         Mutant::AckFailedCommit,
         Mutant::StayDownAfterIoError,
         Mutant::ServerTimeFromRawClock,
+        Mutant::SyncStopsShort,
     ];
 
     /// A stable kebab-case name.
@@ -60,6 +64,7 @@ impl Mutant {
             Mutant::AckFailedCommit => "ack-failed-commit",
             Mutant::StayDownAfterIoError => "stay-down-after-io-error",
             Mutant::ServerTimeFromRawClock => "server-time-from-raw-clock",
+            Mutant::SyncStopsShort => "sync-stops-short",
         }
     }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 
 use chatproof_contract::{OrderCheck, Violation};
 
-use crate::history::{DeviceKey, History};
+use crate::history::{DeviceKey, History, PageKind};
 
 /// A conversation of the simulated world: id and member user indexes.
 #[derive(Debug, Clone)]
@@ -299,6 +299,108 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
         }
     }
 
+    // Pages of `sync` and `history`: consecutive, inside what the user may see, the
+    // same entries devices were shown and acks named, and holding every message
+    // acknowledged before the page was asked that falls in its range.
+    for p in &h.pages {
+        let at = (Some(p.device), Some(p.t_ms));
+        let user = p.device.0;
+        let what = match p.kind {
+            PageKind::Sync { after } => format!("sync after {after} limit {}", p.limit),
+            PageKind::History { before: Some(b) } => {
+                format!("history before {b} limit {}", p.limit)
+            }
+            PageKind::History { before: None } => format!("history limit {}", p.limit),
+        };
+        let seqs: Vec<u64> = p.entries.iter().map(|e| e.0).collect();
+        let Some((start, end)) = range_of(&p.conv, user) else {
+            if !seqs.is_empty() {
+                v(
+                    Violation::Phantom,
+                    &p.conv,
+                    at,
+                    format!("{what} for user {user}, never a member, returned seqs {seqs:?}"),
+                );
+            }
+            continue;
+        };
+        if seqs.windows(2).any(|w| w[1] != w[0] + 1) {
+            v(
+                Violation::Gap,
+                &p.conv,
+                at,
+                format!("{what} returned seqs {seqs:?}, not consecutive"),
+            );
+        }
+        for (seq, id, system) in &p.entries {
+            if !(start..=end).contains(seq) {
+                v(
+                    Violation::Phantom,
+                    &p.conv,
+                    at,
+                    format!("{what} gave user {user} seq {seq}, outside its seqs {start}..={end}"),
+                );
+            }
+            if !system && !sent.contains_key(&(p.conv.as_str(), id.as_str())) {
+                v(
+                    Violation::Phantom,
+                    &p.conv,
+                    at,
+                    format!("{what} returned seq {seq} ({id}) that no client sent"),
+                );
+            }
+            let shown = at_seq.get(&(p.conv.as_str(), *seq)).copied();
+            let acked = acked_seqs.get(&(p.conv.as_str(), *seq)).map(|a| a.0);
+            for other in [shown, acked].into_iter().flatten() {
+                if other != id {
+                    v(
+                        Violation::Conflict,
+                        &p.conv,
+                        at,
+                        format!("{what} returned {id} at seq {seq}, where {other} is"),
+                    );
+                }
+            }
+        }
+        // Acknowledged before the page was asked, and visible to the user.
+        let acked_before: Vec<u64> = acked_seqs
+            .range((p.conv.as_str(), start)..=(p.conv.as_str(), end))
+            .filter(|(_, (_, acked_ms))| *acked_ms <= p.asked_ms)
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        match p.kind {
+            PageKind::Sync { after } => {
+                let first = (after + 1).max(start);
+                if seqs.first().is_some_and(|f| *f != first) {
+                    v(
+                        Violation::Gap,
+                        &p.conv,
+                        at,
+                        format!("{what} began at seq {}, not {first}", seqs[0]),
+                    );
+                }
+                let reached = seqs.last().copied().unwrap_or(after);
+                if !p.has_more {
+                    if let Some(missing) = acked_before.iter().find(|s| **s > reached) {
+                        v(Violation::Lost, &p.conv, at, format!("{what} ended at seq {reached} without more, but seq {missing} was acknowledged before it was asked"));
+                    }
+                }
+            }
+            PageKind::History { before } => {
+                let upper = before.map_or(end, |b| b.saturating_sub(1).min(end));
+                let newest = acked_before.iter().rev().find(|s| **s <= upper);
+                match (seqs.last(), newest) {
+                    (Some(last), Some(n)) if n > last => v(Violation::Lost, &p.conv, at, format!("{what} ended at seq {last}, but seq {n} was acknowledged before it was asked")),
+                    (None, Some(n)) => v(Violation::Lost, &p.conv, at, format!("{what} returned nothing, but seq {n} was acknowledged before it was asked")),
+                    _ => {}
+                }
+                if !p.has_more && seqs.first().is_some_and(|f| *f > start) {
+                    v(Violation::Gap, &p.conv, at, format!("{what} said nothing older than seq {} but the user sees from seq {start}", seqs[0]));
+                }
+            }
+        }
+    }
+
     // Receipts never go back and never claim more than the user's devices held.
     let mut best_held: HashMap<(u32, &str), u64> = HashMap::new();
     for ((device, conv), seqs) in &held {
@@ -371,7 +473,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Acked, MemberChange, ReceiptSeen, Received, Sent};
+    use crate::history::{Acked, MemberChange, Page, ReceiptSeen, Received, Sent};
 
     fn recv(device: DeviceKey, seq: u64, id: &str) -> Received {
         Received {
@@ -558,6 +660,47 @@ mod tests {
             same.received.push(second);
         }
         assert!(world_check(&same).is_empty());
+
+        // Pages: a sync page that ends early without more, one that skips, and a
+        // history page of the right entries.
+        let page = |kind: PageKind, entries: &[(u64, &str)], has_more: bool| Page {
+            device: (1, 0),
+            conv: "c".into(),
+            kind,
+            limit: 3,
+            entries: entries
+                .iter()
+                .map(|(s, id)| (*s, (*id).to_owned(), id.starts_with("member")))
+                .collect(),
+            has_more,
+            asked_ms: 100,
+            t_ms: 110,
+        };
+        let mut pages = h.clone();
+        pages.pages.push(page(
+            PageKind::History { before: None },
+            &[(1, "member-1"), (2, "m1")],
+            false,
+        ));
+        pages
+            .pages
+            .push(page(PageKind::Sync { after: 1 }, &[(2, "m1")], false));
+        assert!(world_check(&pages).is_empty(), "{:?}", world_check(&pages));
+        let mut short = h.clone();
+        short
+            .pages
+            .push(page(PageKind::Sync { after: 0 }, &[(1, "member-1")], false));
+        assert_eq!(world_check(&short), vec![Violation::Lost]);
+        let mut skips = h.clone();
+        skips
+            .pages
+            .push(page(PageKind::Sync { after: 0 }, &[(2, "m1")], false));
+        assert_eq!(world_check(&skips), vec![Violation::Gap]);
+        let mut wrong = h.clone();
+        wrong
+            .pages
+            .push(page(PageKind::Sync { after: 1 }, &[(2, "m9")], false));
+        assert!(world_check(&wrong).contains(&Violation::Conflict));
 
         let mut phantom = base();
         phantom.received.push(recv((0, 0), 3, "never-sent"));

@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::cluster::{sim_ms, Shared};
-use crate::history::{Acked, DeviceKey, FaultWindow, ReceiptSeen, Received, Sent, WindowKind};
+use crate::history::{
+    Acked, DeviceKey, FaultWindow, Page, PageKind, ReceiptSeen, Received, Sent, WindowKind,
+};
 use crate::options::SeedRng;
 
 /// Messages in flight per device.
@@ -110,6 +112,8 @@ pub async fn run_device(
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     let mut made = 0u32;
     let mut last_written: Option<(String, String)> = None;
+    // `sync` and `history` requests in flight: rid -> (conv, kind, limit, asked at).
+    let mut queries: BTreeMap<String, (String, PageKind, u64, u64)> = BTreeMap::new();
     // Set while the device has no working connection (a fault window for the checker).
     let mut offline_since: Option<u64> = Some(0);
     let mut rid = 0u64;
@@ -162,6 +166,21 @@ pub async fn run_device(
                             pending.remove(id);
                             shared.note(format!("device {:?} acked {id} seq {seq}", spec.key));
                             shared.with(|h| h.acked.push(Acked { device: spec.key, conv: conv.into(), message_id: id.into(), seq, t_ms: sim_ms() }));
+                        }
+                        (Some("ok"), Some(r)) if r.starts_with('q') => {
+                            let Some((conv, kind, limit, asked_ms)) = queries.remove(r) else { continue };
+                            let res = &v["result"];
+                            let entries: Vec<(u64, String, bool)> = res["entries"].as_array().map(|a| a.iter().filter_map(|e| {
+                                Some((e["seq"].as_u64()?, e["message_id"].as_str()?.to_owned(), e["body"]["kind"] == "members"))
+                            }).collect()).unwrap_or_default();
+                            let has_more = res["has_more"].as_bool().unwrap_or(false);
+                            let seqs: Vec<u64> = entries.iter().map(|e| e.0).collect();
+                            shared.note(format!("device {:?} got {kind:?} limit {limit} of {conv}: seqs {seqs:?}, has_more {has_more}", spec.key));
+                            shared.with(|h| h.pages.push(Page { device: spec.key, conv, kind, limit, entries, has_more, asked_ms, t_ms: sim_ms() }));
+                        }
+                        // A page refused (a group the user left, a cursor past the end): nothing to judge.
+                        (Some("error"), Some(r)) if r.starts_with('q') => {
+                            queries.remove(r);
                         }
                         (Some("ok"), Some("h")) => {
                             if let Some(since) = offline_since.take() {
@@ -254,6 +273,24 @@ pub async fn run_device(
                         send_rids.insert(format!("s{rid}"), id.clone());
                         frames.push(json!({"rid": format!("s{rid}"), "op": "send", "conv": p.conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
                     }
+                    // Now and then a small page of `sync` or `history`, judged against what
+                    // was acknowledged before it was asked.
+                    if !cursors.is_empty() && rng.chance(0.01) {
+                        let (conv, &c) = cursors.iter().nth(rng.range(0, cursors.len() as u64 - 1) as usize).expect("a conversation");
+                        let limit = rng.range(1, 4);
+                        rid += 1;
+                        let (kind, frame) = if rng.chance(0.5) {
+                            let after = rng.range(0, c);
+                            (PageKind::Sync { after }, json!({"rid": format!("q{rid}"), "op": "sync", "conv": conv, "after": after, "limit": limit}))
+                        } else if rng.chance(0.5) {
+                            (PageKind::History { before: None }, json!({"rid": format!("q{rid}"), "op": "history", "conv": conv, "limit": limit}))
+                        } else {
+                            let before = rng.range(1, c + 1);
+                            (PageKind::History { before: Some(before) }, json!({"rid": format!("q{rid}"), "op": "history", "conv": conv, "before": before, "limit": limit}))
+                        };
+                        queries.insert(format!("q{rid}"), (conv.clone(), kind, limit, now));
+                        frames.push(frame);
+                    }
                     for (conv, &c) in &cursors {
                         let last = acked_cursor.get(conv).copied().unwrap_or(0);
                         if c > last {
@@ -283,6 +320,7 @@ pub async fn run_device(
         }
         acked_cursor.clear();
         send_rids.clear(); // Replies to them will not come on the next connection.
+        queries.clear();
         if servers.len() > 1 && rng.chance(0.5) {
             server = (server + 1) % servers.len();
         }

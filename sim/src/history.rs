@@ -54,6 +54,43 @@ pub struct Received {
     pub t_ms: u64,
 }
 
+/// What a device asked a page of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageKind {
+    /// `sync`: entries after this seq.
+    Sync {
+        /// The `after` asked for.
+        after: u64,
+    },
+    /// `history`: the newest entries before this seq (none: the newest of all).
+    History {
+        /// The `before` asked for.
+        before: Option<u64>,
+    },
+}
+
+/// A page of `sync` or `history` returned to a device.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// Asking device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// What was asked.
+    pub kind: PageKind,
+    /// The `limit` asked for.
+    pub limit: u64,
+    /// The entries returned, in the order returned: seq, message id, and whether it
+    /// is a membership entry.
+    pub entries: Vec<(u64, String, bool)>,
+    /// The reply's `has_more`.
+    pub has_more: bool,
+    /// Simulated time the request was written, ms.
+    pub asked_ms: u64,
+    /// Simulated time the reply arrived, ms.
+    pub t_ms: u64,
+}
+
 /// A receipt shown to a device.
 #[derive(Debug, Clone)]
 pub struct ReceiptSeen {
@@ -119,6 +156,8 @@ pub struct History {
     pub received: Vec<Received>,
     /// Receipts shown to devices.
     pub receipts: Vec<ReceiptSeen>,
+    /// Pages of `sync` and `history` returned to devices.
+    pub pages: Vec<Page>,
     /// Fault windows.
     pub faults: Vec<FaultWindow>,
     /// Human-readable event trace (`--trace`).

@@ -246,14 +246,19 @@ fn merge(waiting: &mut Vec<Waiting>, new: Waiting) {
                 waiting.push(new);
             }
         }
-        // State, not history: the newest wins, for everyone either was for.
+        // State, not history: one event for everyone either was for. A receipt keeps
+        // the greater of each cursor (one computed from an older read may come
+        // later); presence, the newest.
         (Routed::Receipt(_), Routed::Receipt(_)) | (Routed::Presence(_), Routed::Presence(_)) => {
             let users: BTreeSet<&String> = last.users.iter().chain(new.users.iter()).collect();
             let users: Arc<[String]> = users.into_iter().cloned().collect();
-            *last = Waiting {
-                users,
-                event: new.event,
+            let event = match (&last.event, new.event) {
+                (Routed::Receipt(old), Routed::Receipt(r)) => {
+                    Routed::Receipt(Arc::new(old.merged(&r)))
+                }
+                (_, event) => event,
             };
+            *last = Waiting { users, event };
         }
         _ => unreachable!("a slot holds one kind of event"),
     }
@@ -395,6 +400,11 @@ mod tests {
             .forward(users(&["x"]), receipt("c", "b", 3))
             .await
             .unwrap();
+        // A receipt computed from an older read, queued last, takes nothing back.
+        outbox
+            .forward(users(&["b"]), receipt("c", "b", 2))
+            .await
+            .unwrap();
         assert_eq!(outbox.len(), 2);
         assert_eq!(outbox.retry(|_, _, _| {}).await, 0, "still down");
         assert!(took(&router).is_empty());
@@ -416,7 +426,7 @@ mod tests {
             ["b", "x"],
             "a merged receipt reaches both audiences"
         );
-        assert_eq!(counters.queued.get(), 7);
+        assert_eq!(counters.queued.get(), 8);
         assert_eq!(counters.waiting.get(), 0);
     }
 

@@ -412,6 +412,26 @@ pub struct Receipt {
     pub all_read: Option<u64>,
 }
 
+impl Receipt {
+    /// Two views of one user's cursors in one conversation combined, each field the
+    /// greater: cursors only grow, so a receipt computed from an older read (on another
+    /// server, or by a concurrent ack) never takes back what a newer one showed.
+    pub fn merged(&self, other: &Receipt) -> Receipt {
+        assert!(
+            self.conv == other.conv && self.user == other.user,
+            "merging receipts of different cursors"
+        );
+        Receipt {
+            conv: self.conv.clone(),
+            user: self.user.clone(),
+            delivered: self.delivered.max(other.delivered),
+            read: self.read.max(other.read),
+            all_delivered: self.all_delivered.max(other.all_delivered),
+            all_read: self.all_read.max(other.all_read),
+        }
+    }
+}
+
 /// Whether a user is online, and when they were last seen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PresenceState {

@@ -180,7 +180,10 @@ impl ChatService {
     /// `sync`: entries after a cursor, within what the caller may see.
     pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<Value, ProtocolError> {
         let (state, m) = self.readable(caller, &req.conv).await?;
-        let visible_max = state.last_seq.min(m.visible_until());
+        let mut visible_max = state.last_seq.min(m.visible_until());
+        if crate::mutants::active(crate::mutants::Mutant::SyncStopsShort) {
+            visible_max = visible_max.saturating_sub(1).max(req.after);
+        }
         if req.after > visible_max {
             return Err(ProtocolError::new(
                 ErrorCode::CursorAhead,

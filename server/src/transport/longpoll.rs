@@ -62,13 +62,7 @@ impl Collected {
             Push::Receipt(receipt, _) => {
                 let key = (receipt.conv.clone(), receipt.user.clone());
                 let merged = match self.receipts.remove(&key) {
-                    Some(shown) => Receipt {
-                        delivered: shown.delivered.max(receipt.delivered),
-                        read: shown.read.max(receipt.read),
-                        all_delivered: shown.all_delivered.max(receipt.all_delivered),
-                        all_read: shown.all_read.max(receipt.all_read),
-                        ..shown
-                    },
+                    Some(shown) => shown.merged(&receipt),
                     None => Receipt::clone(&receipt),
                 };
                 self.receipts.insert(key, merged);

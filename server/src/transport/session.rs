@@ -581,14 +581,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (merged, frame) = match self.receipts_shown.get(&key) {
             None => (receipt.clone(), frame),
             Some(shown) => {
-                let merged = Receipt {
-                    conv: receipt.conv.clone(),
-                    user: receipt.user.clone(),
-                    delivered: shown.delivered.max(receipt.delivered),
-                    read: shown.read.max(receipt.read),
-                    all_delivered: shown.all_delivered.max(receipt.all_delivered),
-                    all_read: shown.all_read.max(receipt.all_read),
-                };
+                let merged = shown.merged(receipt);
                 if merged == *shown {
                     return;
                 }
