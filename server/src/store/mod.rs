@@ -172,6 +172,10 @@ pub trait Store: Send + Sync + 'static {
         conv: &str,
     ) -> Result<Option<Cursor>, StoreError>;
 
+    /// `user`'s cursor over all devices in `conv` (zero if never acknowledged): at least
+    /// every receipt published for it before the call.
+    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError>;
+
     /// Raises `user`'s last-seen time to `at_ms` (never lowers it); durable on return.
     async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
 

@@ -231,7 +231,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(Push::Close(err)) => return Ok(Some(End::Error(err))),
                 Some(Push::Frame(frame)) => self.feed(Message::Text(frame)).await?,
-                Some(Push::Receipt(receipt, frame)) => self.on_receipt(&receipt, frame),
+                Some(Push::Receipt(receipt, frame)) => {
+                    let key = (receipt.conv.clone(), receipt.user.clone());
+                    let (receipt, frame) = if self.receipts_shown.contains_key(&key) {
+                        (receipt, frame)
+                    } else {
+                        with_stored_floor(Arc::clone(&self.service), receipt, frame).await
+                    };
+                    self.on_receipt(&receipt, frame);
+                }
                 Some(Push::Entry(entry, frame)) => self.on_push(&entry, frame).await?,
                 Some(Push::Resync) => self.resync().await,
                 Some(Push::Presence(states)) => self.on_presence(&states),
@@ -700,4 +708,35 @@ async fn recv(rx: &mut Option<(ConnId, DeviceQueue)>) -> Option<Push> {
         Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,
     }
+}
+
+/// The first receipt of a (conversation, user) in this session, raised to the
+/// user's cursor in the store: a receipt computed from an older read on another
+/// server, delayed (say in an outbox while the router was away) past this device's
+/// reconnect, must not take back what its previous session showed. The store's
+/// cursor is at least every receipt published before this read. Later receipts
+/// merge with what this session showed (`Session::on_receipt`). On a store error
+/// the receipt goes as it came.
+async fn with_stored_floor(
+    service: Arc<ChatService>,
+    receipt: Arc<Receipt>,
+    frame: Utf8Bytes,
+) -> (Arc<Receipt>, Utf8Bytes) {
+    let Ok(stored) = service
+        .store()
+        .user_cursor(&receipt.conv, &receipt.user)
+        .await
+    else {
+        return (receipt, frame);
+    };
+    if stored.delivered <= receipt.delivered && stored.read <= receipt.read {
+        return (receipt, frame);
+    }
+    let raised = Receipt {
+        delivered: receipt.delivered.max(stored.delivered),
+        read: receipt.read.max(stored.read),
+        ..Receipt::clone(&receipt)
+    };
+    let frame = Utf8Bytes::from(ServerFrame::Receipt(raised.clone()).to_json());
+    (Arc::new(raised), frame)
 }

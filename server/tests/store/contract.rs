@@ -356,6 +356,14 @@ pub async fn cursors_never_move_back(stores: &[Arc<dyn Store>]) {
         (read.user_after, read.user_after),
         "the user cursor is the maximum over devices"
     );
+    // Every store (every server) reads the user cursor as the last ack left it, and
+    // a user who never acknowledged reads as zero.
+    for s in stores {
+        let cursor = s.user_cursor(&conv, u).await.unwrap();
+        assert_eq!((cursor.delivered, cursor.read), (6, 6));
+        let none = s.user_cursor(&conv, &users[2]).await.unwrap();
+        assert_eq!((none.delivered, none.read), (0, 0));
+    }
     let ahead = store
         .ack(&conv, u, "phone", Some(7), None)
         .await

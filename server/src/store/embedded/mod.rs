@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::slot::DatabaseSlot;
 pub use self::slot::Opener;
-use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, SEQS, USER_CONVS};
+use self::tables::{CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, SEQS, USER_CONVS, USER_CURSORS};
 use self::writer::{WriteCtx, WriteOp};
 use super::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
 use crate::domain::{ConvRecord, Cursor, GroupChange};
@@ -355,6 +355,16 @@ impl Store for EmbeddedStore {
             return Ok(Vec::new());
         }
         self.read_entries(conv, 1..=before - 1, limit, true)
+    }
+
+    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError> {
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
+        let cursors = txn.open_table(USER_CURSORS).map_err(backend)?;
+        let found = cursors.get((conv, user)).map_err(backend)?;
+        Ok(found.map_or_else(Cursor::default, |g| {
+            let (delivered, read) = g.value();
+            Cursor { delivered, read }
+        }))
     }
 
     async fn device_cursor(

@@ -828,6 +828,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         self.tables.device_cursor(user, device, conv).await
     }
 
+    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError> {
+        self.tables.user_cursor(conv, user).await
+    }
+
     async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
         self.tables.raise_last_seen(user, at_ms).await
     }
