@@ -14,19 +14,7 @@ BINARY="${CHATPROOF_CHROMIUM:-/usr/bin/chromium}"
 
 install_chromium() {
   [[ -x "$BINARY" ]] && return 0
-  local sudo=()
-  if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || die "chromium is not installed, and installing it needs root or sudo"
-    sudo=(sudo)
-  fi
-  command -v apt-get >/dev/null || die "chromium is not installed and apt-get is not available to install it"
-  say "installing the Debian package chromium"
-  export DEBIAN_FRONTEND=noninteractive
-  # A fresh machine may have no package lists yet; update only when the first try fails.
-  if ! "${sudo[@]}" apt-get install -y -q chromium >&2; then
-    "${sudo[@]}" apt-get update -q >&2 || die "apt-get update failed"
-    "${sudo[@]}" apt-get install -y -q chromium >&2 || die "apt-get could not install chromium"
-  fi
+  apt_install chromium
   [[ -x "$BINARY" ]] || die "$BINARY is still missing after installing chromium"
 }
 

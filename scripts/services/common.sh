@@ -57,3 +57,20 @@ stop() {
   fi
   stop_quietly
 }
+
+# Installs Debian package $1 with apt-get (as root, or through sudo). A fresh machine may
+# have no package lists yet: the lists are updated only when the first try fails.
+apt_install() {
+  local package="$1" sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null || die "$package is not installed, and installing it needs root or sudo"
+    sudo=(sudo)
+  fi
+  command -v apt-get >/dev/null || die "$package is not installed and apt-get is not available to install it"
+  say "installing the Debian package $package"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! "${sudo[@]}" apt-get install -y -q "$package" >&2; then
+    "${sudo[@]}" apt-get update -q >&2 || die "apt-get update failed"
+    "${sudo[@]}" apt-get install -y -q "$package" >&2 || die "apt-get could not install $package"
+  fi
+}

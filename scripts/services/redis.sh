@@ -22,19 +22,7 @@ URL="redis://127.0.0.1:$REDIS_PORT/"
 
 install_redis() {
   command -v redis-server >/dev/null && command -v redis-cli >/dev/null && return 0
-  local sudo=()
-  if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || die "redis-server is not installed, and installing it needs root or sudo"
-    sudo=(sudo)
-  fi
-  command -v apt-get >/dev/null || die "redis-server is not installed and apt-get is not available to install it"
-  say "installing the Debian package redis-server"
-  export DEBIAN_FRONTEND=noninteractive
-  # A fresh machine may have no package lists yet; update only when the first try fails.
-  if ! "${sudo[@]}" apt-get install -y -q redis-server >&2; then
-    "${sudo[@]}" apt-get update -q >&2 || die "apt-get update failed"
-    "${sudo[@]}" apt-get install -y -q redis-server >&2 || die "apt-get could not install redis-server"
-  fi
+  apt_install redis-server
   command -v redis-server >/dev/null || die "redis-server is still not on PATH after installing it"
 }
 

@@ -50,30 +50,30 @@ impl Throttle {
     }
 }
 
-/// `tracing::warn!` at most once per [`WARN_INTERVAL`] for this call site, with a
-/// `left_out` field counting the occurrences not written since the last line.
+/// A `tracing` event at `$level` (a `tracing::Level`) at most once per
+/// [`WARN_INTERVAL`] for this call site, with a `left_out` field counting the
+/// occurrences not written since the last line.
 #[macro_export]
-macro_rules! warn_throttled {
-    ($($arg:tt)+) => {{
+macro_rules! log_throttled {
+    ($level:expr, $($arg:tt)+) => {{
         static THROTTLE: $crate::log_throttle::Throttle =
             $crate::log_throttle::Throttle::new($crate::log_throttle::WARN_INTERVAL);
         if let Some(left_out) = THROTTLE.admit(::tokio::time::Instant::now()) {
-            ::tracing::warn!(left_out, $($arg)+);
+            ::tracing::event!($level, left_out, $($arg)+);
         }
     }};
 }
 
-/// `tracing::error!` at most once per [`WARN_INTERVAL`] for this call site, with a
-/// `left_out` field counting the occurrences not written since the last line.
+/// [`log_throttled!`] at WARN.
+#[macro_export]
+macro_rules! warn_throttled {
+    ($($arg:tt)+) => { $crate::log_throttled!(::tracing::Level::WARN, $($arg)+) };
+}
+
+/// [`log_throttled!`] at ERROR.
 #[macro_export]
 macro_rules! error_throttled {
-    ($($arg:tt)+) => {{
-        static THROTTLE: $crate::log_throttle::Throttle =
-            $crate::log_throttle::Throttle::new($crate::log_throttle::WARN_INTERVAL);
-        if let Some(left_out) = THROTTLE.admit(::tokio::time::Instant::now()) {
-            ::tracing::error!(left_out, $($arg)+);
-        }
-    }};
+    ($($arg:tt)+) => { $crate::log_throttled!(::tracing::Level::ERROR, $($arg)+) };
 }
 
 #[cfg(test)]
