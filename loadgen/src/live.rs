@@ -115,6 +115,8 @@ pub fn exposition(run: &Run) -> String {
 pub async fn serve(listener: TcpListener, run: Arc<Run>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: wait rather than spin beside the schedule.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
         let run = Arc::clone(&run);

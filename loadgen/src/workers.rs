@@ -150,7 +150,8 @@ pub fn parent(
     crate::report::evaluate(&mut summary);
     crate::report::write(out, &summary, &histograms)?;
     drop(server);
-    eprintln!(
+    // As for one process: the report on standard output, the folder on standard error.
+    println!(
         "{}",
         std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
     );

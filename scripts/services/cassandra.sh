@@ -233,7 +233,13 @@ kill_node() {
   [[ -n "$pid" ]] || die "not running"
   say "killing pid $pid (SIGKILL; data kept in $RUN_DIR/data)"
   kill -KILL "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  # Gone, or a zombie nobody reaps yet (state Z): either way it holds no port.
+  local waited_ds=0
+  while kill -0 "$pid" 2>/dev/null && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; do
+    ((waited_ds < STOP_WAIT_S_MAX * 10)) || die "pid $pid still alive ${STOP_WAIT_S_MAX}s after SIGKILL"
+    sleep 0.1
+    waited_ds=$((waited_ds + 1))
+  done
 }
 
 # Starts a killed or stopped node on its existing data.
@@ -242,6 +248,9 @@ resume() {
   [[ -z "$(live_pid "$PID_FILE" "$PID_PATTERN")" ]] || die "already running"
   require_port_free "$CQL_PORT" "Cassandra CQL, CHATPROOF_CASSANDRA_PORT"
   require_port_free "$STORAGE_PORT" "Cassandra storage, CHATPROOF_CASSANDRA_STORAGE_PORT"
+  require_port_free "$JMX_PORT" "Cassandra JMX, CHATPROOF_CASSANDRA_JMX_PORT"
+  # Keep the log of the run that was killed.
+  [[ -f "$LOG_FILE" ]] && mv "$LOG_FILE" "$LOG_FILE.before-resume"
   launch
 }
 

@@ -347,22 +347,19 @@ fn swarm(
     let worst = results.iter().map(|r| r.1).max().unwrap_or(Exit::Pass);
     let mut failed = 0;
     for (_, _, stdout) in &results {
-        // Each failing seed: its verdict lines and its replay command (not its trace).
+        // Each failing seed: everything from its FAIL line up to its trace (which starts
+        // with the options line at 0 ms) or the summary line; not the trace.
         let mut in_failure = false;
         for line in stdout.lines() {
             if line.starts_with("  FAIL seed") {
                 failed += 1;
                 in_failure = true;
-            } else {
-                // The verdict's own lines are indented text; trace lines start with a time.
-                let verdict_line = line.starts_with("    ")
-                    && !line.trim_start().starts_with(|c: char| c.is_ascii_digit());
-                let labelled = line.starts_with("  replay:") || line.starts_with("  picture:");
-                if !verdict_line && !labelled {
-                    in_failure = false;
-                }
+            } else if is_trace_line(line) || line.starts_with("chatproof-sim: preset") {
+                in_failure = false;
             }
-            if in_failure {
+            // Pictures in a temporary directory are gone once the swarm ends.
+            let gone = junit_dir.is_none() && line.starts_with("  picture:");
+            if in_failure && !gone {
                 say!("{line}");
             }
         }
@@ -379,6 +376,15 @@ fn swarm(
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(worst)
+}
+
+/// A line of a printed trace: `  ` then the simulated time right-aligned, then ` ms  `.
+fn is_trace_line(line: &str) -> bool {
+    let rest = line.trim_start();
+    line.len() > rest.len()
+        && rest
+            .split_once(" ms  ")
+            .is_some_and(|(t, _)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Writes the seed's picture (`swimlanes`) to `path`.
@@ -513,8 +519,16 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                     if let Some(junit) = &junit {
                         let dir = junit.parent().unwrap_or(std::path::Path::new("."));
                         let path = dir.join(format!("{}-seed-{seed}.html", preset.name));
-                        write_picture(&path, &opts, &result, &replay_command(&common, seed, None))?;
-                        say!("  picture: {}", path.display());
+                        // A picture that cannot be written must not end the run.
+                        match write_picture(
+                            &path,
+                            &opts,
+                            &result,
+                            &replay_command(&common, seed, None),
+                        ) {
+                            Ok(()) => say!("  picture: {}", path.display()),
+                            Err(e) => eprintln!("chatproof-sim: warning: {e:#}"),
+                        }
                     }
                     print_trace(&result);
                     worst = worst.max(code);

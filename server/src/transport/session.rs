@@ -233,7 +233,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(Push::Frame(frame)) => self.feed(Message::Text(frame)).await?,
                 Some(Push::Receipt(receipt, frame)) => {
                     let key = (receipt.conv.clone(), receipt.user.clone());
-                    let (receipt, frame) = if self.receipts_shown.contains_key(&key) {
+                    // Only receipts routed between servers can be stale across a
+                    // reconnect: one server publishes its receipts in order.
+                    let (receipt, frame) = if self.receipts_shown.contains_key(&key)
+                        || self.service.fabric().is_none()
+                    {
                         (receipt, frame)
                     } else {
                         with_stored_floor(Arc::clone(&self.service), receipt, frame).await
@@ -710,23 +714,25 @@ async fn recv(rx: &mut Option<(ConnId, DeviceQueue)>) -> Option<Push> {
     }
 }
 
+/// How long a session waits for the store's cursor before showing a receipt unraised.
+const RECEIPT_FLOOR_WAIT: Duration = Duration::from_millis(250);
+
 /// The first receipt of a (conversation, user) in this session, raised to the
 /// user's cursor in the store: a receipt computed from an older read on another
 /// server, delayed (say in an outbox while the router was away) past this device's
 /// reconnect, must not take back what its previous session showed. The store's
 /// cursor is at least every receipt published before this read. Later receipts
-/// merge with what this session showed (`Session::on_receipt`). On a store error
-/// the receipt goes as it came.
+/// merge with what this session showed (`Session::on_receipt`). On a store error or
+/// after [`RECEIPT_FLOOR_WAIT`] the receipt goes as it came. One server publishes its
+/// receipts in order, so only cluster sessions (with a fabric) read the floor.
 async fn with_stored_floor(
     service: Arc<ChatService>,
     receipt: Arc<Receipt>,
     frame: Utf8Bytes,
 ) -> (Arc<Receipt>, Utf8Bytes) {
-    let Ok(stored) = service
-        .store()
-        .user_cursor(&receipt.conv, &receipt.user)
-        .await
-    else {
+    // Bounded: the session reads nothing else meanwhile.
+    let read = service.store().user_cursor(&receipt.conv, &receipt.user);
+    let Ok(Ok(stored)) = tokio::time::timeout(RECEIPT_FLOOR_WAIT, read).await else {
         return (receipt, frame);
     };
     if stored.delivered <= receipt.delivered && stored.read <= receipt.read {
