@@ -1,9 +1,9 @@
 //! Long-poll mailboxes: the server side of a device on the HTTP fallback.
 //!
-//! A device that polls gets a mailbox: a place in the [`Hub`] like a WebSocket
-//! session's, kept between its polls, so live events wake a waiting poll and
-//! receipts and presence changes wait for the next one. Entries never depend on
-//! the mailbox: every poll reads them from the store after the cursors the
+//! A device that polls gets a mailbox: its device feed (a place in the [`Hub`]
+//! like a WebSocket session's), kept between its polls, so live events wake a
+//! waiting poll and receipts and presence changes wait for the next one. Entries
+//! never depend on the mailbox: every poll restarts the feed at the cursors the
 //! device presents, so a lost response or an expired mailbox loses nothing.
 //!
 //! A mailbox is closed when the same device connects over WebSocket (or polls
@@ -16,19 +16,19 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::hub::{ConnId, DeviceQueue, Hub};
+use crate::hub::{ConnId, Hub};
 use crate::limits::Limits;
 use crate::protocol::{ErrorCode, ProtocolError};
 
 /// How long a device refused a mailbox (the server holds the most) is told to wait.
 pub const MAILBOX_FULL_RETRY_MS: u64 = 1_000;
 
-/// One polling device's place in the hub.
-pub struct Mailbox {
-    /// The hub slot (pass to [`Hub::unregister`]).
+/// One polling device's place in the hub, holding `T` (its device feed) between polls.
+pub struct Mailbox<T> {
+    /// The hub slot `content` holds.
     pub conn: ConnId,
-    /// Live events since the last poll.
-    pub queue: tokio::sync::Mutex<DeviceQueue>,
+    /// What a poll works on (one poll at a time).
+    pub content: tokio::sync::Mutex<T>,
     generation: AtomicU64,
     superseded: Notify,
     polls_in_flight: AtomicUsize,
@@ -36,7 +36,7 @@ pub struct Mailbox {
     closed: AtomicBool,
 }
 
-impl Mailbox {
+impl<T> Mailbox<T> {
     /// Starts a poll: an older poll of the same device still waiting returns
     /// at once (its client gave up on it). Returns the poll's generation.
     pub fn begin_poll(&self, now_ms: u64) -> u64 {
@@ -76,27 +76,38 @@ impl Mailbox {
     }
 }
 
-/// Every open mailbox of this server, by `(user, device)`.
-#[derive(Default)]
-pub struct Mailboxes {
-    open: Mutex<HashMap<(String, String), Arc<Mailbox>>>,
+/// A device: `(user, device)`.
+type DeviceKey = (String, String);
+
+/// Every open mailbox of this server, by device.
+pub struct Mailboxes<T> {
+    open: Mutex<HashMap<DeviceKey, Arc<Mailbox<T>>>>,
+}
+
+impl<T> Default for Mailboxes<T> {
+    fn default() -> Self {
+        Mailboxes {
+            open: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 /// What [`Mailboxes::get_or_open`] did.
-pub enum Opened {
+pub enum Opened<T> {
     /// The device's mailbox was open already.
-    Existing(Arc<Mailbox>),
-    /// A new mailbox, registered in the hub; the caller registers it in the cluster.
-    New(Arc<Mailbox>),
+    Existing(Arc<Mailbox<T>>),
+    /// A new mailbox around what `open` returned.
+    New(Arc<Mailbox<T>>),
 }
 
-impl Mailboxes {
-    /// The open mailbox of `device`, or a new one registered in `hub` (which
-    /// closes a WebSocket connection of the same device).
+impl<T> Mailboxes<T> {
+    /// The open mailbox of `device`, or a new one around what `open` returns: the
+    /// device's new slot in `hub` (which closes a WebSocket connection of the same
+    /// device) and what holds it.
     ///
     /// Refused with `overloaded` (and a wait) when `limits.poll_mailboxes_max`
-    /// mailboxes are open already, and with `too_many_devices` when the user has
-    /// the most devices allowed here; nothing is registered then.
+    /// mailboxes are open already, and with `open`'s error (say `too_many_devices`);
+    /// `open` is not called then, or registered nothing.
     pub fn get_or_open(
         &self,
         hub: &Hub,
@@ -104,7 +115,8 @@ impl Mailboxes {
         device: &str,
         limits: &Limits,
         now_ms: u64,
-    ) -> Result<Opened, ProtocolError> {
+        open_slot: impl FnOnce() -> Result<(ConnId, T), ProtocolError>,
+    ) -> Result<Opened<T>, ProtocolError> {
         let key = (user.to_owned(), device.to_owned());
         let mut open = self.open.lock().expect("mailboxes lock");
         let reopening = match open.get(&key) {
@@ -127,10 +139,10 @@ impl Mailboxes {
             )
             .retry_after(MAILBOX_FULL_RETRY_MS));
         }
-        let (conn, rx) = hub.register(user, device, limits)?;
+        let (conn, content) = open_slot()?;
         let mailbox = Arc::new(Mailbox {
             conn,
-            queue: tokio::sync::Mutex::new(rx),
+            content: tokio::sync::Mutex::new(content),
             generation: AtomicU64::new(0),
             superseded: Notify::new(),
             polls_in_flight: AtomicUsize::new(0),
@@ -145,7 +157,7 @@ impl Mailboxes {
     }
 
     /// Forgets `mailbox` of `(user, device)` if it is still the open one; true if it was.
-    pub fn remove(&self, user: &str, device: &str, mailbox: &Arc<Mailbox>) -> bool {
+    pub fn remove(&self, user: &str, device: &str, mailbox: &Arc<Mailbox<T>>) -> bool {
         let key = (user.to_owned(), device.to_owned());
         let mut open = self.open.lock().expect("mailboxes lock");
         if open.get(&key).is_some_and(|m| Arc::ptr_eq(m, mailbox)) {
@@ -157,7 +169,7 @@ impl Mailboxes {
 
     /// Removes and returns the mailboxes closed, or idle (no poll in flight, the
     /// last one ended before `idle_before_ms`).
-    pub fn take_expired(&self, idle_before_ms: u64) -> Vec<((String, String), Arc<Mailbox>)> {
+    pub fn take_expired(&self, idle_before_ms: u64) -> Vec<Arc<Mailbox<T>>> {
         let mut open = self.open.lock().expect("mailboxes lock");
         let expired: Vec<(String, String)> = open
             .iter()
@@ -170,8 +182,14 @@ impl Mailboxes {
             .collect();
         expired
             .into_iter()
-            .filter_map(|k| open.remove(&k).map(|m| (k, m)))
+            .filter_map(|k| open.remove(&k))
             .collect()
+    }
+
+    /// Removes and returns every mailbox (shutdown).
+    pub fn take_all(&self) -> Vec<Arc<Mailbox<T>>> {
+        let mut open = self.open.lock().expect("mailboxes lock");
+        open.drain().map(|(_, m)| m).collect()
     }
 
     /// Number of open mailboxes.
@@ -188,7 +206,23 @@ impl Mailboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Push;
+    use crate::hub::{DeviceQueue, Push};
+
+    type Boxes = Mailboxes<DeviceQueue>;
+
+    /// Opens (or reuses) `user`'s `device` mailbox around a plain hub slot.
+    fn open(
+        boxes: &Boxes,
+        hub: &Hub,
+        user: &str,
+        device: &str,
+        limits: &Limits,
+        now_ms: u64,
+    ) -> Result<Opened<DeviceQueue>, ProtocolError> {
+        boxes.get_or_open(hub, user, device, limits, now_ms, || {
+            hub.register(user, device, limits)
+        })
+    }
 
     fn small() -> Limits {
         Limits {
@@ -201,43 +235,37 @@ mod tests {
     /// wait; an open mailbox is still served, and a freed place is taken again.
     #[test]
     fn mailboxes_past_the_limit_are_refused() {
-        let (hub, boxes) = (Hub::default(), Mailboxes::default());
+        let (hub, boxes) = (Hub::default(), Boxes::default());
         let limits = Limits {
             poll_mailboxes_max: 2,
             ..small()
         };
-        let Ok(Opened::New(ann)) = boxes.get_or_open(&hub, "ann", "web", &limits, 0) else {
+        let Ok(Opened::New(ann)) = open(&boxes, &hub, "ann", "web", &limits, 0) else {
             panic!("first");
         };
-        assert!(boxes.get_or_open(&hub, "bob", "web", &limits, 0).is_ok());
-        let refused = boxes
-            .get_or_open(&hub, "cat", "web", &limits, 0)
-            .err()
-            .unwrap();
+        assert!(open(&boxes, &hub, "bob", "web", &limits, 0).is_ok());
+        let refused = open(&boxes, &hub, "cat", "web", &limits, 0).err().unwrap();
         assert_eq!(refused.code, ErrorCode::Overloaded);
         assert!(refused.retry_after_ms.is_some());
         assert!(!hub.device_online("cat", "web"), "nothing registered");
         assert!(matches!(
-            boxes.get_or_open(&hub, "ann", "web", &limits, 0),
+            open(&boxes, &hub, "ann", "web", &limits, 0),
             Ok(Opened::Existing(_))
         ));
         assert!(boxes.remove("ann", "web", &ann));
-        assert!(boxes.get_or_open(&hub, "cat", "web", &limits, 0).is_ok());
+        assert!(open(&boxes, &hub, "cat", "web", &limits, 0).is_ok());
     }
 
     /// A user with the most devices allowed gets no mailbox for another one.
     #[test]
     fn devices_past_the_limit_get_no_mailbox() {
-        let (hub, boxes) = (Hub::default(), Mailboxes::default());
+        let (hub, boxes) = (Hub::default(), Boxes::default());
         let limits = Limits {
             devices_per_user_max: 1,
             ..small()
         };
-        assert!(boxes.get_or_open(&hub, "ann", "phone", &limits, 0).is_ok());
-        let refused = boxes
-            .get_or_open(&hub, "ann", "web", &limits, 0)
-            .err()
-            .unwrap();
+        assert!(open(&boxes, &hub, "ann", "phone", &limits, 0).is_ok());
+        let refused = open(&boxes, &hub, "ann", "web", &limits, 0).err().unwrap();
         assert_eq!(refused.code, ErrorCode::TooManyDevices);
         assert_eq!(boxes.len(), 1);
     }
@@ -245,17 +273,12 @@ mod tests {
     /// A device keeps one mailbox across polls; idle ones expire, busy ones do not.
     #[test]
     fn mailbox_lifecycle() {
-        let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes
-            .get_or_open(&hub, "ann", "web", &small(), 1_000)
-            .unwrap()
-        else {
+        let (hub, boxes) = (Hub::default(), Boxes::default());
+        let Opened::New(first) = open(&boxes, &hub, "ann", "web", &small(), 1_000).unwrap() else {
             panic!("a new device gets a new mailbox");
         };
         assert!(hub.device_online("ann", "web"));
-        let Opened::Existing(again) = boxes
-            .get_or_open(&hub, "ann", "web", &small(), 1_100)
-            .unwrap()
+        let Opened::Existing(again) = open(&boxes, &hub, "ann", "web", &small(), 1_100).unwrap()
         else {
             panic!("the open mailbox is reused");
         };
@@ -275,13 +298,12 @@ mod tests {
     /// A closed mailbox is replaced by the next poll.
     #[test]
     fn closed_mailbox_is_replaced() {
-        let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap() else {
+        let (hub, boxes) = (Hub::default(), Boxes::default());
+        let Opened::New(first) = open(&boxes, &hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("new");
         };
         first.close();
-        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap()
-        else {
+        let Opened::New(second) = open(&boxes, &hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("a closed mailbox is not reused");
         };
         assert!(!Arc::ptr_eq(&first, &second));
@@ -296,14 +318,13 @@ mod tests {
     /// reused, though no poll has read its close yet; the next poll takes the slot back.
     #[test]
     fn mailbox_replaced_in_the_hub_is_not_reused() {
-        let (hub, boxes) = (Hub::default(), Mailboxes::default());
-        let Opened::New(first) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap() else {
+        let (hub, boxes) = (Hub::default(), Boxes::default());
+        let Opened::New(first) = open(&boxes, &hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("new");
         };
         let (websocket, mut ws_queue) = hub.register("ann", "web", &small()).unwrap();
         assert!(!hub.holds("ann", first.conn) && hub.holds("ann", websocket));
-        let Opened::New(second) = boxes.get_or_open(&hub, "ann", "web", &small(), 0).unwrap()
-        else {
+        let Opened::New(second) = open(&boxes, &hub, "ann", "web", &small(), 0).unwrap() else {
             panic!("a mailbox that lost its hub slot is not reused");
         };
         assert!(first.is_closed() && !Arc::ptr_eq(&first, &second));

@@ -166,7 +166,9 @@ pub async fn run(
     }
     expiry.abort();
     let _ = expiry.await;
-    // Sessions closed during the drain marked their users offline: publish that.
+    // Long-poll devices end with the server too (their leases end with their last
+    // poll); sessions closed during the drain marked their users offline: publish that.
+    service.close_mailboxes();
     service.publish_presence().await;
     presence.abort();
     let _ = presence.await;

@@ -1,10 +1,13 @@
 //! Domain rules with no I/O: conversations and membership, cursors and receipts,
-//! and the per-device stream that turns pushes into an ordered, gap-free sequence.
+//! the per-device stream that turns pushes into an ordered, gap-free sequence, and
+//! what a device was shown of receipts.
 
 pub mod conversation;
 pub mod cursor;
+pub mod receipts;
 pub mod stream;
 
 pub use conversation::{direct_conv_id, ConvRecord, GroupChange, Membership};
 pub use cursor::Cursor;
+pub use receipts::{ReceiptView, ReceiptsShown};
 pub use stream::{DeviceStream, StreamStep};

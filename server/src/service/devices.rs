@@ -1,8 +1,100 @@
-//! Devices: where a connecting or polling device starts in each conversation, and its coming and going for presence and long-poll mailboxes.
+//! Devices: one life cycle on every transport (connect, hold a lease, disconnect),
+//! where a connecting or polling device starts in each conversation, and long-poll
+//! mailboxes.
 
 use super::*;
+use crate::hub::{ConnId, DeviceQueue};
+
+/// A device's place on this server, from connect to disconnect, the same on every
+/// transport: [`ChatService::lease_device`] takes its place in the hub (ending its
+/// connection over any transport), [`DeviceLease::route`] makes other servers route
+/// to it, [`DeviceLease::up`] counts it online for presence. Dropping the lease
+/// undoes exactly what was done, in reverse.
+pub struct DeviceLease {
+    service: Arc<ChatService>,
+    caller: Caller,
+    conn: ConnId,
+    routed: bool,
+    up: bool,
+}
+
+impl DeviceLease {
+    /// The device holding the lease.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// Its slot in the hub.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Registers the device in the cluster (no-op on one node), so that what other
+    /// servers sequence from now on reaches it: call before reading where it starts.
+    pub async fn route(&mut self) -> Result<(), ProtocolError> {
+        assert!(!self.routed, "a lease is routed once");
+        if let Some(fabric) = self.service.fabric() {
+            fabric
+                .device_connected(&self.caller.user, &self.caller.device)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "cannot register the device in the cluster");
+                    registry_unavailable()
+                })?;
+        }
+        self.routed = true;
+        Ok(())
+    }
+
+    /// Counts the device online (its user's presence, last seen).
+    pub fn up(&mut self) {
+        assert!(self.routed, "a device is routed before it is up");
+        assert!(!self.up, "a lease is up once");
+        self.up = true;
+        self.service.device_up(&self.caller.user);
+    }
+}
+
+impl Drop for DeviceLease {
+    fn drop(&mut self) {
+        let (svc, user, device) = (&self.service, &self.caller.user, &self.caller.device);
+        svc.hub.unregister(user, self.conn);
+        if self.routed {
+            if let Some(fabric) = &svc.fabric {
+                if !svc.hub.device_online(user, device) {
+                    fabric.device_disconnected(user, device);
+                }
+            }
+        }
+        if self.up {
+            svc.device_down(user);
+        }
+    }
+}
 
 impl ChatService {
+    /// Connects `caller`'s device: takes its place in the hub, which tells its
+    /// other connection (WebSocket or long-poll mailbox) to close. The lease is
+    /// neither routed nor up yet. Refused with `too_many_devices` when the user has
+    /// the most devices allowed here.
+    pub fn lease_device(
+        self: &Arc<Self>,
+        caller: &Caller,
+    ) -> Result<(DeviceLease, DeviceQueue), ProtocolError> {
+        let (conn, queue) = self
+            .hub
+            .register(&caller.user, &caller.device, &self.limits)
+            .inspect_err(|_| self.metrics.count_limit_hit(LimitHit::DevicesPerUser))?;
+        let lease = DeviceLease {
+            service: Arc::clone(self),
+            caller: caller.clone(),
+            conn,
+            routed: false,
+            up: false,
+        };
+        Ok((lease, queue))
+    }
+
     /// Checks cursors a device presents (hello, poll): each names a conversation
     /// among `states` (the caller's) and no seq beyond what the caller may see.
     pub async fn check_cursors(
@@ -51,21 +143,71 @@ impl ChatService {
         }
     }
 
+    /// The long-poll mailbox of `caller`'s device: the open one, or a new one whose
+    /// feed is leased (ending the device's WebSocket), routed and up before it is
+    /// returned, so nothing sequenced afterwards goes unnoticed. Refused with
+    /// `overloaded` when `--poll-mailboxes-max` are open, `too_many_devices` past
+    /// the user's devices, `internal` when the cluster registry is unavailable.
+    pub async fn mailbox(
+        self: &Arc<Self>,
+        caller: &Caller,
+    ) -> Result<Arc<crate::mailbox::Mailbox<DeviceFeed>>, ProtocolError> {
+        let now = self.clock.now_ms();
+        let opened = self
+            .mailboxes
+            .get_or_open(
+                &self.hub,
+                &caller.user,
+                &caller.device,
+                &self.limits,
+                now,
+                || {
+                    let (lease, queue) = self.lease_device(caller)?;
+                    let conn = lease.conn();
+                    Ok((conn, DeviceFeed::new(Arc::clone(self), lease, queue)))
+                },
+            )
+            .inspect_err(|e| {
+                if e.code == ErrorCode::Overloaded {
+                    self.metrics.count_limit_hit(LimitHit::PollMailboxes);
+                }
+            })?;
+        match opened {
+            crate::mailbox::Opened::Existing(mailbox) => {
+                self.record_last_seen(&caller.user);
+                Ok(mailbox)
+            }
+            crate::mailbox::Opened::New(mailbox) => {
+                self.metrics.polls_open.set(self.mailboxes.len() as i64);
+                let mut feed = mailbox.content.lock().await;
+                if let Err(e) = feed.lease_mut().route().await {
+                    drop(feed);
+                    mailbox.close();
+                    self.mailboxes
+                        .remove(&caller.user, &caller.device, &mailbox);
+                    return Err(e);
+                }
+                feed.lease_mut().up();
+                drop(feed);
+                Ok(mailbox)
+            }
+        }
+    }
+
     /// Closes long-poll mailboxes that were replaced or not polled for the idle
-    /// timeout: their devices go offline.
+    /// timeout: their devices go offline (their leases end with the last poll).
     pub fn expire_mailboxes(&self) {
         let idle_ms = u64::try_from(self.limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         let idle_before = self.clock.now_ms().saturating_sub(idle_ms);
-        for ((user, device), mailbox) in self.mailboxes.take_expired(idle_before) {
-            self.hub.unregister(&user, mailbox.conn);
-            if let Some(fabric) = &self.fabric {
-                if !self.hub.device_online(&user, &device) {
-                    fabric.device_disconnected(&user, &device);
-                }
-            }
-            self.device_down(&user);
-        }
+        drop(self.mailboxes.take_expired(idle_before));
         self.metrics.polls_open.set(self.mailboxes.len() as i64);
+    }
+
+    /// Closes every long-poll mailbox (shutdown): their devices go offline once
+    /// their polls in flight end.
+    pub fn close_mailboxes(&self) {
+        drop(self.mailboxes.take_all());
+        self.metrics.polls_open.set(0);
     }
 
     /// Where a device's stream of `state` starts: after its presented or stored

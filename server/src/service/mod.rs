@@ -6,12 +6,14 @@
 //! - `fanout`: an appended entry to devices here and on other servers; push for offline users.
 //! - `conversations`: direct chats, groups, membership, what a caller may read.
 //! - `messages`: send, ack and receipts, `sync`, `history`.
-//! - `devices`: where a device starts, its coming and going, long-poll mailboxes.
+//! - `devices`: one device life cycle ([`DeviceLease`]), where a device starts, long-poll mailboxes.
+//! - `feed`: one device's delivery whatever its transport ([`DeviceFeed`]).
 //! - `presence`: last seen, `presence` requests, publishing changes.
 
 mod conversations;
 mod devices;
 mod fanout;
+mod feed;
 mod messages;
 mod presence;
 
@@ -40,6 +42,9 @@ use crate::protocol::{
 use crate::push::{LogSink, Notification, PushSink};
 use crate::rate::RateLimiter;
 use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
+
+pub use devices::DeviceLease;
+pub use feed::{DeviceFeed, Out, RECEIPT_BATCH_WINDOW};
 
 /// Presence changes published at once (each reads the store, and Redis in a cluster).
 const PRESENCE_PUBLISH_CONCURRENCY: usize = 32;
@@ -81,7 +86,7 @@ pub struct ChatService {
     /// Presence changes waiting for publication, and local presence subscriptions.
     presence: Presence,
     /// Devices on the long-polling fallback.
-    mailboxes: crate::mailbox::Mailboxes,
+    mailboxes: crate::mailbox::Mailboxes<DeviceFeed>,
     /// Where notifications for users with no connected device go.
     push: Arc<dyn PushSink>,
     /// Image storage; `None` where images are not served (the simulator).
@@ -304,7 +309,7 @@ impl ChatService {
     }
 
     /// Devices on the long-polling fallback.
-    pub fn mailboxes(&self) -> &crate::mailbox::Mailboxes {
+    pub fn mailboxes(&self) -> &crate::mailbox::Mailboxes<DeviceFeed> {
         &self.mailboxes
     }
 

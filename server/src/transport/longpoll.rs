@@ -1,12 +1,13 @@
 //! The long-polling fallback: `POST /v1/poll` holds a request until something
 //! arrives for the device, or the timeout.
 //!
-//! Entries are always read from the store after the cursors the device presents
-//! (or its acknowledged cursors for conversations it does not list), in seq order
-//! per conversation; the device's mailbox only wakes the poll and keeps receipts
-//! and presence changes between polls. So a response lost on the way is simply
-//! asked for again with the same cursors: nothing is lost, and a device that
-//! advances its cursors from what it received sees nothing twice.
+//! A polling device's [`DeviceFeed`] lives in its mailbox between polls. Each poll
+//! restarts the feed at the cursors the device presents (or its acknowledged
+//! cursors for conversations it does not list), so entries come in seq order per
+//! conversation and a response lost on the way is simply asked for again with the
+//! same cursors: nothing is lost, and a device that advances its cursors from what
+//! it received sees nothing twice. Receipts and presence changes wait in the feed
+//! for the next poll.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,79 +15,47 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::hub::Push;
-use crate::mailbox::{Mailbox, Opened};
-use crate::metrics::LimitHit;
-use crate::protocol::{Entry, ErrorCode, PollRequest, PresenceState, ProtocolError, Receipt};
-use crate::service::{Caller, ChatService};
+use crate::mailbox::Mailbox;
+use crate::protocol::{Entry, PollRequest, PresenceState, ProtocolError, Receipt};
+use crate::service::{Caller, ChatService, DeviceFeed, Out};
 
 /// How long a poll waits when the request names no timeout.
 pub const POLL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(25);
 
-/// Where the device is in one conversation.
-struct Position {
-    /// First seq it does not have.
-    next: u64,
-    /// Last seq it may see (membership).
-    visible_until: u64,
-    /// Last seq known to exist.
-    last_seq: u64,
-}
-
-impl Position {
-    fn behind(&self) -> bool {
-        self.next <= self.last_seq.min(self.visible_until)
-    }
-}
-
-/// What one poll collected.
+/// What one poll answers.
 #[derive(Default)]
 struct Collected {
-    entries: Vec<Entry>,
+    entries: Vec<Arc<Entry>>,
     has_more: bool,
-    receipts: BTreeMap<(String, String), Receipt>,
-    presence: BTreeMap<String, PresenceState>,
-    /// Conversations may exist that the positions do not know: re-read them.
-    rescan: bool,
-    /// The mailbox ended (replaced by a WebSocket, or overflowed).
-    closed: bool,
+    receipts: Vec<Receipt>,
+    presence: Vec<PresenceState>,
 }
 
 impl Collected {
-    fn absorb(&mut self, push: Push, positions: &mut BTreeMap<String, Position>) {
-        match push {
-            Push::Entry(entry, _) => match positions.get_mut(&entry.conv) {
-                Some(pos) => pos.last_seq = pos.last_seq.max(entry.seq),
-                None => self.rescan = true,
-            },
-            Push::Receipt(receipt, _) => {
-                let key = (receipt.conv.clone(), receipt.user.clone());
-                let merged = match self.receipts.remove(&key) {
-                    Some(shown) => shown.merged(&receipt),
-                    None => Receipt::clone(&receipt),
-                };
-                self.receipts.insert(key, merged);
-            }
-            Push::Presence(states) => {
-                for state in states.iter() {
-                    self.presence
-                        .insert(state.user.clone(), PresenceState::clone(state));
-                }
-            }
-            Push::Resync => self.rescan = true,
-            Push::Close(_) => self.closed = true,
-            Push::Frame(_) => {}
-        }
-    }
-
     fn response(self, server_time_ms: u64) -> Value {
         json!({
             "entries": self.entries,
             "has_more": self.has_more,
-            "receipts": self.receipts.into_values().collect::<Vec<_>>(),
-            "presence": self.presence.into_values().collect::<Vec<_>>(),
+            "receipts": self.receipts,
+            "presence": self.presence,
             "server_time_ms": server_time_ms,
         })
+    }
+
+    /// Takes what the feed gave out: entries, and receipts and presence changes
+    /// when `with_presence`.
+    fn take(&mut self, feed: &mut DeviceFeed, with_presence: bool) {
+        for out in feed.drain_out() {
+            if let Out::Entry(entry, _) = out {
+                self.entries.push(entry);
+            }
+        }
+        self.receipts
+            .extend(feed.take_receipts().into_iter().map(|(receipt, _)| receipt));
+        if with_presence {
+            self.presence = feed.take_presence();
+        }
+        self.has_more = feed.is_behind();
     }
 }
 
@@ -101,103 +70,54 @@ pub async fn poll(
         .map_or(POLL_TIMEOUT_DEFAULT, Duration::from_millis)
         .min(svc.limits().poll_timeout_max);
     let limit = svc.limits().page_len(req.limit)? as usize;
-    let mailbox = open_mailbox(svc, caller).await?;
+    let mailbox = svc.mailbox(caller).await?;
     let generation = mailbox.begin_poll(svc.clock().now_ms());
-    let result = poll_in(
-        svc,
-        caller,
-        &mailbox,
-        generation,
-        &req.cursors,
-        timeout,
-        limit,
-    )
-    .await;
+    let result = poll_in(svc, &mailbox, generation, &req.cursors, timeout, limit).await;
     mailbox.end_poll(svc.clock().now_ms());
     result.map(|c| c.response(svc.clock().now_ms()))
 }
 
-/// The device's mailbox; a new one is registered here and in the cluster
-/// before anything is read, so nothing sequenced afterwards goes unnoticed.
-async fn open_mailbox(
-    svc: &Arc<ChatService>,
-    caller: &Caller,
-) -> Result<Arc<Mailbox>, ProtocolError> {
-    let now = svc.clock().now_ms();
-    let opened = svc
-        .mailboxes()
-        .get_or_open(svc.hub(), &caller.user, &caller.device, svc.limits(), now)
-        .inspect_err(|e| {
-            let limit = match e.code {
-                ErrorCode::TooManyDevices => LimitHit::DevicesPerUser,
-                _ => LimitHit::PollMailboxes,
-            };
-            svc.metrics().count_limit_hit(limit);
-        })?;
-    match opened {
-        Opened::Existing(mailbox) => {
-            svc.record_last_seen(&caller.user);
-            Ok(mailbox)
-        }
-        Opened::New(mailbox) => {
-            svc.metrics().polls_open.set(svc.mailboxes().len() as i64);
-            if let Some(fabric) = svc.fabric() {
-                if let Err(e) = fabric.device_connected(&caller.user, &caller.device).await {
-                    tracing::error!(error = %e, "cannot register a polling device in the cluster");
-                    mailbox.close();
-                    return Err(crate::service::registry_unavailable());
-                }
-            }
-            svc.device_up(&caller.user);
-            Ok(mailbox)
-        }
-    }
-}
-
 async fn poll_in(
     svc: &Arc<ChatService>,
-    caller: &Caller,
-    mailbox: &Mailbox,
+    mailbox: &Mailbox<DeviceFeed>,
     generation: u64,
     cursors: &BTreeMap<String, u64>,
     timeout: Duration,
     limit: usize,
 ) -> Result<Collected, ProtocolError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut queue = mailbox.queue.lock().await;
+    let mut feed = mailbox.content.lock().await;
     let mut got = Collected::default();
-    if mailbox.is_superseded(generation) {
+    if mailbox.is_superseded(generation) || mailbox.is_closed() {
         return Ok(got);
     }
-    let states = svc.conversations(caller).await?;
-    svc.check_cursors(caller, &states, cursors).await?;
-    let mut positions = BTreeMap::new();
-    add_positions(svc, caller, &states, cursors, &mut positions).await?;
-    // Presence alone is answered at most once per presence interval.
-    let mut presence_due: Option<tokio::time::Instant> = None;
+    feed.start(cursors, limit).await?;
     loop {
-        while let Ok(push) = queue.try_recv() {
-            got.absorb(push, &mut positions);
+        feed.take_queued(svc.limits().device_queue_len_max).await;
+        while feed.catch_up_ready() {
+            feed.catch_up_step().await;
         }
-        if std::mem::take(&mut got.rescan) {
-            let states = svc.conversations(caller).await?;
-            add_positions(svc, caller, &states, cursors, &mut positions).await?;
-        }
-        read_behind(svc, &positions, limit, &mut got).await?;
         let now = tokio::time::Instant::now();
-        if got.closed {
+        if feed.ended().is_some() {
+            // Replaced by a WebSocket, or too far behind: the next poll opens another.
             mailbox.close();
-        }
-        if !got.entries.is_empty() || !got.receipts.is_empty() || got.closed || now >= deadline {
+            got.take(&mut feed, true);
             return Ok(got);
         }
-        if !got.presence.is_empty() {
-            let due = *presence_due.get_or_insert(now + svc.limits().presence_interval);
-            if now >= due {
-                return Ok(got);
-            }
+        got.take(&mut feed, false);
+        if !got.entries.is_empty() || !got.receipts.is_empty() || now >= deadline {
+            got.take(&mut feed, true);
+            return Ok(got);
         }
-        let wake_at = presence_due.map_or(deadline, |due| due.min(deadline));
+        // Presence alone is answered at most once per presence interval.
+        if feed.presence_due().is_some_and(|due| now >= due) {
+            got.take(&mut feed, true);
+            return Ok(got);
+        }
+        let wake_at = [feed.presence_due(), feed.work_due()]
+            .into_iter()
+            .flatten()
+            .fold(deadline, std::cmp::Ord::min);
         let superseded = mailbox.superseded();
         if mailbox.is_superseded(generation) {
             return Ok(got);
@@ -205,76 +125,8 @@ async fn poll_in(
         tokio::select! {
             biased;
             () = superseded => return Ok(got),
-            push = queue.recv() => match push {
-                Some(push) => got.absorb(push, &mut positions),
-                None => got.closed = true,
-            },
-            () = tokio::time::sleep_until(wake_at) => {}
+            push = feed.recv() => feed.on_push(push).await,
+            () = tokio::time::sleep_until(wake_at) => feed.work().await,
         }
     }
-}
-
-/// Adds a position for each conversation of `states` not yet known, and raises
-/// the last seq of the known ones.
-async fn add_positions(
-    svc: &ChatService,
-    caller: &Caller,
-    states: &[crate::store::ConvState],
-    cursors: &BTreeMap<String, u64>,
-    positions: &mut BTreeMap<String, Position>,
-) -> Result<(), ProtocolError> {
-    for state in states {
-        let conv = &state.record.id;
-        if let Some(pos) = positions.get_mut(conv) {
-            pos.last_seq = pos.last_seq.max(state.last_seq);
-            continue;
-        }
-        let Ok(m) = state.record.require_reader(&caller.user) else {
-            continue;
-        };
-        let next = svc
-            .stream_start(caller, state, cursors.get(conv).copied(), true)
-            .await?;
-        positions.insert(
-            conv.clone(),
-            Position {
-                next,
-                visible_until: m.visible_until(),
-                last_seq: state.last_seq,
-            },
-        );
-    }
-    Ok(())
-}
-
-/// Reads what the device lacks, conversation by conversation, up to `limit` entries.
-async fn read_behind(
-    svc: &ChatService,
-    positions: &BTreeMap<String, Position>,
-    limit: usize,
-    got: &mut Collected,
-) -> Result<(), ProtocolError> {
-    for (conv, pos) in positions.iter().filter(|(_, p)| p.behind()) {
-        let room = limit.saturating_sub(got.entries.len());
-        if room == 0 {
-            got.has_more = true;
-            break;
-        }
-        let until = pos.last_seq.min(pos.visible_until);
-        let room = u32::try_from(room).unwrap_or(u32::MAX);
-        let entries = svc
-            .store()
-            .read_after(conv, pos.next - 1, until, room)
-            .await
-            .map_err(|e| {
-                tracing::error!(conv, error = %e, "poll read failed");
-                ProtocolError::new(ErrorCode::Internal, "storage failure; poll again")
-            })?;
-        if entries.len() == room as usize && entries.last().is_some_and(|e| e.seq < until) {
-            got.has_more = true;
-        }
-        debug_assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
-        got.entries.extend(entries);
-    }
-    Ok(())
 }

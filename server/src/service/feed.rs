@@ -1,0 +1,594 @@
+//! One device's delivery, whatever its transport: the ordered stream of entries
+//! (catch-up after connecting, live pushes, gap fills from the store, resync after
+//! lost events), receipts merged so they never go back, and presence coalesced.
+//!
+//! A transport owns a [`DeviceFeed`] for as long as the device is connected (a
+//! WebSocket session, or a long-poll mailbox between polls) and only frames what
+//! the feed gives it: it waits on [`DeviceFeed::recv`] and the feed's due times,
+//! hands each push to [`DeviceFeed::on_push`], and writes what
+//! [`DeviceFeed::drain_out`], [`DeviceFeed::take_receipts`] and
+//! [`DeviceFeed::take_presence`] return. Every entry goes through one
+//! [`DeviceStream`], so the device sees each conversation in seq order, without
+//! gaps or duplicates, however the entry arrived.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use super::devices::DeviceLease;
+use super::*;
+use crate::domain::{DeviceStream, ReceiptView, ReceiptsShown, StreamStep};
+use crate::hub::DeviceQueue;
+use crate::protocol::MemberAction;
+
+/// Receipts wait this long for others to leave with them (a group's members
+/// acknowledging one message within moments of each other).
+pub const RECEIPT_BATCH_WINDOW: Duration = Duration::from_millis(50);
+
+/// How long after a failed resync, catch-up read or gap fill the feed tries again.
+const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// How long the feed waits for the store's cursor before showing a receipt unraised.
+const RECEIPT_FLOOR_WAIT: Duration = Duration::from_millis(250);
+
+/// What the feed gives its transport to write, in order.
+#[derive(Debug)]
+pub enum Out {
+    /// The next entry of its conversation for this device, with its `msg` frame.
+    Entry(Arc<Entry>, Utf8Bytes),
+    /// Catch-up after connecting is over (once per feed).
+    CaughtUp,
+    /// Any other frame pushed to the device.
+    Frame(Utf8Bytes),
+}
+
+/// One connected device's delivery state; see the module doc.
+pub struct DeviceFeed {
+    service: Arc<ChatService>,
+    lease: DeviceLease,
+    queue: DeviceQueue,
+    stream: DeviceStream,
+    /// Conversations the store holds more of than the device has, each with the
+    /// last seq to read up to, in the order they are caught up.
+    behind: VecDeque<(String, u64)>,
+    caught_up_said: bool,
+    /// Entries the transport may still take before the next start (a poll's limit).
+    room: usize,
+    out: Vec<Out>,
+    receipts_shown: ReceiptsShown,
+    /// Receipts not yet taken (the latest per conversation and user) and their frames.
+    receipts_pending: BTreeMap<(String, String), (Receipt, Utf8Bytes)>,
+    receipts_due: Option<tokio::time::Instant>,
+    /// Presence changes not yet taken, the latest per user.
+    presence_pending: BTreeMap<String, PresenceState>,
+    presence_due: Option<tokio::time::Instant>,
+    resync_due: Option<tokio::time::Instant>,
+    /// Receipts waiting for the store's cursor before they may be shown (its read
+    /// failed or took too long), merged per (conversation, user), and when to retry.
+    receipts_unfloored: BTreeMap<(String, String), Receipt>,
+    floors_due: Option<tokio::time::Instant>,
+    ended: Option<ProtocolError>,
+}
+
+impl DeviceFeed {
+    /// A feed for the device holding `lease`, fed by the hub through `queue`.
+    /// Nothing is delivered before [`DeviceFeed::start`].
+    pub fn new(service: Arc<ChatService>, lease: DeviceLease, queue: DeviceQueue) -> Self {
+        DeviceFeed {
+            service,
+            lease,
+            queue,
+            stream: DeviceStream::default(),
+            behind: VecDeque::new(),
+            caught_up_said: false,
+            room: 0,
+            out: Vec::new(),
+            receipts_shown: ReceiptsShown::default(),
+            receipts_pending: BTreeMap::new(),
+            receipts_due: None,
+            presence_pending: BTreeMap::new(),
+            presence_due: None,
+            resync_due: None,
+            receipts_unfloored: BTreeMap::new(),
+            floors_due: None,
+            ended: None,
+        }
+    }
+
+    /// The device.
+    pub fn caller(&self) -> &Caller {
+        self.lease.caller()
+    }
+
+    /// The device's lease (route it, count it up).
+    pub fn lease_mut(&mut self) -> &mut DeviceLease {
+        &mut self.lease
+    }
+
+    /// (Re)starts every conversation of the device after the cursors it presents
+    /// (its stored cursors, or the most recent entries for a new device, where it
+    /// presents none) and queues catch-up where it is behind. Returns the
+    /// conversations. At most `room` entries are given out until the next start.
+    /// What was given out but not taken is dropped: the device presents cursors
+    /// again.
+    pub async fn start(
+        &mut self,
+        cursors: &BTreeMap<String, u64>,
+        room: usize,
+    ) -> Result<Vec<ConvState>, ProtocolError> {
+        let svc = Arc::clone(&self.service);
+        let caller = self.lease.caller().clone();
+        let states = svc.conversations(&caller).await?;
+        svc.check_cursors(&caller, &states, cursors).await?;
+        let mut stream = DeviceStream::default();
+        let mut behind = VecDeque::new();
+        for state in &states {
+            let conv = &state.record.id;
+            let m = state.record.require_reader(&caller.user)?;
+            let start = svc
+                .stream_start(&caller, state, cursors.get(conv).copied(), true)
+                .await?;
+            stream.start(conv, start, m.visible_until());
+            let until = state.last_seq.min(m.visible_until());
+            if start <= until {
+                behind.push_back((conv.clone(), until));
+            }
+        }
+        self.stream = stream;
+        self.behind = behind;
+        self.room = room;
+        self.out.clear();
+        if self.service.fabric().is_some() {
+            // In a cluster the device may have been connected to another server
+            // since this feed last started (a long-poll mailbox outlives that), and
+            // shown newer receipts there: what this feed showed or holds is no
+            // floor any more, so every receipt goes through the store's cursor again.
+            self.receipts_shown = ReceiptsShown::default();
+            self.receipts_due = None;
+            for (_, (receipt, frame)) in std::mem::take(&mut self.receipts_pending) {
+                self.on_receipt_floored(Arc::new(receipt), Some(frame))
+                    .await;
+            }
+        }
+        self.say_caught_up_if_done();
+        Ok(states)
+    }
+
+    /// The next push from the hub; `None` once the hub dropped the device and
+    /// everything queued was taken. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Push> {
+        self.queue.recv().await
+    }
+
+    /// Handles the pushes already queued, at most `len_max`, until the feed ends;
+    /// true if it took any.
+    pub async fn take_queued(&mut self, len_max: usize) -> bool {
+        let mut took = false;
+        for _ in 0..len_max {
+            if self.ended.is_some() {
+                break;
+            }
+            match self.queue.try_recv() {
+                Ok(push) => self.on_push(Some(push)).await,
+                // Empty, or closed (the next `recv` reports it).
+                Err(_) => break,
+            }
+            took = true;
+        }
+        took
+    }
+
+    /// Handles what [`DeviceFeed::recv`] returned.
+    pub async fn on_push(&mut self, push: Option<Push>) {
+        match push {
+            None => self.end(ProtocolError::new(
+                ErrorCode::SlowConsumer,
+                "too far behind on live events; reconnect to catch up",
+            )),
+            Some(Push::Close(err)) => self.end(err),
+            Some(Push::Frame(frame)) => self.out.push(Out::Frame(frame)),
+            Some(Push::Receipt(receipt, frame)) => self.on_receipt(receipt, frame).await,
+            Some(Push::Entry(entry, frame)) => self.on_entry(&entry, frame).await,
+            Some(Push::Resync) => self.resync().await,
+            Some(Push::Presence(states)) => self.on_presence(&states),
+        }
+    }
+
+    /// Why the device must be disconnected (replaced, too slow), once it must.
+    pub fn ended(&self) -> Option<&ProtocolError> {
+        self.ended.as_ref()
+    }
+
+    /// Whether some conversation still has entries the device lacks (after a
+    /// poll's limit, or while catching up).
+    pub fn is_behind(&self) -> bool {
+        !self.behind.is_empty()
+    }
+
+    /// Whether [`DeviceFeed::catch_up_step`] has something to do now.
+    pub fn catch_up_ready(&self) -> bool {
+        self.is_behind() && self.room > 0 && self.ended.is_none()
+    }
+
+    /// Gives out the next page of the first conversation still behind; it stays
+    /// first until it is caught up.
+    pub async fn catch_up_step(&mut self) {
+        let Some((conv, until)) = self.behind.pop_front() else {
+            return;
+        };
+        let page = self.room.min(self.service.limits().page_len_max as usize);
+        match self.give_stored(&conv, until, page).await {
+            Ok(None) => {}
+            Ok(Some(left_until)) => self.behind.push_front((conv, left_until)),
+            Err(e) => {
+                tracing::error!(conv, error = %e, "catch-up read failed; retrying");
+                self.retry_resync();
+            }
+        }
+        self.say_caught_up_if_done();
+    }
+
+    /// Takes what the feed gave out since the last call, in order.
+    pub fn drain_out(&mut self) -> std::vec::Drain<'_, Out> {
+        self.out.drain(..)
+    }
+
+    /// When pending receipts are due to be written (a batch window after the first).
+    pub fn receipts_due(&self) -> Option<tokio::time::Instant> {
+        self.receipts_due
+    }
+
+    /// Takes the pending receipts, each the latest for its conversation and user.
+    pub fn take_receipts(&mut self) -> Vec<(Receipt, Utf8Bytes)> {
+        self.receipts_due = None;
+        std::mem::take(&mut self.receipts_pending)
+            .into_values()
+            .collect()
+    }
+
+    /// When pending presence changes are due (at most one batch per presence interval).
+    pub fn presence_due(&self) -> Option<tokio::time::Instant> {
+        self.presence_due
+    }
+
+    /// Takes the pending presence changes, the latest per user.
+    pub fn take_presence(&mut self) -> Vec<PresenceState> {
+        self.presence_due = None;
+        std::mem::take(&mut self.presence_pending)
+            .into_values()
+            .collect()
+    }
+
+    /// When work that failed on a store error (a resync, a receipt's floor) is
+    /// tried again: call [`DeviceFeed::work`] then.
+    pub fn work_due(&self) -> Option<tokio::time::Instant> {
+        match (self.resync_due, self.floors_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Does the work that is due (see [`DeviceFeed::work_due`]).
+    pub async fn work(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.resync_due.is_some_and(|due| due <= now) {
+            self.resync().await;
+        }
+        if self.floors_due.is_some_and(|due| due <= now) {
+            self.floors_due = None;
+            for (_, receipt) in std::mem::take(&mut self.receipts_unfloored) {
+                self.on_receipt_floored(Arc::new(receipt), None).await;
+            }
+        }
+    }
+
+    /// Live events may have been lost: queue catch-up for every conversation the
+    /// store holds more of than this device received, new ones included.
+    pub async fn resync(&mut self) {
+        let svc = Arc::clone(&self.service);
+        let caller = self.lease.caller().clone();
+        self.resync_due = None;
+        let states = match svc.conversations(&caller).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(error = %e, "resync failed; retrying");
+                return self.retry_resync();
+            }
+        };
+        for state in &states {
+            let conv = &state.record.id;
+            if self.stream.next_seq(conv).is_none() {
+                let Ok(m) = state.record.require_reader(&caller.user) else {
+                    continue;
+                };
+                match svc.stream_start(&caller, state, None, false).await {
+                    Ok(start) => self.stream.start(conv, start, m.visible_until()),
+                    Err(e) => {
+                        tracing::warn!(conv, error = %e, "cannot start a stream on resync; retrying");
+                        self.retry_resync();
+                        continue;
+                    }
+                }
+            }
+        }
+        let last_seqs: Vec<(String, u64)> = states
+            .iter()
+            .map(|s| (s.record.id.clone(), s.last_seq))
+            .collect();
+        let behind: Vec<String> = self.stream.behind(&last_seqs).map(str::to_owned).collect();
+        for conv in behind {
+            let last = last_seqs
+                .iter()
+                .find(|(c, _)| *c == conv)
+                .map_or(0, |(_, last)| *last);
+            self.mark_behind(&conv, last);
+        }
+    }
+
+    fn end(&mut self, err: ProtocolError) {
+        if self.ended.is_none() {
+            self.ended = Some(err);
+        }
+    }
+
+    /// Queues catch-up of `conv` up to `until` (or raises what is queued).
+    fn mark_behind(&mut self, conv: &str, until: u64) {
+        match self.behind.iter_mut().find(|(c, _)| c == conv) {
+            Some((_, queued)) => *queued = (*queued).max(until),
+            None => self.behind.push_back((conv.to_owned(), until)),
+        }
+    }
+
+    /// Once nothing is behind (and no resync is pending), says so, once per feed.
+    fn say_caught_up_if_done(&mut self) {
+        if !self.caught_up_said && self.behind.is_empty() && self.resync_due.is_none() {
+            self.caught_up_said = true;
+            self.out.push(Out::CaughtUp);
+        }
+    }
+
+    /// Gives out `conv`'s entries from the next one the device lacks up to
+    /// `until`, at most `len_max` of them (and the room). Returns the `until` still
+    /// to do when they did not all fit. An error leaves the stream where it was.
+    async fn give_stored(
+        &mut self,
+        conv: &str,
+        until: u64,
+        len_max: usize,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut left = len_max;
+        loop {
+            let Some(next) = self.stream.next_seq(conv) else {
+                return Ok(None); // Not started (any more): nothing of it to give.
+            };
+            let until = until.min(self.stream.visible_until(conv).unwrap_or(0));
+            if next > until {
+                return Ok(None);
+            }
+            if left == 0 || self.room == 0 {
+                return Ok(Some(until));
+            }
+            let page = u32::try_from(left.min(self.room))
+                .unwrap_or(u32::MAX)
+                .min(self.service.limits().page_len_max);
+            let entries = self
+                .service
+                .store()
+                .read_after(conv, next - 1, until, page)
+                .await?;
+            let Some(last) = entries.last().map(|e| e.seq) else {
+                return Ok(None); // Expired meanwhile: nothing left to give.
+            };
+            assert!(
+                last >= next,
+                "{conv}: read after {} returned {last}",
+                next - 1
+            );
+            debug_assert!(entries.windows(2).all(|w| w[0].seq < w[1].seq));
+            left = left.saturating_sub(entries.len());
+            for entry in entries {
+                self.give_read(entry);
+            }
+            if last >= until {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Gives out an entry read from the store, if the device does not have it yet.
+    fn give_read(&mut self, entry: Entry) {
+        let next = self
+            .stream
+            .next_seq(&entry.conv)
+            .expect("started conversation");
+        if entry.seq < next || entry.seq > self.stream.visible_until(&entry.conv).unwrap_or(0) {
+            return;
+        }
+        let entry = Arc::new(entry);
+        let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
+        self.give(entry, frame);
+    }
+
+    /// Gives out the next entry of its conversation.
+    fn give(&mut self, entry: Arc<Entry>, frame: Utf8Bytes) {
+        assert!(self.room > 0, "an entry given out past the room");
+        self.room -= 1;
+        self.stream.delivered(&entry.conv, entry.seq);
+        let svc = &self.service;
+        svc.metrics().messages_out.inc();
+        let lag_ms = svc.clock().now_ms().saturating_sub(entry.server_time_ms);
+        svc.metrics()
+            .delivery_latency
+            .observe(lag_ms as f64 / 1000.0);
+        if self.concerns_me(&entry, &[MemberAction::Remove, MemberAction::Leave]) {
+            self.stream.close_at(&entry.conv, entry.seq);
+        }
+        self.out.push(Out::Entry(entry, frame));
+    }
+
+    fn concerns_me(&self, entry: &Entry, actions: &[MemberAction]) -> bool {
+        let Body::Members { action, users } = &entry.body else {
+            return false;
+        };
+        actions.contains(action) && users.contains(&self.lease.caller().user)
+    }
+
+    /// A live entry: give it out, drop it, or fill the gap before it from the store.
+    async fn on_entry(&mut self, entry: &Arc<Entry>, frame: Utf8Bytes) {
+        // Added to a group: the stream starts at the add entry, unless it already
+        // covers it (the start may have read it and given it out).
+        let covered = self
+            .stream
+            .visible_until(&entry.conv)
+            .is_some_and(|until| until >= entry.seq);
+        if self.concerns_me(entry, &[MemberAction::Add]) && !covered {
+            self.stream.start(&entry.conv, entry.seq, u64::MAX);
+        }
+        let mut step = self.stream.on_push(&entry.conv, entry.seq);
+        if step == StreamStep::Unknown {
+            let caller = self.lease.caller().clone();
+            let svc = Arc::clone(&self.service);
+            let started = match svc.readable(&caller, &entry.conv).await {
+                Ok((state, m)) => svc
+                    .stream_start(&caller, &state, None, false)
+                    .await
+                    .map(|start| (start, m.visible_until())),
+                Err(e) => Err(e),
+            };
+            match started {
+                Ok((start, visible)) => self.stream.start(&entry.conv, start, visible),
+                Err(e) => {
+                    tracing::warn!(conv = entry.conv, error = %e, "cannot start stream for a push; resyncing");
+                    return self.retry_resync();
+                }
+            }
+            step = self.stream.on_push(&entry.conv, entry.seq);
+        }
+        if crate::mutants::active(crate::mutants::Mutant::FanoutOutOfOrder)
+            && matches!(step, StreamStep::Fill { .. })
+            && self.room > 0
+        {
+            let visible = self.stream.visible_until(&entry.conv).unwrap_or(u64::MAX);
+            self.stream.start(&entry.conv, entry.seq, visible);
+            return self.give(Arc::clone(entry), frame);
+        }
+        match step {
+            StreamStep::Deliver if self.room > 0 => self.give(Arc::clone(entry), frame),
+            StreamStep::Deliver => self.mark_behind(&entry.conv, entry.seq),
+            StreamStep::Duplicate | StreamStep::NotVisible => {}
+            StreamStep::Fill { to, .. } => {
+                match self.give_stored(&entry.conv, to, usize::MAX).await {
+                    Ok(None) => {}
+                    Ok(Some(left_until)) => self.mark_behind(&entry.conv, left_until),
+                    Err(e) => {
+                        tracing::warn!(conv = entry.conv, error = %e, "gap fill failed; resyncing");
+                        self.retry_resync();
+                    }
+                }
+            }
+            StreamStep::Unknown => unreachable!("stream was just started"),
+        }
+    }
+
+    /// Queues a receipt merged (field by field, by maximum) with those already
+    /// shown, or nothing when it adds nothing; due within the batch window.
+    async fn on_receipt(&mut self, receipt: Arc<Receipt>, frame: Utf8Bytes) {
+        self.on_receipt_floored(receipt, Some(frame)).await;
+    }
+
+    /// See [`DeviceFeed::on_receipt`]; `frame` is the receipt's, if at hand.
+    ///
+    /// Only receipts routed between servers can be stale across a reconnect (one
+    /// server publishes its receipts in order), so in a cluster the first receipt
+    /// of a (conversation, user) in this feed is first raised to the user's cursor
+    /// in the store; until that read succeeds it is not shown (later ones merge
+    /// into it), and the read is retried.
+    async fn on_receipt_floored(&mut self, receipt: Arc<Receipt>, frame: Option<Utf8Bytes>) {
+        let key = (receipt.conv.clone(), receipt.user.clone());
+        let (receipt, frame) = if self.service.fabric().is_some()
+            && !self.receipts_shown.knows(&receipt.conv, &receipt.user)
+        {
+            if let Some(waiting) = self.receipts_unfloored.get_mut(&key) {
+                *waiting = waiting.merged(&receipt);
+                return;
+            }
+            match with_stored_floor(&self.service, &receipt).await {
+                Some(Floored::AsIs) => (receipt, frame),
+                Some(Floored::Raised(raised)) => (Arc::new(raised), None),
+                None => {
+                    self.receipts_unfloored
+                        .insert(key, Receipt::clone(&receipt));
+                    let at = tokio::time::Instant::now() + RESYNC_RETRY_AFTER;
+                    self.floors_due.get_or_insert(at);
+                    return;
+                }
+            }
+        } else {
+            (receipt, frame)
+        };
+        let (shown, frame) = match self.receipts_shown.show(&receipt) {
+            ReceiptView::Nothing => return,
+            ReceiptView::AsArrived => {
+                let frame = frame.unwrap_or_else(|| {
+                    Utf8Bytes::from(ServerFrame::Receipt(Receipt::clone(&receipt)).to_json())
+                });
+                (Receipt::clone(&receipt), frame)
+            }
+            ReceiptView::Merged(merged) => {
+                let frame = Utf8Bytes::from(ServerFrame::Receipt(merged.clone()).to_json());
+                (merged, frame)
+            }
+        };
+        self.receipts_pending.insert(key, (shown, frame));
+        if self.receipts_due.is_none() {
+            self.receipts_due = Some(tokio::time::Instant::now() + RECEIPT_BATCH_WINDOW);
+        }
+    }
+
+    /// Keeps the latest state per user until the next presence batch is due.
+    fn on_presence(&mut self, states: &[Arc<PresenceState>]) {
+        for state in states {
+            self.presence_pending
+                .insert(state.user.clone(), PresenceState::clone(state));
+        }
+        if self.presence_due.is_none() {
+            let interval = self.service.limits().presence_interval;
+            self.presence_due = Some(tokio::time::Instant::now() + interval);
+        }
+    }
+
+    /// Schedules another resync soon (after a store error lost a fill, a catch-up
+    /// page or a resync).
+    fn retry_resync(&mut self) {
+        let at = tokio::time::Instant::now() + RESYNC_RETRY_AFTER;
+        self.resync_due = Some(self.resync_due.map_or(at, |t| t.min(at)));
+    }
+}
+
+/// A receipt against the user's cursor in the store.
+enum Floored {
+    /// The store holds nothing newer.
+    AsIs,
+    /// Raised to the store's cursor.
+    Raised(Receipt),
+}
+
+/// `receipt` raised to the user's cursor in the store: a receipt computed from an
+/// older read on another server, delayed (say in an outbox while the router was
+/// away) past this device's reconnect, must not take back what its previous
+/// connection showed. The store's cursor is at least every receipt published
+/// before this read. `None` on a store error or after [`RECEIPT_FLOOR_WAIT`].
+async fn with_stored_floor(service: &ChatService, receipt: &Receipt) -> Option<Floored> {
+    // Bounded: the feed reads nothing else meanwhile.
+    let read = service.store().user_cursor(&receipt.conv, &receipt.user);
+    let Ok(Ok(stored)) = tokio::time::timeout(RECEIPT_FLOOR_WAIT, read).await else {
+        return None;
+    };
+    if stored.delivered <= receipt.delivered && stored.read <= receipt.read {
+        return Some(Floored::AsIs);
+    }
+    Some(Floored::Raised(Receipt {
+        delivered: receipt.delivered.max(stored.delivered),
+        read: receipt.read.max(stored.read),
+        ..receipt.clone()
+    }))
+}
