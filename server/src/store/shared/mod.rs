@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-pub use self::tables::{CursorCell, HeadRow, Tables};
+pub use self::tables::{CursorCell, HeadRow, TableOp, TableReply, Tables, TablesExt};
 use crate::domain::{next_server_time, receipt_floor, ConvRecord, Cursor, GroupChange};
 use crate::protocol::{Body, ConvKind, Entry, ErrorCode, ProtocolError};
 use crate::store::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
