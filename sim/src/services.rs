@@ -25,10 +25,9 @@ use async_trait::async_trait;
 use chatproof_server::cluster::{
     resync_sessions, Envelope, Fabric, FabricError, Forwarded, Routed,
 };
-use chatproof_server::domain::Cursor;
 use chatproof_server::hub::Hub;
 use chatproof_server::store::shared::memory::MemTables;
-use chatproof_server::store::shared::{CursorCell, HeadRow, Tables};
+use chatproof_server::store::shared::{TableOp, TableReply, Tables};
 use chatproof_server::store::StoreError;
 use madsim::net::rpc::Request;
 use madsim::net::Endpoint;
@@ -49,140 +48,30 @@ const HEARTBEAT_EVERY: Duration = Duration::from_millis(300);
 
 // ---------------------------------------------------------------- store
 
-/// One [`Tables`] operation, as sent to the store node.
+/// One [`TableOp`] on its way to the store node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub enum TableCall {
-    Head(String),
-    InsertHead(String, HeadRow),
-    AdvanceHead(String, u64, HeadRow),
-    PutEntry(String, i32, u64, String),
-    PutBucket(String, i32, u64),
-    PutMessageId(String, String, String, u64),
-    PutUserConv(String, String),
-    Buckets(String),
-    EntriesAfter(String, i32, u64, u64, u32),
-    EntriesBefore(String, i32, u64, u32),
-    MessageId(String, String, String),
-    UserConvs(String),
-    DeviceCursor(String, String, String),
-    RaiseDeviceCursor(String, String, String, CursorCell, u64),
-    UserCursor(String, String),
-    UserCursors(String),
-    RaiseUserCursor(String, String, CursorCell, u64),
-    RaiseLastSeen(String, u64),
-    LastSeen(String),
-}
+pub struct StoreCall(pub TableOp);
 
-/// The store node's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[allow(missing_docs)]
-pub enum TableReply {
-    Unit,
-    Head(Option<HeadRow>),
-    Applied(bool),
-    Buckets(Vec<(i32, u64)>),
-    Strings(Vec<String>),
-    Seq(Option<u64>),
-    Cursor(Option<(u64, u64)>),
-    UserCursors(Vec<(String, u64, u64)>),
-}
-
-impl Request for TableCall {
+impl Request for StoreCall {
     type Response = Result<TableReply, String>;
     const ID: u64 = 0xC0FF_EE01;
-}
-
-fn pair(c: Cursor) -> (u64, u64) {
-    (c.delivered, c.read)
-}
-
-fn cursor((delivered, read): (u64, u64)) -> Cursor {
-    Cursor { delivered, read }
-}
-
-/// Applies one call to the tables (the store node's handler).
-async fn apply(tables: &MemTables, call: TableCall) -> Result<TableReply, StoreError> {
-    use TableCall as C;
-    use TableReply as R;
-    Ok(match call {
-        C::Head(conv) => R::Head(tables.head(&conv).await?),
-        C::InsertHead(conv, row) => R::Applied(tables.insert_head(&conv, &row).await?),
-        C::AdvanceHead(conv, expected, row) => {
-            R::Applied(tables.advance_head(&conv, expected, &row).await?)
-        }
-        C::PutEntry(conv, bucket, seq, entry) => {
-            tables.put_entry(&conv, bucket, seq, &entry).await?;
-            R::Unit
-        }
-        C::PutBucket(conv, bucket, first) => {
-            tables.put_bucket(&conv, bucket, first).await?;
-            R::Unit
-        }
-        C::PutMessageId(conv, sender, id, seq) => {
-            tables.put_message_id(&conv, &sender, &id, seq).await?;
-            R::Unit
-        }
-        C::PutUserConv(user, conv) => {
-            tables.put_user_conv(&user, &conv).await?;
-            R::Unit
-        }
-        C::Buckets(conv) => R::Buckets(tables.buckets(&conv).await?),
-        C::EntriesAfter(conv, bucket, after, until, limit) => R::Strings(
-            tables
-                .entries_after(&conv, bucket, after, until, limit)
-                .await?,
-        ),
-        C::EntriesBefore(conv, bucket, before, limit) => {
-            R::Strings(tables.entries_before(&conv, bucket, before, limit).await?)
-        }
-        C::MessageId(conv, sender, id) => R::Seq(tables.message_id(&conv, &sender, &id).await?),
-        C::UserConvs(user) => R::Strings(tables.user_convs(&user).await?),
-        C::DeviceCursor(user, device, conv) => {
-            R::Cursor(tables.device_cursor(&user, &device, &conv).await?.map(pair))
-        }
-        C::RaiseDeviceCursor(user, device, conv, cell, value) => {
-            tables
-                .raise_device_cursor(&user, &device, &conv, cell, value)
-                .await?;
-            R::Unit
-        }
-        C::UserCursor(conv, user) => R::Cursor(Some(pair(tables.user_cursor(&conv, &user).await?))),
-        C::UserCursors(conv) => R::UserCursors(
-            tables
-                .user_cursors(&conv)
-                .await?
-                .into_iter()
-                .map(|(u, c)| (u, c.delivered, c.read))
-                .collect(),
-        ),
-        C::RaiseUserCursor(conv, user, cell, value) => {
-            tables.raise_user_cursor(&conv, &user, cell, value).await?;
-            R::Unit
-        }
-        C::RaiseLastSeen(user, at_ms) => {
-            tables.raise_last_seen(&user, at_ms).await?;
-            R::Unit
-        }
-        C::LastSeen(user) => R::Seq(tables.last_seen(&user).await?),
-    })
 }
 
 /// The store node: serves `tables` (which outlive the node's crashes) until killed.
 pub async fn serve_store(addr: SocketAddr, tables: Arc<MemTables>) {
     let ep = Endpoint::bind(addr).await.expect("binding the store port");
-    ep.add_rpc_handler(move |call: TableCall| {
+    ep.add_rpc_handler(move |StoreCall(op)| {
         let tables = Arc::clone(&tables);
         async move {
             // Service time: reads and writes are not free.
             tokio::time::sleep(Duration::from_micros(200)).await;
-            apply(&tables, call).await.map_err(|e| e.to_string())
+            tables.call(op).await.map_err(|e| e.to_string())
         }
     });
     std::future::pending::<()>().await;
 }
 
-/// [`Tables`] on the simulated store node.
+/// [`Tables`] on the simulated store node: forwards each op as it is.
 pub struct SimTables {
     ep: Endpoint,
     store: SocketAddr,
@@ -196,176 +85,17 @@ impl SimTables {
             .expect("binding a client endpoint");
         Self { ep, store }
     }
+}
 
-    async fn call(&self, call: TableCall) -> Result<TableReply, StoreError> {
+#[async_trait]
+impl Tables for SimTables {
+    async fn call(&self, op: TableOp) -> Result<TableReply, StoreError> {
+        let call = StoreCall(op);
         match self.ep.call_timeout(self.store, call, CALL_TIMEOUT).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(why)) => Err(StoreError::Backend(why)),
             Err(e) => Err(StoreError::Backend(format!("store unreachable: {e}"))),
         }
-    }
-}
-
-fn unexpected(reply: TableReply) -> StoreError {
-    StoreError::Backend(format!("unexpected store reply {reply:?}"))
-}
-
-macro_rules! expect_reply {
-    ($self:ident, $call:expr, $pat:pat => $out:expr) => {
-        match $self.call($call).await? {
-            $pat => Ok($out),
-            other => Err(unexpected(other)),
-        }
-    };
-}
-
-#[async_trait]
-impl Tables for SimTables {
-    async fn head(&self, conv: &str) -> Result<Option<HeadRow>, StoreError> {
-        expect_reply!(self, TableCall::Head(conv.into()), TableReply::Head(h) => h)
-    }
-
-    async fn insert_head(&self, conv: &str, row: &HeadRow) -> Result<bool, StoreError> {
-        expect_reply!(self, TableCall::InsertHead(conv.into(), row.clone()), TableReply::Applied(a) => a)
-    }
-
-    async fn advance_head(
-        &self,
-        conv: &str,
-        expected_last_seq: u64,
-        row: &HeadRow,
-    ) -> Result<bool, StoreError> {
-        let call = TableCall::AdvanceHead(conv.into(), expected_last_seq, row.clone());
-        expect_reply!(self, call, TableReply::Applied(a) => a)
-    }
-
-    async fn put_entry(
-        &self,
-        conv: &str,
-        bucket: i32,
-        seq: u64,
-        entry: &str,
-    ) -> Result<(), StoreError> {
-        let call = TableCall::PutEntry(conv.into(), bucket, seq, entry.into());
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn put_bucket(&self, conv: &str, bucket: i32, first_seq: u64) -> Result<(), StoreError> {
-        let call = TableCall::PutBucket(conv.into(), bucket, first_seq);
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn put_message_id(
-        &self,
-        conv: &str,
-        sender: &str,
-        message_id: &str,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        let call = TableCall::PutMessageId(conv.into(), sender.into(), message_id.into(), seq);
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn put_user_conv(&self, user: &str, conv: &str) -> Result<(), StoreError> {
-        let call = TableCall::PutUserConv(user.into(), conv.into());
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn buckets(&self, conv: &str) -> Result<Vec<(i32, u64)>, StoreError> {
-        expect_reply!(self, TableCall::Buckets(conv.into()), TableReply::Buckets(b) => b)
-    }
-
-    async fn entries_after(
-        &self,
-        conv: &str,
-        bucket: i32,
-        after: u64,
-        until: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let call = TableCall::EntriesAfter(conv.into(), bucket, after, until, limit);
-        expect_reply!(self, call, TableReply::Strings(s) => s)
-    }
-
-    async fn entries_before(
-        &self,
-        conv: &str,
-        bucket: i32,
-        before: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let call = TableCall::EntriesBefore(conv.into(), bucket, before, limit);
-        expect_reply!(self, call, TableReply::Strings(s) => s)
-    }
-
-    async fn message_id(
-        &self,
-        conv: &str,
-        sender: &str,
-        message_id: &str,
-    ) -> Result<Option<u64>, StoreError> {
-        let call = TableCall::MessageId(conv.into(), sender.into(), message_id.into());
-        expect_reply!(self, call, TableReply::Seq(s) => s)
-    }
-
-    async fn user_convs(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        expect_reply!(self, TableCall::UserConvs(user.into()), TableReply::Strings(s) => s)
-    }
-
-    async fn device_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        conv: &str,
-    ) -> Result<Option<Cursor>, StoreError> {
-        let call = TableCall::DeviceCursor(user.into(), device.into(), conv.into());
-        expect_reply!(self, call, TableReply::Cursor(c) => c.map(cursor))
-    }
-
-    async fn raise_device_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        conv: &str,
-        cell: CursorCell,
-        value: u64,
-    ) -> Result<(), StoreError> {
-        let call =
-            TableCall::RaiseDeviceCursor(user.into(), device.into(), conv.into(), cell, value);
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError> {
-        let call = TableCall::UserCursor(conv.into(), user.into());
-        expect_reply!(self, call, TableReply::Cursor(c) => c.map(cursor).unwrap_or_default())
-    }
-
-    async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError> {
-        let call = TableCall::UserCursors(conv.into());
-        expect_reply!(self, call, TableReply::UserCursors(v) => v
-            .into_iter()
-            .map(|(u, d, r)| (u, cursor((d, r))))
-            .collect())
-    }
-
-    async fn raise_user_cursor(
-        &self,
-        conv: &str,
-        user: &str,
-        cell: CursorCell,
-        value: u64,
-    ) -> Result<(), StoreError> {
-        let call = TableCall::RaiseUserCursor(conv.into(), user.into(), cell, value);
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
-        let call = TableCall::RaiseLastSeen(user.into(), at_ms);
-        expect_reply!(self, call, TableReply::Unit => ())
-    }
-
-    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
-        expect_reply!(self, TableCall::LastSeen(user.into()), TableReply::Seq(s) => s)
     }
 }
 

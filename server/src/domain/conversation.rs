@@ -8,13 +8,43 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::protocol::{
-    validate_user_id, ConvKind, ConvSummary, ErrorCode, MemberAction, ProtocolError,
+    validate_user_id, Body, ConvKind, ConvSummary, Entry, ErrorCode, MemberAction, ProtocolError,
 };
 
 /// The id of the one 1:1 conversation between `a` and `b`, whichever side opens it.
 pub fn direct_conv_id(a: &str, b: &str) -> String {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     format!("d:{lo}:{hi}")
+}
+
+/// The server time of the next entry of a conversation whose newest entry has
+/// `last_time_ms`: the clock's `now_ms`, but never earlier, so clock skew between
+/// servers never makes a conversation's times go backwards.
+pub fn next_server_time(now_ms: u64, last_time_ms: u64) -> u64 {
+    now_ms.max(last_time_ms)
+}
+
+/// The entry at `seq` recording that `by` (from `device`) made `action` on `users`.
+/// Membership entries carry no client message id; theirs is `member-{seq}`, and
+/// the idempotency index never holds it (only messages are indexed).
+fn member_entry(
+    conv: &str,
+    seq: u64,
+    by: &str,
+    device: &str,
+    server_time_ms: u64,
+    action: MemberAction,
+    users: Vec<String>,
+) -> Entry {
+    Entry {
+        conv: conv.to_owned(),
+        seq,
+        message_id: format!("member-{seq}"),
+        sender: by.to_owned(),
+        sender_device: device.to_owned(),
+        server_time_ms,
+        body: Body::Members { action, users },
+    }
 }
 
 /// One user's membership in a conversation.
@@ -267,6 +297,32 @@ impl ConvRecord {
         Ok((action, users, recipients))
     }
 
+    /// The entry that opens this new conversation: seq 1, `create` by the owner
+    /// from `device` at `server_time_ms`, naming the current members (who are its
+    /// recipients).
+    pub fn create_entry(&self, device: &str, server_time_ms: u64) -> Entry {
+        let users = self.current_members();
+        let (owner, create) = (&self.owner, MemberAction::Create);
+        member_entry(&self.id, 1, owner, device, server_time_ms, create, users)
+    }
+
+    /// Validates `change` by `by` and applies it as the entry at `seq` (see
+    /// [`Self::apply_change`]); returns that entry, sent from `device` at
+    /// `server_time_ms`, and the users who must receive it.
+    pub fn change_entry(
+        &mut self,
+        by: &str,
+        device: &str,
+        change: &GroupChange,
+        seq: u64,
+        members_max: usize,
+        server_time_ms: u64,
+    ) -> Result<(Entry, Vec<String>), ProtocolError> {
+        let (action, users, recipients) = self.apply_change(by, change, seq, members_max)?;
+        let entry = member_entry(&self.id, seq, by, device, server_time_ms, action, users);
+        Ok((entry, recipients))
+    }
+
     /// The conversation as `user` sees it; `None` if they never were a member.
     pub fn summary_for(&self, user: &str, last_seq: u64) -> Option<ConvSummary> {
         let m = self.membership(user)?;
@@ -336,6 +392,57 @@ mod tests {
         );
         g.apply_change("o", &GroupChange::Leave, 4, 4).unwrap();
         assert_eq!(g.owner, "a", "ownership passes on when the owner leaves");
+    }
+
+    /// A new conversation's entry is seq 1, `create` by the owner, naming every member.
+    #[test]
+    fn create_entry_names_every_member() {
+        let g = ConvRecord::new_group("g:a".into(), "o", &users(&["b", "a"]), 4).unwrap();
+        let entry = g.create_entry("o-phone", 70);
+        assert_eq!((entry.seq, entry.server_time_ms), (1, 70));
+        assert_eq!(
+            (entry.sender.as_str(), entry.sender_device.as_str()),
+            ("o", "o-phone")
+        );
+        assert_eq!(entry.message_id, "member-1");
+        let Body::Members {
+            action,
+            users: named,
+        } = entry.body
+        else {
+            panic!("a create entry records membership");
+        };
+        assert_eq!(action, MemberAction::Create);
+        assert_eq!(named, users(&["a", "b", "o"]));
+    }
+
+    /// A change's entry names the users it concerns and goes to the removed too.
+    #[test]
+    fn change_entry_records_the_change() {
+        let mut g = ConvRecord::new_group("g:a".into(), "o", &users(&["a", "b"]), 4).unwrap();
+        let remove = GroupChange::Remove(users(&["b"]));
+        let (entry, to) = g.change_entry("o", "o-1", &remove, 5, 4, 90).unwrap();
+        assert_eq!(to, users(&["a", "b", "o"]));
+        assert_eq!((entry.conv.as_str(), entry.seq), ("g:a", 5));
+        assert_eq!(entry.message_id, "member-5");
+        assert_eq!((entry.sender.as_str(), entry.server_time_ms), ("o", 90));
+        assert_eq!(
+            entry.body,
+            Body::Members {
+                action: MemberAction::Remove,
+                users: users(&["b"])
+            }
+        );
+        assert_eq!(g.membership("b").unwrap().left_seq, Some(5));
+        let refused = g.change_entry("a", "a-1", &remove, 6, 4, 91).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden);
+    }
+
+    /// Server times follow the clock but never go back.
+    #[test]
+    fn server_times_never_go_back() {
+        assert_eq!(next_server_time(10, 7), 10);
+        assert_eq!(next_server_time(5, 7), 7, "a slow clock does not go back");
     }
 
     /// Direct ids do not depend on who opens the conversation.

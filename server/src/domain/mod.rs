@@ -7,7 +7,7 @@ pub mod cursor;
 pub mod receipts;
 pub mod stream;
 
-pub use conversation::{direct_conv_id, ConvRecord, GroupChange, Membership};
-pub use cursor::Cursor;
+pub use conversation::{direct_conv_id, next_server_time, ConvRecord, GroupChange, Membership};
+pub use cursor::{receipt_floor, Cursor};
 pub use receipts::{ReceiptView, ReceiptsShown};
 pub use stream::{DeviceStream, StreamStep};

@@ -42,6 +42,21 @@ pub struct NewMessage {
     pub body: Body,
 }
 
+impl NewMessage {
+    /// The message as the entry at `seq`, sequenced at `server_time_ms`.
+    pub fn entry_at(&self, seq: u64, server_time_ms: u64) -> Entry {
+        Entry {
+            conv: self.conv.clone(),
+            seq,
+            message_id: self.message_id.clone(),
+            sender: self.sender.clone(),
+            sender_device: self.sender_device.clone(),
+            server_time_ms,
+            body: self.body.clone(),
+        }
+    }
+}
+
 /// The outcome of sequencing an entry.
 #[derive(Debug, Clone)]
 pub struct Appended {

@@ -15,8 +15,8 @@ use super::tables::{
     CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, META, SEQS, USER_CONVS, USER_CURSORS,
 };
 use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
-use crate::domain::{ConvRecord, Cursor, GroupChange};
-use crate::protocol::{Body, ConvKind, Entry, ErrorCode, MemberAction, ProtocolError};
+use crate::domain::{next_server_time, receipt_floor, ConvRecord, Cursor, GroupChange};
+use crate::protocol::{Body, ConvKind, Entry, ErrorCode, ProtocolError};
 use crate::store::{Appended, ConvState, CursorUpdate, NewMessage, StoreError};
 
 /// Delivers a write's result once its group's commit outcome is known.
@@ -292,37 +292,27 @@ impl<'t> WriteCtx<'t> {
         Ok(self.cache.get_mut(conv).expect("loaded"))
     }
 
-    /// Writes `body` as the next entry of `conv` and returns it.
-    fn sequence(
-        &mut self,
-        conv: &str,
-        sender: &str,
-        device: &str,
-        message_id: Option<&str>,
-        body: Body,
-        now_ms: u64,
-    ) -> Result<Arc<Entry>, StoreError> {
-        let cached = self
-            .cache
-            .get_mut(conv)
-            .expect("sequence on a loaded conversation");
-        let seq = cached.last_seq + 1;
+    /// The seq and server time of the next entry of `conv` (loaded).
+    fn next_slot(&self, conv: &str, now_ms: u64) -> (u64, u64) {
+        let cached = &self.cache[conv];
         let server_time_ms =
             if crate::mutants::active(crate::mutants::Mutant::ServerTimeFromRawClock) {
                 now_ms
             } else {
-                now_ms.max(cached.last_time_ms)
+                next_server_time(now_ms, cached.last_time_ms)
             };
-        let message_id = message_id.map_or_else(|| format!("member-{seq}"), str::to_owned);
-        let entry = Entry {
-            conv: conv.to_owned(),
-            seq,
-            message_id,
-            sender: sender.to_owned(),
-            sender_device: device.to_owned(),
-            server_time_ms,
-            body,
-        };
+        (cached.last_seq + 1, server_time_ms)
+    }
+
+    /// Writes `entry` as the next entry of its conversation (loaded; seq and time
+    /// from [`Self::next_slot`]) and returns it.
+    fn write_next(&mut self, entry: Entry) -> Result<Arc<Entry>, StoreError> {
+        let (conv, seq) = (entry.conv.as_str(), entry.seq);
+        let cached = self
+            .cache
+            .get_mut(conv)
+            .expect("sequence on a loaded conversation");
+        assert_eq!(seq, cached.last_seq + 1, "{conv}: the next seq");
         let prior = self
             .entries
             .insert((conv, seq), encode(&entry).as_slice())
@@ -334,10 +324,10 @@ impl<'t> WriteCtx<'t> {
         );
         drop(prior);
         self.seqs
-            .insert(conv, (seq, server_time_ms))
+            .insert(conv, (seq, entry.server_time_ms))
             .map_err(backend)?;
         cached.last_seq = seq;
-        cached.last_time_ms = server_time_ms;
+        cached.last_time_ms = entry.server_time_ms;
         Ok(Arc::new(entry))
     }
 
@@ -375,15 +365,11 @@ impl<'t> WriteCtx<'t> {
                 .map_err(backend)?;
         }
         let users = record.current_members();
-        let owner = record.owner.clone();
         self.cache
             .insert(conv.clone(), CachedConv::new(record.clone(), 0, 0));
-        let body = Body::Members {
-            action: MemberAction::Create,
-            users: users.clone(),
-        };
-        let entry = self.sequence(&conv, &owner, device, None, body, now_ms)?;
-        assert_eq!(entry.seq, 1, "a new conversation starts at seq 1");
+        let (seq, server_time_ms) = self.next_slot(&conv, now_ms);
+        assert_eq!(seq, 1, "a new conversation starts at seq 1");
+        let entry = self.write_next(record.create_entry(device, server_time_ms))?;
         let appended = Appended {
             entry,
             duplicate: false,
@@ -408,27 +394,22 @@ impl<'t> WriteCtx<'t> {
         members_max: usize,
         now_ms: u64,
     ) -> Result<Appended, StoreError> {
-        let cached = self.require(conv)?;
-        let mut record = cached.record.clone();
-        let seq = cached.last_seq + 1;
-        let (action, users, recipients) = record.apply_change(by, change, seq, members_max)?;
+        let mut record = self.require(conv)?.record.clone();
+        let (seq, server_time_ms) = self.next_slot(conv, now_ms);
+        let (entry, recipients) =
+            record.change_entry(by, device, change, seq, members_max, server_time_ms)?;
         self.convs
             .insert(conv, encode(&record).as_slice())
             .map_err(backend)?;
-        for user in &users {
-            self.user_convs
-                .insert((user.as_str(), conv), ())
-                .map_err(backend)?;
+        // The users the change names list the conversation (added ones newly).
+        if let Body::Members { users, .. } = &entry.body {
+            for user in users {
+                self.user_convs
+                    .insert((user.as_str(), conv), ())
+                    .map_err(backend)?;
+            }
         }
-        let entry = self.sequence(
-            conv,
-            by,
-            device,
-            None,
-            Body::Members { action, users },
-            now_ms,
-        )?;
-        assert_eq!(entry.seq, seq);
+        let entry = self.write_next(entry)?;
         let cached = self.cache.get_mut(conv).expect("loaded");
         cached.current = record.current_members().into();
         cached.record = record;
@@ -462,14 +443,8 @@ impl<'t> WriteCtx<'t> {
                 recipients,
             });
         }
-        let entry = self.sequence(
-            &m.conv,
-            &m.sender,
-            &m.sender_device,
-            Some(&m.message_id),
-            m.body.clone(),
-            now_ms,
-        )?;
+        let (seq, server_time_ms) = self.next_slot(&m.conv, now_ms);
+        let entry = self.write_next(m.entry_at(seq, server_time_ms))?;
         self.message_ids.insert(key, entry.seq).map_err(backend)?;
         Ok(Appended {
             entry,
@@ -514,7 +489,7 @@ impl<'t> WriteCtx<'t> {
         let cached = self.require(conv)?;
         let membership = cached.record.require_reader(user)?;
         let visible_max = cached.last_seq.min(membership.visible_until());
-        let group = cached.record.kind == ConvKind::Group;
+        let kind = cached.record.kind;
         let current = Arc::clone(&cached.current);
         let old = self
             .device_cursors
@@ -546,13 +521,8 @@ impl<'t> WriteCtx<'t> {
                 .map_err(backend)?;
         }
         let users = self.cache[conv].user_cursors.as_ref().expect("loaded");
-        let all_members = group.then(|| {
-            let of = |u: &String| users.get(u).copied().unwrap_or_default();
-            Cursor {
-                delivered: current.iter().map(|u| of(u).delivered).min().unwrap_or(0),
-                read: current.iter().map(|u| of(u).read).min().unwrap_or(0),
-            }
-        });
+        let all_members =
+            receipt_floor(kind, &current, user, user_after, |u| users.get(u).copied());
         Ok(CursorUpdate {
             device: new,
             user_before,

@@ -1,4 +1,5 @@
-//! The Scylla/Cassandra backend: [`Tables`] over CQL, for [`SharedStore`].
+//! The Scylla/Cassandra backend: [`Tables`] over CQL, for [`SharedStore`]: each
+//! [`TableOp`] runs one prepared statement.
 //!
 //! Schema: `server/schema/scylla.cql`, applied at start-up. Every statement is
 //! prepared (so the driver routes it to a replica owning its partition:
@@ -24,7 +25,9 @@ use scylla::value::{CqlValue, Row};
 
 use self::statements::Statements;
 use crate::domain::Cursor;
-use crate::store::shared::{CursorCell, HeadRow, SharedStore, Tables, BUCKET_MS};
+use crate::store::shared::{
+    CursorCell, HeadRow, SharedStore, TableOp, TableReply, Tables, BUCKET_MS,
+};
 use crate::store::StoreError;
 
 /// The schema, applied at start-up (every statement is `IF NOT EXISTS`).
@@ -81,7 +84,10 @@ fn to_u64(v: i64) -> u64 {
     u64::try_from(v).expect("stored seqs and times are not negative")
 }
 
-fn cursor_of(row: Option<(Option<i64>, Option<i64>)>) -> Cursor {
+/// The `delivered_seq, read_seq` columns of a cursor row.
+type CursorColumns = (Option<i64>, Option<i64>);
+
+fn cursor_of(row: Option<CursorColumns>) -> Cursor {
     let (delivered, read) = row.unwrap_or((None, None));
     Cursor {
         delivered: to_u64(delivered.unwrap_or(0)),
@@ -147,16 +153,17 @@ impl CqlTables {
             .map_err(backend)
     }
 
+    /// Runs an unconditional write; `Done` once the replicas took it.
     async fn write(
         &self,
         statement: &PreparedStatement,
         values: impl SerializeRow,
-    ) -> Result<(), StoreError> {
+    ) -> Result<TableReply, StoreError> {
         self.session
             .execute_unpaged(statement, values)
             .await
             .map_err(backend)?;
-        Ok(())
+        Ok(TableReply::Done)
     }
 
     /// Runs a lightweight transaction; true if it applied.
@@ -190,10 +197,7 @@ impl CqlTables {
         }
         Ok(out)
     }
-}
 
-#[async_trait]
-impl Tables for CqlTables {
     async fn head(&self, conv: &str) -> Result<Option<HeadRow>, StoreError> {
         type Columns = (
             Option<String>,
@@ -220,68 +224,6 @@ impl Tables for CqlTables {
         }))
     }
 
-    async fn insert_head(&self, conv: &str, row: &HeadRow) -> Result<bool, StoreError> {
-        let values = (
-            conv,
-            row.record.as_str(),
-            to_i64(row.last_seq),
-            to_i64(row.last_time_ms),
-            row.entries.as_str(),
-            row.new_bucket,
-        );
-        self.lwt(&self.st.insert_conv, values).await
-    }
-
-    async fn advance_head(
-        &self,
-        conv: &str,
-        expected_last_seq: u64,
-        row: &HeadRow,
-    ) -> Result<bool, StoreError> {
-        let values = (
-            row.record.as_str(),
-            to_i64(row.last_seq),
-            to_i64(row.last_time_ms),
-            row.entries.as_str(),
-            row.new_bucket,
-            conv,
-            to_i64(expected_last_seq),
-        );
-        self.lwt(&self.st.advance_head, values).await
-    }
-
-    async fn put_entry(
-        &self,
-        conv: &str,
-        bucket: i32,
-        seq: u64,
-        entry: &str,
-    ) -> Result<(), StoreError> {
-        let values = (conv, bucket, to_i64(seq), entry, self.ttl_secs);
-        self.write(&self.st.insert_entry, values).await
-    }
-
-    async fn put_bucket(&self, conv: &str, bucket: i32, first_seq: u64) -> Result<(), StoreError> {
-        let bucket_ttl = self.ttl_secs.saturating_add(2 * (BUCKET_MS / 1000) as i32);
-        let values = (conv, bucket, to_i64(first_seq), bucket_ttl);
-        self.write(&self.st.insert_bucket, values).await
-    }
-
-    async fn put_message_id(
-        &self,
-        conv: &str,
-        sender: &str,
-        message_id: &str,
-        seq: u64,
-    ) -> Result<(), StoreError> {
-        let values = (conv, sender, message_id, to_i64(seq), self.ttl_secs);
-        self.write(&self.st.insert_message_id, values).await
-    }
-
-    async fn put_user_conv(&self, user: &str, conv: &str) -> Result<(), StoreError> {
-        self.write(&self.st.insert_user_conv, (user, conv)).await
-    }
-
     async fn buckets(&self, conv: &str) -> Result<Vec<(i32, u64)>, StoreError> {
         let rows = self.rows(&self.st.select_buckets, (conv,)).await?;
         let mut out = Vec::new();
@@ -290,87 +232,6 @@ impl Tables for CqlTables {
             out.push((bucket, to_u64(first_seq)));
         }
         Ok(out)
-    }
-
-    async fn entries_after(
-        &self,
-        conv: &str,
-        bucket: i32,
-        after: u64,
-        until: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let values = (conv, bucket, to_i64(after), to_i64(until), limit);
-        self.strings(&self.st.select_entries_after, values).await
-    }
-
-    async fn entries_before(
-        &self,
-        conv: &str,
-        bucket: i32,
-        before: u64,
-        limit: u32,
-    ) -> Result<Vec<String>, StoreError> {
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let values = (conv, bucket, to_i64(before), limit);
-        self.strings(&self.st.select_entries_before, values).await
-    }
-
-    async fn message_id(
-        &self,
-        conv: &str,
-        sender: &str,
-        message_id: &str,
-    ) -> Result<Option<u64>, StoreError> {
-        let rows = self
-            .rows(&self.st.select_message_id, (conv, sender, message_id))
-            .await?;
-        let row = rows.maybe_first_row::<(i64,)>().map_err(backend)?;
-        Ok(row.map(|(seq,)| to_u64(seq)))
-    }
-
-    async fn user_convs(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        self.strings(&self.st.select_user_convs, (user,)).await
-    }
-
-    async fn device_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        conv: &str,
-    ) -> Result<Option<Cursor>, StoreError> {
-        let rows = self
-            .rows(&self.st.select_device_cursor, (user, device, conv))
-            .await?;
-        let row = rows
-            .maybe_first_row::<(Option<i64>, Option<i64>)>()
-            .map_err(backend)?;
-        Ok(row.map(|r| cursor_of(Some(r))))
-    }
-
-    async fn raise_device_cursor(
-        &self,
-        user: &str,
-        device: &str,
-        conv: &str,
-        cell: CursorCell,
-        value: u64,
-    ) -> Result<(), StoreError> {
-        let statement = match cell {
-            CursorCell::Delivered => &self.st.write_device_delivered,
-            CursorCell::Read => &self.st.write_device_read,
-        };
-        let v = to_i64(value);
-        self.write(statement, (v, v, user, device, conv)).await
-    }
-
-    async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError> {
-        let rows = self.rows(&self.st.select_user_cursor, (conv, user)).await?;
-        let row = rows
-            .maybe_first_row::<(Option<i64>, Option<i64>)>()
-            .map_err(backend)?;
-        Ok(cursor_of(row))
     }
 
     async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError> {
@@ -385,31 +246,164 @@ impl Tables for CqlTables {
         }
         Ok(out)
     }
+}
 
-    async fn raise_user_cursor(
-        &self,
-        conv: &str,
-        user: &str,
-        cell: CursorCell,
-        value: u64,
-    ) -> Result<(), StoreError> {
-        let statement = match cell {
-            CursorCell::Delivered => &self.st.write_user_delivered,
-            CursorCell::Read => &self.st.write_user_read,
-        };
-        let v = to_i64(value);
-        self.write(statement, (v, v, conv, user)).await
-    }
-
-    async fn raise_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
-        let v = to_i64(at_ms);
-        self.write(&self.st.write_last_seen, (v, v, user)).await
-    }
-
-    async fn last_seen(&self, user: &str) -> Result<Option<u64>, StoreError> {
-        let rows = self.rows(&self.st.select_last_seen, (user,)).await?;
-        let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(backend)?;
-        Ok(row.and_then(|(seen,)| seen).map(to_u64))
+#[async_trait]
+impl Tables for CqlTables {
+    async fn call(&self, op: TableOp) -> Result<TableReply, StoreError> {
+        use TableOp as Op;
+        use TableReply as R;
+        let st = &self.st;
+        let ttl = self.ttl_secs;
+        Ok(match op {
+            Op::Head { conv } => R::Head(self.head(&conv).await?),
+            Op::InsertHead { conv, row } => {
+                let HeadRow {
+                    record,
+                    last_seq,
+                    last_time_ms,
+                    entries,
+                    new_bucket,
+                } = row;
+                let values = (
+                    conv,
+                    record,
+                    to_i64(last_seq),
+                    to_i64(last_time_ms),
+                    entries,
+                    new_bucket,
+                );
+                R::Applied(self.lwt(&st.insert_conv, values).await?)
+            }
+            Op::AdvanceHead {
+                conv,
+                expected_last_seq,
+                row,
+            } => {
+                let values = (
+                    row.record,
+                    to_i64(row.last_seq),
+                    to_i64(row.last_time_ms),
+                    row.entries,
+                    row.new_bucket,
+                    conv,
+                    to_i64(expected_last_seq),
+                );
+                R::Applied(self.lwt(&st.advance_head, values).await?)
+            }
+            Op::PutEntry {
+                conv,
+                bucket,
+                seq,
+                entry,
+            } => {
+                let values = (conv, bucket, to_i64(seq), entry, ttl);
+                self.write(&st.insert_entry, values).await?
+            }
+            Op::PutBucket {
+                conv,
+                bucket,
+                first_seq,
+            } => {
+                // A bucket outlives its entries: readers find the bucket of any live entry.
+                let bucket_ttl = ttl.saturating_add(2 * (BUCKET_MS / 1000) as i32);
+                let values = (conv, bucket, to_i64(first_seq), bucket_ttl);
+                self.write(&st.insert_bucket, values).await?
+            }
+            Op::PutMessageId {
+                conv,
+                sender,
+                message_id,
+                seq,
+            } => {
+                let values = (conv, sender, message_id, to_i64(seq), ttl);
+                self.write(&st.insert_message_id, values).await?
+            }
+            Op::PutUserConv { user, conv } => {
+                self.write(&st.insert_user_conv, (user, conv)).await?
+            }
+            Op::Buckets { conv } => R::Buckets(self.buckets(&conv).await?),
+            Op::EntriesAfter {
+                conv,
+                bucket,
+                after,
+                until,
+                limit,
+            } => {
+                let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+                let values = (conv, bucket, to_i64(after), to_i64(until), limit);
+                R::Entries(self.strings(&st.select_entries_after, values).await?)
+            }
+            Op::EntriesBefore {
+                conv,
+                bucket,
+                before,
+                limit,
+            } => {
+                let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+                let values = (conv, bucket, to_i64(before), limit);
+                R::Entries(self.strings(&st.select_entries_before, values).await?)
+            }
+            Op::MessageId {
+                conv,
+                sender,
+                message_id,
+            } => {
+                let values = (conv, sender, message_id);
+                let rows = self.rows(&st.select_message_id, values).await?;
+                let row = rows.maybe_first_row::<(i64,)>().map_err(backend)?;
+                R::Seq(row.map(|(seq,)| to_u64(seq)))
+            }
+            Op::UserConvs { user } => R::Convs(self.strings(&st.select_user_convs, (user,)).await?),
+            Op::DeviceCursor { user, device, conv } => {
+                let values = (user, device, conv);
+                let rows = self.rows(&st.select_device_cursor, values).await?;
+                let row = rows.maybe_first_row::<CursorColumns>().map_err(backend)?;
+                R::DeviceCursor(row.map(|r| cursor_of(Some(r))))
+            }
+            Op::RaiseDeviceCursor {
+                user,
+                device,
+                conv,
+                cell,
+                value,
+            } => {
+                let statement = match cell {
+                    CursorCell::Delivered => &st.write_device_delivered,
+                    CursorCell::Read => &st.write_device_read,
+                };
+                let v = to_i64(value);
+                self.write(statement, (v, v, user, device, conv)).await?
+            }
+            Op::UserCursor { conv, user } => {
+                let rows = self.rows(&st.select_user_cursor, (conv, user)).await?;
+                let row = rows.maybe_first_row::<CursorColumns>().map_err(backend)?;
+                R::UserCursor(cursor_of(row))
+            }
+            Op::UserCursors { conv } => R::UserCursors(self.user_cursors(&conv).await?),
+            Op::RaiseUserCursor {
+                conv,
+                user,
+                cell,
+                value,
+            } => {
+                let statement = match cell {
+                    CursorCell::Delivered => &st.write_user_delivered,
+                    CursorCell::Read => &st.write_user_read,
+                };
+                let v = to_i64(value);
+                self.write(statement, (v, v, conv, user)).await?
+            }
+            Op::RaiseLastSeen { user, at_ms } => {
+                let v = to_i64(at_ms);
+                self.write(&st.write_last_seen, (v, v, user)).await?
+            }
+            Op::LastSeen { user } => {
+                let rows = self.rows(&st.select_last_seen, (user,)).await?;
+                let row = rows.maybe_first_row::<(Option<i64>,)>().map_err(backend)?;
+                R::LastSeen(row.and_then(|(seen,)| seen).map(to_u64))
+            }
+        })
     }
 }
 

@@ -35,9 +35,9 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-pub use self::tables::{CursorCell, HeadRow, Tables};
-use crate::domain::{ConvRecord, Cursor, GroupChange};
-use crate::protocol::{Body, ConvKind, Entry, ErrorCode, MemberAction, ProtocolError};
+pub use self::tables::{CursorCell, HeadRow, TableOp, TableReply, Tables, TablesExt};
+use crate::domain::{next_server_time, receipt_floor, ConvRecord, Cursor, GroupChange};
+use crate::protocol::{Body, ConvKind, Entry, ErrorCode, ProtocolError};
 use crate::store::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
 
 /// Width of a time bucket of the `entries` table: 7 days.
@@ -392,7 +392,7 @@ impl<T: Tables + ?Sized> SharedStore<T> {
             let lookups = jobs.iter().map(|j| self.find_message(&head, &j.message));
             let found = futures_util::future::try_join_all(lookups).await?;
             let now_ms = jobs.iter().map(|j| j.now_ms).max().unwrap_or(0);
-            let server_time_ms = now_ms.max(head.last_time_ms);
+            let server_time_ms = next_server_time(now_ms, head.last_time_ms);
             let mut outcomes = Vec::with_capacity(jobs.len());
             let mut entries: Vec<Entry> = Vec::new();
             let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
@@ -407,15 +407,8 @@ impl<T: Tables + ?Sized> SharedStore<T> {
                 } else {
                     in_batch.insert((m.sender.as_str(), m.message_id.as_str()), entries.len());
                     outcomes.push(Outcome::New(entries.len()));
-                    entries.push(Entry {
-                        conv: conv.to_owned(),
-                        seq: head.last_seq + 1 + entries.len() as u64,
-                        message_id: m.message_id.clone(),
-                        sender: m.sender.clone(),
-                        sender_device: m.sender_device.clone(),
-                        server_time_ms,
-                        body: m.body.clone(),
-                    });
+                    let seq = head.last_seq + 1 + entries.len() as u64;
+                    entries.push(m.entry_at(seq, server_time_ms));
                 }
             }
             if entries.is_empty() || self.try_advance(&head, &head.record, &entries).await? {
@@ -442,18 +435,7 @@ impl<T: Tables + ?Sized> SharedStore<T> {
     ) -> Result<(ConvState, Option<Appended>), StoreError> {
         let conv = record.id.clone();
         let users = record.current_members();
-        let entry = Entry {
-            conv: conv.clone(),
-            seq: 1,
-            message_id: "member-1".to_owned(),
-            sender: record.owner.clone(),
-            sender_device: device.to_owned(),
-            server_time_ms: now_ms,
-            body: Body::Members {
-                action: MemberAction::Create,
-                users: users.clone(),
-            },
-        };
+        let entry = record.create_entry(device, now_ms);
         let row = HeadRow {
             record: encode(&record),
             last_seq: 1,
@@ -579,16 +561,9 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
             let head = self.require_head(conv).await?;
             let mut record = head.record.clone();
             let seq = head.last_seq + 1;
-            let (action, users, recipients) = record.apply_change(by, &change, seq, members_max)?;
-            let entry = Entry {
-                conv: conv.to_owned(),
-                seq,
-                message_id: format!("member-{seq}"),
-                sender: by.to_owned(),
-                sender_device: device.to_owned(),
-                server_time_ms: now_ms.max(head.last_time_ms),
-                body: Body::Members { action, users },
-            };
+            let server_time_ms = next_server_time(now_ms, head.last_time_ms);
+            let (entry, recipients) =
+                record.change_entry(by, device, &change, seq, members_max, server_time_ms)?;
             if self
                 .try_advance(&head, &record, std::slice::from_ref(&entry))
                 .await?
@@ -661,19 +636,16 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
             self.raise_cursor(user_before, user_after, (conv, user, None)),
         )
         .await?;
-        let all_members = if head.record.kind == ConvKind::Group {
-            let mut cursors: std::collections::HashMap<String, Cursor> =
-                members.into_iter().collect();
-            cursors.insert(user.to_owned(), user_after);
-            let current = head.record.current_members();
-            let of = |u: &String| cursors.get(u).copied().unwrap_or_default();
-            Some(Cursor {
-                delivered: current.iter().map(|u| of(u).delivered).min().unwrap_or(0),
-                read: current.iter().map(|u| of(u).read).min().unwrap_or(0),
-            })
-        } else {
-            None
-        };
+        // Only a group's floor reads the members' cursors.
+        let group = head.record.kind == ConvKind::Group;
+        let cursors: Option<HashMap<String, Cursor>> = group.then(|| members.into_iter().collect());
+        let all_members = receipt_floor(
+            head.record.kind,
+            &head.record.current_members(),
+            user,
+            user_after,
+            |u| cursors.as_ref()?.get(u).copied(),
+        );
         Ok(CursorUpdate {
             device: new,
             user_before,
