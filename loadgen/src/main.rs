@@ -1,5 +1,6 @@
 //! `chatproof-loadgen`: drives a scenario against a chat server speaking protocol v1,
 //! checks every delivery, measures latency from the schedule, and writes a report.
+//! This file declares the command line; each subcommand lives in its module.
 //!
 //! Exit status: 0 every target met; 1 a target missed or a contract violation;
 //! 2 usage or setup error; 3 invalid run (the generator was the bottleneck or devices failed).
@@ -25,10 +26,7 @@ mod world;
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-
-use crate::scenario::Scenario;
 
 /// mimalloc: the generator allocates a few small buffers per frame on two threads, where
 /// glibc's allocator took about a tenth of its CPU (perf, 40,000 msgs/s on the floor).
@@ -104,174 +102,36 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Cmd::ServeReference(args) => serve_reference(*args),
+        Cmd::Run(args) => report_errors(run::command(args)),
         Cmd::Capacity(args) => report_errors(capacity::run(&args)),
-        Cmd::ServeFloor(args) => report_errors(floor::serve(&args).map(|()| 0)),
-        Cmd::Merge { runs, out } => report_errors(merge::run(&runs, &out).map(|s| {
-            eprintln!(
-                "{}",
-                std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
-            );
-            i32::from(!s.pass)
-        })),
+        Cmd::Merge { runs, out } => report_errors(merge::command(&runs, &out)),
         Cmd::Compare {
             baseline,
             run,
             out,
             tolerance_pct,
-        } => report_errors(compare_cmd(&baseline, &run, out.as_deref(), tolerance_pct)),
+        } => report_errors(compare::command(
+            &baseline,
+            &run,
+            out.as_deref(),
+            tolerance_pct,
+        )),
         Cmd::Plan {
             scenario,
             calibration,
             hardware,
-        } => report_errors(plan_cmd(&scenario, &calibration, &hardware)),
-        Cmd::Run(args) => report_errors(run::command(args)),
+        } => report_errors(plan::command(&scenario, &calibration, &hardware)),
+        Cmd::ServeReference(args) => local::serve_reference(&args),
+        Cmd::ServeFloor(args) => report_errors(floor::serve(&args).map(|()| 0)),
     };
     std::process::exit(code);
 }
 
+/// The exit status of a subcommand: its own, or 2 (usage or setup error) after
+/// printing the error.
 fn report_errors(result: anyhow::Result<i32>) -> i32 {
     result.unwrap_or_else(|e| {
         eprintln!("chatproof-loadgen: {e:#}");
         2
     })
-}
-
-/// The text of `path`'s `summary.json` (`path` is the file or its folder), and the file.
-fn summary_text(path: &std::path::Path) -> anyhow::Result<(PathBuf, String)> {
-    let file = if path.is_dir() {
-        path.join("summary.json")
-    } else {
-        path.to_owned()
-    };
-    let text =
-        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    Ok((file, text))
-}
-
-fn read_summary(path: &std::path::Path) -> anyhow::Result<report::Summary> {
-    let (file, text) = summary_text(path)?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
-}
-
-fn compare_cmd(
-    baseline: &std::path::Path,
-    run: &std::path::Path,
-    out: Option<&std::path::Path>,
-    tolerance_pct: f64,
-) -> anyhow::Result<i32> {
-    let (base, this) = (read_summary(baseline)?, read_summary(run)?);
-    let rows = compare::compare(&base, &this, tolerance_pct);
-    println!("{}", compare::table(&rows));
-    let out = match out {
-        Some(dir) => dir.to_owned(),
-        None if run.is_dir() => run.to_owned(),
-        None => run
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), std::path::Path::to_owned),
-    };
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(
-        out.join("compare.md"),
-        compare::markdown(&base, &this, &rows),
-    )?;
-    std::fs::write(out.join("compare.html"), compare::html(&base, &this, &rows))?;
-    eprintln!("compare: {}", out.join("compare.html").display());
-    Ok(i32::from(rows.iter().any(|r| r.regressed)))
-}
-
-fn plan_cmd(
-    scenario: &std::path::Path,
-    calibration: &std::path::Path,
-    hardware: &plan::Hardware,
-) -> anyhow::Result<i32> {
-    let scenario = Scenario::load(scenario)?;
-    let design = scenario
-        .design
-        .ok_or_else(|| anyhow!("{} has no [design] table", scenario.name))?;
-    let (cal, source) = read_calibration(calibration)?;
-    if let Some(warning) = source.warning() {
-        eprintln!("chatproof-loadgen plan: warning: {warning}");
-    }
-    let fleet = plan::plan(&design, hardware, &cal);
-    println!(
-        "{}",
-        plan::report(&design, hardware, (&cal, &source), &fleet)
-    );
-    Ok(0)
-}
-
-/// The calibration figures of `path`: a `capacity` summary (its knee) or a `run`
-/// summary (its server usage, with a warning that it is not a capacity).
-fn read_calibration(
-    path: &std::path::Path,
-) -> anyhow::Result<(plan::Calibration, plan::CalibrationSource)> {
-    let (file, text) = summary_text(path)?;
-    if let Ok(capacity) = serde_json::from_str::<capacity::CapacitySummary>(&text) {
-        let search = &capacity.server;
-        let knee = search
-            .knee
-            .as_ref()
-            .ok_or_else(|| anyhow!("{}: the capacity search found no knee", file.display()))?;
-        let (Some(us_per_delivery), Some(bytes)) = (
-            knee.server_cpu_us_per_delivery,
-            knee.server_bytes_per_connection,
-        ) else {
-            bail!("{}: the knee has no server figures: search without --target (or with --server-pid)", file.display());
-        };
-        let cal = plan::Calibration {
-            bytes_per_connection: bytes.max(1.0),
-            deliveries_per_core_sec: 1e6 / us_per_delivery,
-        };
-        let source = plan::CalibrationSource::Capacity {
-            scenario: capacity.scenario.clone(),
-            knee_per_sec: knee.offered_per_sec,
-            bound: search.bound,
-        };
-        return Ok((cal, source));
-    }
-    let summary: report::Summary =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    let usage = summary.server_usage.as_ref().ok_or_else(|| {
-        anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server")
-    })?;
-    let cal = plan::Calibration {
-        bytes_per_connection: usage.bytes_per_connection.max(1.0),
-        deliveries_per_core_sec: usage.deliveries_per_cpu_sec,
-    };
-    let source = plan::CalibrationSource::Run {
-        scenario: summary.scenario.clone(),
-        offered_per_sec: summary.config.load.messages_per_sec,
-    };
-    Ok((cal, source))
-}
-
-fn serve_reference(args: chatproof_server::config::ServeArgs) -> i32 {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file or pipe gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = runtime.block_on(chatproof_server::launch::serve_embedded(
-        &args,
-        |addr| println!("listening on {addr}"),
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        },
-    ));
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("reference server: {e}");
-            2
-        }
-    }
 }

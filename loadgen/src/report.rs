@@ -511,6 +511,24 @@ pub fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// The text of `path`'s `summary.json` (`path` is the file or its folder), and the file.
+pub fn summary_text(path: &Path) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let file = if path.is_dir() {
+        path.join("summary.json")
+    } else {
+        path.to_owned()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok((file, text))
+}
+
+/// The `summary.json` of `path` (the file or its folder).
+pub fn read_summary(path: &Path) -> anyhow::Result<Summary> {
+    let (file, text) = summary_text(path)?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
 /// A report folder's time stamp: now, UTC, `YYYYMMDDTHHMMSSZ`.
 pub fn timestamp() -> String {
     chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string()
