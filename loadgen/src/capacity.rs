@@ -153,7 +153,7 @@ pub fn run(args: &CapacityArgs) -> anyhow::Result<i32> {
     let out = args
         .out_dir
         .join(&scenario.name)
-        .join(format!("capacity-{}", crate::timestamp()));
+        .join(format!("capacity-{}", crate::report::timestamp()));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let server_label = if args.target.is_empty() {
         LocalKind::Reference.label().to_owned()

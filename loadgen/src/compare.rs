@@ -1,7 +1,11 @@
 //! `compare`: a run against a baseline `summary.json`, metric by metric.
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
 use crate::metrics::Measure;
-use crate::report::Summary;
+use crate::report::{read_summary, Summary};
 
 /// One compared figure.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,6 +18,33 @@ pub struct Row {
     pub run: f64,
     /// Worse than the baseline by more than the tolerance.
     pub regressed: bool,
+}
+
+/// `chatproof-loadgen compare`: prints the table and writes `compare.md` and
+/// `compare.html` into `out` (default: the run's folder); exit status 1 when a figure
+/// regressed.
+pub fn command(
+    baseline: &Path,
+    run: &Path,
+    out: Option<&Path>,
+    tolerance_pct: f64,
+) -> anyhow::Result<i32> {
+    let (base, this) = (read_summary(baseline)?, read_summary(run)?);
+    let rows = compare(&base, &this, tolerance_pct);
+    println!("{}", table(&rows));
+    let out = match out {
+        Some(dir) => dir.to_owned(),
+        None if run.is_dir() => run.to_owned(),
+        None => run
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_owned),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("compare.md"), markdown(&base, &this, &rows))?;
+    std::fs::write(out.join("compare.html"), html(&base, &this, &rows))?;
+    eprintln!("compare: {}", out.join("compare.html").display());
+    Ok(i32::from(rows.iter().any(|r| r.regressed)))
 }
 
 /// Compares `run` with `baseline`; a figure regresses when it is worse by more than

@@ -3,18 +3,17 @@
 //! scrape reads the run's counters and merges its latency histograms; nothing here
 //! slows the schedule down.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::drive::Run;
 use crate::metrics::Measure;
+use crate::run::state::{Count, RunState};
 
 /// The figures in the Prometheus text format (version 0.0.4).
-pub fn exposition(run: &Run) -> String {
-    let devices = run.devices.lock().expect("devices").clone();
+pub fn exposition(state: &RunState) -> String {
+    let devices = state.devices();
     let (mut connected, mut received, mut violations, mut refused) = (0u64, 0u64, 0u64, 0u64);
     for device in &devices {
         let state = device.state.lock().expect("device state");
@@ -33,19 +32,19 @@ pub fn exposition(run: &Run) -> String {
         "chatproof_loadgen_scheduled_total",
         "counter",
         "Sends the schedule made due so far (the offered load).",
-        run.scheduled.load(Ordering::Relaxed),
+        state.counters.get(Count::Scheduled),
     );
     metric(
         "chatproof_loadgen_sent_total",
         "counter",
         "Sends written to a socket.",
-        run.sent.load(Ordering::Relaxed),
+        state.counters.get(Count::Sent),
     );
     metric(
         "chatproof_loadgen_acked_total",
         "counter",
         "Acknowledgements received.",
-        run.acked_so_far(),
+        state.histograms.acked_so_far(),
     );
     metric(
         "chatproof_loadgen_refused_total",
@@ -75,9 +74,9 @@ pub fn exposition(run: &Run) -> String {
         "chatproof_loadgen_devices_planned",
         "gauge",
         "Devices this process drives.",
-        run.users.len() as u64 * u64::from(run.scenario.population.devices_per_user),
+        state.config.devices_planned(),
     );
-    let histograms = run.histograms();
+    let histograms = state.histograms.merged();
     for (name, help, m) in [
         (
             "chatproof_loadgen_delivery_latency_ms",
@@ -112,14 +111,14 @@ pub fn exposition(run: &Run) -> String {
 /// Answers `GET /metrics` on `listener` with [`exposition`] (anything else: 404) until
 /// the task is aborted. One request per connection; a client that sends nothing for
 /// 5 s is dropped.
-pub async fn serve(listener: TcpListener, run: Arc<Run>) {
+pub async fn serve(listener: TcpListener, state: Arc<RunState>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             // Out of file descriptors, say: wait rather than spin beside the schedule.
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let run = Arc::clone(&run);
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             let mut request = Vec::new();
             let mut buf = [0u8; 1024];
@@ -140,7 +139,7 @@ pub async fn serve(listener: TcpListener, run: Arc<Run>) {
             let path = line.split_whitespace().nth(1).unwrap_or("");
             let (status, body) =
                 if line.starts_with("GET ") && path.split('?').next() == Some("/metrics") {
-                    ("200 OK", exposition(&run))
+                    ("200 OK", exposition(&state))
                 } else {
                     ("404 Not Found", "GET /metrics\n".to_owned())
                 };

@@ -163,6 +163,37 @@ impl Drop for LocalServer {
     }
 }
 
+/// `serve-reference`: serves the reference server in this process until Ctrl-C (what
+/// [`LocalServer::start`] runs in its child); returns the exit status.
+pub fn serve_reference(args: &chatproof_server::config::ServeArgs) -> i32 {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file or pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = runtime.block_on(chatproof_server::launch::serve_embedded(
+        args,
+        |addr| println!("listening on {addr}"),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    ));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("reference server: {e}");
+            2
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,8 +130,19 @@ pub fn merge(runs: Vec<(Summary, Histograms)>) -> anyhow::Result<(Summary, Histo
     Ok((s, h))
 }
 
-/// `chatproof-loadgen merge DIR... --out DIR`.
-pub fn run(dirs: &[PathBuf], out: &Path) -> anyhow::Result<Summary> {
+/// `chatproof-loadgen merge DIR... --out DIR`: writes the merged report and prints its
+/// `report.md` on standard error; exit status 1 when the merged run did not pass.
+pub fn command(dirs: &[PathBuf], out: &Path) -> anyhow::Result<i32> {
+    let summary = run(dirs, out)?;
+    eprintln!(
+        "{}",
+        std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
+    );
+    Ok(i32::from(!summary.pass))
+}
+
+/// Merges the runs in `dirs` and writes the report into `out`.
+fn run(dirs: &[PathBuf], out: &Path) -> anyhow::Result<Summary> {
     let runs = dirs
         .iter()
         .map(|d| read_run(d))

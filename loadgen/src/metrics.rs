@@ -99,7 +99,25 @@ impl Measure {
         )
     }
 
-    fn index(self) -> usize {
+    /// Recorded by the devices as frames arrive, into their driver's shard
+    /// ([`LatencyStats`]); the generator records the others itself.
+    pub fn recorded_by_devices(self) -> bool {
+        match self {
+            Self::Delivery
+            | Self::SendAck
+            | Self::DeliveryCaughtUp
+            | Self::DeliveryWarmup
+            | Self::SendAckWarmup => true,
+            Self::Connect
+            | Self::GeneratorLag
+            | Self::Reconnect
+            | Self::Upload
+            | Self::Download => false,
+        }
+    }
+
+    /// Its slot in [`Self::ALL`].
+    pub fn index(self) -> usize {
         self as usize
     }
 }
@@ -354,6 +372,23 @@ mod tests {
         assert_eq!(summarize(&a), summarize(&all));
         assert_eq!(summarize(&a).count, 8);
         assert!((summarize(&a).max_ms - 2000.0).abs() < 2.0);
+    }
+
+    /// A driver's shard holds exactly the measures that say they are recorded by devices.
+    #[test]
+    fn shards_hold_the_device_measures() {
+        let mut stats = LatencyStats::default();
+        stats.record_delivery(1, 10, false);
+        stats.record_delivery(1, 10, true);
+        stats.record_ack(1, 10);
+        stats.judged_from_us = 5;
+        stats.record_delivery(1, 10, false);
+        stats.record_ack(1, 10);
+        let mut all = Histograms::default();
+        stats.add_to(&mut all);
+        for m in Measure::ALL {
+            assert_eq!(all[m].len() == 1, m.recorded_by_devices(), "{}", m.key());
+        }
     }
 
     /// Values past the bound saturate instead of failing.

@@ -2,6 +2,7 @@
 //! per-server figures measured by a calibration run into a fleet, printing every
 //! assumption beside the result.
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// The full-scale target a scenario models (`[design]` table).
@@ -289,6 +290,67 @@ pub fn report(
         f.servers / f.textbook_servers.max(1.0)
     ));
     out
+}
+
+/// `chatproof-loadgen plan`: prints the fleet for `scenario`'s `[design]` point.
+pub fn command(
+    scenario: &std::path::Path,
+    calibration: &std::path::Path,
+    hardware: &Hardware,
+) -> anyhow::Result<i32> {
+    let scenario = crate::scenario::Scenario::load(scenario)?;
+    let design = scenario
+        .design
+        .ok_or_else(|| anyhow::anyhow!("{} has no [design] table", scenario.name))?;
+    let (cal, source) = read_calibration(calibration)?;
+    if let Some(warning) = source.warning() {
+        eprintln!("chatproof-loadgen plan: warning: {warning}");
+    }
+    let fleet = plan(&design, hardware, &cal);
+    println!("{}", report(&design, hardware, (&cal, &source), &fleet));
+    Ok(0)
+}
+
+/// The calibration figures of `path`: a `capacity` summary (its knee) or a `run`
+/// summary (its server usage, with a warning that it is not a capacity).
+fn read_calibration(path: &std::path::Path) -> anyhow::Result<(Calibration, CalibrationSource)> {
+    let (file, text) = crate::report::summary_text(path)?;
+    if let Ok(capacity) = serde_json::from_str::<crate::capacity::CapacitySummary>(&text) {
+        let search = &capacity.server;
+        let knee = search.knee.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("{}: the capacity search found no knee", file.display())
+        })?;
+        let (Some(us_per_delivery), Some(bytes)) = (
+            knee.server_cpu_us_per_delivery,
+            knee.server_bytes_per_connection,
+        ) else {
+            anyhow::bail!("{}: the knee has no server figures: search without --target (or with --server-pid)", file.display());
+        };
+        let cal = Calibration {
+            bytes_per_connection: bytes.max(1.0),
+            deliveries_per_core_sec: 1e6 / us_per_delivery,
+        };
+        let source = CalibrationSource::Capacity {
+            scenario: capacity.scenario.clone(),
+            knee_per_sec: knee.offered_per_sec,
+            bound: search.bound,
+        };
+        return Ok((cal, source));
+    }
+    let summary: crate::report::Summary =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let usage = summary.server_usage.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("the calibration run has no server_usage: run it without --target so the generator measures its reference server")
+    })?;
+    let cal = Calibration {
+        bytes_per_connection: usage.bytes_per_connection.max(1.0),
+        deliveries_per_core_sec: usage.deliveries_per_cpu_sec,
+    };
+    let source = CalibrationSource::Run {
+        scenario: summary.scenario.clone(),
+        offered_per_sec: summary.config.load.messages_per_sec,
+    };
+    Ok((cal, source))
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@ pub const CHECKED_VIOLATIONS: [Violation; 5] = [
     Violation::Gap,
     Violation::Phantom,
 ];
-use crate::drive::Run;
 use crate::html::{self, Page, Verdict};
 use crate::metrics::{hgrm, Histograms, Latencies, Measure};
+use crate::run::state::{Count, RunState};
 use crate::scenario::Scenario;
 
 /// One second of the run, sampled by the progress task.
@@ -270,37 +270,30 @@ pub struct Summary {
 
 /// Computes the summary from every device's observations.
 pub fn summarize_run(
-    run: &Run,
+    state: &RunState,
     (target, local_server): (&str, Option<crate::local::LocalKind>),
     usage: Option<(crate::local::ProcUsage, crate::local::ProcUsage)>,
     generator_usage: Option<GeneratorUsage>,
     wall_secs: f64,
 ) -> (Summary, Histograms) {
-    let devices = run.devices.lock().expect("devices").clone();
-    let histograms = run.histograms();
+    let (config, counters) = (&state.config, &state.counters);
+    let devices = state.devices();
+    let histograms = state.histograms.merged();
     let mut violations = Tally::default();
     let mut counts = Counts {
-        devices_planned: run.users.len() as u64
-            * u64::from(run.scenario.population.devices_per_user),
+        devices_planned: config.devices_planned(),
+        devices_connected: devices.len() as u64,
+        devices_failed: counters.get(Count::ConnectFailures),
+        scheduled: counters.get(Count::Scheduled),
+        sent: counters.get(Count::Sent),
+        skipped_offline: counters.get(Count::SkippedOffline),
+        reconnect_failures: counters.get(Count::ReconnectFailures),
+        images_sent: counters.get(Count::ImagesSent),
+        upload_failures: counters.get(Count::UploadFailures),
+        downloads: counters.get(Count::Downloads),
+        download_failures: counters.get(Count::DownloadFailures),
         ..Counts::default()
     };
-    counts.devices_connected = devices.len() as u64;
-    counts.devices_failed = run
-        .connect_failures
-        .load(std::sync::atomic::Ordering::Relaxed);
-    counts.scheduled = run.scheduled.load(std::sync::atomic::Ordering::Relaxed);
-    counts.sent = run.sent.load(std::sync::atomic::Ordering::Relaxed);
-    counts.skipped_offline = run
-        .skipped_offline
-        .load(std::sync::atomic::Ordering::Relaxed);
-    counts.reconnect_failures = run
-        .reconnect_failures
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let relaxed = std::sync::atomic::Ordering::Relaxed;
-    counts.images_sent = run.images_sent.load(relaxed);
-    counts.upload_failures = run.upload_failures.load(relaxed);
-    counts.downloads = run.downloads.load(relaxed);
-    counts.download_failures = run.download_failures.load(relaxed);
     let mut presence_gap_min_us: Option<u64> = None;
     let mut acked: Vec<(String, u64)> = Vec::new();
     for device in &devices {
@@ -317,8 +310,12 @@ pub fn summarize_run(
     }
     counts.acked = acked.len() as u64;
     // Lost: every acknowledged message must be held by every connected device of every member.
-    let by_conv: std::collections::HashMap<&str, &crate::world::Conv> =
-        run.world.convs.iter().map(|c| (c.id.as_str(), c)).collect();
+    let by_conv: std::collections::HashMap<&str, &crate::world::Conv> = config
+        .world
+        .convs
+        .iter()
+        .map(|c| (c.id.as_str(), c))
+        .collect();
     // Each device's user, indexed once rather than scanned per acknowledged message.
     let mut devices_of_user: std::collections::HashMap<
         &str,
@@ -328,8 +325,8 @@ pub fn summarize_run(
         let user = device.name.split('/').next().unwrap_or_default();
         devices_of_user.entry(user).or_default().push(device);
     }
-    let user_ids: Vec<String> = (0..run.world.user_count())
-        .map(|u| run.world.user_id(u))
+    let user_ids: Vec<String> = (0..config.world.user_count())
+        .map(|u| config.world.user_id(u))
         .collect();
     for (conv, seq) in &acked {
         let Some(c) = by_conv.get(conv.as_str()) else {
@@ -352,8 +349,8 @@ pub fn summarize_run(
     }
     let latency = histograms.summaries();
     let mut summary = Summary {
-        scenario: run.scenario.name.clone(),
-        run_id: run.run_id.clone(),
+        scenario: config.scenario.name.clone(),
+        run_id: config.run_id.clone(),
         target: target.to_owned(),
         reference_server: local_server == Some(crate::local::LocalKind::Reference),
         local_server,
@@ -361,13 +358,7 @@ pub fn summarize_run(
         drain_waited_secs: 0.0,
         settled: true,
         part: None,
-        schedule_start_unix_ms: match run
-            .schedule_started_ms
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            0 => None,
-            ms => Some(ms),
-        },
+        schedule_start_unix_ms: state.gate.started_ms(),
         schedule_start_spread_ms: 0.0,
         open_files_limit: open_files_limit(),
         server_usage: None,
@@ -377,11 +368,11 @@ pub fn summarize_run(
         violations,
         presence_gap_min_ms: presence_gap_min_us.map(|us| us as f64 / 1000.0),
         slo: Vec::new(),
-        timeline: run.timeline.lock().expect("timeline").clone(),
+        timeline: state.timeline.lock().expect("timeline").clone(),
         valid: false,
         invalid_reasons: Vec::new(),
         pass: false,
-        config: run.scenario.clone(),
+        config: config.scenario.clone(),
     };
     if let Some((before, after)) = usage {
         summary.server_usage = Some(server_usage(&summary, before, after));
@@ -518,6 +509,29 @@ pub fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The text of `path`'s `summary.json` (`path` is the file or its folder), and the file.
+pub fn summary_text(path: &Path) -> anyhow::Result<(std::path::PathBuf, String)> {
+    let file = if path.is_dir() {
+        path.join("summary.json")
+    } else {
+        path.to_owned()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok((file, text))
+}
+
+/// The `summary.json` of `path` (the file or its folder).
+pub fn read_summary(path: &Path) -> anyhow::Result<Summary> {
+    let (file, text) = summary_text(path)?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
+/// A report folder's time stamp: now, UTC, `YYYYMMDDTHHMMSSZ`.
+pub fn timestamp() -> String {
+    chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string()
 }
 
 /// Writes `summary.json`, `histograms.json`, `report.md`, `report.html` and the `.hgrm` files into `dir`.

@@ -12,9 +12,9 @@ use chatproof_server::auth::TokenKey;
 
 use crate::device::Target;
 use crate::local::{LocalServer, ProcUsage};
+use crate::run::RunArgs;
 use crate::scenario::Scenario;
 use crate::world::World;
-use crate::RunArgs;
 
 /// Parses `I/N`.
 pub fn parse(spec: &str) -> anyhow::Result<(u32, u32)> {
@@ -109,7 +109,7 @@ pub fn parent(
         std::thread::spawn(move || lines.for_each(drop));
     }
     if let Some(at) = args.start_at {
-        crate::drive::wait_until(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at));
+        crate::run::state::wait_until(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at));
     }
     for child in &mut children {
         let stdin = child.stdin.as_mut().context("worker stdin")?;
@@ -160,11 +160,5 @@ pub fn parent(
         out.display(),
         out.join("workers").display()
     );
-    Ok(if summary.pass {
-        0
-    } else if !summary.valid {
-        3
-    } else {
-        1
-    })
+    Ok(crate::run::exit_status(&summary))
 }
