@@ -1,0 +1,458 @@
+//! One simulated device's state across sessions and transports: what it holds,
+//! sends and acknowledges, and how it handles every server frame.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use super::{
+    DeviceSpec, Progress, Transports, OUTSTANDING_MAX, RETRY_AFTER_MS, SILENCE_MAX_MS,
+    SWITCH_CHANCE_PER_TICK,
+};
+use crate::cluster::{sim_ms, Shared};
+use crate::history::{Acked, FaultWindow, Page, PageKind, ReceiptSeen, Received, Sent, WindowKind};
+use crate::options::SeedRng;
+
+pub(super) struct Pending {
+    conv: String,
+    /// When it was last written to a connection; `None`: due now.
+    last_attempt_ms: Option<u64>,
+}
+
+/// One device's state across sessions and transports.
+pub(super) struct Device {
+    pub(super) spec: DeviceSpec,
+    pub(super) shared: Arc<Shared>,
+    pub(super) progress: Arc<Mutex<Progress>>,
+    pub(super) rng: SeedRng,
+    pub(super) cursors: BTreeMap<String, u64>,
+    /// Conversations the user may send to: grows when added to a group, shrinks on leaving.
+    pub(super) sendable: Vec<String>,
+    pub(super) me: String,
+    /// Send rids in flight, so a refusal can be matched to its message.
+    pub(super) send_rids: BTreeMap<String, String>,
+    pub(super) acked_cursor: BTreeMap<String, u64>,
+    pub(super) pending: BTreeMap<String, Pending>,
+    pub(super) made: u32,
+    pub(super) last_written: Option<(String, String)>,
+    /// `sync` and `history` requests in flight: rid -> (conv, kind, limit, asked at).
+    pub(super) queries: BTreeMap<String, (String, PageKind, u64, u64)>,
+    /// Set while the device has no working connection (a fault window for the checker).
+    pub(super) offline_since: Option<u64>,
+    pub(super) rid: u64,
+    pub(super) send_chance: f64,
+    pub(super) transports: Transports,
+}
+
+/// What a session does after a frame or a tick.
+pub(super) enum Flow {
+    Go,
+    /// End the session (the server refused or closed it, or the device switches).
+    End,
+}
+
+impl Device {
+    pub(super) fn new(
+        spec: DeviceSpec,
+        shared: Arc<Shared>,
+        progress: Arc<Mutex<Progress>>,
+        seed: u64,
+    ) -> Self {
+        let (user, device) = spec.key;
+        let mut rng = SeedRng::new(seed, 1000 + u64::from(user) * 16 + u64::from(device));
+        let transports = match rng.weighted(&[60, 15, 25]) {
+            0 => Transports::WebSocketOnly,
+            1 => Transports::LongPollOnly,
+            _ => Transports::Switching,
+        };
+        let ticks = (spec.safety_secs * 1000 / 50).max(1) as f64;
+        Device {
+            cursors: spec.convs.iter().map(|c| (c.clone(), 0)).collect(),
+            sendable: spec.convs.clone(),
+            me: format!("u{user}"),
+            send_chance: (f64::from(spec.to_send) * 1.5 / ticks).min(1.0),
+            spec,
+            shared,
+            progress,
+            rng,
+            send_rids: BTreeMap::new(),
+            acked_cursor: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            made: 0,
+            last_written: None,
+            queries: BTreeMap::new(),
+            offline_since: Some(0),
+            rid: 0,
+            transports,
+        }
+    }
+
+    pub(super) fn note(&self, what: impl std::fmt::Display) {
+        self.shared
+            .note(format!("device {:?} {what}", self.spec.key));
+    }
+
+    /// The session works: close the offline window.
+    pub(super) fn online(&mut self) {
+        if let Some(since) = self.offline_since.take() {
+            let key = self.spec.key;
+            self.shared.with(|h| {
+                h.faults.push(FaultWindow {
+                    kind: WindowKind::DeviceOffline,
+                    start_ms: since,
+                    end_ms: sim_ms(),
+                    device: Some(key),
+                    server: None,
+                })
+            });
+        }
+    }
+
+    /// Handles one server frame (a reply or an event), whatever carried it.
+    pub(super) fn on_frame(&mut self, v: &Value) -> Flow {
+        let key = self.spec.key;
+        match (v["type"].as_str(), v["rid"].as_str()) {
+            // Sent to a group the user has left: it will never be accepted.
+            (Some("error"), Some(r)) if r.starts_with('s') && v["code"] == "not_member" => {
+                if let Some(id) = self.send_rids.remove(r) {
+                    self.note(format_args!("dropped {id}: not a member"));
+                    self.pending.remove(&id);
+                }
+            }
+            (Some("ok"), Some(r)) if r.starts_with('s') => {
+                self.send_rids.remove(r);
+                let res = &v["result"];
+                let (Some(conv), Some(id), Some(seq)) = (
+                    res["conv"].as_str(),
+                    res["message_id"].as_str(),
+                    res["seq"].as_u64(),
+                ) else {
+                    return Flow::Go;
+                };
+                self.pending.remove(id);
+                self.note(format_args!("acked {id} seq {seq}"));
+                self.shared.with(|h| {
+                    h.acked.push(Acked {
+                        device: key,
+                        conv: conv.into(),
+                        message_id: id.into(),
+                        seq,
+                        t_ms: sim_ms(),
+                    })
+                });
+            }
+            (Some("ok"), Some(r)) if r.starts_with('q') => {
+                let Some((conv, kind, limit, asked_ms)) = self.queries.remove(r) else {
+                    return Flow::Go;
+                };
+                let res = &v["result"];
+                let entries: Vec<(u64, String, bool)> = res["entries"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|e| {
+                                Some((
+                                    e["seq"].as_u64()?,
+                                    e["message_id"].as_str()?.to_owned(),
+                                    e["body"]["kind"] == "members",
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let has_more = res["has_more"].as_bool().unwrap_or(false);
+                let seqs: Vec<u64> = entries.iter().map(|e| e.0).collect();
+                self.note(format_args!(
+                    "got {kind:?} limit {limit} of {conv}: seqs {seqs:?}, has_more {has_more}"
+                ));
+                self.shared.with(|h| {
+                    h.pages.push(Page {
+                        device: key,
+                        conv,
+                        kind,
+                        limit,
+                        entries,
+                        has_more,
+                        asked_ms,
+                        t_ms: sim_ms(),
+                    })
+                });
+            }
+            // A page refused (a group the user left, a cursor past the end): nothing to judge.
+            (Some("error"), Some(r)) if r.starts_with('q') => {
+                self.queries.remove(r);
+            }
+            (Some("ok"), Some("h")) => {
+                self.online();
+                self.note("hello accepted");
+            }
+            (Some("caught_up"), _) => self.note("caught up"),
+            (Some("error"), Some("h")) => {
+                self.note(format_args!("hello refused: {}", v["code"]));
+                return Flow::End;
+            }
+            (Some("error"), None) => return Flow::End,
+            (Some("msg"), _) => {
+                let (Some(conv), Some(seq)) = (v["conv"].as_str(), v["seq"].as_u64()) else {
+                    return Flow::Go;
+                };
+                let id = v["message_id"].as_str().unwrap_or_default().to_owned();
+                let system = v["body"]["kind"] == "members";
+                let members = system.then(|| {
+                    let action = v["body"]["action"].as_str().unwrap_or_default().to_owned();
+                    let users: Vec<String> = v["body"]["users"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|u| u.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (action, users)
+                });
+                if let Some((action, users)) = &members {
+                    if users.contains(&self.me)
+                        && action == "add"
+                        && !self.cursors.contains_key(conv)
+                    {
+                        // Added to a group: its stream starts at this entry.
+                        self.cursors.insert(conv.to_owned(), seq - 1);
+                        self.sendable.push(conv.to_owned());
+                    }
+                    if users.contains(&self.me) && (action == "remove" || action == "leave") {
+                        self.sendable.retain(|c| c != conv);
+                    }
+                }
+                let members = members.map(|(action, users)| {
+                    (
+                        action,
+                        users
+                            .iter()
+                            .filter_map(|u| u.trim_start_matches('u').parse().ok())
+                            .collect(),
+                    )
+                });
+                let server_time_ms = v["server_time_ms"].as_u64().unwrap_or(0);
+                self.shared.with(|h| {
+                    h.received.push(Received {
+                        device: key,
+                        conv: conv.into(),
+                        seq,
+                        message_id: id,
+                        system,
+                        members,
+                        server_time_ms,
+                        t_ms: sim_ms(),
+                    })
+                });
+                if let Some(c) = self.cursors.get_mut(conv) {
+                    if seq == *c + 1 {
+                        *c = seq;
+                    }
+                }
+            }
+            (Some("receipt"), _) => {
+                let (Some(conv), Some(u), Some(d), Some(r)) = (
+                    v["conv"].as_str(),
+                    v["user"].as_str(),
+                    v["delivered"].as_u64(),
+                    v["read"].as_u64(),
+                ) else {
+                    return Flow::Go;
+                };
+                let user = u.trim_start_matches('u').parse().unwrap_or(u32::MAX);
+                self.note(format_args!("sees receipt of {u} in {conv}: ({d}, {r})"));
+                self.shared.with(|h| {
+                    h.receipts.push(ReceiptSeen {
+                        device: key,
+                        conv: conv.into(),
+                        user,
+                        delivered: d,
+                        read: r,
+                    })
+                });
+            }
+            _ => {}
+        }
+        Flow::Go
+    }
+
+    pub(super) fn next_rid(&mut self, prefix: char) -> String {
+        self.rid += 1;
+        format!("{prefix}{}", self.rid)
+    }
+
+    /// The frames of one 50 ms tick: new sends, retries, now and then a page of
+    /// `sync` or `history`, and acks.
+    pub(super) fn tick_frames(&mut self, now: u64) -> Vec<Value> {
+        let (user, device) = self.spec.key;
+        if !self.shared.stop_sending.load(Ordering::SeqCst)
+            && !self.sendable.is_empty()
+            && self.rng.chance(self.send_chance)
+        {
+            // Sometimes a burst, as a user typing fast does.
+            let burst = if self.rng.chance(0.3) {
+                OUTSTANDING_MAX
+            } else {
+                1
+            };
+            let conv =
+                self.sendable[self.rng.range(0, self.sendable.len() as u64 - 1) as usize].clone();
+            for _ in 0..burst {
+                if self.made >= self.spec.to_send || self.pending.len() >= OUTSTANDING_MAX {
+                    break;
+                }
+                let id = format!("m-{user}-{device}-{}", self.made);
+                self.note(format_args!("sends {id}"));
+                self.made += 1;
+                let key = self.spec.key;
+                self.shared.with(|h| {
+                    h.sent.push(Sent {
+                        device: key,
+                        conv: conv.clone(),
+                        message_id: id.clone(),
+                        t_ms: now,
+                    })
+                });
+                self.pending.insert(
+                    id,
+                    Pending {
+                        conv: conv.clone(),
+                        last_attempt_ms: None,
+                    },
+                );
+            }
+        }
+        let mut frames = Vec::new();
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.last_attempt_ms.is_none_or(|t| now - t >= RETRY_AFTER_MS))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let rid = self.next_rid('s');
+            let p = self.pending.get_mut(&id).expect("due send");
+            p.last_attempt_ms = Some(now);
+            let conv = p.conv.clone();
+            self.last_written = Some((id.clone(), conv.clone()));
+            self.send_rids.insert(rid.clone(), id.clone());
+            frames.push(json!({"rid": rid, "op": "send", "conv": conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
+        }
+        // Now and then a small page of `sync` or `history`, judged against what
+        // was acknowledged before it was asked.
+        if !self.cursors.is_empty() && self.rng.chance(0.01) {
+            let i = self.rng.range(0, self.cursors.len() as u64 - 1) as usize;
+            let (conv, c) = self
+                .cursors
+                .iter()
+                .nth(i)
+                .map(|(k, &c)| (k.clone(), c))
+                .expect("a conversation");
+            let limit = self.rng.range(1, 4);
+            let rid = self.next_rid('q');
+            let (kind, frame) = if self.rng.chance(0.5) {
+                let after = self.rng.range(0, c);
+                (
+                    PageKind::Sync { after },
+                    json!({"rid": rid, "op": "sync", "conv": conv, "after": after, "limit": limit}),
+                )
+            } else if self.rng.chance(0.5) {
+                (
+                    PageKind::History { before: None },
+                    json!({"rid": rid, "op": "history", "conv": conv, "limit": limit}),
+                )
+            } else {
+                let before = self.rng.range(1, c + 1);
+                (
+                    PageKind::History {
+                        before: Some(before),
+                    },
+                    json!({"rid": rid, "op": "history", "conv": conv, "before": before, "limit": limit}),
+                )
+            };
+            self.queries.insert(rid, (conv, kind, limit, now));
+            frames.push(frame);
+        }
+        let cursors: Vec<(String, u64)> =
+            self.cursors.iter().map(|(k, &c)| (k.clone(), c)).collect();
+        for (conv, c) in cursors {
+            let last = self.acked_cursor.get(&conv).copied().unwrap_or(0);
+            if c > last {
+                let rid = self.next_rid('a');
+                let read = if self.rng.chance(0.5) { c } else { last };
+                frames.push(
+                    json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c, "read": read}),
+                );
+                self.acked_cursor.insert(conv, c);
+            } else if c > 1 && self.rng.chance(0.01) {
+                // A stale ack, as a client replaying an old one after a reconnect would send.
+                let rid = self.next_rid('a');
+                frames.push(json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c / 2}));
+            }
+        }
+        frames
+    }
+
+    /// A connection dropped in the middle of a send: every unacknowledged message
+    /// is written once more, and the last one's ack may be lost with it.
+    pub(super) fn drop_mid_send(&mut self) -> Vec<Value> {
+        let (user, device) = self.spec.key;
+        let mut frames = Vec::new();
+        let pending: Vec<(String, String)> = self
+            .pending
+            .iter()
+            .map(|(id, p)| (id.clone(), p.conv.clone()))
+            .collect();
+        for (id, conv) in pending {
+            let rid = self.next_rid('s');
+            frames.push(json!({"rid": rid, "op": "send", "conv": conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
+        }
+        if let Some((id, conv)) = self.last_written.take() {
+            self.pending.entry(id).or_insert(Pending {
+                conv,
+                last_attempt_ms: None,
+            });
+        }
+        self.note("dropped its connection mid-send");
+        frames
+    }
+
+    /// What every tick checks first: stop, silence, a disconnect fault, a switch.
+    pub(super) fn session_over(&mut self, now: u64, last_heard: u64) -> bool {
+        if self.shared.stop_all.load(Ordering::SeqCst) || now - last_heard > SILENCE_MAX_MS {
+            return true;
+        }
+        if self.transports == Transports::Switching && self.rng.chance(SWITCH_CHANCE_PER_TICK) {
+            self.note("switches transport");
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn publish_progress(&self) {
+        *self.progress.lock().expect("progress") = Progress {
+            cursors: self.cursors.clone(),
+            outstanding: self.pending.len(),
+        };
+    }
+
+    /// After a session, whatever ended it.
+    pub(super) fn session_ended(&mut self, last_heard: u64) {
+        self.offline_since.get_or_insert(last_heard);
+        // Retry everything unacknowledged after the reconnect.
+        for p in self.pending.values_mut() {
+            p.last_attempt_ms = None;
+        }
+        self.acked_cursor.clear();
+        self.send_rids.clear(); // Replies to them will not come on the next connection.
+        self.queries.clear();
+    }
+
+    pub(super) fn hello(&self) -> Value {
+        json!({"rid": "h", "op": "hello", "versions": [1], "token": self.spec.token,
+               "device": format!("d{}", self.spec.key.1), "cursors": self.cursors})
+    }
+}

@@ -1,0 +1,290 @@
+//! A simulated device speaking protocol v1 over simulated TCP, on WebSocket or on
+//! the HTTP long-poll fallback (`/v1/rpc` + `/v1/poll`), and the shared progress the
+//! harness reads to decide convergence.
+//!
+//! Each device draws from its seed how it connects: WebSocket only, long-poll only,
+//! or switching between the two (at reconnects and, now and then, by choice in the
+//! middle of a session), always carrying its cursors over. The same [`Device`] state
+//! handles every frame whatever the transport, so the checker judges both alike.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+mod device;
+mod http;
+
+use self::device::{Device, Flow};
+use crate::cluster::{sim_ms, Shared};
+use crate::history::DeviceKey;
+use crate::options::SeedRng;
+
+/// Messages in flight per device.
+const OUTSTANDING_MAX: usize = 3;
+/// A send without an ack after this is retried with the same id.
+const RETRY_AFTER_MS: u64 = 1_500;
+/// A connection silent for this long is dropped and re-made.
+const SILENCE_MAX_MS: u64 = 6_000;
+/// How long a poll asks the server to hold it (well under [`SILENCE_MAX_MS`]).
+const POLL_HOLD_MS: u64 = 2_000;
+/// Chance per 50 ms tick that a switching device changes transport mid-session.
+const SWITCH_CHANCE_PER_TICK: f64 = 0.004;
+
+/// How a device connects, drawn from its seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transports {
+    WebSocketOnly,
+    LongPollOnly,
+    /// Alternates, starting on WebSocket.
+    Switching,
+}
+
+/// The transport of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    WebSocket,
+    LongPoll,
+}
+
+/// What the harness reads to decide whether a device has converged.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// Highest contiguous seq held per conversation.
+    pub cursors: BTreeMap<String, u64>,
+    /// Sends not yet acknowledged.
+    pub outstanding: usize,
+}
+
+/// One device's fixed description.
+pub struct DeviceSpec {
+    /// `(user, device)`.
+    pub key: DeviceKey,
+    /// Token for its user.
+    pub token: String,
+    /// Conversations its user is in.
+    pub convs: Vec<String>,
+    /// New messages to make in the safety phase.
+    pub to_send: u32,
+    /// Length of the safety phase, so new messages spread over all of it.
+    pub safety_secs: u64,
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Connects to the server at `addr` and upgrades to WebSocket over simulated TCP.
+pub async fn connect(addr: std::net::SocketAddr) -> Option<Ws> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let url = format!("ws://{addr}/v1/ws");
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(ws)
+}
+
+/// Sends `frame` and waits for the reply with the same rid (ignoring events).
+pub async fn roundtrip(ws: &mut Ws, frame: Value) -> Option<Value> {
+    let rid = frame["rid"].as_str()?.to_owned();
+    ws.send(Message::Text(frame.to_string().into()))
+        .await
+        .ok()?;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(3), ws.next())
+            .await
+            .ok()??
+            .ok()?;
+        if let Message::Text(text) = next {
+            let v: Value = serde_json::from_str(&text).ok()?;
+            if v["rid"] == rid.as_str() {
+                return Some(v);
+            }
+        }
+    }
+}
+
+/// Runs a device until the harness says stop.
+pub async fn run_device(
+    spec: DeviceSpec,
+    shared: Arc<Shared>,
+    progress: Arc<Mutex<Progress>>,
+    seed: u64,
+) {
+    let mut dev = Device::new(spec, Arc::clone(&shared), progress, seed);
+    dev.note(format_args!("connects by {:?}", dev.transports));
+    // With several servers a device starts on one and moves when it cannot get through.
+    let servers = shared.servers.clone();
+    let mut server = dev.spec.key.0 as usize % servers.len();
+    let mut transport = match dev.transports {
+        Transports::LongPollOnly => Transport::LongPoll,
+        _ => Transport::WebSocket,
+    };
+    while !shared.stop_all.load(Ordering::SeqCst) {
+        let last_heard = match transport {
+            Transport::WebSocket => websocket_session(&mut dev, servers[server]).await,
+            Transport::LongPoll => long_poll_session(&mut dev, servers[server]).await,
+        };
+        let Some(last_heard) = last_heard else {
+            server = (server + 1) % servers.len();
+            tokio::time::sleep(Duration::from_millis(dev.rng.range(100, 600))).await;
+            continue;
+        };
+        dev.session_ended(last_heard);
+        if servers.len() > 1 && dev.rng.chance(0.5) {
+            server = (server + 1) % servers.len();
+        }
+        if dev.transports == Transports::Switching {
+            transport = match transport {
+                Transport::WebSocket => Transport::LongPoll,
+                Transport::LongPoll => Transport::WebSocket,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(dev.rng.range(50, 400))).await;
+    }
+    dev.publish_progress();
+}
+
+/// One WebSocket session; `None` if it could not connect, else when it last heard
+/// from the server.
+async fn websocket_session(dev: &mut Device, addr: std::net::SocketAddr) -> Option<u64> {
+    let mut ws = connect(addr).await?;
+    if ws
+        .send(Message::Text(dev.hello().to_string().into()))
+        .await
+        .is_err()
+    {
+        return Some(sim_ms());
+    }
+    dev.note(format_args!("connected, cursors {:?}", dev.cursors));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last_heard = sim_ms();
+    'session: loop {
+        tokio::select! {
+            biased;
+            frame = ws.next() => {
+                let Some(Ok(frame)) = frame else { break 'session };
+                last_heard = sim_ms();
+                let Message::Text(text) = frame else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+                if let Flow::End = dev.on_frame(&v) { break 'session }
+            }
+            _ = tick.tick() => {
+                let now = sim_ms();
+                if dev.session_over(now, last_heard) { break 'session }
+                if dev.shared.take_disconnect(dev.spec.key) {
+                    for frame in dev.drop_mid_send() {
+                        let _ = ws.send(Message::Text(frame.to_string().into())).await;
+                    }
+                    break 'session;
+                }
+                for frame in dev.tick_frames(now) {
+                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                        break 'session;
+                    }
+                }
+                dev.publish_progress();
+            }
+        }
+    }
+    Some(last_heard)
+}
+
+/// One long-poll session: requests over `/v1/rpc` on one connection (in order),
+/// polls over `/v1/poll` on another, each with the cursors the device holds after
+/// the previous one. `None` if it could not connect, else when it last heard from
+/// the server.
+async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Option<u64> {
+    let auth = http::Auth {
+        token: dev.spec.token.clone(),
+        device: format!("d{}", dev.spec.key.1),
+    };
+    let mut rpc = Vec::new();
+    for _ in 0..http::RPC_CONNECTIONS {
+        rpc.push(http::Connection::open(addr).await?);
+    }
+    dev.note(format_args!(
+        "connected over HTTP, cursors {:?}",
+        dev.cursors
+    ));
+    let (requests, mut replies, workers) = http::spawn_rpc(rpc, auth.clone());
+    let mut poll = Box::pin(http::poll(
+        addr,
+        auth.clone(),
+        dev.cursors.clone(),
+        poll_limit(&mut dev.rng),
+    ));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last_heard = sim_ms();
+    'session: loop {
+        tokio::select! {
+            biased;
+            answer = &mut poll => {
+                let Some((200, body)) = answer else {
+                    if let Some((status, body)) = answer { dev.note(format_args!("poll refused: {status} {body}")) }
+                    break 'session;
+                };
+                last_heard = sim_ms();
+                dev.online();
+                let got: Vec<String> = body["entries"].as_array().into_iter().flatten().map(|e| format!("{}#{}", e["conv"].as_str().unwrap_or("?"), e["seq"])).collect();
+                dev.note(format_args!("polled {got:?}, has_more {}", body["has_more"]));
+                for entry in body["entries"].as_array().into_iter().flatten() {
+                    let mut frame = entry.clone();
+                    frame["type"] = "msg".into();
+                    if let Flow::End = dev.on_frame(&frame) { break 'session }
+                }
+                for receipt in body["receipts"].as_array().into_iter().flatten() {
+                    let mut frame = receipt.clone();
+                    frame["type"] = "receipt".into();
+                    dev.on_frame(&frame);
+                }
+                poll = Box::pin(http::poll(addr, auth.clone(), dev.cursors.clone(), poll_limit(&mut dev.rng)));
+            }
+            reply = replies.recv() => {
+                let Some(reply) = reply else { break 'session };
+                last_heard = sim_ms();
+                if let Flow::End = dev.on_frame(&reply) { break 'session }
+            }
+            _ = tick.tick() => {
+                let now = sim_ms();
+                if dev.session_over(now, last_heard) { break 'session }
+                if dev.shared.take_disconnect(dev.spec.key) {
+                    for frame in dev.drop_mid_send() {
+                        let _ = requests.send(frame);
+                    }
+                    break 'session;
+                }
+                for frame in dev.tick_frames(now) {
+                    if requests.send(frame).is_err() {
+                        break 'session;
+                    }
+                }
+                dev.publish_progress();
+            }
+        }
+    }
+    for worker in workers {
+        worker.abort();
+    }
+    Some(last_heard)
+}
+
+/// Most entries a poll asks for: usually the most, sometimes a small page.
+fn poll_limit(rng: &mut SeedRng) -> u64 {
+    if rng.chance(0.3) {
+        rng.range(1, 3)
+    } else {
+        500
+    }
+}
