@@ -66,8 +66,10 @@ impl<T> Mailbox<T> {
     }
 
     /// Marks the mailbox unusable (replaced or overflowed); the next poll opens another.
+    /// A poll held on it returns at once.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.superseded.notify_waiters();
     }
 
     /// See [`Mailbox::close`].

@@ -46,6 +46,16 @@ impl DeviceLease {
         Ok(())
     }
 
+    /// Whether [`DeviceLease::route`] succeeded.
+    pub fn is_routed(&self) -> bool {
+        self.routed
+    }
+
+    /// Whether [`DeviceLease::up`] was called.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
+
     /// Counts the device online (its user's presence, last seen).
     pub fn up(&mut self) {
         assert!(self.routed, "a device is routed before it is up");
@@ -144,10 +154,10 @@ impl ChatService {
     }
 
     /// The long-poll mailbox of `caller`'s device: the open one, or a new one whose
-    /// feed is leased (ending the device's WebSocket), routed and up before it is
-    /// returned, so nothing sequenced afterwards goes unnoticed. Refused with
-    /// `overloaded` when `--poll-mailboxes-max` are open, `too_many_devices` past
-    /// the user's devices, `internal` when the cluster registry is unavailable.
+    /// feed is leased (ending the device's WebSocket); the poll that holds its feed
+    /// next routes it and counts it up ([`DeviceFeed::connect`]) before reading
+    /// anything. Refused with `overloaded` when `--poll-mailboxes-max` are open and
+    /// `too_many_devices` past the user's devices.
     pub async fn mailbox(
         self: &Arc<Self>,
         caller: &Caller,
@@ -179,16 +189,6 @@ impl ChatService {
             }
             crate::mailbox::Opened::New(mailbox) => {
                 self.metrics.polls_open.set(self.mailboxes.len() as i64);
-                let mut feed = mailbox.content.lock().await;
-                if let Err(e) = feed.lease_mut().route().await {
-                    drop(feed);
-                    mailbox.close();
-                    self.mailboxes
-                        .remove(&caller.user, &caller.device, &mailbox);
-                    return Err(e);
-                }
-                feed.lease_mut().up();
-                drop(feed);
                 Ok(mailbox)
             }
         }
@@ -206,7 +206,9 @@ impl ChatService {
     /// Closes every long-poll mailbox (shutdown): their devices go offline once
     /// their polls in flight end.
     pub fn close_mailboxes(&self) {
-        drop(self.mailboxes.take_all());
+        for mailbox in self.mailboxes.take_all() {
+            mailbox.close();
+        }
         self.metrics.polls_open.set(0);
     }
 

@@ -104,6 +104,19 @@ impl DeviceFeed {
         &mut self.lease
     }
 
+    /// Routes the lease and counts it up unless done already (a long-poll
+    /// mailbox's first poll; a poll cancelled half-way leaves it to the next).
+    pub async fn connect(&mut self) -> Result<(), ProtocolError> {
+        if self.lease.is_up() {
+            return Ok(());
+        }
+        if !self.lease.is_routed() {
+            self.lease.route().await?;
+        }
+        self.lease.up();
+        Ok(())
+    }
+
     /// (Re)starts every conversation of the device after the cursors it presents
     /// (its stored cursors, or the most recent entries for a new device, where it
     /// presents none) and queues catch-up where it is behind. Returns the
@@ -201,12 +214,17 @@ impl DeviceFeed {
     /// Whether some conversation still has entries the device lacks (after a
     /// poll's limit, or while catching up).
     pub fn is_behind(&self) -> bool {
-        !self.behind.is_empty()
+        self.behind.iter().any(|(conv, until)| {
+            let visible = self.stream.visible_until(conv).unwrap_or(0);
+            self.stream
+                .next_seq(conv)
+                .is_some_and(|next| next <= (*until).min(visible))
+        })
     }
 
     /// Whether [`DeviceFeed::catch_up_step`] has something to do now.
     pub fn catch_up_ready(&self) -> bool {
-        self.is_behind() && self.room > 0 && self.ended.is_none()
+        !self.behind.is_empty() && self.room > 0 && self.ended.is_none()
     }
 
     /// Gives out the next page of the first conversation still behind; it stays
@@ -275,9 +293,34 @@ impl DeviceFeed {
         }
         if self.floors_due.is_some_and(|due| due <= now) {
             self.floors_due = None;
-            for (_, receipt) in std::mem::take(&mut self.receipts_unfloored) {
-                self.on_receipt_floored(Arc::new(receipt), None).await;
+            self.retry_floors().await;
+        }
+        self.say_caught_up_if_done();
+    }
+
+    /// Reads the store's cursor for every receipt waiting for it, all at once
+    /// (so a store outage costs one bounded wait, not one per receipt), and shows
+    /// those it got; the rest wait for the next retry.
+    async fn retry_floors(&mut self) {
+        let waiting: Vec<Receipt> = std::mem::take(&mut self.receipts_unfloored)
+            .into_values()
+            .collect();
+        let service = Arc::clone(&self.service);
+        let floors =
+            futures_util::future::join_all(waiting.iter().map(|r| with_stored_floor(&service, r)))
+                .await;
+        for (receipt, floor) in waiting.into_iter().zip(floors) {
+            let key = (receipt.conv.clone(), receipt.user.clone());
+            match floor {
+                Some(Floored::AsIs) => self.show_receipt(Arc::new(receipt), None),
+                Some(Floored::Raised(raised)) => self.show_receipt(Arc::new(raised), None),
+                None => {
+                    self.receipts_unfloored.insert(key, receipt);
+                }
             }
+        }
+        if !self.receipts_unfloored.is_empty() {
+            self.floors_due = Some(tokio::time::Instant::now() + RESYNC_RETRY_AFTER);
         }
     }
 
@@ -322,6 +365,7 @@ impl DeviceFeed {
                 .map_or(0, |(_, last)| *last);
             self.mark_behind(&conv, last);
         }
+        self.say_caught_up_if_done();
     }
 
     fn end(&mut self, err: ProtocolError) {
@@ -525,6 +569,12 @@ impl DeviceFeed {
         } else {
             (receipt, frame)
         };
+        self.show_receipt(receipt, frame);
+    }
+
+    /// Queues `receipt` merged with what was shown (nothing if it adds nothing).
+    fn show_receipt(&mut self, receipt: Arc<Receipt>, frame: Option<Utf8Bytes>) {
+        let key = (receipt.conv.clone(), receipt.user.clone());
         let (shown, frame) = match self.receipts_shown.show(&receipt) {
             ReceiptView::Nothing => return,
             ReceiptView::AsArrived => {

@@ -91,6 +91,7 @@ async fn poll_in(
     if mailbox.is_superseded(generation) || mailbox.is_closed() {
         return Ok(got);
     }
+    feed.connect().await?;
     feed.start(cursors, limit).await?;
     loop {
         feed.take_queued(svc.limits().device_queue_len_max).await;
