@@ -172,10 +172,8 @@ impl DeviceFeed {
         self.queue.recv().await
     }
 
-    /// Handles the pushes already queued, at most `len_max`, until the feed ends;
-    /// true if it took any.
-    pub async fn take_queued(&mut self, len_max: usize) -> bool {
-        let mut took = false;
+    /// Handles the pushes already queued, at most `len_max`, until the feed ends.
+    pub async fn take_queued(&mut self, len_max: usize) {
         for _ in 0..len_max {
             if self.ended.is_some() {
                 break;
@@ -185,9 +183,7 @@ impl DeviceFeed {
                 // Empty, or closed (the next `recv` reports it).
                 Err(_) => break,
             }
-            took = true;
         }
-        took
     }
 
     /// Handles what [`DeviceFeed::recv`] returned.

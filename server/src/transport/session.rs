@@ -194,16 +194,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Writes what the feed gave out, then flushes.
     async fn write_out(&mut self) -> WsResult<()> {
+        // The socket and the feed are separate fields: frames go out as they are drained.
         let feed = self.feed.as_mut().expect("output comes from a feed");
-        let frames: Vec<Utf8Bytes> = feed
-            .drain_out()
-            .map(|out| match out {
+        for out in feed.drain_out() {
+            let frame = match out {
                 Out::Entry(_, frame) | Out::Frame(frame) => frame,
                 Out::CaughtUp => Utf8Bytes::from(ServerFrame::CaughtUp {}.to_json()),
-            })
-            .collect();
-        for frame in frames {
-            self.feed(Message::Text(frame)).await?;
+            };
+            self.unflushed = true;
+            self.ws.feed(Message::Text(frame)).await?;
         }
         self.flush_fed().await
     }
