@@ -170,7 +170,10 @@ impl Request for Deliver {
 
 #[derive(Default)]
 struct RouterState {
-    devices: BTreeMap<String, BTreeMap<String, SocketAddr>>,
+    /// Per user, every (device, server) connection registered: a device can be
+    /// connected to two servers for a while (a long-poll mailbox outlives its
+    /// device's move), and each server registers and forgets only its own.
+    devices: BTreeMap<String, BTreeSet<(String, SocketAddr)>>,
     alive_until: BTreeMap<SocketAddr, tokio::time::Instant>,
     /// Running server processes: incarnation and lease, by address.
     lives: BTreeMap<SocketAddr, (u64, tokio::time::Instant)>,
@@ -185,8 +188,9 @@ impl RouterState {
         user: &str,
         now: tokio::time::Instant,
     ) -> impl Iterator<Item = SocketAddr> + 's {
-        let servers = self.devices.get(user).into_iter().flat_map(|d| d.values());
+        let servers = self.devices.get(user).into_iter().flatten();
         servers
+            .map(|(_, server)| server)
             .filter(move |s| self.alive_until.get(*s).is_some_and(|t| *t > now))
             .copied()
     }
@@ -232,16 +236,17 @@ fn route_call(
         }
         RouterCall::RegisterAll(devices, server) => {
             for (user, device) in devices {
-                s.devices.entry(user).or_default().insert(device, server);
+                s.devices.entry(user).or_default().insert((device, server));
             }
         }
         RouterCall::Register(user, device, server) => {
-            s.devices.entry(user).or_default().insert(device, server);
+            s.devices.entry(user).or_default().insert((device, server));
         }
         RouterCall::Forget(user, device, server) => {
             if let Some(devices) = s.devices.get_mut(&user) {
-                if devices.get(&device) == Some(&server) {
-                    devices.remove(&device);
+                devices.remove(&(device, server));
+                if devices.is_empty() {
+                    s.devices.remove(&user);
                 }
             }
         }

@@ -50,11 +50,14 @@ pub trait Fabric: Send + Sync + 'static {
     /// This server's id in the registry.
     fn server_id(&self) -> &str;
 
-    /// Records that `device` of `user` is connected here. Returns once other
-    /// servers will route to it, so a session registers before it reads the store.
+    /// Records that `device` of `user` is connected here, beside any connection it
+    /// still has to another server (both are routed to until each is forgotten).
+    /// Returns once other servers will route to it, so a session registers before
+    /// it reads the store.
     async fn device_connected(&self, user: &str, device: &str) -> Result<(), FabricError>;
 
-    /// Forgets the device (only if it is still recorded as connected here); best effort.
+    /// Forgets the device's connection to this server (never one it has to another
+    /// server meanwhile); best effort.
     fn device_disconnected(&self, user: &str, device: &str);
 
     /// Sends `event` to the devices of `users` connected to other servers;

@@ -2,7 +2,11 @@
 //! heartbeat keys with a TTL, and routing over pub/sub.
 //!
 //! Keys (all under the configured prefix, default `cp:`):
-//! - `dev:{user}`: hash, device → id of the server holding its connection.
+//! - `dev:{user}`: hash, one field per connection `{device}@{server}` → id of the
+//!   server holding it. A device may be connected to two servers for a while (a
+//!   long-poll mailbox outlives its device's move to another server); each server
+//!   sets and deletes only its own fields, so re-registering after an outage never
+//!   takes a device's newer connection elsewhere off the routes.
 //! - `srv:{server}`: exists while the server is alive; set every TTL/3 with
 //!   expiry TTL, so a crashed server's entries stop being routed to within TTL.
 //!   It holds the server's incarnation (a new one per start).
@@ -38,13 +42,6 @@ use crate::metrics::FabricCounters;
 
 /// Longest a send waits for Redis to take its event.
 const FORWARD_WAIT_MAX: Duration = Duration::from_secs(1);
-
-/// Deletes a registry field only if it still names this server.
-const FORGET_DEVICE_LUA: &str = r"
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0";
 
 /// Removes the dead members given (ARGV) from the set of lives (KEYS[1]) and
 /// counts those it removed in the death counter (KEYS[2]); returns the counter.
@@ -85,7 +82,6 @@ pub struct RedisConfig {
 pub struct RedisFabric {
     config: RedisConfig,
     conn: ConnectionManager,
-    forgetter: redis::Script,
     bury: redis::Script,
     /// This process's incarnation: `srv:{id}` holds it while it runs.
     incarnation: String,
@@ -137,7 +133,6 @@ impl RedisFabric {
         let fabric = Arc::new(Self {
             config,
             conn,
-            forgetter: redis::Script::new(FORGET_DEVICE_LUA),
             bury: redis::Script::new(BURY_LUA),
             incarnation: new_incarnation(),
             deaths_seen: Arc::new(std::sync::Mutex::new(None)),
@@ -158,6 +153,11 @@ impl RedisFabric {
 
     fn device_key(&self, user: &str) -> String {
         format!("{}dev:{user}", self.config.prefix)
+    }
+
+    /// The field of `dev:{user}` registering `device`'s connection to `server`.
+    fn connection_field(device: &str, server: &str) -> String {
+        format!("{device}@{server}")
     }
 
     fn alive_key(&self, server: &str) -> String {
@@ -342,9 +342,14 @@ impl RedisFabric {
         if !devices.is_empty() {
             // (Redis refuses an empty pipeline.)
             let mut pipe = redis::pipe();
+            let me = &self.config.server_id;
             for (user, device) in &devices {
-                pipe.hset(self.device_key(user), device, &self.config.server_id)
-                    .ignore();
+                pipe.hset(
+                    self.device_key(user),
+                    Self::connection_field(device, me),
+                    me,
+                )
+                .ignore();
             }
             let mut conn = self.conn.clone();
             if let Err(e) = pipe.query_async::<()>(&mut conn).await {
@@ -360,7 +365,7 @@ impl RedisFabric {
         );
     }
 
-    /// Where the devices of `users` are registered (device → server), and which
+    /// Where the devices of `users` are registered (connection field → server), and which
     /// of those servers other than this one are alive.
     async fn placements(
         &self,
@@ -408,9 +413,9 @@ impl RedisFabric {
             .map(|(user, _)| user.clone())
             .collect();
         let mut by_server: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        let mut devices_of: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-        for (user, devices) in users.iter().zip(&placements) {
-            for (device, server) in devices {
+        let mut fields_of: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+        for (user, connections) in users.iter().zip(&placements) {
+            for (field, server) in connections {
                 if *server == self.config.server_id {
                     continue;
                 }
@@ -418,7 +423,7 @@ impl RedisFabric {
                 if listed.last() != Some(user) {
                     listed.push(user.clone());
                 }
-                devices_of.entry(server).or_default().push((user, device));
+                fields_of.entry(server).or_default().push((user, field));
             }
         }
         if by_server.is_empty() {
@@ -433,13 +438,8 @@ impl RedisFabric {
                 self.counters.forwarded.inc();
             } else {
                 // A dead server's registrations: forget them so nobody routes there.
-                for (user, device) in &devices_of[server] {
-                    let mut invocation = self.forgetter.prepare_invoke();
-                    invocation
-                        .key(self.device_key(user))
-                        .arg(*device)
-                        .arg(*server);
-                    pipe.invoke_script(&invocation).ignore();
+                for (user, field) in &fields_of[server] {
+                    pipe.hdel(self.device_key(user), *field).ignore();
                 }
             }
         }
@@ -458,24 +458,24 @@ impl Fabric for RedisFabric {
 
     async fn device_connected(&self, user: &str, device: &str) -> Result<(), FabricError> {
         let mut conn = self.conn.clone();
+        let me = &self.config.server_id;
         let _: i64 = conn
-            .hset(self.device_key(user), device, &self.config.server_id)
+            .hset(
+                self.device_key(user),
+                Self::connection_field(device, me),
+                me,
+            )
             .await
             .map_err(|e| fail("registering the device", e))?;
         Ok(())
     }
 
     fn device_disconnected(&self, user: &str, device: &str) {
-        let (key, device) = (self.device_key(user), device.to_owned());
-        let (script, server) = (self.forgetter.clone(), self.config.server_id.clone());
+        let key = self.device_key(user);
+        let field = Self::connection_field(device, &self.config.server_id);
         let mut conn = self.conn.clone();
         tokio::spawn(async move {
-            let forgotten = script
-                .key(key)
-                .arg(device)
-                .arg(server)
-                .invoke_async::<i64>(&mut conn)
-                .await;
+            let forgotten = conn.hdel::<_, _, i64>(key, field).await;
             if let Err(e) = forgotten {
                 tracing::debug!(error = %e, "unregistering a device failed; its entry goes stale");
             }
