@@ -24,8 +24,12 @@ pub enum Violation {
     Phantom,
     /// A receipt went back (guarantee 6).
     ReceiptRegress,
-    /// A receipt claimed more than the user's devices held or read (guarantee 6).
+    /// A receipt claimed more than the user's devices held or read, or a group
+    /// summary more than a member's (guarantee 6).
     ReceiptOverclaim,
+    /// An accepted ack moved a cursor past a sender's entry, and that sender's
+    /// device, connected with no fault active, was never shown it (guarantee 6).
+    ReceiptMissing,
     /// Outside fault windows, a delivery above the latency bound (guarantee 7).
     Slow,
     /// An entry's `server_time_ms` is below that of an earlier entry of its
@@ -35,7 +39,7 @@ pub enum Violation {
 
 impl Violation {
     /// Every violation, in the contract's order.
-    pub const ALL: [Violation; 10] = [
+    pub const ALL: [Violation; 11] = [
         Violation::Lost,
         Violation::Duplicate,
         Violation::Reorder,
@@ -44,6 +48,7 @@ impl Violation {
         Violation::Phantom,
         Violation::ReceiptRegress,
         Violation::ReceiptOverclaim,
+        Violation::ReceiptMissing,
         Violation::Slow,
         Violation::TimeRegress,
     ];
@@ -59,6 +64,7 @@ impl Violation {
             Violation::Phantom => "phantom",
             Violation::ReceiptRegress => "receipt-regress",
             Violation::ReceiptOverclaim => "receipt-overclaim",
+            Violation::ReceiptMissing => "receipt-missing",
             Violation::Slow => "slow",
             Violation::TimeRegress => "time-regress",
         }
@@ -78,6 +84,9 @@ impl Violation {
             Violation::ReceiptRegress => "a delivered or read receipt went back",
             Violation::ReceiptOverclaim => {
                 "a receipt claimed more than the user's devices held or read"
+            }
+            Violation::ReceiptMissing => {
+                "a cursor moved past a sender's entry and the sender's connected device never saw it"
             }
             Violation::Slow => "delivered above the latency bound with no fault active",
             Violation::TimeRegress => {

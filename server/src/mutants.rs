@@ -33,11 +33,17 @@ pub enum Mutant {
     /// Complete: `sync` pages stop one entry short of the newest the caller may see,
     /// and say nothing more is left.
     SyncStopsShort = 11,
+    /// Receipts: an ack's receipt goes only to the senders of entries its read
+    /// cursor passed, so a sender whose message was delivered but not read is never told.
+    ReceiptWaitsForRead = 12,
+    /// Receipts: a group's `all_delivered` / `all_read` are the acking member's own
+    /// cursor, not the minimum over the current members.
+    SummaryFromAcker = 13,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 11] = [
+    pub const ALL: [Mutant; 13] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -49,6 +55,8 @@ impl Mutant {
         Mutant::StayDownAfterIoError,
         Mutant::ServerTimeFromRawClock,
         Mutant::SyncStopsShort,
+        Mutant::ReceiptWaitsForRead,
+        Mutant::SummaryFromAcker,
     ];
 
     /// A stable kebab-case name.
@@ -65,6 +73,8 @@ impl Mutant {
             Mutant::StayDownAfterIoError => "stay-down-after-io-error",
             Mutant::ServerTimeFromRawClock => "server-time-from-raw-clock",
             Mutant::SyncStopsShort => "sync-stops-short",
+            Mutant::ReceiptWaitsForRead => "receipt-waits-for-read",
+            Mutant::SummaryFromAcker => "summary-from-acker",
         }
     }
 }

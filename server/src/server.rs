@@ -193,7 +193,9 @@ async fn route_unrouted_forever(service: Arc<ChatService>) {
 
 /// Answers a connection over every limit with 503 `overloaded` and closes it.
 async fn refuse_overloaded(mut stream: tokio::net::TcpStream, why: &'static str) {
-    let body = serde_json::json!({"code": "overloaded", "message": why}).to_string();
+    let body = crate::protocol::encode(&crate::protocol::ErrorBody::from(
+        &crate::protocol::ProtocolError::new(crate::protocol::ErrorCode::Overloaded, why),
+    ));
     let reply = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()

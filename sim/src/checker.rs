@@ -7,7 +7,7 @@ use std::fmt;
 
 use chatproof_contract::{OrderCheck, Violation};
 
-use crate::history::{DeviceKey, History, PageKind};
+use crate::history::{CursorAck, DeviceKey, History, PageKind};
 
 /// A conversation of the simulated world: id and member user indexes.
 #[derive(Debug, Clone)]
@@ -52,6 +52,11 @@ pub struct World<'a> {
 /// After a fault ends, the network needs a moment to recover (TCP retransmission
 /// backoff, reconnects); deliveries that start within this grace are not `slow`.
 pub const FAULT_RECOVERY_GRACE_MS: u64 = 3_000;
+
+/// Beyond the latency bound, how long a receipt may take to reach a sender's device:
+/// the server holds receipts up to 50 ms, retries a group floor it could not read
+/// every 500 ms, and a long-poll device may be between polls.
+pub const RECEIPT_GRACE_MS: u64 = 2_500;
 
 fn overlaps(
     faults: &[crate::history::FaultWindow],
@@ -401,17 +406,9 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
         }
     }
 
-    // Receipts never go back and never claim more than the user's devices held.
-    let mut best_held: HashMap<(u32, &str), u64> = HashMap::new();
-    for ((device, conv), seqs) in &held {
-        let start = range_of(conv, device.0).map_or(1, |(s, _)| s);
-        let contiguous = (start..)
-            .take_while(|s| seqs.contains(s))
-            .last()
-            .unwrap_or(start - 1);
-        let best = best_held.entry((device.0, *conv)).or_insert(0);
-        *best = (*best).max(contiguous);
-    }
+    // Receipts never go back and never claim more than the user's devices held, or
+    // read, by the time the receipt was shown.
+    let holdings = Holdings::new(h, &range_of);
     let mut last_receipt: HashMap<(DeviceKey, &str, u32), (u64, u64)> = HashMap::new();
     for r in &h.receipts {
         let key = (r.device, r.conv.as_str(), r.user);
@@ -429,21 +426,66 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             }
         }
         last_receipt.insert(key, (r.delivered, r.read));
-        let held_max = best_held
-            .get(&(r.user, r.conv.as_str()))
-            .copied()
-            .unwrap_or(0);
-        if r.delivered > held_max || r.read > r.delivered {
+        let held_max = holdings.held_by(r.user, &r.conv, r.t_ms);
+        let read_max = holdings.read_by(r.user, &r.conv, r.t_ms);
+        if r.delivered > held_max || r.read > r.delivered || r.read > read_max {
             v(
                 Violation::ReceiptOverclaim,
                 &r.conv,
-                (Some(r.device), None),
+                (Some(r.device), Some(r.t_ms)),
                 format!(
-                    "user {} claimed delivered {} read {} but held {held_max}",
+                    "user {} claimed delivered {} read {} but by then held {held_max} and read {read_max}",
                     r.user, r.delivered, r.read
                 ),
             );
         }
+    }
+
+    // A group's summaries never claim more than a member holds or read. Judged
+    // over the members who were in the group from its first entry to the end, since
+    // a summary is computed over the members at one moment that the history does
+    // not pin down.
+    for r in &h.receipts {
+        let Some(c) = world.convs.iter().find(|c| c.id == r.conv) else {
+            continue;
+        };
+        let whole_run = c
+            .members
+            .iter()
+            .filter(|m| range_of(&c.id, **m) == Some((1, u64::MAX)));
+        for &m in whole_run {
+            let held = holdings.held_by(m, &c.id, r.t_ms);
+            let read = holdings.read_by(m, &c.id, r.t_ms);
+            let over = [
+                ("all_delivered", r.all_delivered, held),
+                ("all_read", r.all_read, read),
+            ];
+            for (field, claimed, truth) in over {
+                if let Some(claimed) = claimed.filter(|claimed| *claimed > truth) {
+                    v(
+                        Violation::ReceiptOverclaim,
+                        &r.conv,
+                        (Some(r.device), Some(r.t_ms)),
+                        format!(
+                            "{field} {claimed} shown to {:?}, but member {m} has only {truth}",
+                            r.device
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    // Receipts reach the senders: once an accepted ack moved a user's cursor past an
+    // entry another member sent, that sender's devices with a working session over
+    // the whole while, and no fault near, are shown a receipt at least that far.
+    for missing in missing_receipts(h, world, &range_of) {
+        v(
+            Violation::ReceiptMissing,
+            &missing.conv,
+            (Some(missing.device), Some(missing.due_ms)),
+            missing.describe(),
+        );
     }
 
     // Fast when healthy: outside fault windows, deliveries stay under the bound.
@@ -470,10 +512,260 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
     out
 }
 
+/// `(t_ms, value)` steps of a value that only grows, in time order.
+type Steps = Vec<(u64, u64)>;
+
+/// A member's visible seq range in a conversation: `(conversation, user) → (first, last)`.
+type RangeOf<'f> = &'f dyn Fn(&str, u32) -> Option<(u64, u64)>;
+
+/// What each user's devices held and reported read, over time: the truth a
+/// receipt shown at some moment is held to.
+struct Holdings<'h> {
+    /// Per (user, conversation), per device: when its gap-free prefix (from the
+    /// user's first visible seq) grew, and to what: `(t_ms, last seq)`.
+    held: HashMap<(u32, &'h str), BTreeMap<u32, Steps>>,
+    /// Per (user, conversation): when the most any device reported read grew.
+    read: HashMap<(u32, &'h str), Steps>,
+    /// Each user's first visible seq per conversation.
+    start: HashMap<(u32, &'h str), u64>,
+}
+
+impl<'h> Holdings<'h> {
+    fn new(h: &'h History, range_of: RangeOf<'_>) -> Self {
+        let mut held: HashMap<(u32, &str), BTreeMap<u32, Steps>> = HashMap::new();
+        let mut start = HashMap::new();
+        let mut seen: HashMap<(DeviceKey, &str), (BTreeSet<u64>, u64)> = HashMap::new();
+        for r in &h.received {
+            let first = *start
+                .entry((r.device.0, r.conv.as_str()))
+                .or_insert_with(|| range_of(&r.conv, r.device.0).map_or(1, |(s, _)| s));
+            let (seqs, prefix) = seen
+                .entry((r.device, r.conv.as_str()))
+                .or_insert_with(|| (BTreeSet::new(), first - 1));
+            seqs.insert(r.seq);
+            let before = *prefix;
+            while seqs.contains(&(*prefix + 1)) {
+                *prefix += 1;
+            }
+            if *prefix > before {
+                held.entry((r.device.0, r.conv.as_str()))
+                    .or_default()
+                    .entry(r.device.1)
+                    .or_default()
+                    .push((r.t_ms, *prefix));
+            }
+        }
+        let mut read: HashMap<(u32, &str), Steps> = HashMap::new();
+        for a in &h.cursor_acks {
+            let Some(value) = a.read else { continue };
+            let steps = read.entry((a.device.0, a.conv.as_str())).or_default();
+            if steps.last().is_none_or(|(_, most)| value > *most) {
+                steps.push((a.sent_ms, value));
+            }
+        }
+        Holdings { held, read, start }
+    }
+
+    /// The value of a step function at `t_ms` (`before` ahead of its first step).
+    fn at(steps: &[(u64, u64)], t_ms: u64, before: u64) -> u64 {
+        match steps.partition_point(|(t, _)| *t <= t_ms) {
+            0 => before,
+            i => steps[i - 1].1,
+        }
+    }
+
+    /// The furthest any of `user`'s devices held `conv` without a gap at `t_ms`.
+    fn held_by(&self, user: u32, conv: &str, t_ms: u64) -> u64 {
+        let before = self.start.get(&(user, conv)).map_or(0, |s| s - 1);
+        self.held
+            .get(&(user, conv))
+            .into_iter()
+            .flat_map(|devices| devices.values())
+            .map(|steps| Self::at(steps, t_ms, before))
+            .max()
+            .unwrap_or(before)
+    }
+
+    /// The most any of `user`'s devices had reported read of `conv` by `t_ms`.
+    fn read_by(&self, user: u32, conv: &str, t_ms: u64) -> u64 {
+        self.read
+            .get(&(user, conv))
+            .map_or(0, |steps| Self::at(steps, t_ms, 0))
+    }
+}
+
+/// Which cursor of a receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Delivered,
+    Read,
+}
+
+impl Field {
+    /// How far `ack` moves this cursor (reading implies delivery).
+    fn moved_by(self, ack: &CursorAck) -> u64 {
+        match self {
+            Field::Delivered => ack.delivered.max(ack.read.unwrap_or(0)),
+            Field::Read => ack.read.unwrap_or(0),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Field::Delivered => "delivered",
+            Field::Read => "read",
+        }
+    }
+}
+
+/// A receipt a sender's device was due and not shown.
+struct MissingReceipt {
+    conv: String,
+    /// The sender's device.
+    device: DeviceKey,
+    /// Whose cursor.
+    user: u32,
+    field: Field,
+    /// The sender's entry the cursor moved past.
+    seq: u64,
+    /// The first accepted ack that moved past it arrived then.
+    accepted_ms: u64,
+    /// The receipt was due by then.
+    due_ms: u64,
+    /// The most the device was shown by then.
+    shown: u64,
+}
+
+impl MissingReceipt {
+    fn describe(&self) -> String {
+        format!(
+            "user {}'s {} passed seq {} (accepted at {} ms); by {} ms sender device {:?} was shown {} {}",
+            self.user,
+            self.field.name(),
+            self.seq,
+            self.accepted_ms,
+            self.due_ms,
+            self.device,
+            self.field.name(),
+            self.shown
+        )
+    }
+}
+
+/// Receipts due and never shown (see the check in [`check`]).
+///
+/// For each user and conversation, and each cursor, take the furthest accepted ack
+/// and, per other sender, the sender's newest acknowledged entry at or below it.
+/// The ack that first moved the cursor past that entry was written no earlier than
+/// the first ack reaching it was, and was processed before the first such ack was
+/// accepted; the receipt it caused is due by then plus the bound. A sender's device
+/// is held to it only if one working session covers that whole while with no fault
+/// window (its own, the acking user's devices', or a global one) near it.
+fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Vec<MissingReceipt> {
+    let bound = world.latency_bound_ms + RECEIPT_GRACE_MS;
+    // conv -> seq -> sending user, of acknowledged entries.
+    let mut sender_of: HashMap<&str, BTreeMap<u64, u32>> = HashMap::new();
+    for a in &h.acked {
+        sender_of
+            .entry(a.conv.as_str())
+            .or_default()
+            .insert(a.seq, a.device.0);
+    }
+    let mut acks_of: BTreeMap<(&str, u32), Vec<&CursorAck>> = BTreeMap::new();
+    for a in &h.cursor_acks {
+        acks_of
+            .entry((a.conv.as_str(), a.device.0))
+            .or_default()
+            .push(a);
+    }
+    let mut out = Vec::new();
+    for ((conv, user), acks) in &acks_of {
+        let Some(senders) = sender_of.get(conv) else {
+            continue;
+        };
+        let Some((user_start, u64::MAX)) = range_of(conv, *user) else {
+            continue;
+        };
+        let user_devices: Vec<DeviceKey> = (0..world.devices_per_user[*user as usize])
+            .map(|d| (*user, d))
+            .collect();
+        for field in [Field::Delivered, Field::Read] {
+            let furthest = acks
+                .iter()
+                .filter(|a| a.ok_ms.is_some())
+                .map(|a| field.moved_by(a))
+                .max()
+                .unwrap_or(0);
+            if furthest < user_start {
+                continue;
+            }
+            // Each other sender's newest entry at or below the furthest accepted ack.
+            let mut newest: BTreeMap<u32, u64> = BTreeMap::new();
+            for (&seq, &sender) in senders.range(user_start..=furthest) {
+                if sender != *user {
+                    newest.insert(sender, seq);
+                }
+            }
+            for (sender, seq) in newest {
+                match range_of(conv, sender) {
+                    Some((start, u64::MAX)) if start <= seq => {}
+                    _ => continue,
+                }
+                let reaching = acks.iter().filter(|a| field.moved_by(a) >= seq);
+                let written_ms = reaching.clone().map(|a| a.sent_ms).min();
+                let accepted_ms = reaching.filter_map(|a| a.ok_ms).min();
+                let (Some(written_ms), Some(accepted_ms)) = (written_ms, accepted_ms) else {
+                    continue;
+                };
+                let due_ms = accepted_ms + bound;
+                for d in 0..world.devices_per_user[sender as usize] {
+                    let device = (sender, d);
+                    let covered = h.sessions.iter().any(|s| {
+                        s.device == device && s.start_ms <= written_ms && s.end_ms >= due_ms
+                    });
+                    let mut concerned = user_devices.clone();
+                    concerned.push(device);
+                    if !covered || overlaps(&h.faults, &concerned, written_ms, due_ms) {
+                        continue;
+                    }
+                    let shown = h
+                        .receipts
+                        .iter()
+                        .filter(|r| {
+                            r.device == device
+                                && r.conv == *conv
+                                && r.user == *user
+                                && r.t_ms <= due_ms
+                        })
+                        .map(|r| match field {
+                            Field::Delivered => r.delivered,
+                            Field::Read => r.read,
+                        })
+                        .max()
+                        .unwrap_or(0);
+                    if shown < seq {
+                        out.push(MissingReceipt {
+                            conv: (*conv).to_owned(),
+                            device,
+                            user: *user,
+                            field,
+                            seq,
+                            accepted_ms,
+                            due_ms,
+                            shown,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Acked, MemberChange, Page, ReceiptSeen, Received, Sent};
+    use crate::history::{Acked, CursorAck, MemberChange, Page, ReceiptSeen, Received, Sent};
 
     fn recv(device: DeviceKey, seq: u64, id: &str) -> Received {
         Received {
@@ -517,6 +809,42 @@ mod tests {
             t_ms: 5,
         });
         h
+    }
+
+    /// [`base`] with both devices holding the conversation's entries 1 and 2.
+    fn both_hold_two() -> History {
+        let mut h = base();
+        for d in [(0, 0), (1, 0)] {
+            h.received.push(recv(d, 1, "member-1"));
+            h.received.push(recv(d, 2, "m1"));
+        }
+        h
+    }
+
+    /// User 1's receipt `(delivered, read)` shown to device (0, 0) at `t_ms`.
+    fn receipt_of_user_1(delivered: u64, read: u64, t_ms: u64) -> ReceiptSeen {
+        ReceiptSeen {
+            device: (0, 0),
+            conv: "c".into(),
+            user: 1,
+            delivered,
+            read,
+            all_delivered: None,
+            all_read: None,
+            t_ms,
+        }
+    }
+
+    /// Device (1, 0)'s cursor ack, sent at `sent_ms` and accepted at `ok_ms`.
+    fn ack_of_user_1(delivered: u64, read: Option<u64>, sent_ms: u64, ok_ms: u64) -> CursorAck {
+        CursorAck {
+            device: (1, 0),
+            conv: "c".into(),
+            delivered,
+            read,
+            sent_ms,
+            ok_ms: Some(ok_ms),
+        }
     }
 
     /// Members added later hold entries from their add entry on; members who left
@@ -585,19 +913,21 @@ mod tests {
     /// A clean history passes; each kind of broken history is named by the contract.
     #[test]
     fn names_each_violation() {
-        let mut h = base();
-        for d in [(0, 0), (1, 0)] {
-            h.received.push(recv(d, 1, "member-1"));
-            h.received.push(recv(d, 2, "m1"));
-        }
-        h.receipts.push(ReceiptSeen {
-            device: (0, 0),
-            conv: "c".into(),
-            user: 1,
-            delivered: 2,
-            read: 1,
-        });
+        let mut h = both_hold_two();
+        h.receipts.push(receipt_of_user_1(2, 1, 100));
+        h.cursor_acks.push(ack_of_user_1(2, Some(1), 50, 60));
         assert!(world_check(&h).is_empty(), "{:?}", world_check(&h));
+        // Claimed read before any device reported it, or delivered before it was held.
+        let mut early = h.clone();
+        early.receipts[0].t_ms = 40;
+        assert_eq!(world_check(&early), vec![Violation::ReceiptOverclaim]);
+        let mut unread = h.clone();
+        unread.cursor_acks[0].read = None;
+        assert_eq!(world_check(&unread), vec![Violation::ReceiptOverclaim]);
+        let mut before_held = h.clone();
+        before_held.receipts[0].t_ms = 5;
+        before_held.cursor_acks[0].sent_ms = 1;
+        assert_eq!(world_check(&before_held), vec![Violation::ReceiptOverclaim]);
 
         let mut lost = base();
         lost.received.push(recv((0, 0), 1, "member-1"));
@@ -605,11 +935,7 @@ mod tests {
         lost.received.push(recv((1, 0), 1, "member-1"));
         assert_eq!(world_check(&lost), vec![Violation::Lost]);
 
-        let mut dup = base();
-        for d in [(0, 0), (1, 0)] {
-            dup.received.push(recv(d, 1, "member-1"));
-            dup.received.push(recv(d, 2, "m1"));
-        }
+        let mut dup = both_hold_two();
         dup.received.push(recv((1, 0), 2, "m1"));
         assert_eq!(world_check(&dup), vec![Violation::Duplicate]);
 
@@ -706,32 +1032,10 @@ mod tests {
         phantom.received.push(recv((0, 0), 3, "never-sent"));
         assert!(world_check(&phantom).contains(&Violation::Phantom));
 
-        let mut regress = base();
-        for d in [(0, 0), (1, 0)] {
-            regress.received.push(recv(d, 1, "member-1"));
-            regress.received.push(recv(d, 2, "m1"));
-        }
-        regress.receipts.push(ReceiptSeen {
-            device: (0, 0),
-            conv: "c".into(),
-            user: 1,
-            delivered: 2,
-            read: 0,
-        });
-        regress.receipts.push(ReceiptSeen {
-            device: (0, 0),
-            conv: "c".into(),
-            user: 1,
-            delivered: 1,
-            read: 0,
-        });
-        regress.receipts.push(ReceiptSeen {
-            device: (0, 0),
-            conv: "c".into(),
-            user: 1,
-            delivered: 5,
-            read: 0,
-        });
+        let mut regress = both_hold_two();
+        regress.receipts.push(receipt_of_user_1(2, 0, 100));
+        regress.receipts.push(receipt_of_user_1(1, 0, 100));
+        regress.receipts.push(receipt_of_user_1(5, 0, 100));
         assert_eq!(
             world_check(&regress),
             vec![Violation::ReceiptRegress, Violation::ReceiptOverclaim]
@@ -746,5 +1050,73 @@ mod tests {
             t_ms: 5,
         });
         assert!(world_check(&twice).contains(&Violation::Duplicate));
+    }
+
+    /// A receipt an accepted ack made due reaches the sender's connected device; one
+    /// that never does is `receipt-missing`, unless the sender's session did not cover
+    /// the while or a fault was near. A group summary above a member's cursor is an
+    /// overclaim.
+    #[test]
+    fn receipts_reach_connected_senders() {
+        use crate::history::{FaultWindow, SessionSpan, WindowKind};
+        let mut h = both_hold_two();
+        // User 1 acks delivered 2 at 100 ms, accepted at 110 ms.
+        h.cursor_acks.push(ack_of_user_1(2, None, 100, 110));
+        h.sessions.push(SessionSpan {
+            device: (0, 0),
+            start_ms: 50,
+            end_ms: 20_000,
+        });
+        assert_eq!(world_check(&h), vec![Violation::ReceiptMissing]);
+
+        let mut shown = h.clone();
+        shown.receipts.push(receipt_of_user_1(2, 0, 200));
+        assert!(world_check(&shown).is_empty(), "{:?}", world_check(&shown));
+
+        // Shown too late: after the bound (1,000 ms) and the grace.
+        let mut late = shown.clone();
+        late.receipts[0].t_ms = 110 + 1_000 + RECEIPT_GRACE_MS + 1;
+        assert_eq!(world_check(&late), vec![Violation::ReceiptMissing]);
+
+        // The sender connected after the ack was written: not held to it.
+        let mut joined_later = h.clone();
+        joined_later.sessions[0].start_ms = 105;
+        assert!(world_check(&joined_later).is_empty());
+
+        // A fault near the ack: not held to it.
+        let mut faulty = h.clone();
+        faulty.faults.push(FaultWindow {
+            kind: WindowKind::DeviceOffline,
+            start_ms: 0,
+            end_ms: 90,
+            device: Some((1, 0)),
+            server: None,
+        });
+        assert!(world_check(&faulty).is_empty());
+
+        // An ack never accepted makes nothing due.
+        let mut refused = h.clone();
+        refused.cursor_acks[0].ok_ms = None;
+        assert!(world_check(&refused).is_empty());
+
+        // Read: accepted read 2, shown delivered 2 but read 0.
+        let mut read = shown.clone();
+        read.cursor_acks[0].read = Some(2);
+        assert_eq!(world_check(&read), vec![Violation::ReceiptMissing]);
+        read.receipts[0].read = 2;
+        assert!(world_check(&read).is_empty());
+
+        // A group summary above what member 0 holds (2) or read (nothing).
+        let mut summary = shown.clone();
+        summary.receipts[0].all_delivered = Some(2);
+        summary.receipts[0].all_read = Some(0);
+        assert!(world_check(&summary).is_empty());
+        summary.receipts[0].all_delivered = Some(3);
+        summary.receipts[0].all_read = Some(1);
+        assert_eq!(
+            world_check(&summary),
+            vec![Violation::ReceiptOverclaim; 4],
+            "both fields, over both members"
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,12 +57,35 @@ thread_local! {
     static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
 }
 
+/// The phases of a run, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Faults on; devices make their messages.
+    Safety = 0,
+    /// Healed; no new messages; everything must converge by the deadline.
+    Liveness = 1,
+    /// Healthy traffic, no fault near: the devices picked for it make a few new
+    /// messages, so that promises judged only outside faults (`slow`, receipts
+    /// reaching their senders) are judged in every seed.
+    Calm = 2,
+    /// No new messages; what the calm traffic caused converges and settles.
+    Settle = 3,
+}
+
+/// How long the calm traffic lasts.
+const CALM_MS: u64 = 2_000;
+/// Devices picked to send in the calm phase, at most (spread over the devices).
+const CALM_SENDERS_MAX: u32 = 12;
+/// Messages each of them makes then.
+const CALM_MESSAGES: u32 = 2;
+
 /// State shared by the harness, the fault injector and every device.
 pub struct Shared {
     /// The history being recorded.
     pub history: Mutex<History>,
-    /// Devices stop making new messages (liveness phase).
-    pub stop_sending: AtomicBool,
+    /// Where the run is ([`Phase`]); devices read it to decide whether to make new messages.
+    phase: AtomicU8,
     /// Devices stop altogether.
     pub stop_all: AtomicBool,
     /// Clock skew applied to the server at its next start, ms.
@@ -76,9 +99,25 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Where the run is.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::SeqCst) {
+            0 => Phase::Safety,
+            1 => Phase::Liveness,
+            2 => Phase::Calm,
+            _ => Phase::Settle,
+        }
+    }
+
+    /// Moves the run on to `phase` (never back).
+    fn enter(&self, phase: Phase) {
+        let before = self.phase.swap(phase as u8, Ordering::SeqCst);
+        assert!(before <= phase as u8, "phases only move on");
+    }
+
     /// Records into the history.
-    pub fn with(&self, f: impl FnOnce(&mut History)) {
-        f(&mut self.history.lock().expect("history"));
+    pub fn with<T>(&self, f: impl FnOnce(&mut History) -> T) -> T {
+        f(&mut self.history.lock().expect("history"))
     }
 
     /// Adds a trace line.
@@ -227,7 +266,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     let handle = Handle::current();
     let shared = Arc::new(Shared {
         history: Mutex::new(History::default()),
-        stop_sending: AtomicBool::new(false),
+        phase: AtomicU8::new(Phase::Safety as u8),
         stop_all: AtomicBool::new(false),
         skew_ms: AtomicI64::new(0),
         clocks: (0..opts.servers)
@@ -335,6 +374,8 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     let mut devices = Vec::new();
     let mut progress = Vec::new();
     let mut index = 0;
+    let device_count: u32 = opts.devices_per_user.iter().sum();
+    let calm_every = device_count.div_ceil(CALM_SENDERS_MAX).max(1);
     for user in 0..opts.users {
         for device in 0..opts.devices_per_user[user as usize] {
             let spec = DeviceSpec {
@@ -346,6 +387,11 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                     .map(|c| c.id.clone())
                     .collect(),
                 to_send: opts.messages[user as usize][device as usize],
+                calm_to_send: if index % calm_every == 0 {
+                    CALM_MESSAGES
+                } else {
+                    0
+                },
                 safety_secs: opts.safety_secs,
             };
             let p = Arc::new(Mutex::new(Progress::default()));
@@ -395,21 +441,28 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         .await;
     injector.heal(&handle);
     shared.note("healed; liveness phase".into());
-    shared.stop_sending.store(true, Ordering::SeqCst);
+    shared.enter(Phase::Liveness);
 
     // Liveness phase: everything must converge by the deadline.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(opts.liveness_secs);
-    let mut detail = String::new();
-    let converged = loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        match lagging(&shared, &convs, &progress) {
-            None => break true,
-            Some(why) => detail = why,
-        }
-        if tokio::time::Instant::now() >= deadline {
-            break false;
-        }
-    };
+    let liveness = Duration::from_secs(opts.liveness_secs);
+    let mut converged = converge(&shared, &convs, &progress, liveness).await;
+    if converged.is_ok() {
+        // Calm: once no fault is near, a little healthy traffic, then time for what
+        // it causes (deliveries, receipts) to arrive within their bounds.
+        tokio::time::sleep(Duration::from_millis(
+            crate::checker::FAULT_RECOVERY_GRACE_MS + 500,
+        ))
+        .await;
+        shared.note("calm traffic".into());
+        shared.enter(Phase::Calm);
+        tokio::time::sleep(Duration::from_millis(CALM_MS)).await;
+        shared.enter(Phase::Settle);
+        converged = converge(&shared, &convs, &progress, liveness).await;
+        tokio::time::sleep(Duration::from_millis(
+            opts.latency_bound_ms + crate::checker::RECEIPT_GRACE_MS,
+        ))
+        .await;
+    }
     shared.stop_all.store(true, Ordering::SeqCst);
     let _ = tokio::time::timeout(Duration::from_secs(10), admin).await;
     for d in devices {
@@ -419,8 +472,8 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     Outcome {
         history,
         convs,
-        converged,
-        liveness_detail: detail,
+        converged: converged.is_ok(),
+        liveness_detail: converged.err().unwrap_or_default(),
         sim_ms: sim_ms(),
     }
 }
@@ -451,7 +504,7 @@ async fn make_change(
         ),
     };
     let mut attempt = 0;
-    while !shared.stop_sending.load(Ordering::SeqCst) {
+    while shared.phase() == Phase::Safety {
         let server = shared.servers[attempt % shared.servers.len()];
         attempt += 1;
         if let Some(mut ws) = client::connect(server).await {
@@ -489,6 +542,26 @@ async fn make_change(
 }
 
 /// The first reason a device has not converged yet, if any.
+/// Waits until every device has converged (`Err` with why not, after `within`).
+async fn converge(
+    shared: &Shared,
+    convs: &[ConvSpec],
+    progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let why = match lagging(shared, convs, progress) {
+            None => return Ok(()),
+            Some(why) => why,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(why);
+        }
+    }
+}
+
 fn lagging(
     shared: &Shared,
     convs: &[ConvSpec],

@@ -104,6 +104,41 @@ pub struct ReceiptSeen {
     pub delivered: u64,
     /// Read up to.
     pub read: u64,
+    /// A group's `all_delivered`, if the receipt carried it.
+    pub all_delivered: Option<u64>,
+    /// A group's `all_read`, if the receipt carried it.
+    pub all_read: Option<u64>,
+    /// Simulated time it was shown, ms.
+    pub t_ms: u64,
+}
+
+/// An `ack` a device wrote, and whether the server accepted it.
+#[derive(Debug, Clone)]
+pub struct CursorAck {
+    /// Acking device.
+    pub device: DeviceKey,
+    /// Conversation.
+    pub conv: String,
+    /// The `delivered` asked for.
+    pub delivered: u64,
+    /// The `read` asked for, if any.
+    pub read: Option<u64>,
+    /// Simulated time the request was written, ms.
+    pub sent_ms: u64,
+    /// Simulated time the `ok` reply arrived, ms; `None` if none did.
+    pub ok_ms: Option<u64>,
+}
+
+/// A stretch during which a device had one working session (from `hello` accepted,
+/// or the first poll answered, until the session ended).
+#[derive(Debug, Clone)]
+pub struct SessionSpan {
+    /// The device.
+    pub device: DeviceKey,
+    /// Start, simulated ms.
+    pub start_ms: u64,
+    /// End, simulated ms.
+    pub end_ms: u64,
 }
 
 /// What a [`FaultWindow`] was.
@@ -156,6 +191,10 @@ pub struct History {
     pub received: Vec<Received>,
     /// Receipts shown to devices.
     pub receipts: Vec<ReceiptSeen>,
+    /// Acks devices wrote, in the order written.
+    pub cursor_acks: Vec<CursorAck>,
+    /// Working sessions, in the order they ended.
+    pub sessions: Vec<SessionSpan>,
     /// Pages of `sync` and `history` returned to devices.
     pub pages: Vec<Page>,
     /// Fault windows.

@@ -454,7 +454,7 @@ pub enum ServerFrame {
         /// Echo of the request id.
         rid: String,
         /// Operation-specific result.
-        result: Value,
+        result: super::Reply,
     },
     /// Error reply (or, with no `rid`, a connection-level error).
     Error {

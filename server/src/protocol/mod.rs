@@ -6,6 +6,7 @@
 mod error;
 mod frames;
 mod ids;
+mod replies;
 
 pub use error::{ErrorCode, ProtocolError};
 pub use frames::{
@@ -16,3 +17,4 @@ pub use frames::{
     PROTOCOL_VERSION,
 };
 pub use ids::{validate_conv_id, validate_device_id, validate_message_id, validate_user_id};
+pub use replies::{encode, ErrorBody, MediaStored, PollReply, Reply};

@@ -25,12 +25,28 @@ impl ChatService {
         Ok((state, membership))
     }
 
-    pub(super) fn summary(caller: &Caller, state: &ConvState) -> Value {
-        json!(state.record.summary_for(&caller.user, state.last_seq))
+    /// The caller's view of `state`; an internal error if the caller is not a member
+    /// (the store just made them one).
+    pub(super) fn summary(
+        caller: &Caller,
+        state: &ConvState,
+    ) -> Result<ConvSummary, ProtocolError> {
+        state
+            .record
+            .summary_for(&caller.user, state.last_seq)
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorCode::Internal,
+                    format!(
+                        "{} is not a member of {} it just joined",
+                        caller.user, state.record.id
+                    ),
+                )
+            })
     }
 
     /// `open_direct`.
-    pub async fn open_direct(&self, caller: &Caller, peer: &str) -> Result<Value, ProtocolError> {
+    pub async fn open_direct(&self, caller: &Caller, peer: &str) -> Result<Reply, ProtocolError> {
         let now = self.clock.now_ms();
         let (state, created) = self
             .store
@@ -42,7 +58,9 @@ impl ChatService {
             // their next resync, reconnect or message.
             let _ = self.publish(created).await;
         }
-        Ok(json!({ "conversation": Self::summary(caller, &state) }))
+        Ok(Reply::Conversation {
+            conversation: Self::summary(caller, &state)?,
+        })
     }
 
     pub(super) fn mint_group_id(&self, owner: &str) -> String {
@@ -62,7 +80,7 @@ impl ChatService {
         caller: &Caller,
         conv: Option<String>,
         members: Vec<String>,
-    ) -> Result<Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         self.within_rate(Rated::GroupChange, &caller.user)?;
         let conv = match conv {
             Some(conv) => {
@@ -95,7 +113,9 @@ impl ChatService {
             // their next resync, reconnect or message.
             let _ = self.publish(created).await;
         }
-        Ok(json!({ "conversation": Self::summary(caller, &state) }))
+        Ok(Reply::Conversation {
+            conversation: Self::summary(caller, &state)?,
+        })
     }
 
     /// `add_members`, `remove_members` and `leave`.
@@ -104,7 +124,7 @@ impl ChatService {
         caller: &Caller,
         conv: &str,
         change: GroupChange,
-    ) -> Result<Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         validate_conv_id(conv)?;
         self.within_rate(Rated::GroupChange, &caller.user)?;
         let now = self.clock.now_ms();
@@ -138,7 +158,10 @@ impl ChatService {
         // Acknowledged even if the outbox is full: members learn of it at their
         // next resync, reconnect or message (a retry would be a second change).
         let _ = self.publish(&appended).await;
-        Ok(json!({ "conv": conv, "seq": appended.entry.seq }))
+        Ok(Reply::MembershipChanged {
+            conv: conv.to_owned(),
+            seq: appended.entry.seq,
+        })
     }
 
     /// Publishes again the entries that last changed the membership of `users`
@@ -183,7 +206,10 @@ impl ChatService {
     }
 
     /// Summaries of `states` as `caller` sees them.
-    pub fn summaries(caller: &Caller, states: &[ConvState]) -> Value {
-        Value::Array(states.iter().map(|s| Self::summary(caller, s)).collect())
+    pub fn summaries(caller: &Caller, states: &[ConvState]) -> Vec<ConvSummary> {
+        states
+            .iter()
+            .filter_map(|s| s.record.summary_for(&caller.user, s.last_seq))
+            .collect()
     }
 }

@@ -4,7 +4,7 @@ use super::*;
 
 impl ChatService {
     /// `send`: the ack is returned only once the message is durable.
-    pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Value, ProtocolError> {
+    pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Reply, ProtocolError> {
         validate_conv_id(&req.conv)?;
         validate_message_id(&req.message_id)?;
         self.within_rate(Rated::Send, &caller.user)?;
@@ -56,10 +56,13 @@ impl ChatService {
         }
         self.publish(&appended).await?;
         let e = &appended.entry;
-        Ok(json!({
-            "conv": e.conv, "seq": e.seq, "message_id": e.message_id,
-            "server_time_ms": e.server_time_ms, "duplicate": appended.duplicate,
-        }))
+        Ok(Reply::Sent {
+            conv: e.conv.clone(),
+            seq: e.seq,
+            message_id: e.message_id.clone(),
+            server_time_ms: e.server_time_ms,
+            duplicate: appended.duplicate,
+        })
     }
 
     /// The reference of image `id`, if it was uploaded to `conv`.
@@ -88,7 +91,7 @@ impl ChatService {
     }
 
     /// `ack`: advances cursors and sends receipts to the senders concerned.
-    pub async fn ack(&self, caller: &Caller, req: AckRequest) -> Result<Value, ProtocolError> {
+    pub async fn ack(&self, caller: &Caller, req: AckRequest) -> Result<Reply, ProtocolError> {
         validate_conv_id(&req.conv)?;
         if req.delivered.is_none() && req.read.is_none() {
             return Err(ProtocolError::new(
@@ -117,9 +120,11 @@ impl ChatService {
             )
             .await?;
         }
-        Ok(
-            json!({ "conv": req.conv, "delivered": update.device.delivered, "read": update.device.read }),
-        )
+        Ok(Reply::Acked {
+            conv: req.conv,
+            delivered: update.device.delivered,
+            read: update.device.read,
+        })
     }
 
     pub(super) async fn send_receipts(
@@ -131,7 +136,11 @@ impl ChatService {
         all: Option<Cursor>,
     ) -> Result<(), ProtocolError> {
         let from = before.read;
-        let until = after.delivered;
+        let until = if crate::mutants::active(crate::mutants::Mutant::ReceiptWaitsForRead) {
+            after.read
+        } else {
+            after.delivered
+        };
         let mut targets = if until - from > RECEIPT_SCAN_LEN_MAX {
             let state = self.store.conversation(conv).await.map_err(reject)?;
             state
@@ -148,6 +157,13 @@ impl ChatService {
         if targets.is_empty() {
             return Ok(());
         }
+        let all = all.map(|floor| {
+            if crate::mutants::active(crate::mutants::Mutant::SummaryFromAcker) {
+                after
+            } else {
+                floor
+            }
+        });
         let receipt = Receipt {
             conv: conv.to_owned(),
             user: caller.user.clone(),
@@ -178,7 +194,7 @@ impl ChatService {
     }
 
     /// `sync`: entries after a cursor, within what the caller may see.
-    pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<Value, ProtocolError> {
+    pub async fn sync(&self, caller: &Caller, req: SyncRequest) -> Result<Reply, ProtocolError> {
         let (state, m) = self.readable(caller, &req.conv).await?;
         let mut visible_max = state.last_seq.min(m.visible_until());
         if crate::mutants::active(crate::mutants::Mutant::SyncStopsShort) {
@@ -201,10 +217,12 @@ impl ChatService {
             .await
             .map_err(reject)?;
         let next_after = entries.last().map_or(visible_max, |e| e.seq);
-        Ok(json!({
-            "conv": req.conv, "entries": entries, "last_seq": visible_max,
-            "has_more": next_after < visible_max,
-        }))
+        Ok(Reply::SyncPage {
+            conv: req.conv,
+            entries,
+            last_seq: visible_max,
+            has_more: next_after < visible_max,
+        })
     }
 
     /// `history`: the newest entries before a seq, ascending, within what the caller may see.
@@ -212,7 +230,7 @@ impl ChatService {
         &self,
         caller: &Caller,
         req: HistoryRequest,
-    ) -> Result<Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         let (state, m) = self.readable(caller, &req.conv).await?;
         let visible_max = state.last_seq.min(m.visible_until());
         let before = req
@@ -227,6 +245,10 @@ impl ChatService {
             .map_err(reject)?;
         entries.retain(|e| e.seq >= m.joined_seq);
         let has_more = entries.first().is_some_and(|e| e.seq > m.joined_seq);
-        Ok(json!({ "conv": req.conv, "entries": entries, "has_more": has_more }))
+        Ok(Reply::HistoryPage {
+            conv: req.conv,
+            entries,
+            has_more,
+        })
     }
 }

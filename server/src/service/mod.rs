@@ -20,7 +20,6 @@ mod presence;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -35,9 +34,9 @@ use crate::media::BlobStore;
 use crate::metrics::{LimitHit, Metrics};
 use crate::presence::Presence;
 use crate::protocol::{
-    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, Entry, ErrorCode,
-    HistoryRequest, PresenceRequest, PresenceState, ProtocolError, Receipt, Request, SendRequest,
-    ServerFrame, SyncRequest,
+    validate_conv_id, validate_message_id, validate_user_id, AckRequest, Body, ConvSummary, Entry,
+    ErrorCode, HistoryRequest, PresenceRequest, PresenceState, ProtocolError, Receipt, Reply,
+    Request, SendRequest, ServerFrame, SyncRequest,
 };
 use crate::push::{LogSink, Notification, PushSink};
 use crate::rate::RateLimiter;
@@ -323,7 +322,7 @@ impl ChatService {
         self: Arc<Self>,
         caller: &Caller,
         request: Request,
-    ) -> Result<Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         match request {
             Request::Hello(_) => Err(ProtocolError::new(
                 ErrorCode::BadRequest,
@@ -350,9 +349,13 @@ impl ChatService {
             Request::Presence(r) => self.presence_request(caller, r).await,
             Request::Conversations(_) => {
                 let states = self.conversations(caller).await?;
-                Ok(json!({ "conversations": Self::summaries(caller, &states) }))
+                Ok(Reply::Conversations {
+                    conversations: Self::summaries(caller, &states),
+                })
             }
-            Request::Ping => Ok(json!({ "server_time_ms": self.clock.now_ms() })),
+            Request::Ping => Ok(Reply::Pong {
+                server_time_ms: self.clock.now_ms(),
+            }),
         }
     }
 }

@@ -75,7 +75,7 @@ impl ChatService {
         &self,
         caller: &Caller,
         req: PresenceRequest,
-    ) -> Result<Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         if req.users.is_empty() || req.users.len() > self.limits.presence_users_max {
             return Err(ProtocolError::new(
                 ErrorCode::BadRequest,
@@ -116,7 +116,7 @@ impl ChatService {
             }
         }
         let states = self.presence_of(&users).await?;
-        Ok(json!({ "users": states }))
+        Ok(Reply::Presence { users: states })
     }
 
     /// Who hears of `user`'s presence changes: contacts and watchers, not `user`.

@@ -19,15 +19,14 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::protocol::{
-    decode_request, validate_conv_id, validate_device_id, ErrorCode, PollRequest, ProtocolError,
-    ServerFrame,
+    decode_request, encode, validate_conv_id, validate_device_id, ErrorBody, ErrorCode,
+    PollRequest, ProtocolError, ServerFrame,
 };
 use crate::server::ConnGuard;
 use crate::service::{Caller, ChatService};
@@ -65,20 +64,11 @@ impl ApiError {
 
     fn response(&self, service: &ChatService) -> HttpResponse {
         service.metrics().count_error(self.error.code);
-        let mut body = json!({ "code": self.error.code, "message": self.error.message });
-        match self.error.retry_after_ms {
-            Some(ms) => {
-                body["retry_after_ms"] = json!(ms);
-                let mut response = json_body(status_of(self.error.code), &body);
-                // HTTP's Retry-After counts whole seconds.
-                let secs = HeaderValue::from(ms.div_ceil(1000).max(1));
-                response
-                    .headers_mut()
-                    .insert(hyper::header::RETRY_AFTER, secs);
-                response
-            }
-            None => json_body(status_of(self.error.code), &body),
+        let mut response = json_body(status_of(self.error.code), &ErrorBody::from(&self.error));
+        if let Some(ms) = self.error.retry_after_ms {
+            set_retry_after(&mut response, ms);
         }
+        response
     }
 }
 
@@ -136,9 +126,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> HttpRes
     response
 }
 
-/// A JSON response.
-pub fn json_body(status: StatusCode, value: &Value) -> HttpResponse {
-    text(status, "application/json", value.to_string())
+/// A JSON response with one protocol body, encoded in the protocol's one place.
+pub fn json_body(status: StatusCode, body: &impl serde::Serialize) -> HttpResponse {
+    text(status, "application/json", encode(body))
 }
 
 /// A streamed response of `frames`.
@@ -272,8 +262,8 @@ pub async fn route(
 async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>) -> HttpResponse {
     let readiness = shutdown.is_some();
     if shutdown.is_some_and(|stop| *stop.borrow()) {
-        let body = json!({"code": ErrorCode::ShuttingDown, "message": "server shutting down"});
-        return json_body(StatusCode::SERVICE_UNAVAILABLE, &body);
+        let down = ProtocolError::new(ErrorCode::ShuttingDown, "server shutting down");
+        return json_body(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody::from(&down));
     }
     let mut unhealthy = Vec::new();
     if let Err(why) = service.store().health().await {
@@ -289,8 +279,8 @@ async fn health(service: &ChatService, shutdown: Option<&watch::Receiver<bool>>)
     if unhealthy.is_empty() {
         return text(StatusCode::OK, "text/plain", "ok\n".into());
     }
-    let body = json!({"code": ErrorCode::Internal, "message": unhealthy.join("; ")});
-    json_body(StatusCode::SERVICE_UNAVAILABLE, &body)
+    let sick = ProtocolError::new(ErrorCode::Internal, unhealthy.join("; "));
+    json_body(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody::from(&sick))
 }
 
 /// `POST /v1/rpc`: one request frame (any op but `hello`), its reply frame back.

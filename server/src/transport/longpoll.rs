@@ -13,10 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
 use crate::mailbox::Mailbox;
-use crate::protocol::{Entry, PollRequest, PresenceState, ProtocolError, Receipt};
+use crate::protocol::{Entry, PollReply, PollRequest, PresenceState, ProtocolError, Receipt};
 use crate::service::{Caller, ChatService, DeviceFeed, Out};
 
 /// How long a poll waits when the request names no timeout.
@@ -32,14 +30,14 @@ struct Collected {
 }
 
 impl Collected {
-    fn response(self, server_time_ms: u64) -> Value {
-        json!({
-            "entries": self.entries,
-            "has_more": self.has_more,
-            "receipts": self.receipts,
-            "presence": self.presence,
-            "server_time_ms": server_time_ms,
-        })
+    fn response(self, server_time_ms: u64) -> PollReply {
+        PollReply {
+            entries: self.entries,
+            has_more: self.has_more,
+            receipts: self.receipts,
+            presence: self.presence,
+            server_time_ms,
+        }
     }
 
     /// Takes what the feed gave out: entries, and receipts and presence changes
@@ -64,7 +62,7 @@ pub async fn poll(
     svc: &Arc<ChatService>,
     caller: &Caller,
     req: PollRequest,
-) -> Result<Value, ProtocolError> {
+) -> Result<PollReply, ProtocolError> {
     let timeout = req
         .timeout_ms
         .map_or(POLL_TIMEOUT_DEFAULT, Duration::from_millis)

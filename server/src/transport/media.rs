@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::http::{json_body, stream_body, ApiError, HttpResponse};
 use crate::media::{image_info, sniff, BlobStore, MediaError, MediaMeta};
-use crate::protocol::{ErrorCode, MediaRef, ProtocolError};
+use crate::protocol::{ErrorCode, MediaRef, MediaStored, ProtocolError};
 use crate::service::{Caller, ChatService};
 
 /// Bytes read and thrown away after an upload went over the limit, so the
@@ -144,7 +144,9 @@ pub async fn upload(
     svc.metrics().media_uploads.inc();
     Ok(json_body(
         hyper::StatusCode::CREATED,
-        &serde_json::json!({ "media": stored.media }),
+        &MediaStored {
+            media: stored.media,
+        },
     ))
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -18,7 +17,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::Push;
 use crate::protocol::{
-    decode_request, validate_device_id, ErrorCode, HelloRequest, ProtocolError, Request,
+    decode_request, validate_device_id, ErrorCode, HelloRequest, ProtocolError, Reply, Request,
     ServerFrame, PROTOCOL_VERSION,
 };
 use crate::service::{Caller, ChatService, DeviceFeed, Out};
@@ -241,7 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.flush_fed().await
     }
 
-    async fn reply_ok(&mut self, rid: String, result: serde_json::Value) -> WsResult<()> {
+    async fn reply_ok(&mut self, rid: String, result: Reply) -> WsResult<()> {
         let frame = ServerFrame::Ok { rid, result };
         self.ws.send(Message::Text(frame.to_json().into())).await
     }
@@ -282,7 +281,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         &mut self,
         caller: &Caller,
         request: Request,
-    ) -> Result<serde_json::Value, ProtocolError> {
+    ) -> Result<Reply, ProtocolError> {
         if matches!(request, Request::Hello(_)) {
             return Err(ProtocolError::new(
                 ErrorCode::AlreadyAuthenticated,
@@ -337,13 +336,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(states) => states,
             Err(err) => return self.reply_error(Some(rid), err).await.map(|()| None),
         };
-        let result = json!({
-            "version": PROTOCOL_VERSION,
-            "user": caller.user,
-            "device": caller.device,
-            "server_time_ms": svc.clock().now_ms(),
-            "conversations": ChatService::summaries(&caller, &states),
-        });
+        let result = Reply::Hello {
+            version: PROTOCOL_VERSION,
+            conversations: ChatService::summaries(&caller, &states),
+            user: caller.user,
+            device: caller.device,
+            server_time_ms: svc.clock().now_ms(),
+        };
         feed.lease_mut().up();
         self.feed = Some(feed);
         self.reply_ok(rid, result).await?;

@@ -11,9 +11,15 @@ use super::{
     DeviceSpec, Progress, Transports, OUTSTANDING_MAX, RETRY_AFTER_MS, SILENCE_MAX_MS,
     SWITCH_CHANCE_PER_TICK,
 };
-use crate::cluster::{sim_ms, Shared};
-use crate::history::{Acked, FaultWindow, Page, PageKind, ReceiptSeen, Received, Sent, WindowKind};
+use crate::cluster::{sim_ms, Phase, Shared};
+use crate::history::{
+    Acked, CursorAck, FaultWindow, Page, PageKind, ReceiptSeen, Received, Sent, SessionSpan,
+    WindowKind,
+};
 use crate::options::SeedRng;
+
+/// Chance per 50 ms tick that a device with calm messages left makes one.
+const CALM_SEND_CHANCE: f64 = 0.1;
 
 pub(super) struct Pending {
     conv: String,
@@ -36,11 +42,17 @@ pub(super) struct Device {
     pub(super) acked_cursor: BTreeMap<String, u64>,
     pub(super) pending: BTreeMap<String, Pending>,
     pub(super) made: u32,
+    /// The calm phase's budget (`made` when it began plus the calm messages).
+    pub(super) calm_budget: Option<u32>,
     pub(super) last_written: Option<(String, String)>,
     /// `sync` and `history` requests in flight: rid -> (conv, kind, limit, asked at).
     pub(super) queries: BTreeMap<String, (String, PageKind, u64, u64)>,
     /// Set while the device has no working connection (a fault window for the checker).
     pub(super) offline_since: Option<u64>,
+    /// When the current session started working (`hello` accepted, or a poll answered).
+    pub(super) session_since: Option<u64>,
+    /// `ack` requests in flight: rid -> index in the history's `cursor_acks`.
+    pub(super) ack_rids: BTreeMap<String, usize>,
     pub(super) rid: u64,
     pub(super) send_chance: f64,
     pub(super) transports: Transports,
@@ -81,9 +93,12 @@ impl Device {
             acked_cursor: BTreeMap::new(),
             pending: BTreeMap::new(),
             made: 0,
+            calm_budget: None,
             last_written: None,
             queries: BTreeMap::new(),
             offline_since: Some(0),
+            session_since: None,
+            ack_rids: BTreeMap::new(),
             rid: 0,
             transports,
         }
@@ -96,6 +111,7 @@ impl Device {
 
     /// The session works: close the offline window.
     pub(super) fn online(&mut self) {
+        self.session_since.get_or_insert_with(sim_ms);
         if let Some(since) = self.offline_since.take() {
             let key = self.spec.key;
             self.shared.with(|h| {
@@ -142,6 +158,15 @@ impl Device {
                         t_ms: sim_ms(),
                     })
                 });
+            }
+            (Some("ok"), Some(r)) if r.starts_with('a') => {
+                if let Some(i) = self.ack_rids.remove(r) {
+                    self.shared
+                        .with(|h| h.cursor_acks[i].ok_ms = Some(sim_ms()));
+                }
+            }
+            (Some("error"), Some(r)) if r.starts_with('a') => {
+                self.ack_rids.remove(r);
             }
             (Some("ok"), Some(r)) if r.starts_with('q') => {
                 let Some((conv, kind, limit, asked_ms)) = self.queries.remove(r) else {
@@ -254,6 +279,8 @@ impl Device {
                 }
             }
             (Some("receipt"), _) => {
+                let (all_delivered, all_read) =
+                    (v["all_delivered"].as_u64(), v["all_read"].as_u64());
                 let (Some(conv), Some(u), Some(d), Some(r)) = (
                     v["conv"].as_str(),
                     v["user"].as_str(),
@@ -271,6 +298,9 @@ impl Device {
                         user,
                         delivered: d,
                         read: r,
+                        all_delivered,
+                        all_read,
+                        t_ms: sim_ms(),
                     })
                 });
             }
@@ -288,10 +318,19 @@ impl Device {
     /// `sync` or `history`, and acks.
     pub(super) fn tick_frames(&mut self, now: u64) -> Vec<Value> {
         let (user, device) = self.spec.key;
-        if !self.shared.stop_sending.load(Ordering::SeqCst)
-            && !self.sendable.is_empty()
-            && self.rng.chance(self.send_chance)
-        {
+        // How many messages the device may have made by now, and the chance per tick.
+        let (budget, chance) = match self.shared.phase() {
+            Phase::Safety => (self.spec.to_send, self.send_chance),
+            Phase::Calm => {
+                let made = self.made;
+                let budget = *self
+                    .calm_budget
+                    .get_or_insert(made + self.spec.calm_to_send);
+                (budget, CALM_SEND_CHANCE)
+            }
+            Phase::Liveness | Phase::Settle => (0, 0.0),
+        };
+        if self.made < budget && !self.sendable.is_empty() && self.rng.chance(chance) {
             // Sometimes a burst, as a user typing fast does.
             let burst = if self.rng.chance(0.3) {
                 OUTSTANDING_MAX
@@ -301,7 +340,7 @@ impl Device {
             let conv =
                 self.sendable[self.rng.range(0, self.sendable.len() as u64 - 1) as usize].clone();
             for _ in 0..burst {
-                if self.made >= self.spec.to_send || self.pending.len() >= OUTSTANDING_MAX {
+                if self.made >= budget || self.pending.len() >= OUTSTANDING_MAX {
                     break;
                 }
                 let id = format!("m-{user}-{device}-{}", self.made);
@@ -386,11 +425,13 @@ impl Device {
                 frames.push(
                     json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c, "read": read}),
                 );
+                self.record_ack(rid, &conv, c, Some(read), now);
                 self.acked_cursor.insert(conv, c);
             } else if c > 1 && self.rng.chance(0.01) {
                 // A stale ack, as a client replaying an old one after a reconnect would send.
                 let rid = self.next_rid('a');
                 frames.push(json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c / 2}));
+                self.record_ack(rid, &conv, c / 2, None, now);
             }
         }
         frames
@@ -440,7 +481,36 @@ impl Device {
     }
 
     /// After a session, whatever ended it.
+    /// Records an `ack` written now, to match its reply.
+    fn record_ack(&mut self, rid: String, conv: &str, delivered: u64, read: Option<u64>, now: u64) {
+        let ack = CursorAck {
+            device: self.spec.key,
+            conv: conv.to_owned(),
+            delivered,
+            read,
+            sent_ms: now,
+            ok_ms: None,
+        };
+        let i = self.shared.with(|h| {
+            h.cursor_acks.push(ack);
+            h.cursor_acks.len() - 1
+        });
+        self.ack_rids.insert(rid, i);
+    }
+
     pub(super) fn session_ended(&mut self, last_heard: u64) {
+        if let Some(start_ms) = self.session_since.take() {
+            let device = self.spec.key;
+            let end_ms = sim_ms();
+            self.shared.with(|h| {
+                h.sessions.push(SessionSpan {
+                    device,
+                    start_ms,
+                    end_ms,
+                })
+            });
+        }
+        self.ack_rids.clear(); // Replies to them will not come on the next connection.
         self.offline_since.get_or_insert(last_heard);
         // Retry everything unacknowledged after the reconnect.
         for p in self.pending.values_mut() {

@@ -81,10 +81,15 @@ impl Connection {
 /// Connections a long-poll device sends requests over at once, as a browser does.
 pub const RPC_CONNECTIONS: usize = 4;
 
+/// A request worker whose connection sat idle longer than this opens a new one.
+const RPC_IDLE_REOPEN: Duration = Duration::from_millis(250);
+
 /// Workers, one per connection, that POST the request frames to `/v1/rpc` (each
 /// takes the next waiting frame) and hand back each reply frame; a worker whose
-/// connection fails stops, and the replies close once all have.
+/// connection fails stops, and the replies close once all have. A worker whose
+/// connection sat idle for a while opens a fresh one to `addr` first.
 pub fn spawn_rpc(
+    addr: SocketAddr,
     conns: Vec<Connection>,
     auth: Auth,
 ) -> (
@@ -104,16 +109,25 @@ pub fn spawn_rpc(
                 auth.clone(),
             );
             tokio::spawn(async move {
+                let mut last_used = tokio::time::Instant::now();
                 loop {
                     let Some(frame) = to_send.lock().await.recv().await else {
                         break;
                     };
+                    if last_used.elapsed() > RPC_IDLE_REOPEN {
+                        // See [`poll`]: an idle kept-alive connection stalls under madsim.
+                        let Some(fresh) = Connection::open(addr).await else {
+                            break;
+                        };
+                        conn = fresh;
+                    }
                     let Some((_, reply)) = conn
                         .post("/v1/rpc", &auth, frame.to_string(), ANSWER_WAIT)
                         .await
                     else {
                         break;
                     };
+                    last_used = tokio::time::Instant::now();
                     if answers.send(reply).is_err() {
                         break;
                     }

@@ -72,6 +72,8 @@ pub struct DeviceSpec {
     pub convs: Vec<String>,
     /// New messages to make in the safety phase.
     pub to_send: u32,
+    /// New messages to make in the calm phase (most devices make none).
+    pub calm_to_send: u32,
     /// Length of the safety phase, so new messages spread over all of it.
     pub safety_secs: u64,
 }
@@ -218,7 +220,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
         "connected over HTTP, cursors {:?}",
         dev.cursors
     ));
-    let (requests, mut replies, workers) = http::spawn_rpc(rpc, auth.clone());
+    let (requests, mut replies, workers) = http::spawn_rpc(addr, rpc, auth.clone());
     let mut poll = Box::pin(http::poll(
         addr,
         auth.clone(),
