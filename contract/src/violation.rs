@@ -35,11 +35,18 @@ pub enum Violation {
     /// An entry's `server_time_ms` is below that of an earlier entry of its
     /// conversation (guarantee 3).
     TimeRegress,
+    /// A user's last device went away, and a healthy device of a contact or
+    /// watcher still did not show them offline (with a last-seen time that never
+    /// went back) after the idle timeout plus the bound (guarantee 8).
+    PresenceStale,
+    /// One connection got two `presence` events within one presence interval
+    /// (guarantee 8: changes are coalesced).
+    PresenceFlood,
 }
 
 impl Violation {
     /// Every violation, in the contract's order.
-    pub const ALL: [Violation; 11] = [
+    pub const ALL: [Violation; 13] = [
         Violation::Lost,
         Violation::Duplicate,
         Violation::Reorder,
@@ -51,6 +58,8 @@ impl Violation {
         Violation::ReceiptMissing,
         Violation::Slow,
         Violation::TimeRegress,
+        Violation::PresenceStale,
+        Violation::PresenceFlood,
     ];
 
     /// The contract's name.
@@ -67,6 +76,8 @@ impl Violation {
             Violation::ReceiptMissing => "receipt-missing",
             Violation::Slow => "slow",
             Violation::TimeRegress => "time-regress",
+            Violation::PresenceStale => "presence-stale",
+            Violation::PresenceFlood => "presence-flood",
         }
     }
 
@@ -92,6 +103,10 @@ impl Violation {
             Violation::TimeRegress => {
                 "an entry's server time is below an earlier entry's of its conversation"
             }
+            Violation::PresenceStale => {
+                "a user gone away still not shown offline to a healthy contact after the bound"
+            }
+            Violation::PresenceFlood => "two presence events within one interval on one connection",
         }
     }
 

@@ -36,22 +36,58 @@ pub struct Mailbox<T> {
     closed: AtomicBool,
 }
 
+/// A poll in flight on a mailbox, from [`Mailbox::begin_poll`] until
+/// [`PollInFlight::end`] or until dropped: a poll whose future is dropped (its
+/// client went away, so the HTTP server cancelled it) ends too, with the device
+/// last active when that poll began. Either way the mailbox can idle out.
+#[must_use = "the poll is in flight until ended or dropped"]
+pub struct PollInFlight<'m, T> {
+    mailbox: &'m Mailbox<T>,
+    generation: u64,
+    ended: bool,
+}
+
+impl<T> PollInFlight<'_, T> {
+    /// The poll's generation (see [`Mailbox::is_superseded`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Ends the poll, the device last active at `now_ms`.
+    pub fn end(mut self, now_ms: u64) {
+        self.mailbox.last_active_ms.store(now_ms, Ordering::SeqCst);
+        self.ended = true;
+        self.mailbox.poll_ended();
+    }
+}
+
+impl<T> Drop for PollInFlight<'_, T> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.mailbox.poll_ended();
+        }
+    }
+}
+
 impl<T> Mailbox<T> {
     /// Starts a poll: an older poll of the same device still waiting returns
-    /// at once (its client gave up on it). Returns the poll's generation.
-    pub fn begin_poll(&self, now_ms: u64) -> u64 {
+    /// at once (its client gave up on it). The poll is in flight (the mailbox
+    /// does not idle out) until the returned value is ended or dropped.
+    pub fn begin_poll(&self, now_ms: u64) -> PollInFlight<'_, T> {
         self.polls_in_flight.fetch_add(1, Ordering::SeqCst);
         self.last_active_ms.store(now_ms, Ordering::SeqCst);
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.superseded.notify_waiters();
-        generation
+        PollInFlight {
+            mailbox: self,
+            generation,
+            ended: false,
+        }
     }
 
-    /// Ends a poll started with [`Mailbox::begin_poll`].
-    pub fn end_poll(&self, now_ms: u64) {
-        self.last_active_ms.store(now_ms, Ordering::SeqCst);
+    fn poll_ended(&self) {
         let before = self.polls_in_flight.fetch_sub(1, Ordering::SeqCst);
-        assert!(before > 0, "end_poll without begin_poll");
+        assert!(before > 0, "a poll ended that never began");
     }
 
     /// Whether a newer poll than `generation` has started.
@@ -285,16 +321,34 @@ mod tests {
             panic!("the open mailbox is reused");
         };
         assert!(Arc::ptr_eq(&first, &again));
-        let generation = first.begin_poll(2_000);
+        let older = first.begin_poll(2_000);
         assert!(boxes.take_expired(5_000).is_empty(), "a poll is in flight");
         let newer = first.begin_poll(2_500);
-        assert!(first.is_superseded(generation) && !first.is_superseded(newer));
-        first.end_poll(3_000);
-        first.end_poll(3_000);
+        assert!(
+            first.is_superseded(older.generation()) && !first.is_superseded(newer.generation())
+        );
+        older.end(3_000);
+        newer.end(3_000);
         assert!(boxes.take_expired(3_000).is_empty(), "active until 3000");
         let expired = boxes.take_expired(3_001);
         assert_eq!(expired.len(), 1);
         assert!(boxes.is_empty());
+    }
+
+    /// A poll dropped half-way (its client went away) is no longer in flight: the
+    /// mailbox idles out counting from when that poll began.
+    #[test]
+    fn a_cancelled_poll_lets_the_mailbox_idle_out() {
+        let (hub, boxes) = (Hub::default(), Boxes::default());
+        let Opened::New(mailbox) = open(&boxes, &hub, "ann", "web", &small(), 1_000).unwrap()
+        else {
+            panic!("a new device gets a new mailbox");
+        };
+        let poll = mailbox.begin_poll(2_000);
+        assert!(boxes.take_expired(9_000).is_empty(), "a poll is in flight");
+        drop(poll);
+        assert!(boxes.take_expired(2_000).is_empty(), "active until 2000");
+        assert_eq!(boxes.take_expired(2_001).len(), 1);
     }
 
     /// A closed mailbox is replaced by the next poll.

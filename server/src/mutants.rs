@@ -39,11 +39,15 @@ pub enum Mutant {
     /// Receipts: a group's `all_delivered` / `all_read` are the acking member's own
     /// cursor, not the minimum over the current members.
     SummaryFromAcker = 13,
+    /// Presence: a user counts as gone only when the devices left here drop to
+    /// one rather than none (the leaving device counted as still connected), so
+    /// the last device's departure is never published.
+    OfflineOffByOne = 14,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 13] = [
+    pub const ALL: [Mutant; 14] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -57,6 +61,7 @@ impl Mutant {
         Mutant::SyncStopsShort,
         Mutant::ReceiptWaitsForRead,
         Mutant::SummaryFromAcker,
+        Mutant::OfflineOffByOne,
     ];
 
     /// A stable kebab-case name.
@@ -75,6 +80,7 @@ impl Mutant {
             Mutant::SyncStopsShort => "sync-stops-short",
             Mutant::ReceiptWaitsForRead => "receipt-waits-for-read",
             Mutant::SummaryFromAcker => "summary-from-acker",
+            Mutant::OfflineOffByOne => "offline-off-by-one",
         }
     }
 }

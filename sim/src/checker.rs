@@ -58,6 +58,24 @@ pub const FAULT_RECOVERY_GRACE_MS: u64 = 3_000;
 /// every 500 ms, and a long-poll device may be between polls.
 pub const RECEIPT_GRACE_MS: u64 = 2_500;
 
+/// The simulated servers' idle timeout (a stalled socket or an unpolled long-poll
+/// mailbox counts as gone after it).
+pub const IDLE_TIMEOUT_MS: u64 = 10_000;
+
+/// The simulated servers' presence interval (the default).
+pub const PRESENCE_INTERVAL_MS: u64 = 1_000;
+
+/// Beyond the idle timeout, how long a user gone away may still be shown online to
+/// a connected contact: the mailbox expiry and the presence publication each run
+/// once per presence interval, the change is routed, the contact's connection takes
+/// presence at most once per interval, and a long-poll contact may be holding a poll
+/// (2 s) or asking again after a refusal.
+pub const PRESENCE_BOUND_MS: u64 = 6_000;
+
+/// How long after a session starts its `presence` request must have been answered
+/// (it is asked on the first tick that the session works, again after a second).
+const PRESENCE_ASK_MS: u64 = 3_000;
+
 fn overlaps(
     faults: &[crate::history::FaultWindow],
     devices: &[DeviceKey],
@@ -508,6 +526,9 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             );
         }
     }
+    // Presence ends up right, and comes coalesced.
+    out.extend(stale_presence(h, world));
+    out.extend(presence_floods(h));
     out.sort_by(|a, b| (a.violation, &a.conv, &a.detail).cmp(&(b.violation, &b.conv, &b.detail)));
     out
 }
@@ -517,6 +538,136 @@ type Steps = Vec<(u64, u64)>;
 
 /// A member's visible seq range in a conversation: `(conversation, user) → (first, last)`.
 type RangeOf<'f> = &'f dyn Fn(&str, u32) -> Option<(u64, u64)>;
+
+/// Guarantee 8 over the presence phase: once a user's devices have all gone away,
+/// every device of a user who shares a conversation with them and has one session
+/// over the moment judged (the idle timeout plus [`PRESENCE_BOUND_MS`] after they
+/// went, and at least [`PRESENCE_ASK_MS`] into the session) shows them offline,
+/// with a last-seen time: the latest state it got in that session (its `presence`
+/// reply or a later event) says so. Over the phase, the last-seen times a device is
+/// shown for a user never go back.
+fn stale_presence(h: &History, world: &World<'_>) -> Vec<Finding> {
+    let Some(away) = &h.away else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let label = |user: u32| format!("presence of u{user}");
+    for &gone in &away.users {
+        let went_ms = h
+            .sessions
+            .iter()
+            .filter(|s| s.device.0 == gone)
+            .map(|s| s.end_ms)
+            .max()
+            .unwrap_or(away.start_ms)
+            .max(away.start_ms);
+        let due_ms = went_ms + IDLE_TIMEOUT_MS + PRESENCE_BOUND_MS;
+        let contacts: BTreeSet<u32> = world
+            .convs
+            .iter()
+            .filter(|c| c.members.contains(&gone))
+            .flat_map(|c| c.members.iter().copied())
+            .filter(|u| *u != gone && !away.users.contains(u))
+            .collect();
+        for s in h.sessions.iter().filter(|s| contacts.contains(&s.device.0)) {
+            let judged_ms = due_ms.max(s.start_ms + PRESENCE_ASK_MS);
+            if judged_ms > away.end_ms || s.end_ms < judged_ms {
+                continue;
+            }
+            let states: Vec<&crate::history::PresenceSeen> = h
+                .presence
+                .iter()
+                .filter(|p| p.device == s.device && p.user == gone)
+                .collect();
+            let latest = states
+                .iter()
+                .filter(|p| (s.start_ms..=judged_ms).contains(&p.t_ms))
+                .max_by_key(|p| p.t_ms);
+            let wrong = match latest {
+                None => Some("was never shown their presence in its session".to_owned()),
+                Some(p) if p.online => {
+                    Some(format!("still shows them online (since {} ms)", p.t_ms))
+                }
+                Some(p) if p.last_seen_ms.is_none() => {
+                    Some("shows them offline with no last-seen time".to_owned())
+                }
+                Some(_) => None,
+            };
+            if let Some(wrong) = wrong {
+                out.push(Finding {
+                    violation: Violation::PresenceStale,
+                    conv: label(gone),
+                    detail: format!(
+                        "u{gone}'s devices went away by {went_ms} ms; at {judged_ms} ms device {:?} {wrong}",
+                        s.device
+                    ),
+                    device: Some(s.device),
+                    t_ms: Some(judged_ms),
+                });
+            }
+        }
+    }
+    // Last seen is a max-register: within the phase (no faults), never back.
+    let mut last: HashMap<(DeviceKey, u32), (u64, u64)> = HashMap::new();
+    for p in h.presence.iter().filter(|p| p.t_ms >= away.start_ms) {
+        let Some(seen) = p.last_seen_ms else { continue };
+        if let Some((before, t)) = last.insert((p.device, p.user), (seen, p.t_ms)) {
+            if seen < before {
+                out.push(Finding {
+                    violation: Violation::PresenceStale,
+                    conv: label(p.user),
+                    detail: format!(
+                        "device {:?} was shown last seen {before} at {t} ms, then {seen} at {} ms",
+                        p.device, p.t_ms
+                    ),
+                    device: Some(p.device),
+                    t_ms: Some(p.t_ms),
+                });
+                last.insert((p.device, p.user), (before, t));
+            }
+        }
+    }
+    out
+}
+
+/// Coalescing: within one WebSocket session, two `presence` events reach a device
+/// at least a presence interval apart (half of one, for network jitter), unless a
+/// fault was near (a delayed frame lands next to the following one). Poll responses
+/// carry waiting changes along with entries, so they are not held to it.
+fn presence_floods(h: &History) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let min_gap = PRESENCE_INTERVAL_MS / 2;
+    for s in &h.sessions {
+        let mut times: Vec<u64> = h
+            .presence
+            .iter()
+            .filter(|p| {
+                p.device == s.device
+                    && p.source == crate::history::PresenceSource::Event
+                    && (s.start_ms..=s.end_ms).contains(&p.t_ms)
+            })
+            .map(|p| p.t_ms)
+            .collect();
+        times.dedup(); // One event's states arrive at one moment.
+        for pair in times.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            if b - a < min_gap && !overlaps(&h.faults, &[s.device], a, b) {
+                out.push(Finding {
+                    violation: Violation::PresenceFlood,
+                    conv: "presence".into(),
+                    detail: format!(
+                        "device {:?} got presence events at {a} ms and {b} ms in one session",
+                        s.device
+                    ),
+                    device: Some(s.device),
+                    t_ms: Some(b),
+                });
+                break;
+            }
+        }
+    }
+    out
+}
 
 /// What each user's devices held and reported read, over time: the truth a
 /// receipt shown at some moment is held to.
@@ -1118,5 +1269,100 @@ mod tests {
             vec![Violation::ReceiptOverclaim; 4],
             "both fields, over both members"
         );
+    }
+
+    /// A user whose devices all went away is shown offline, with a last-seen time
+    /// that never goes back, to a contact's device connected over the while; and
+    /// presence events come at most about one per interval.
+    #[test]
+    fn presence_ends_up_offline_and_coalesced() {
+        use crate::history::{Away, PresenceSeen, PresenceSource, SessionSpan};
+        let seen = |t_ms, online, last_seen_ms, source| PresenceSeen {
+            device: (0, 0),
+            user: 1,
+            online,
+            last_seen_ms,
+            source,
+            t_ms,
+        };
+        let mut h = both_hold_two();
+        h.away = Some(Away {
+            users: vec![1],
+            start_ms: 1_000,
+            end_ms: 1_000 + IDLE_TIMEOUT_MS + PRESENCE_BOUND_MS + 1_000,
+        });
+        for (device, end_ms) in [((1, 0), 1_000), ((0, 0), 30_000)] {
+            h.sessions.push(SessionSpan {
+                device,
+                start_ms: 0,
+                end_ms,
+            });
+        }
+        assert_eq!(
+            world_check(&h),
+            vec![Violation::PresenceStale],
+            "never shown"
+        );
+
+        let mut online = h.clone();
+        online
+            .presence
+            .push(seen(500, true, Some(1), PresenceSource::Reply));
+        assert_eq!(world_check(&online), vec![Violation::PresenceStale]);
+
+        let mut offline = online.clone();
+        offline
+            .presence
+            .push(seen(12_000, false, Some(5), PresenceSource::Event));
+        assert!(
+            world_check(&offline).is_empty(),
+            "{:?}",
+            world_check(&offline)
+        );
+
+        // Too late: after the idle timeout plus the bound.
+        let mut late = online.clone();
+        let judged = 1_000 + IDLE_TIMEOUT_MS + PRESENCE_BOUND_MS;
+        late.presence
+            .push(seen(judged + 1, false, Some(5), PresenceSource::Event));
+        assert_eq!(world_check(&late), vec![Violation::PresenceStale]);
+
+        let mut no_last_seen = online.clone();
+        no_last_seen
+            .presence
+            .push(seen(12_000, false, None, PresenceSource::Event));
+        assert_eq!(world_check(&no_last_seen), vec![Violation::PresenceStale]);
+
+        let mut back = offline.clone();
+        back.presence
+            .push(seen(13_500, false, Some(4), PresenceSource::Event));
+        assert_eq!(world_check(&back), vec![Violation::PresenceStale]);
+
+        // Two events 100 ms apart in one session; a reply or a poll response does not count.
+        let mut flood = offline.clone();
+        flood
+            .presence
+            .push(seen(12_100, false, Some(5), PresenceSource::Event));
+        assert_eq!(world_check(&flood), vec![Violation::PresenceFlood]);
+        let mut polled = offline.clone();
+        polled
+            .presence
+            .push(seen(12_100, false, Some(5), PresenceSource::Poll));
+        assert!(world_check(&polled).is_empty());
+        let mut replied = offline;
+        replied
+            .presence
+            .push(seen(12_100, false, Some(5), PresenceSource::Reply));
+        assert!(world_check(&replied).is_empty());
+
+        // A contact that reconnected after the user went: judged a while into its
+        // session, by its own `presence` reply.
+        let mut rejoined = h.clone();
+        rejoined.sessions[1].start_ms = 14_000;
+        assert_eq!(world_check(&rejoined), vec![Violation::PresenceStale]);
+        rejoined
+            .presence
+            .push(seen(16_600, false, Some(5), PresenceSource::Reply));
+        assert!(world_check(&rejoined).is_empty());
     }
 }

@@ -178,6 +178,47 @@ pub struct MemberChange {
     pub users: Vec<u32>,
 }
 
+/// How a device learned a user's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceSource {
+    /// The reply to its own `presence` request.
+    Reply,
+    /// A `presence` event on a WebSocket.
+    Event,
+    /// A poll response's `presence` (which may come with entries more often than
+    /// once per interval).
+    Poll,
+}
+
+/// A user's presence state as shown to a device.
+#[derive(Debug, Clone)]
+pub struct PresenceSeen {
+    /// The device shown it.
+    pub device: DeviceKey,
+    /// The user it is about.
+    pub user: u32,
+    /// Whether they were online.
+    pub online: bool,
+    /// Their last-seen time (server clock), if given.
+    pub last_seen_ms: Option<u64>,
+    /// Reply or event.
+    pub source: PresenceSource,
+    /// When it arrived, simulated ms.
+    pub t_ms: u64,
+}
+
+/// The presence phase: some users' devices all went away at `start_ms` and stayed
+/// away until `end_ms`, while every other device stayed.
+#[derive(Debug, Clone)]
+pub struct Away {
+    /// The users who went away.
+    pub users: Vec<u32>,
+    /// When their devices were told to go, simulated ms.
+    pub start_ms: u64,
+    /// When the run ended, simulated ms.
+    pub end_ms: u64,
+}
+
 /// The full history of a run.
 #[derive(Debug, Default, Clone)]
 pub struct History {
@@ -199,6 +240,10 @@ pub struct History {
     pub pages: Vec<Page>,
     /// Fault windows.
     pub faults: Vec<FaultWindow>,
+    /// Presence states shown to devices.
+    pub presence: Vec<PresenceSeen>,
+    /// The presence phase, if the run got that far.
+    pub away: Option<Away>,
     /// Human-readable event trace (`--trace`).
     pub trace: Vec<String>,
 }

@@ -148,7 +148,12 @@ impl ChatService {
     /// and, if it was the last local one, marks a presence change.
     pub fn device_down(&self, user: &str) {
         self.record_last_seen(user);
-        if self.hub.devices_online(user) == 0 {
+        let none_left = if crate::mutants::active(crate::mutants::Mutant::OfflineOffByOne) {
+            1
+        } else {
+            0
+        };
+        if self.hub.devices_online(user) == none_left {
             self.presence.mark_changed(user);
         }
     }

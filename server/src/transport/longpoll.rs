@@ -69,9 +69,11 @@ pub async fn poll(
         .min(svc.limits().poll_timeout_max);
     let limit = svc.limits().page_len(req.limit)? as usize;
     let mailbox = svc.mailbox(caller).await?;
-    let generation = mailbox.begin_poll(svc.clock().now_ms());
+    // Ended below, or dropped with this future (the client went away).
+    let in_flight = mailbox.begin_poll(svc.clock().now_ms());
+    let generation = in_flight.generation();
     let result = poll_in(svc, &mailbox, generation, &req.cursors, timeout, limit).await;
-    mailbox.end_poll(svc.clock().now_ms());
+    in_flight.end(svc.clock().now_ms());
     result.map(|c| c.response(svc.clock().now_ms()))
 }
 

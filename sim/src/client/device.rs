@@ -13,13 +13,26 @@ use super::{
 };
 use crate::cluster::{sim_ms, Phase, Shared};
 use crate::history::{
-    Acked, CursorAck, FaultWindow, Page, PageKind, ReceiptSeen, Received, Sent, SessionSpan,
-    WindowKind,
+    Acked, CursorAck, FaultWindow, Page, PageKind, PresenceSeen, PresenceSource, ReceiptSeen,
+    Received, Sent, SessionSpan, WindowKind,
 };
 use crate::options::SeedRng;
 
 /// Chance per 50 ms tick that a device with calm messages left makes one.
 const CALM_SEND_CHANCE: f64 = 0.1;
+/// A `presence` request unanswered (or refused) this long is asked again.
+const PRESENCE_ASK_AGAIN_MS: u64 = 1_000;
+
+/// Where a session's `presence` request (its contacts, watched) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PresenceAsk {
+    /// Not asked in this session yet (or refused: ask again).
+    Due,
+    /// Asked at this time, no answer yet.
+    Asked(u64),
+    /// Answered: events keep it current.
+    Answered,
+}
 
 pub(super) struct Pending {
     conv: String,
@@ -54,6 +67,7 @@ pub(super) struct Device {
     /// `ack` requests in flight: rid -> index in the history's `cursor_acks`.
     pub(super) ack_rids: BTreeMap<String, usize>,
     pub(super) rid: u64,
+    pub(super) presence_ask: PresenceAsk,
     pub(super) send_chance: f64,
     pub(super) transports: Transports,
 }
@@ -100,6 +114,7 @@ impl Device {
             session_since: None,
             ack_rids: BTreeMap::new(),
             rid: 0,
+            presence_ask: PresenceAsk::Due,
             transports,
         }
     }
@@ -209,6 +224,22 @@ impl Device {
             (Some("error"), Some(r)) if r.starts_with('q') => {
                 self.queries.remove(r);
             }
+            (Some("ok"), Some(r)) if r.starts_with('p') => {
+                self.presence_ask = PresenceAsk::Answered;
+                self.record_presence(&v["result"]["users"], PresenceSource::Reply);
+            }
+            (Some("error"), Some(r)) if r.starts_with('p') => {
+                self.presence_ask = PresenceAsk::Due;
+            }
+            (Some("presence"), _) => {
+                // The long-poll session marks what came in a poll response.
+                let source = if v["via"] == "poll" {
+                    PresenceSource::Poll
+                } else {
+                    PresenceSource::Event
+                };
+                self.record_presence(&v["users"], source);
+            }
             (Some("ok"), Some("h")) => {
                 self.online();
                 self.note("hello accepted");
@@ -309,6 +340,37 @@ impl Device {
         Flow::Go
     }
 
+    /// Records the presence states in `states` (a JSON array of STATE).
+    fn record_presence(&mut self, states: &Value, source: PresenceSource) {
+        let device = self.spec.key;
+        let t_ms = sim_ms();
+        let seen: Vec<PresenceSeen> = states
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|state| {
+                let user = state["user"].as_str()?.strip_prefix('u')?.parse().ok()?;
+                Some(PresenceSeen {
+                    device,
+                    user,
+                    online: state["online"].as_bool()?,
+                    last_seen_ms: state["last_seen_ms"].as_u64(),
+                    source,
+                    t_ms,
+                })
+            })
+            .collect();
+        for s in &seen {
+            self.note(format_args!(
+                "sees u{} {} (last seen {:?}) by {source:?}",
+                s.user,
+                if s.online { "online" } else { "offline" },
+                s.last_seen_ms
+            ));
+        }
+        self.shared.with(|h| h.presence.extend(seen));
+    }
+
     pub(super) fn next_rid(&mut self, prefix: char) -> String {
         self.rid += 1;
         format!("{prefix}{}", self.rid)
@@ -328,7 +390,7 @@ impl Device {
                     .get_or_insert(made + self.spec.calm_to_send);
                 (budget, CALM_SEND_CHANCE)
             }
-            Phase::Liveness | Phase::Settle => (0, 0.0),
+            Phase::Liveness | Phase::Settle | Phase::Away => (0, 0.0),
         };
         if self.made < budget && !self.sendable.is_empty() && self.rng.chance(chance) {
             // Sometimes a burst, as a user typing fast does.
@@ -365,6 +427,19 @@ impl Device {
             }
         }
         let mut frames = Vec::new();
+        // Once the session works: its contacts' presence, watched.
+        let ask = match self.presence_ask {
+            PresenceAsk::Due => true,
+            PresenceAsk::Asked(at) => now.saturating_sub(at) >= PRESENCE_ASK_AGAIN_MS,
+            PresenceAsk::Answered => false,
+        };
+        if ask && self.session_since.is_some() && !self.spec.contacts.is_empty() {
+            let rid = self.next_rid('p');
+            self.presence_ask = PresenceAsk::Asked(now);
+            frames.push(
+                json!({"rid": rid, "op": "presence", "users": self.spec.contacts, "watch": true}),
+            );
+        }
         let due: Vec<String> = self
             .pending
             .iter()
@@ -466,6 +541,10 @@ impl Device {
         if self.shared.stop_all.load(Ordering::SeqCst) || now - last_heard > SILENCE_MAX_MS {
             return true;
         }
+        if self.shared.is_away(self.spec.key.0) {
+            self.note("goes away");
+            return true;
+        }
         if self.transports == Transports::Switching && self.rng.chance(SWITCH_CHANCE_PER_TICK) {
             self.note("switches transport");
             return true;
@@ -519,6 +598,7 @@ impl Device {
         self.acked_cursor.clear();
         self.send_rids.clear(); // Replies to them will not come on the next connection.
         self.queries.clear();
+        self.presence_ask = PresenceAsk::Due;
     }
 
     pub(super) fn hello(&self) -> Value {

@@ -70,6 +70,9 @@ pub struct DeviceSpec {
     pub token: String,
     /// Conversations its user is in.
     pub convs: Vec<String>,
+    /// The users it shares a conversation with at the start: it asks their
+    /// presence (and watches it) at the start of every session.
+    pub contacts: Vec<String>,
     /// New messages to make in the safety phase.
     pub to_send: u32,
     /// New messages to make in the calm phase (most devices make none).
@@ -133,7 +136,7 @@ pub async fn run_device(
         Transports::LongPollOnly => Transport::LongPoll,
         _ => Transport::WebSocket,
     };
-    while !shared.stop_all.load(Ordering::SeqCst) {
+    while !shared.stop_all.load(Ordering::SeqCst) && !shared.is_away(dev.spec.key.0) {
         let last_heard = match transport {
             Transport::WebSocket => websocket_session(&mut dev, servers[server]).await,
             Transport::LongPoll => long_poll_session(&mut dev, servers[server]).await,
@@ -250,6 +253,9 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
                     let mut frame = receipt.clone();
                     frame["type"] = "receipt".into();
                     dev.on_frame(&frame);
+                }
+                if body["presence"].as_array().is_some_and(|states| !states.is_empty()) {
+                    dev.on_frame(&serde_json::json!({"type": "presence", "users": body["presence"], "via": "poll"}));
                 }
                 poll = Box::pin(http::poll(addr, auth.clone(), dev.cursors.clone(), poll_limit(&mut dev.rng)));
             }
