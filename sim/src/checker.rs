@@ -637,18 +637,26 @@ fn stale_presence(h: &History, world: &World<'_>) -> Vec<Finding> {
 fn presence_floods(h: &History) -> Vec<Finding> {
     let mut out = Vec::new();
     let min_gap = PRESENCE_INTERVAL_MS / 2;
+    // Each device's event arrival times, in order (one event's states arrive at
+    // one moment), read once rather than once per session.
+    let mut arrivals: HashMap<DeviceKey, Vec<u64>> = HashMap::new();
+    for p in &h.presence {
+        if p.source == crate::history::PresenceSource::Event {
+            let times = arrivals.entry(p.device).or_default();
+            if times.last() != Some(&p.t_ms) {
+                times.push(p.t_ms);
+            }
+        }
+    }
     for s in &h.sessions {
-        let mut times: Vec<u64> = h
-            .presence
+        let Some(all) = arrivals.get(&s.device) else {
+            continue;
+        };
+        let times: Vec<u64> = all
             .iter()
-            .filter(|p| {
-                p.device == s.device
-                    && p.source == crate::history::PresenceSource::Event
-                    && (s.start_ms..=s.end_ms).contains(&p.t_ms)
-            })
-            .map(|p| p.t_ms)
+            .copied()
+            .filter(|t| (s.start_ms..=s.end_ms).contains(t))
             .collect();
-        times.dedup(); // One event's states arrive at one moment.
         for pair in times.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             if b - a < min_gap && !overlaps(&h.faults, &[s.device], a, b) {
