@@ -91,13 +91,51 @@ struct DeviceSlot {
 pub struct Hub {
     users: Mutex<HashMap<String, Vec<DeviceSlot>>>,
     next_conn_id: AtomicU64,
+    /// The newest last-seen time among presence states delivered here, by user.
+    presence_newest: Mutex<HashMap<String, u64>>,
 }
+
+/// Most users whose newest delivered last-seen time the hub remembers; past it
+/// the memory starts over (an older state could then slip through once).
+const PRESENCE_NEWEST_MAX: usize = 1 << 20;
 
 /// A device's place in the hub; pass it back to [`Hub::unregister`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnId(u64);
 
 impl Hub {
+    /// Keeps the presence states newer than any delivered here before: a state
+    /// whose last-seen time is older than one already delivered for its user was
+    /// read earlier (the store only raises last-seen times) and reached this
+    /// server late, by another server's route, so it is dropped; the newest
+    /// delivered is remembered.
+    pub fn admit_presence(&self, states: &[Arc<PresenceState>]) -> Vec<Arc<PresenceState>> {
+        let mut newest = self.presence_newest.lock().expect("presence order lock");
+        if newest.len() >= PRESENCE_NEWEST_MAX {
+            newest.clear();
+        }
+        states
+            .iter()
+            .filter(|state| {
+                let Some(seen) = state.last_seen_ms else {
+                    return true;
+                };
+                match newest.get_mut(&state.user) {
+                    Some(known) if seen < *known => false,
+                    Some(known) => {
+                        *known = seen;
+                        true
+                    }
+                    None => {
+                        newest.insert(state.user.clone(), seen);
+                        true
+                    }
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Registers `device` of `user` with a queue of at most
     /// `limits.device_queue_len_max` events and `limits.device_queue_bytes_max`
     /// bytes; an older connection of the same device is told to close. Refused with
@@ -262,6 +300,37 @@ mod tests {
 
     fn frame(len: usize) -> Push {
         Push::Frame(Utf8Bytes::from("x".repeat(len)))
+    }
+
+    fn state(user: &str, online: bool, last_seen_ms: Option<u64>) -> Arc<PresenceState> {
+        Arc::new(PresenceState {
+            user: user.into(),
+            online,
+            last_seen_ms,
+        })
+    }
+
+    /// A state read before one already delivered (older last-seen time) is dropped;
+    /// one as new or newer, or another user's, passes.
+    #[test]
+    fn presence_states_older_than_one_delivered_are_dropped() {
+        let hub = Hub::default();
+        assert_eq!(
+            hub.admit_presence(&[state("ann", false, Some(200))]).len(),
+            1
+        );
+        assert!(hub
+            .admit_presence(&[state("ann", true, Some(150))])
+            .is_empty());
+        let admitted = hub.admit_presence(&[
+            state("ann", true, Some(200)),
+            state("bob", true, Some(10)),
+            state("cy", true, None),
+        ]);
+        assert_eq!(admitted.len(), 3);
+        assert!(hub
+            .admit_presence(&[state("ann", false, Some(199))])
+            .is_empty());
     }
 
     /// A device that does not read is dropped once its queue would hold more than

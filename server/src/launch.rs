@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use crate::clock::SystemClock;
 #[cfg(not(madsim))]
-use crate::cluster::redis::{RedisConfig, RedisFabric};
+use crate::cluster::fabric::{new_incarnation, FabricConfig, RegistryFabric};
+#[cfg(not(madsim))]
+use crate::cluster::registry::redis::RedisRegistry;
 use crate::config::{Backend, ServeArgs};
 use crate::service::ServiceBuilder;
 use crate::store::embedded::EmbeddedStore;
@@ -118,9 +120,13 @@ pub async fn serve(
     })?;
     #[cfg(not(madsim))]
     if args.backend == Backend::Cluster {
-        let config = redis_config(args, local)?;
-        let fabric = RedisFabric::start(
+        let (url, config) = fabric_config(args, local)?;
+        let registry = RedisRegistry::connect(&url)
+            .await
+            .map_err(|e| LaunchError::Backend(e.to_string()))?;
+        let fabric = RegistryFabric::start(
             config,
+            Arc::new(registry),
             Arc::clone(service.hub()),
             service.metrics().fabric.clone(),
         )
@@ -215,7 +221,11 @@ fn scylla_config(
 }
 
 #[cfg(not(madsim))]
-fn redis_config(args: &ServeArgs, local: SocketAddr) -> Result<RedisConfig, LaunchError> {
+/// The Redis URL and this server's place in the cluster, from the arguments.
+fn fabric_config(
+    args: &ServeArgs,
+    local: SocketAddr,
+) -> Result<(String, FabricConfig), LaunchError> {
     let c = &args.cluster;
     let Some(url) = c.redis_url.clone() else {
         return Err(LaunchError::Config(
@@ -231,12 +241,15 @@ fn redis_config(args: &ServeArgs, local: SocketAddr) -> Result<RedisConfig, Laun
         .server_id
         .clone()
         .unwrap_or_else(|| format!("{local}-{}", std::process::id()));
-    Ok(RedisConfig {
-        url,
+    let config = FabricConfig {
         server_id,
+        incarnation: new_incarnation(),
         ttl: std::time::Duration::from_secs(c.registry_ttl_secs),
+        // Redis commands time out after 3 s and are retried twice.
+        late_write_max: std::time::Duration::from_secs(15),
         prefix: "cp:".into(),
-    })
+    };
+    Ok((url, config))
 }
 
 #[cfg(all(test, not(madsim)))]

@@ -8,7 +8,9 @@
 //!
 //! A mailbox is closed when the same device connects over WebSocket (or polls
 //! after being replaced), when its queue overflows, or when no poll came for
-//! the idle timeout (the device is then offline for presence).
+//! the idle timeout (the device is then offline for presence). Times here are
+//! milliseconds on the monotonic clock ([`crate::service::ChatService::monotonic_ms`]),
+//! never wall time, so a clock step never keeps a mailbox open longer.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

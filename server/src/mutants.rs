@@ -43,11 +43,19 @@ pub enum Mutant {
     /// one rather than none (the leaving device counted as still connected), so
     /// the last device's departure is never published.
     OfflineOffByOne = 14,
+    /// Presence (several servers): a connection registered by a server counts as
+    /// long as a server of that id is alive, whichever process registered it, so
+    /// what a crashed server held still counts online after its restart.
+    RegistryIgnoresIncarnation = 15,
+    /// Presence (several servers): after the registry lost everything (a restart
+    /// without persistence), servers register their connections again but not
+    /// the presence subscriptions made through them.
+    WatchesNotRestored = 16,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 14] = [
+    pub const ALL: [Mutant; 16] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -62,6 +70,8 @@ impl Mutant {
         Mutant::ReceiptWaitsForRead,
         Mutant::SummaryFromAcker,
         Mutant::OfflineOffByOne,
+        Mutant::RegistryIgnoresIncarnation,
+        Mutant::WatchesNotRestored,
     ];
 
     /// A stable kebab-case name.
@@ -81,6 +91,8 @@ impl Mutant {
             Mutant::ReceiptWaitsForRead => "receipt-waits-for-read",
             Mutant::SummaryFromAcker => "summary-from-acker",
             Mutant::OfflineOffByOne => "offline-off-by-one",
+            Mutant::RegistryIgnoresIncarnation => "registry-ignores-incarnation",
+            Mutant::WatchesNotRestored => "watches-not-restored",
         }
     }
 }

@@ -5,12 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
+use chatproof_server::cluster::fabric::{FabricConfig, RegistryFabric};
+use chatproof_server::cluster::registry::Registry;
 use chatproof_server::limits::Limits;
 use chatproof_server::service::ServiceBuilder;
 use chatproof_server::store::embedded::{EmbeddedStore, Opener};
@@ -27,7 +29,7 @@ use crate::disk::SimDisk;
 use crate::faults::{self, Backends};
 use crate::history::{DeviceKey, History, MemberChange};
 use crate::options::{ChangeKind, PlannedChange, SeedRng, SimOptions};
-use crate::services::{self, SimFabric, SimTables, DELIVER_PORT, ROUTER_PORT, STORE_PORT};
+use crate::services::{self, SimRegistry, SimTables, ROUTER_PORT, STORE_PORT, SUBSCRIBE_PORT};
 
 /// Chat port of every simulated server.
 const CHAT_PORT: u16 = 8080;
@@ -35,6 +37,8 @@ const CHAT_PORT: u16 = 8080;
 const STORE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 /// The router's node address (several servers only).
 const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+/// How long a silent server stays routable (production's least is 3 s).
+const REGISTRY_TTL: Duration = Duration::from_millis(1_500);
 
 /// Server `i`'s simulated chat address (virtual: no packet leaves the process).
 pub fn server_addr(i: u32) -> SocketAddr {
@@ -223,9 +227,38 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
     };
     let mut service = ServiceBuilder::new(store, Arc::new(SkewedClock(clock)), limits, key);
     if let Backend::Cluster { me } = backend {
-        let router = SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT);
-        let deliver = SocketAddr::new(me.ip(), DELIVER_PORT);
-        let fabric = SimFabric::start(router, deliver, Arc::clone(service.hub())).await;
+        let registry: Arc<dyn Registry> = Arc::new(
+            SimRegistry::connect(
+                SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT),
+                SocketAddr::new(IpAddr::V4(ROUTER_IP), SUBSCRIBE_PORT),
+            )
+            .await,
+        );
+        let config = FabricConfig {
+            server_id: me.to_string(),
+            incarnation: format!("{:016x}", madsim::rand::random::<u64>()),
+            ttl: REGISTRY_TTL,
+            // Router calls time out after 1 s and are not retried.
+            late_write_max: Duration::from_secs(3),
+            prefix: "cp:".into(),
+        };
+        // Like a supervisor restarting a server whose registry is down.
+        let fabric = loop {
+            let started = RegistryFabric::start(
+                config.clone(),
+                Arc::clone(&registry),
+                Arc::clone(service.hub()),
+                service.metrics().fabric.clone(),
+            )
+            .await;
+            match started {
+                Ok(fabric) => break fabric,
+                Err(e) => {
+                    shared.note(format!("fabric did not start ({e}); retrying"));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         service = service.fabric(fabric);
     }
     let service = service.build();
@@ -310,16 +343,14 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                 )
             })
             .build();
-        let generations = Arc::new(AtomicU64::new(0));
         let router = handle
             .create_node()
             .name("router")
             .ip(IpAddr::V4(ROUTER_IP))
             .init(move || {
-                let generation = generations.fetch_add(1, Ordering::SeqCst) + 1;
                 services::serve_router(
                     SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT),
-                    generation,
+                    SocketAddr::new(IpAddr::V4(ROUTER_IP), SUBSCRIBE_PORT),
                 )
             })
             .build();
@@ -516,12 +547,10 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
 const PRESENCE_USERS_MAX: usize = 64;
 
 /// Whether the run judges presence (devices watch their contacts, and a presence
-/// phase ends it): on one server only for now, since in a cluster a crashed
-/// server's registrations (and ones forgotten during a partition) outlive its
-/// devices, so users gone away stay online (an open flaw, see the sim README);
-/// and in worlds of at most [`PRESENCE_USERS_MAX`] users.
+/// phase ends it): in worlds of at most [`PRESENCE_USERS_MAX`] users, on one
+/// server or several.
 fn judges_presence(opts: &SimOptions) -> bool {
-    opts.servers == 1 && opts.devices_per_user.len() <= PRESENCE_USERS_MAX
+    opts.devices_per_user.len() <= PRESENCE_USERS_MAX
 }
 
 /// The presence phase: picks the users who go away (from the seed), lets their

@@ -241,6 +241,12 @@ impl Preset {
             .expect("built-in preset parses")
     }
 
+    /// The built-in router-outage preset (`scenarios/sim/router-outage.toml`).
+    pub fn router_outage() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/router-outage.toml"))
+            .expect("built-in router-outage preset")
+    }
+
     /// The built-in cluster preset (several servers, shared store, router).
     pub fn cluster() -> Self {
         toml::from_str(include_str!("../../scenarios/sim/cluster.toml"))

@@ -593,7 +593,12 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             let mut escaped = 0;
             for mutant in Mutant::ALL {
                 // A bug of the router path shows only with several servers.
-                let needs_cluster = mutant == Mutant::DropPendingOnRouterLoss;
+                let needs_cluster = matches!(
+                    mutant,
+                    Mutant::DropPendingOnRouterLoss
+                        | Mutant::RegistryIgnoresIncarnation
+                        | Mutant::WatchesNotRestored
+                );
                 // A bug of the failed-commit path shows only when commits fail.
                 let needs_disk_faults = matches!(
                     mutant,
@@ -601,7 +606,13 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 );
                 let disk_faults = [FaultKind::DiskFull, FaultKind::DiskIo, FaultKind::PowerLoss];
                 let preset = if needs_cluster && preset.servers[1] <= 1 {
-                    Preset::cluster()
+                    // Events lost to a router outage show most where conversations
+                    // are quiet and the router fails often.
+                    if mutant == Mutant::DropPendingOnRouterLoss {
+                        Preset::router_outage()
+                    } else {
+                        Preset::cluster()
+                    }
                 } else if needs_disk_faults
                     && disk_faults.iter().all(|k| preset.faults.weight(*k) == 0)
                 {

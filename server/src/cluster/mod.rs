@@ -7,9 +7,9 @@
 //! after any interruption of the fabric each local session re-reads its
 //! conversations (see [`crate::hub::Push::Resync`]).
 
+pub mod fabric;
 pub mod outbox;
-#[cfg(not(madsim))]
-pub mod redis;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -53,12 +53,16 @@ pub trait Fabric: Send + Sync + 'static {
     /// Records that `device` of `user` is connected here, beside any connection it
     /// still has to another server (both are routed to until each is forgotten).
     /// Returns once other servers will route to it, so a session registers before
-    /// it reads the store.
+    /// it reads the store. After an error the registration may still have
+    /// landed: call [`Fabric::device_disconnected`] all the same.
     async fn device_connected(&self, user: &str, device: &str) -> Result<(), FabricError>;
 
     /// Forgets the device's connection to this server (never one it has to another
-    /// server meanwhile); best effort.
-    fn device_disconnected(&self, user: &str, device: &str);
+    /// server meanwhile, nor a later connection to this one); returns once the
+    /// registry no longer lists it, retrying while the registry is unreachable
+    /// (within a bound, past which the entry stays until this process ends).
+    /// Await the [`LateSweep`] it returns afterwards.
+    async fn device_disconnected(&self, user: &str, device: &str) -> LateSweep;
 
     /// Sends `event` to the devices of `users` connected to other servers;
     /// returns once the router accepted it, or an error after a bounded wait.
@@ -87,6 +91,13 @@ pub trait Fabric: Send + Sync + 'static {
     /// default a no-op (the lease then lapses like a crash).
     async fn leave(&self) {}
 }
+
+/// The second half of forgetting a connection: a while after the delete, deletes
+/// again what a registration write of that connection left if it reached the
+/// registry late (a delayed or retried command applied after the delete).
+/// Resolves to true if it deleted something: the user's presence must then be
+/// published again.
+pub type LateSweep = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// How long an explicit presence subscription lasts unless renewed.
 pub const WATCH_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -149,7 +160,13 @@ impl Envelope {
                 let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt.clone()).to_json());
                 Push::Receipt(Arc::new(receipt), frame)
             }
-            (None, None, Some(state)) => Push::Presence(Arc::from([Arc::new(state)])),
+            (None, None, Some(state)) => {
+                let admitted = hub.admit_presence(&[Arc::new(state)]);
+                if admitted.is_empty() {
+                    return 0;
+                }
+                Push::Presence(admitted.into())
+            }
             (None, None, None) => return 0,
         };
         hub.publish(&self.users, &push)

@@ -296,7 +296,9 @@ mod tests {
         async fn device_connected(&self, _: &str, _: &str) -> Result<(), FabricError> {
             Ok(())
         }
-        fn device_disconnected(&self, _: &str, _: &str) {}
+        async fn device_disconnected(&self, _: &str, _: &str) -> crate::cluster::LateSweep {
+            Box::pin(async { false })
+        }
         async fn forward(
             &self,
             users: Arc<[String]>,

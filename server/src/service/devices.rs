@@ -14,6 +14,9 @@ pub struct DeviceLease {
     service: Arc<ChatService>,
     caller: Caller,
     conn: ConnId,
+    /// A registration in the cluster was asked for (it may have landed even if
+    /// [`DeviceLease::route`] failed).
+    registering: bool,
     routed: bool,
     up: bool,
 }
@@ -34,6 +37,7 @@ impl DeviceLease {
     pub async fn route(&mut self) -> Result<(), ProtocolError> {
         assert!(!self.routed, "a lease is routed once");
         if let Some(fabric) = self.service.fabric() {
+            self.registering = true;
             fabric
                 .device_connected(&self.caller.user, &self.caller.device)
                 .await
@@ -69,15 +73,37 @@ impl Drop for DeviceLease {
     fn drop(&mut self) {
         let (svc, user, device) = (&self.service, &self.caller.user, &self.caller.device);
         svc.hub.unregister(user, self.conn);
-        if self.routed {
-            if let Some(fabric) = &svc.fabric {
-                if !svc.hub.device_online(user, device) {
-                    fabric.device_disconnected(user, device);
+        let forget = match &svc.fabric {
+            Some(fabric) if self.registering && !svc.hub.device_online(user, device) => {
+                Some(Arc::clone(fabric))
+            }
+            _ => None,
+        };
+        match forget {
+            // Other servers read the registry for presence: the change is
+            // published once this connection is out of it, so that whichever
+            // server of a user's last devices forgets last sees them all gone.
+            Some(fabric) => {
+                if self.up {
+                    svc.record_last_seen(user);
+                }
+                let (svc, up) = (Arc::clone(svc), self.up);
+                let (user, device) = (user.clone(), device.clone());
+                tokio::spawn(async move {
+                    let late = fabric.device_disconnected(&user, &device).await;
+                    if up {
+                        svc.mark_if_last_down(&user);
+                    }
+                    if late.await && up {
+                        svc.mark_if_last_down(&user);
+                    }
+                });
+            }
+            None => {
+                if self.up {
+                    svc.device_down(user);
                 }
             }
-        }
-        if self.up {
-            svc.device_down(user);
         }
     }
 }
@@ -99,6 +125,7 @@ impl ChatService {
             service: Arc::clone(self),
             caller: caller.clone(),
             conn,
+            registering: false,
             routed: false,
             up: false,
         };
@@ -148,6 +175,11 @@ impl ChatService {
     /// and, if it was the last local one, marks a presence change.
     pub fn device_down(&self, user: &str) {
         self.record_last_seen(user);
+        self.mark_if_last_down(user);
+    }
+
+    /// Marks a presence change for `user` if no device of theirs is left here.
+    fn mark_if_last_down(&self, user: &str) {
         let none_left = if crate::mutants::active(crate::mutants::Mutant::OfflineOffByOne) {
             1
         } else {
@@ -167,7 +199,7 @@ impl ChatService {
         self: &Arc<Self>,
         caller: &Caller,
     ) -> Result<Arc<crate::mailbox::Mailbox<DeviceFeed>>, ProtocolError> {
-        let now = self.clock.now_ms();
+        let now = self.monotonic_ms();
         let opened = self
             .mailboxes
             .get_or_open(
@@ -203,7 +235,7 @@ impl ChatService {
     /// timeout: their devices go offline (their leases end with the last poll).
     pub fn expire_mailboxes(&self) {
         let idle_ms = u64::try_from(self.limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-        let idle_before = self.clock.now_ms().saturating_sub(idle_ms);
+        let idle_before = self.monotonic_ms().saturating_sub(idle_ms);
         drop(self.mailboxes.take_expired(idle_before));
         self.metrics.polls_open.set(self.mailboxes.len() as i64);
     }

@@ -72,6 +72,9 @@ pub struct ChatService {
     hub: Arc<Hub>,
     /// Wall time.
     clock: Arc<dyn Clock>,
+    /// When the service was built, on the monotonic clock (idle timeouts count
+    /// on it, so a wall clock stepped back or forth never stretches them).
+    started: tokio::time::Instant,
     /// Limits.
     limits: Limits,
     /// Metrics.
@@ -128,6 +131,7 @@ impl ServiceBuilder {
                 store,
                 hub: Arc::new(Hub::default()),
                 clock,
+                started: tokio::time::Instant::now(),
                 limits,
                 metrics,
                 tokens,
@@ -285,6 +289,12 @@ impl ChatService {
     /// Wall time.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// Milliseconds since the service was built, on the monotonic clock: what
+    /// timeouts count on.
+    pub fn monotonic_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Durable storage.

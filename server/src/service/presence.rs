@@ -180,6 +180,7 @@ impl ChatService {
             .into_iter()
             .flatten()
             .filter(|(_, audience)| !audience.is_empty())
+            .filter(|(state, _)| !self.hub.admit_presence(&[Arc::clone(state)]).is_empty())
             .collect();
         // Here: one push per recipient holding every change it hears of this round,
         // so a round costs each device one queue slot, however many contacts changed.

@@ -70,10 +70,10 @@ pub async fn poll(
     let limit = svc.limits().page_len(req.limit)? as usize;
     let mailbox = svc.mailbox(caller).await?;
     // Ended below, or dropped with this future (the client went away).
-    let in_flight = mailbox.begin_poll(svc.clock().now_ms());
+    let in_flight = mailbox.begin_poll(svc.monotonic_ms());
     let generation = in_flight.generation();
     let result = poll_in(svc, &mailbox, generation, &req.cursors, timeout, limit).await;
-    in_flight.end(svc.clock().now_ms());
+    in_flight.end(svc.monotonic_ms());
     result.map(|c| c.response(svc.clock().now_ms()))
 }
 
