@@ -151,13 +151,19 @@ impl ChatService {
         if users.is_empty() {
             return;
         }
-        let states = match self.presence_of(&users).await {
+        let mut states = match self.presence_of(&users).await {
             Ok(states) => states,
             Err(_) => {
                 users.iter().for_each(|u| self.presence.mark_changed(u));
                 return;
             }
         };
+        // A user whose last device here left but who is online on another server
+        // did not change for anyone: that server speaks for them, and publishes
+        // their going offline once its own registration is out of the registry.
+        // (Publishing "online" here could reach a watcher after that server's
+        // "offline", when the registration read here was the one being deleted.)
+        states.retain(|s| !s.online || self.hub.devices_online(&s.user) > 0);
         let audience_of = |state: PresenceState| async move {
             match self.presence_audience(&state.user).await {
                 Ok(audience) => Some((Arc::new(state), audience)),
