@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The simulator's CI: fixed seeds of every preset, the determinism check, the mutant
-# check, and seeds derived from the commit hash on every preset so every commit explores new ground.
+# The simulator's CI: fixed seeds of every preset, seeds derived from the commit hash on
+# every preset so every commit explores new ground, the determinism check and the mutant
+# check; work that runs on one core goes two lanes at once.
 # JUnit reports go to reports/sim-junit/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,57 +34,81 @@ swarm_run() { # preset seeds: the same over both cores (one summary)
     status=$?; show_failure "$out/$1.log"; exit "$status"; }
   grep '^chatproof-sim swarm: preset' "$out/$1.log" || true
 }
-# Long-poll devices (about a third of them) make seeds several times slower in wall
-# time than WebSocket-only ones; the big presets run over both cores.
-run smoke 1..51
-run crash-restart 1..11
-run partition-heavy 1..11
-run reconnect-storm 1..11
-run group-fanout-500 1..2
-swarm_run cluster 1..101
-swarm_run storage-faults 1..41
-swarm_run router-outage 1..41
-
-echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
-"$sim" determinism --seeds 1..4
-echo "-- determinism (cluster seeds 1..3)"
-"$sim" determinism --scenario scenarios/sim/cluster.toml --seeds 1..3
-echo "-- determinism (storage-faults seeds 1..3)"
-"$sim" determinism --scenario scenarios/sim/storage-faults.toml --seeds 1..3
-
-echo "-- mutants (each must be caught within 30 seeds)"
-"$sim" mutants --seeds-max 30 | tee "$out/mutants.txt"
-
-# A failing seed as a picture, opened in a real browser: the seed that caught the
-# skip-idempotency mutant, replayed with --html; it must show the swimlanes and mark the
-# violation.
-seed=$(sed -n 's/^mutant skip-idempotency *caught after *\([0-9]*\) seed.*/\1/p' "$out/mutants.txt")
-echo "-- picture of a failing seed: replay $seed --mutant skip-idempotency --html"
-status=0
-"$sim" replay "$seed" --mutant skip-idempotency --html "$out/failing-seed.html" \
-  > "$out/failing-seed.log" 2>&1 || status=$?
-[[ "$status" == 1 ]] || { tail -n 30 "$out/failing-seed.log"; echo "replay exited $status, expected 1 (a violation)"; exit 1; }
-bash scripts/check-page.sh "$out/failing-seed.html" 'data-chart="swimlanes"' '<svg' 'class="violation"' \
-  'data-verdict="FAIL"' 'data-table="violations"'
-
-echo "-- swarm (smoke seeds 1..9 over 2 processes, one summary)"
-"$sim" swarm --seeds 1..9 --jobs 2 --junit-dir "$out/swarm"
+# Two lanes at once: runs each a process on one core go side by side, each lane's
+# output printed when both have ended; the script fails with the first failing lane.
+both() { # lane_a lane_b (functions)
+  "$1" > "$out/lane-$1.txt" 2>&1 &
+  local pa=$! sa=0 sb=0
+  "$2" > "$out/lane-$2.txt" 2>&1 &
+  local pb=$!
+  wait "$pa" || sa=$?
+  wait "$pb" || sb=$?
+  cat "$out/lane-$1.txt" "$out/lane-$2.txt"
+  (( sa == 0 )) || exit "$sa"
+  (( sb == 0 )) || exit "$sb"
+}
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo 0)
 base=$(( 16#${commit:0:12} ))
-echo "-- seeds from commit ${commit:0:12}, on every preset"
 run_commit() { # preset count
-  echo "-- chatproof-sim run --scenario scenarios/sim/$1.toml --seeds $base..$((base + $2))"
+  echo "-- chatproof-sim run --scenario scenarios/sim/$1.toml --seeds $base..$((base + $2)) (from commit ${commit:0:12})"
   "$sim" run --scenario "scenarios/sim/$1.toml" --seeds "$base..$((base + $2))" \
     --junit "$out/commit-$1.xml" > "$out/commit-$1.log" 2>&1 || {
     status=$?; show_failure "$out/commit-$1.log"; exit "$status"; }
   grep '^chatproof-sim: preset' "$out/commit-$1.log" || true
 }
-run_commit smoke 20
-run_commit crash-restart 10
-run_commit partition-heavy 10
-run_commit reconnect-storm 10
-run_commit group-fanout-500 1
-run_commit cluster 20
-run_commit storage-faults 10
-run_commit router-outage 10
+
+# Fixed seeds of the single-server presets, and the fault presets' seeds from the commit.
+fixed_seeds() {
+  run smoke 1..51
+  run crash-restart 1..11
+  run partition-heavy 1..11
+  run reconnect-storm 1..11
+  run group-fanout-500 1..2
+  run_commit storage-faults 10
+  run_commit router-outage 10
+}
+# Seeds derived from the commit hash, so every commit explores new ground.
+commit_seeds() {
+  run_commit smoke 20
+  run_commit crash-restart 10
+  run_commit partition-heavy 10
+  run_commit reconnect-storm 10
+  run_commit group-fanout-500 1
+  run_commit cluster 20
+}
+both fixed_seeds commit_seeds
+
+# Long-poll devices (about a third of them) make seeds several times slower in wall
+# time than WebSocket-only ones; the big presets run over both cores.
+swarm_run cluster 1..101
+swarm_run storage-faults 1..41
+swarm_run router-outage 1..41
+
+mutants() {
+  echo "-- mutants (each must be caught within 30 seeds)"
+  "$sim" mutants --seeds-max 30 | tee "$out/mutants.txt"
+
+  # A failing seed as a picture, opened in a real browser: the seed that caught the
+  # skip-idempotency mutant, replayed with --html; it must show the swimlanes and mark the
+  # violation.
+  seed=$(sed -n 's/^mutant skip-idempotency *caught after *\([0-9]*\) seed.*/\1/p' "$out/mutants.txt")
+  echo "-- picture of a failing seed: replay $seed --mutant skip-idempotency --html"
+  status=0
+  "$sim" replay "$seed" --mutant skip-idempotency --html "$out/failing-seed.html" \
+    > "$out/failing-seed.log" 2>&1 || status=$?
+  [[ "$status" == 1 ]] || { tail -n 30 "$out/failing-seed.log"; echo "replay exited $status, expected 1 (a violation)"; exit 1; }
+  bash scripts/check-page.sh "$out/failing-seed.html" 'data-chart="swimlanes"' '<svg' 'class="violation"' \
+    'data-verdict="FAIL"' 'data-table="violations"'
+}
+determinism() {
+  echo "-- determinism (smoke seeds 1..4, each run twice plus madsim's draw-log check)"
+  "$sim" determinism --seeds 1..4
+  echo "-- determinism (cluster seeds 1..3)"
+  "$sim" determinism --scenario scenarios/sim/cluster.toml --seeds 1..3
+  echo "-- determinism (storage-faults seeds 1..3)"
+  "$sim" determinism --scenario scenarios/sim/storage-faults.toml --seeds 1..3
+  echo "-- swarm (smoke seeds 1..9 over 2 processes, one summary)"
+  "$sim" swarm --seeds 1..9 --jobs 2 --junit-dir "$out/swarm"
+}
+both mutants determinism

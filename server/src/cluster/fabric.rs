@@ -342,11 +342,10 @@ impl RegistryFabric {
             match self.heartbeat_once().await {
                 // Treated as dead for a while, or the registry restarted empty:
                 // events for local devices were not routed, and the subscription
-                // may be gone without this server having noticed.
-                Ok(true) => {
-                    self.resubscribe.notify_one();
-                    self.recover(&hub).await;
-                }
+                // may be gone without this server having noticed. The subscriber
+                // subscribes again and then recovers (once, after it is listening,
+                // so no event falls between the recovery and the subscription).
+                Ok(true) => self.resubscribe.notify_one(),
                 Ok(false) => {}
                 Err(e) => {
                     crate::warn_throttled!(error = %e, "registry heartbeat failed; retrying");

@@ -11,12 +11,13 @@
 mod contract;
 mod scylla;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use chatproof_server::store::embedded::EmbeddedStore;
 use chatproof_server::store::shared::memory::MemTables;
-use chatproof_server::store::shared::SharedStore;
-use chatproof_server::store::Store;
+use chatproof_server::store::shared::{SharedStore, TableOp, TableReply, Tables};
+use chatproof_server::store::{Store, StoreError};
 
 fn embedded() -> (tempfile::TempDir, Arc<dyn Store>) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -69,6 +70,78 @@ async fn shared_in_memory_crash_between_sequencing_and_roll_forward_loses_nothin
     let crashing = SharedStore::new(Arc::clone(&tables));
     let survivor = SharedStore::new(tables);
     contract::crash_between_sequencing_and_roll_forward(&crashing, &survivor).await;
+}
+
+/// Tables whose entry-table reads miss the entry `seq` while `hidden` says so: as
+/// if the read ran before that entry's roll-forward write landed (or, when it stays
+/// hidden, after it expired).
+struct LateRollForward {
+    inner: MemTables,
+    seq: u64,
+    /// Reads still to miss it.
+    hidden: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Tables for LateRollForward {
+    async fn call(&self, op: TableOp) -> Result<TableReply, StoreError> {
+        let entries_read = matches!(op, TableOp::EntriesAfter { .. });
+        let reply = self.inner.call(op).await?;
+        let hide = entries_read
+            && self
+                .hidden
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        Ok(match reply {
+            TableReply::Entries(rows) if hide => TableReply::Entries(
+                rows.into_iter()
+                    .filter(|row| {
+                        let entry: serde_json::Value =
+                            serde_json::from_str(row).expect("entry json");
+                        entry["seq"].as_u64() != Some(self.seq)
+                    })
+                    .collect(),
+            ),
+            other => other,
+        })
+    }
+}
+
+/// `read_after` over `LateRollForward` tables, seqs 1 (the group's creation) to 5,
+/// seq 3 missed by the first `misses` entry-table reads: what it returns.
+async fn read_with_a_late_roll_forward(misses: u32) -> Vec<u64> {
+    let tables = Arc::new(LateRollForward {
+        inner: MemTables::default(),
+        seq: 3,
+        hidden: std::sync::atomic::AtomicU32::new(0),
+    });
+    let store = SharedStore::new(Arc::clone(&tables));
+    let (conv, users) = contract::group(&store, "late").await;
+    for i in 0..4 {
+        let m = contract::text(&conv, &users[i % 3], &format!("m{i}"));
+        store.append(m, contract::NOW_MS).await.expect("append");
+    }
+    tables.hidden.store(misses, Ordering::Relaxed);
+    let seqs = store
+        .read_after(&conv, 2, u64::MAX, 100)
+        .await
+        .expect("read");
+    seqs.iter().map(|e| e.seq).collect()
+}
+
+/// The shared store reads the entry tables, then the head; an entry whose
+/// roll-forward landed between the two, under a head that moved past it, is read
+/// again rather than left out (a device shown seq 4 with no seq 3).
+#[tokio::test]
+async fn shared_reads_an_entry_rolled_forward_while_reading() {
+    assert_eq!(read_with_a_late_roll_forward(1).await, [3, 4, 5]);
+}
+
+/// An entry still missing from the entry tables when they are read again, after
+/// the head was seen past it, has expired: the read leaves it out, returns the rest.
+#[tokio::test]
+async fn shared_read_leaves_out_an_expired_entry() {
+    assert_eq!(read_with_a_late_roll_forward(u32::MAX).await, [4, 5]);
 }
 
 mod embedded_store {

@@ -60,6 +60,19 @@ const BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Entries read per query while paging through buckets.
 const READ_PAGE_MAX: u32 = 1000;
 
+/// Most passes of one `read_after` while other servers keep moving the head past
+/// entries it had not read yet.
+const READ_PASSES_MAX: usize = 8;
+
+/// How one pass of `read_after` ended.
+enum ReadPass {
+    /// The entries, without a hole that is not expiry.
+    Done(Vec<Entry>),
+    /// The head moved past entries the pass had not found yet: every seq below
+    /// `first` is in the entry tables now; read again.
+    HeadMoved { first: u64 },
+}
+
 /// The shared [`Store`] over `T`; many servers may use the same tables at once.
 pub struct SharedStore<T: ?Sized> {
     /// Conversation → highest seq this process rolled forward (a cache: saves the
@@ -244,6 +257,90 @@ impl<T: Tables + ?Sized> SharedStore<T> {
             })
         };
         lock.lock_owned().await
+    }
+
+    /// One read of [`Store::read_after`]: the entry tables, then the head for what
+    /// they lacked. Every seq below `rolled_below` was in the entry tables before
+    /// this pass read them, so one missing there has expired.
+    async fn read_after_pass(
+        &self,
+        conv: &str,
+        after: u64,
+        until: u64,
+        limit: u32,
+        rolled_below: u64,
+    ) -> Result<ReadPass, StoreError> {
+        // Streams of current members read "until forever" (u64::MAX).
+        let until = until.min(i64::MAX as u64);
+        if after >= until || limit == 0 {
+            return Ok(ReadPass::Done(Vec::new()));
+        }
+        let buckets = self.tables.buckets(conv).await?;
+        // The last bucket starting at or before `after + 1` holds it (or it expired).
+        let start = buckets
+            .iter()
+            .rposition(|(_, first)| *first <= after + 1)
+            .unwrap_or(0);
+        let mut out: Vec<Entry> = Vec::new();
+        for (bucket, first) in buckets.iter().skip(start) {
+            if *first > until || out.len() >= limit as usize {
+                break;
+            }
+            let from = out.last().map_or(after, |e| e.seq);
+            let want = (limit - out.len() as u32).min(READ_PAGE_MAX);
+            let rows = self
+                .tables
+                .entries_after(conv, *bucket, from, until, want)
+                .await?;
+            out.extend(Self::decode_entries(rows)?);
+        }
+        // Only the head's entries may be missing (not rolled forward yet, or only
+        // partly: their writes run concurrently). Keep the gap-free prefix and take
+        // the rest of the head's range from its row.
+        // A missing first entry is either expired (TTL: nothing to do) or part of
+        // the head's range (taken from the head row below).
+        let hole = if out.first().is_some_and(|e| e.seq != after + 1) {
+            Some(0)
+        } else {
+            out.windows(2)
+                .position(|w| w[1].seq != w[0].seq + 1)
+                .map(|i| i + 1)
+        };
+        let short = out.last().map_or(after, |e| e.seq) < until && out.len() < limit as usize;
+        if hole.is_some() || short {
+            let whole = std::mem::take(&mut out);
+            out.extend(whole.iter().take(hole.unwrap_or(whole.len())).cloned());
+            let reached = out.last().map_or(after, |e| e.seq);
+            let head = self.head(conv).await?;
+            if let Some(head) = head {
+                let first = head.entries[0].seq;
+                if first <= reached + 1 && reached < head.last_seq {
+                    self.ensure_rolled(&head).await?;
+                    out.extend(
+                        head.entries
+                            .into_iter()
+                            .filter(|e| e.seq > reached && e.seq <= until),
+                    );
+                } else if first > reached + 1 && reached + 1 >= rolled_below {
+                    // Seqs `reached + 1 .. first` exist, and below the head everything
+                    // is rolled forward now; but the entry tables were read before the
+                    // head, while a roll-forward of those seqs may still have been
+                    // landing (its writes go concurrently). Read them again.
+                    return Ok(ReadPass::HeadMoved { first });
+                } else {
+                    // What is missing below the head was in the tables before they
+                    // were read: it expired, at the start of the range; keep what was read.
+                    debug_assert!(
+                        hole.is_none_or(|i| i == 0),
+                        "{conv}: a hole below the head's entries (first {first}, after {reached})"
+                    );
+                    out = whole;
+                }
+            }
+        }
+        debug_assert!(out.windows(2).all(|w| w[0].seq < w[1].seq));
+        out.truncate(limit as usize);
+        Ok(ReadPass::Done(out))
     }
 
     /// Remembers that this process rolled `conv` forward through `seq`.
@@ -684,71 +781,19 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         until: u64,
         limit: u32,
     ) -> Result<Vec<Entry>, StoreError> {
-        // Streams of current members read "until forever" (u64::MAX).
-        let until = until.min(i64::MAX as u64);
-        if after >= until || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let buckets = self.tables.buckets(conv).await?;
-        // The last bucket starting at or before `after + 1` holds it (or it expired).
-        let start = buckets
-            .iter()
-            .rposition(|(_, first)| *first <= after + 1)
-            .unwrap_or(0);
-        let mut out: Vec<Entry> = Vec::new();
-        for (bucket, first) in buckets.iter().skip(start) {
-            if *first > until || out.len() >= limit as usize {
-                break;
-            }
-            let from = out.last().map_or(after, |e| e.seq);
-            let want = (limit - out.len() as u32).min(READ_PAGE_MAX);
-            let rows = self
-                .tables
-                .entries_after(conv, *bucket, from, until, want)
-                .await?;
-            out.extend(Self::decode_entries(rows)?);
-        }
-        // Only the head's entries may be missing (not rolled forward yet, or only
-        // partly: their writes run concurrently). Keep the gap-free prefix and take
-        // the rest of the head's range from its row.
-        // A missing first entry is either expired (TTL: nothing to do) or part of
-        // the head's range (taken from the head row below).
-        let hole = if out.first().is_some_and(|e| e.seq != after + 1) {
-            Some(0)
-        } else {
-            out.windows(2)
-                .position(|w| w[1].seq != w[0].seq + 1)
-                .map(|i| i + 1)
-        };
-        let short = out.last().map_or(after, |e| e.seq) < until && out.len() < limit as usize;
-        if hole.is_some() || short {
-            let whole = std::mem::take(&mut out);
-            out.extend(whole.iter().take(hole.unwrap_or(whole.len())).cloned());
-            let reached = out.last().map_or(after, |e| e.seq);
-            let head = self.head(conv).await?;
-            if let Some(head) = head {
-                let first = head.entries[0].seq;
-                if first <= reached + 1 && reached < head.last_seq {
-                    self.ensure_rolled(&head).await?;
-                    out.extend(
-                        head.entries
-                            .into_iter()
-                            .filter(|e| e.seq > reached && e.seq <= until),
-                    );
-                } else {
-                    // Below the head everything is rolled forward: a hole there is
-                    // expiry at the start of the range; keep what was read.
-                    debug_assert!(
-                        hole.is_none_or(|i| i == 0),
-                        "{conv}: a hole below the head's entries (first {first}, after {reached})"
-                    );
-                    out = whole;
-                }
+        let mut rolled_below = 0;
+        for _ in 0..READ_PASSES_MAX {
+            match self
+                .read_after_pass(conv, after, until, limit, rolled_below)
+                .await?
+            {
+                ReadPass::Done(entries) => return Ok(entries),
+                ReadPass::HeadMoved { first } => rolled_below = first,
             }
         }
-        debug_assert!(out.windows(2).all(|w| w[0].seq < w[1].seq));
-        out.truncate(limit as usize);
-        Ok(out)
+        Err(StoreError::Backend(format!(
+            "{conv}: reading after {after}: the head moved past unread entries {READ_PASSES_MAX} times"
+        )))
     }
 
     async fn read_before(
