@@ -58,32 +58,35 @@ run_commit() { # preset count
   grep '^chatproof-sim: preset' "$out/commit-$1.log" || true
 }
 
-# Fixed seeds of the single-server presets, and the fault presets' seeds from the commit.
-fixed_seeds() {
-  run smoke 1..51
-  run crash-restart 1..11
-  run partition-heavy 1..11
-  run reconnect-storm 1..11
-  run group-fanout-500 1..2
-  run_commit storage-faults 10
-  run_commit router-outage 10
-}
-# Seeds derived from the commit hash, so every commit explores new ground.
-commit_seeds() {
-  run_commit smoke 20
-  run_commit crash-restart 10
-  run_commit partition-heavy 10
-  run_commit reconnect-storm 10
-  run_commit group-fanout-500 1
-  run_commit cluster 20
-}
-both fixed_seeds commit_seeds
+# The 500-member preset's seeds (fixed and from the commit), one core each, side by side.
+fanout_fixed() { run group-fanout-500 1..3; }
+fanout_commit() { run_commit group-fanout-500 2; }
+both fanout_fixed fanout_commit
 
-# Long-poll devices (about a third of them) make seeds several times slower in wall
-# time than WebSocket-only ones; the big presets run over both cores.
-swarm_run cluster 1..101
-swarm_run storage-faults 1..41
-swarm_run router-outage 1..41
+# Fixed seeds of every preset over both cores.
+swarm_run smoke 1..201
+swarm_run crash-restart 1..41
+swarm_run partition-heavy 1..41
+swarm_run reconnect-storm 1..41
+swarm_run cluster 1..201
+swarm_run storage-faults 1..101
+swarm_run router-outage 1..101
+
+# Seeds derived from the commit hash on every preset, so every commit explores new ground.
+swarm_commit() { # preset count
+  echo "-- chatproof-sim swarm --scenario scenarios/sim/$1.toml --seeds $base..$((base + $2)) --jobs 2 (from commit ${commit:0:12})"
+  "$sim" swarm --scenario "scenarios/sim/$1.toml" --seeds "$base..$((base + $2))" --jobs 2 \
+    --junit-dir "$out/commit-$1" > "$out/commit-$1.log" 2>&1 || {
+    status=$?; show_failure "$out/commit-$1.log"; exit "$status"; }
+  grep '^chatproof-sim swarm: preset' "$out/commit-$1.log" || true
+}
+swarm_commit smoke 50
+swarm_commit crash-restart 20
+swarm_commit partition-heavy 20
+swarm_commit reconnect-storm 20
+swarm_commit cluster 100
+swarm_commit storage-faults 30
+swarm_commit router-outage 30
 
 mutants() {
   echo "-- mutants (each must be caught within 30 seeds)"

@@ -19,6 +19,7 @@ use crate::service::ChatService;
 use crate::transport::http::route;
 use crate::transport::idle::{Activity, Watched};
 use crate::transport::per_address::{AddressSlot, PerAddress};
+use crate::transport::quiet::PollOnWake;
 use crate::transport::timer::Timer;
 
 /// Entries deleted per expiry transaction.
@@ -133,7 +134,8 @@ pub async fn run(
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-                () = activity.idle_past(keep_alive_timeout) => {
+                // Polled on its own timer only, not on every wake of the connection.
+                () = PollOnWake::new(activity.idle_past(keep_alive_timeout)) => {
                     metrics.count_closed_for(ClosedFor::KeepAliveIdle);
                     conn.as_mut().graceful_shutdown();
                     conn.await

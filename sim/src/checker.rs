@@ -58,6 +58,10 @@ pub const FAULT_RECOVERY_GRACE_MS: u64 = 3_000;
 /// every 500 ms, and a long-poll device may be between polls.
 pub const RECEIPT_GRACE_MS: u64 = 2_500;
 
+/// How long after the last fault healed the servers may take to notice what it
+/// cost them and recover (a lapsed registry lease, a resubscription, a resync).
+pub const RECOVERY_MS: u64 = 5_000;
+
 /// The simulated servers' idle timeout (a stalled socket or an unpolled long-poll
 /// mailbox counts as gone after it).
 pub const IDLE_TIMEOUT_MS: u64 = 10_000;
@@ -822,6 +826,14 @@ impl MissingReceipt {
 /// window (its own, the acking user's devices', or a global one) near it.
 fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Vec<MissingReceipt> {
     let bound = world.latency_bound_ms + RECEIPT_GRACE_MS;
+    // A device paging through its backlog is no fault to recover from.
+    let healed_ms = h
+        .faults
+        .iter()
+        .filter(|f| f.kind != crate::history::WindowKind::Paging)
+        .map(|f| f.end_ms)
+        .max()
+        .unwrap_or(0);
     // conv -> seq -> sending user, of acknowledged entries.
     let mut sender_of: HashMap<&str, BTreeMap<u64, u32>> = HashMap::new();
     for a in &h.acked {
@@ -876,15 +888,21 @@ fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Ve
                 let (Some(written_ms), Some(accepted_ms)) = (written_ms, accepted_ms) else {
                     continue;
                 };
-                let due_ms = accepted_ms + bound;
                 for d in 0..world.devices_per_user[sender as usize] {
                     let device = (sender, d);
+                    let mut concerned = user_devices.clone();
+                    concerned.push(device);
+                    // With a fault near, the receipt is due once every fault healed
+                    // and the servers recovered (a session that lived through it
+                    // re-reads what it may have missed).
+                    let mut due_ms = accepted_ms + bound;
+                    if overlaps(&h.faults, &concerned, written_ms, due_ms) {
+                        due_ms = accepted_ms.max(healed_ms) + bound + RECOVERY_MS;
+                    }
                     let covered = h.sessions.iter().any(|s| {
                         s.device == device && s.start_ms <= written_ms && s.end_ms >= due_ms
                     });
-                    let mut concerned = user_devices.clone();
-                    concerned.push(device);
-                    if !covered || overlaps(&h.faults, &concerned, written_ms, due_ms) {
+                    if !covered {
                         continue;
                     }
                     let shown = h
@@ -1242,16 +1260,37 @@ mod tests {
         joined_later.sessions[0].start_ms = 105;
         assert!(world_check(&joined_later).is_empty());
 
-        // A fault near the ack: not held to it.
+        // A fault near the ack: due only once it healed (at 4,000 ms) and the
+        // servers had time to recover, and only from a session lasting till then.
         let mut faulty = h.clone();
         faulty.faults.push(FaultWindow {
             kind: WindowKind::DeviceOffline,
             start_ms: 0,
-            end_ms: 90,
+            end_ms: 4_000,
             device: Some((1, 0)),
             server: None,
         });
-        assert!(world_check(&faulty).is_empty());
+        let due_ms = 4_000 + 1_000 + RECEIPT_GRACE_MS + RECOVERY_MS;
+        assert_eq!(world_check(&faulty), vec![Violation::ReceiptMissing]);
+        let mut recovered = faulty.clone();
+        recovered.receipts.push(receipt_of_user_1(2, 0, due_ms));
+        assert!(world_check(&recovered).is_empty());
+        recovered.receipts[0].t_ms = due_ms + 1;
+        assert_eq!(world_check(&recovered), vec![Violation::ReceiptMissing]);
+        let mut left = faulty.clone();
+        left.sessions[0].end_ms = due_ms - 1;
+        assert!(world_check(&left).is_empty());
+        // A device paging through its backlog is no fault to wait for.
+        let mut paging = h.clone();
+        paging.faults.push(FaultWindow {
+            kind: WindowKind::Paging,
+            start_ms: 0,
+            end_ms: 4_000,
+            device: Some((1, 0)),
+            server: None,
+        });
+        paging.receipts.push(receipt_of_user_1(2, 0, due_ms));
+        assert_eq!(world_check(&paging), vec![Violation::ReceiptMissing]);
 
         // An ack never accepted makes nothing due.
         let mut refused = h.clone();

@@ -148,6 +148,10 @@ pub enum WindowKind {
     Fault(crate::options::FaultKind),
     /// A device was offline by the workload's choice (not reachable, by design).
     DeviceOffline,
+    /// A long-polling device asked for small pages and had more waiting
+    /// (`has_more`): what reaches it waits for its own next polls, one round trip
+    /// per page, so its latency is the device's choice, not the server's.
+    Paging,
 }
 
 /// A period during which a fault was active.

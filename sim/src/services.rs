@@ -27,6 +27,7 @@ use chatproof_server::cluster::FabricError;
 use chatproof_server::store::shared::memory::MemTables;
 use chatproof_server::store::shared::{TableOp, TableReply, Tables};
 use chatproof_server::store::StoreError;
+use chatproof_server::transport::quiet::PollOnWake;
 use madsim::net::rpc::Request;
 use madsim::net::Endpoint;
 use serde::{Deserialize, Serialize};
@@ -89,7 +90,8 @@ impl SimTables {
 impl Tables for SimTables {
     async fn call(&self, op: TableOp) -> Result<TableReply, StoreError> {
         let call = StoreCall(op);
-        match self.ep.call_timeout(self.store, call, CALL_TIMEOUT).await {
+        // Its timeout is polled on its own wakes only (see `PollOnWake`).
+        match PollOnWake::new(self.ep.call_timeout(self.store, call, CALL_TIMEOUT)).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(why)) => Err(StoreError::Backend(why)),
             Err(e) => Err(StoreError::Backend(format!("store unreachable: {e}"))),
@@ -194,8 +196,7 @@ impl SimRegistry {
 impl Registry for SimRegistry {
     async fn run(&self, ops: Vec<RegistryOp>) -> Result<Vec<RegistryReply>, FabricError> {
         let call = RegistryCall(ops);
-        self.ep
-            .call_timeout(self.commands, call, CALL_TIMEOUT)
+        PollOnWake::new(self.ep.call_timeout(self.commands, call, CALL_TIMEOUT))
             .await
             .map_err(|e| FabricError(format!("router unreachable: {e}")))
     }

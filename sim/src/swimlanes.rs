@@ -139,6 +139,7 @@ pub fn render(p: &Picture<'_>) -> String {
         let (name, colour) = match f.kind {
             WindowKind::Fault(kind) => (kind.name().to_owned(), "#f6c37a"),
             WindowKind::DeviceOffline => ("offline".to_owned(), "#c9d7ee"),
+            WindowKind::Paging => ("paging".to_owned(), "#dfeecf"),
         };
         let w = (x(f.end_ms) - x(f.start_ms)).max(2.0);
         let _ = write!(

@@ -34,6 +34,11 @@ impl ReceiptsShown {
         self.shown.contains_key(&(conv.to_owned(), user.to_owned()))
     }
 
+    /// What was shown for `conv` and `user`, if anything.
+    pub fn shown(&self, conv: &str, user: &str) -> Option<&Receipt> {
+        self.shown.get(&(conv.to_owned(), user.to_owned()))
+    }
+
     /// Records `receipt` as shown (merged with what was) and says what to show.
     pub fn show(&mut self, receipt: &Receipt) -> ReceiptView {
         let key = (receipt.conv.clone(), receipt.user.clone());

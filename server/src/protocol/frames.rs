@@ -201,6 +201,28 @@ pub enum Request {
     Ping,
 }
 
+impl Request {
+    /// Whether the request writes to the store (and then publishes what it wrote):
+    /// the ones a server must finish once begun, whoever still waits for the reply.
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::OpenDirect(_)
+            | Request::CreateGroup(_)
+            | Request::AddMembers(_)
+            | Request::RemoveMembers(_)
+            | Request::Leave(_)
+            | Request::Send(_)
+            | Request::Ack(_) => true,
+            Request::Hello(_)
+            | Request::Sync(_)
+            | Request::History(_)
+            | Request::Conversations(_)
+            | Request::Presence(_)
+            | Request::Ping => false,
+        }
+    }
+}
+
 fn body<T: serde::de::DeserializeOwned>(op: &str, fields: Value) -> Result<T, ProtocolError> {
     serde_json::from_value(fields)
         .map_err(|e| ProtocolError::new(ErrorCode::BadRequest, format!("{op}: {e}")))

@@ -18,7 +18,7 @@ use super::devices::DeviceLease;
 use super::*;
 use crate::domain::{DeviceStream, ReceiptView, ReceiptsShown, StreamStep};
 use crate::hub::DeviceQueue;
-use crate::protocol::MemberAction;
+use crate::protocol::{ConvKind, MemberAction};
 
 /// Receipts wait this long for others to leave with them (a group's members
 /// acknowledging one message within moments of each other).
@@ -361,7 +361,74 @@ impl DeviceFeed {
                 .map_or(0, |(_, last)| *last);
             self.mark_behind(&conv, last);
         }
+        for state in &states {
+            if let Err(e) = self.resync_receipts(state).await {
+                tracing::warn!(conv = state.record.id, error = %e, "cannot re-read receipts on resync; retrying");
+                self.retry_resync();
+            }
+        }
         self.say_caught_up_if_done();
+    }
+
+    /// Receipts may have been lost with the live events: shows, from the store,
+    /// every member's cursor in `state`'s conversation that is ahead of what this
+    /// feed showed, if the device's user sent an entry in the range they moved
+    /// past (the receipts it would have been sent).
+    async fn resync_receipts(&mut self, state: &ConvState) -> Result<(), StoreError> {
+        let me = self.lease.caller().user.clone();
+        let members = state.record.current_members();
+        if !members.contains(&me) {
+            return Ok(());
+        }
+        let conv = state.record.id.as_str();
+        let svc = Arc::clone(&self.service);
+        let cursors: BTreeMap<String, Cursor> =
+            svc.store().user_cursors(conv).await?.into_iter().collect();
+        let ahead: Vec<(&String, Cursor, u64)> = members
+            .iter()
+            .filter(|m| **m != me)
+            .filter_map(|m| {
+                let c = cursors.get(m).copied()?;
+                let shown = self.receipts_shown.shown(conv, m);
+                let (d, r) = shown.map_or((0, 0), |s| (s.delivered, s.read));
+                (c.delivered > d || c.read > r).then_some((m, c, r))
+            })
+            .collect();
+        let (Some(from), Some(until)) = (
+            ahead.iter().map(|(_, _, shown_read)| *shown_read).min(),
+            ahead.iter().map(|(_, c, _)| c.delivered).max(),
+        ) else {
+            return Ok(());
+        };
+        if until > from && until - from <= RECEIPT_SCAN_LEN_MAX {
+            let limit = u32::try_from(until - from).expect("bounded by RECEIPT_SCAN_LEN_MAX");
+            let senders = svc
+                .store()
+                .senders_between(conv, from, until, limit)
+                .await?;
+            if !senders.contains(&me) {
+                return Ok(());
+            }
+        }
+        let all = (state.record.kind == ConvKind::Group).then(|| {
+            let of = |m: &String| cursors.get(m).copied().unwrap_or_default();
+            Cursor {
+                delivered: members.iter().map(|m| of(m).delivered).min().unwrap_or(0),
+                read: members.iter().map(|m| of(m).read).min().unwrap_or(0),
+            }
+        });
+        for (member, cursor, _) in ahead {
+            let receipt = Receipt {
+                conv: conv.to_owned(),
+                user: member.clone(),
+                delivered: cursor.delivered,
+                read: cursor.read,
+                all_delivered: all.map(|c| c.delivered),
+                all_read: all.map(|c| c.read),
+            };
+            self.show_receipt(Arc::new(receipt), None);
+        }
+        Ok(())
     }
 
     fn end(&mut self, err: ProtocolError) {

@@ -328,7 +328,36 @@ impl ChatService {
     }
 
     /// Runs one request of an authenticated device (any but `hello`), for every transport.
+    ///
+    /// A request that changes state runs to its end even when the caller stops
+    /// waiting for it (an HTTP connection closed mid-request, a session ended): what
+    /// it committed is always followed by what it publishes (fan-out, receipts,
+    /// membership events). Without this, an ack whose cursor was stored but whose
+    /// receipt was never sent could not be repaired by retrying it (the retry moves
+    /// nothing, so sends nothing).
     pub async fn dispatch(
+        self: Arc<Self>,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<Reply, ProtocolError> {
+        if !request.changes_state() {
+            return self.run(caller, request).await;
+        }
+        let caller = caller.clone();
+        match tokio::spawn(async move { self.run(&caller, request).await }).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                assert!(!e.is_panic(), "a request panicked: {e}");
+                Err(ProtocolError::new(
+                    ErrorCode::Internal,
+                    "the request was cut short by the server shutting down; retry",
+                ))
+            }
+        }
+    }
+
+    /// [`ChatService::dispatch`], cancelled with its caller.
+    async fn run(
         self: Arc<Self>,
         caller: &Caller,
         request: Request,

@@ -191,6 +191,10 @@ pub trait Store: Send + Sync + 'static {
     /// every receipt published for it before the call.
     async fn user_cursor(&self, conv: &str, user: &str) -> Result<Cursor, StoreError>;
 
+    /// Every user's cursor in `conv` (users who never acknowledged are left out), in
+    /// no particular order: at least every receipt published before the call.
+    async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError>;
+
     /// Raises `user`'s last-seen time to `at_ms` (never lowers it); durable on return.
     async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
 

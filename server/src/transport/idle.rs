@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::quiet::QuietIo;
+
 /// How often a busy connection is looked at again.
 const BUSY_RECHECK: Duration = Duration::from_secs(1);
 
@@ -89,17 +91,21 @@ impl Drop for InFlight {
     }
 }
 
-/// A stream that records in its [`Activity`] when bytes arrive.
+/// A stream that records in its [`Activity`] when bytes arrive; its reads are
+/// polled only once the read side woke ([`QuietIo`]).
 #[derive(Debug)]
 pub struct Watched<S> {
-    inner: S,
+    inner: QuietIo<S>,
     activity: Arc<Activity>,
 }
 
 impl<S> Watched<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner: QuietIo::new(inner),
+            activity,
+        }
     }
 }
 

@@ -7,5 +7,6 @@ pub mod longpoll;
 #[cfg(not(madsim))]
 pub mod media;
 pub mod per_address;
+pub mod quiet;
 pub mod session;
 pub mod timer;

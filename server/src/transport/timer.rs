@@ -8,18 +8,21 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::quiet::PollOnWake;
+
 /// A [`hyper::rt::Timer`] backed by `tokio::time`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timer;
 
-/// One pending sleep of [`Timer`].
-struct Sleep(Pin<Box<tokio::time::Sleep>>);
+/// One pending sleep of [`Timer`], polled only when its timer fired (hyper polls
+/// it with every read of the connection).
+struct Sleep(PollOnWake<tokio::time::Sleep>);
 
 impl Future for Sleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 
@@ -27,7 +30,7 @@ impl hyper::rt::Sleep for Sleep {}
 
 impl hyper::rt::Timer for Timer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Sleep(Box::pin(tokio::time::sleep(duration))))
+        Box::pin(Sleep(PollOnWake::new(tokio::time::sleep(duration))))
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {

@@ -3,6 +3,7 @@
 mod harness;
 
 mod authz;
+mod cancelled;
 mod conversations;
 mod errors;
 mod limits;

@@ -363,6 +363,13 @@ pub async fn cursors_never_move_back(stores: &[Arc<dyn Store>]) {
         assert_eq!((cursor.delivered, cursor.read), (6, 6));
         let none = s.user_cursor(&conv, &users[2]).await.unwrap();
         assert_eq!((none.delivered, none.read), (0, 0));
+        // All of the conversation's cursors at once: only users who acknowledged.
+        let all = s.user_cursors(&conv).await.unwrap();
+        let listed: Vec<(&str, u64, u64)> = all
+            .iter()
+            .map(|(user, c)| (user.as_str(), c.delivered, c.read))
+            .collect();
+        assert_eq!(listed, [(u.as_str(), 6, 6)], "{all:?}");
     }
     let ahead = store
         .ack(&conv, u, "phone", Some(7), None)

@@ -62,6 +62,8 @@ pub(super) struct Device {
     pub(super) queries: BTreeMap<String, (String, PageKind, u64, u64)>,
     /// Set while the device has no working connection (a fault window for the checker).
     pub(super) offline_since: Option<u64>,
+    /// Since when its polls answer `has_more` (see [`Device::paging`]).
+    pub(super) paging_since: Option<u64>,
     /// When the current session started working (`hello` accepted, or a poll answered).
     pub(super) session_since: Option<u64>,
     /// `ack` requests in flight: rid -> index in the history's `cursor_acks`.
@@ -111,6 +113,7 @@ impl Device {
             last_written: None,
             queries: BTreeMap::new(),
             offline_since: Some(0),
+            paging_since: None,
             session_since: None,
             ack_rids: BTreeMap::new(),
             rid: 0,
@@ -138,6 +141,28 @@ impl Device {
                     server: None,
                 })
             });
+        }
+    }
+
+    /// A poll answered `has_more` (`paging`): opens a paging window, or closes
+    /// the open one when the device caught up (or its session ends, `None`).
+    pub(super) fn paging(&mut self, has_more: Option<bool>) {
+        match (has_more, self.paging_since) {
+            (Some(true), None) => self.paging_since = Some(sim_ms()),
+            (Some(false) | None, Some(since)) => {
+                self.paging_since = None;
+                let key = self.spec.key;
+                self.shared.with(|h| {
+                    h.faults.push(FaultWindow {
+                        kind: WindowKind::Paging,
+                        start_ms: since,
+                        end_ms: sim_ms(),
+                        device: Some(key),
+                        server: None,
+                    })
+                });
+            }
+            _ => {}
         }
     }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chatproof_server::transport::quiet::QuietIo;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
@@ -81,7 +82,7 @@ pub struct DeviceSpec {
     pub safety_secs: u64,
 }
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<QuietIo<TcpStream>>;
 
 /// Connects to the server at `addr` and upgrades to WebSocket over simulated TCP.
 pub async fn connect(addr: std::net::SocketAddr) -> Option<Ws> {
@@ -92,7 +93,7 @@ pub async fn connect(addr: std::net::SocketAddr) -> Option<Ws> {
     let url = format!("ws://{addr}/v1/ws");
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(2),
-        tokio_tungstenite::client_async(url, stream),
+        tokio_tungstenite::client_async(url, QuietIo::new(stream)),
     )
     .await
     .ok()?
@@ -244,6 +245,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
                 dev.online();
                 let got: Vec<String> = body["entries"].as_array().into_iter().flatten().map(|e| format!("{}#{}", e["conv"].as_str().unwrap_or("?"), e["seq"])).collect();
                 dev.note(format_args!("polled {got:?}, has_more {}", body["has_more"]));
+                dev.paging(Some(body["has_more"].as_bool().unwrap_or(false)));
                 for entry in body["entries"].as_array().into_iter().flatten() {
                     let mut frame = entry.clone();
                     frame["type"] = "msg".into();
@@ -282,6 +284,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
             }
         }
     }
+    dev.paging(None);
     for worker in workers {
         worker.abort();
     }

@@ -367,6 +367,22 @@ impl Store for EmbeddedStore {
         }))
     }
 
+    async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError> {
+        let txn = self.db.get()?.begin_read().map_err(backend)?;
+        let cursors = txn.open_table(USER_CURSORS).map_err(backend)?;
+        let mut found = Vec::new();
+        for row in cursors.range((conv, "")..).map_err(backend)? {
+            let (key, value) = row.map_err(backend)?;
+            let (row_conv, user) = key.value();
+            if row_conv != conv {
+                break;
+            }
+            let (delivered, read) = value.value();
+            found.push((user.to_owned(), Cursor { delivered, read }));
+        }
+        Ok(found)
+    }
+
     async fn device_cursor(
         &self,
         user: &str,

@@ -849,6 +849,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         self.tables.user_cursor(conv, user).await
     }
 
+    async fn user_cursors(&self, conv: &str) -> Result<Vec<(String, Cursor)>, StoreError> {
+        self.tables.user_cursors(conv).await
+    }
+
     async fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
         self.tables.raise_last_seen(user, at_ms).await
     }
