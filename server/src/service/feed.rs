@@ -272,6 +272,24 @@ impl DeviceFeed {
             .collect()
     }
 
+    /// Notes that the device was just shown `states` (a `presence` reply, read after
+    /// every pending change arrived): a pending change that is not newer is dropped,
+    /// so the next batch never shows a last-seen time older than the reply did.
+    pub fn presence_shown(&mut self, states: &[PresenceState]) {
+        for shown in states {
+            if self
+                .presence_pending
+                .get(&shown.user)
+                .is_some_and(|pending| pending.last_seen_ms <= shown.last_seen_ms)
+            {
+                self.presence_pending.remove(&shown.user);
+            }
+        }
+        if self.presence_pending.is_empty() {
+            self.presence_due = None;
+        }
+    }
+
     /// When work that failed on a store error (a resync, a receipt's floor) is
     /// tried again: call [`DeviceFeed::work`] then.
     pub fn work_due(&self) -> Option<tokio::time::Instant> {

@@ -74,7 +74,29 @@ pub async fn poll(
     let generation = in_flight.generation();
     let result = poll_in(svc, &mailbox, generation, &req.cursors, timeout, limit).await;
     in_flight.end(svc.monotonic_ms());
-    result.map(|c| c.response(svc.clock().now_ms()))
+    let mut collected = result?;
+    collected.presence = current_presence(svc, std::mem::take(&mut collected.presence)).await;
+    Ok(collected.response(svc.clock().now_ms()))
+}
+
+/// The changes a poll answers, re-read as they are now: a mailbox keeps changes
+/// between polls, and its device may have been shown newer ones meanwhile (a
+/// `presence` reply, or a WebSocket on another server while this mailbox waited
+/// to idle out), so a change as it was published could show a last-seen time
+/// older than the device already saw. On a read failure the changes go as they
+/// were published.
+async fn current_presence(svc: &ChatService, changes: Vec<PresenceState>) -> Vec<PresenceState> {
+    if changes.is_empty() {
+        return changes;
+    }
+    let users: Vec<String> = changes.iter().map(|c| c.user.clone()).collect();
+    match svc.presence_of(&users).await {
+        Ok(now) => now,
+        Err(e) => {
+            crate::warn_throttled!(error = %e, "presence not re-read for a poll; sent as published");
+            changes
+        }
+    }
 }
 
 async fn poll_in(

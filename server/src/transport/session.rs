@@ -271,7 +271,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
         };
         match self.dispatch(&caller, request).await {
-            Ok(result) => self.reply_ok(rid, result).await?,
+            Ok(result) => {
+                if let Reply::Presence { users } = &result {
+                    let feed = self.feed.as_mut().expect("a caller has a feed");
+                    feed.presence_shown(users);
+                }
+                self.reply_ok(rid, result).await?;
+            }
             Err(err) => self.reply_error(Some(rid), err).await?,
         }
         Ok(None)

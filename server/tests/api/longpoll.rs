@@ -472,3 +472,55 @@ async fn presence_over_polling() {
         );
     }
 }
+
+/// A mailbox keeps a presence change between polls; when the device was shown a
+/// newer last-seen time meanwhile (here a `presence` reply: alice's polls moved
+/// it on without a change to publish), the next poll never shows the older one.
+#[tokio::test]
+async fn a_poll_never_shows_an_older_last_seen_than_a_reply_did() {
+    let server = TestServer::start_with(Limits {
+        presence_interval: Duration::from_millis(100),
+        ..Limits::default()
+    })
+    .await;
+    let settle = Duration::from_millis(400);
+    let quick = |conv: &str| json!({"cursors": {conv: 0}, "timeout_ms": 10});
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    assert_eq!(poll(&server, "bob", "web", quick(&conv)).await.status, 200);
+    // Alice goes offline, then online over polling: a change waits in bob's mailbox.
+    alice.close().await;
+    tokio::time::sleep(settle).await;
+    assert_eq!(
+        poll(&server, "alice", "web", quick(&conv)).await.status,
+        200
+    );
+    tokio::time::sleep(settle).await;
+    // Alice polls again: last seen moves on, online all along, so nothing is published.
+    assert_eq!(
+        poll(&server, "alice", "web", quick(&conv)).await.status,
+        200
+    );
+    tokio::time::sleep(settle).await;
+    let asked = rpc(
+        &server,
+        "bob",
+        "web",
+        json!({"rid": "p", "op": "presence", "users": ["alice"]}),
+    )
+    .await
+    .json();
+    let shown = &asked["result"]["users"][0];
+    assert_eq!(shown["online"], true, "{asked}");
+    let shown_ms = shown["last_seen_ms"].as_u64().unwrap();
+    let polled = poll(&server, "bob", "web", quick(&conv)).await.json();
+    let changes = polled["presence"].as_array().unwrap();
+    let alice_now = changes
+        .iter()
+        .find(|s| s["user"] == "alice")
+        .unwrap_or_else(|| panic!("alice's change was not delivered: {polled}"));
+    assert!(
+        alice_now["last_seen_ms"].as_u64().unwrap() >= shown_ms,
+        "the reply showed last seen {shown_ms}, the poll after it {alice_now}"
+    );
+}
