@@ -71,6 +71,7 @@ swarm_run reconnect-storm 1..41
 swarm_run cluster 1..201
 swarm_run storage-faults 1..101
 swarm_run router-outage 1..101
+swarm_run overlapping-faults 1..101
 
 # Seeds derived from the commit hash on every preset, so every commit explores new ground.
 swarm_commit() { # preset count
@@ -87,6 +88,7 @@ swarm_commit reconnect-storm 20
 swarm_commit cluster 100
 swarm_commit storage-faults 30
 swarm_commit router-outage 30
+swarm_commit overlapping-faults 20
 
 mutants() {
   echo "-- mutants (each must be caught within 30 seeds)"

@@ -36,11 +36,30 @@ pub struct Backends {
     pub disk: Option<Arc<SimDisk>>,
 }
 
+/// What a fault holds while under way: two lanes never hold the same one, so one
+/// lane never restarts a process another lane killed, nor resets a network setting
+/// another lane's fault still needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// A node's process (killed, paused or restarted).
+    Process(NodeId),
+    /// A node's partition from everything (either way).
+    Clogged(NodeId),
+    /// The network's latency and loss settings.
+    Network,
+    /// The server's disk.
+    Disk,
+}
+
 /// Draws and applies faults.
 pub struct Injector {
     rng: std::cell::RefCell<SeedRng>,
     weights: [u32; FaultKind::ALL.len()],
     interval_ms: u64,
+    /// Faults under way at once at most (one per lane).
+    lanes: u32,
+    /// What the faults under way hold.
+    held: std::cell::RefCell<Vec<Held>>,
     nodes: Backends,
     devices: Vec<DeviceKey>,
     shared: Arc<Shared>,
@@ -56,6 +75,8 @@ impl Injector {
             rng: std::cell::RefCell::new(SeedRng::new(opts.seed, 7)),
             weights: opts.faults.weights(),
             interval_ms: opts.fault_interval_ms.max(10),
+            lanes: opts.faults_at_once.max(1),
+            held: std::cell::RefCell::new(Vec::new()),
             nodes,
             devices,
             shared,
@@ -95,14 +116,44 @@ impl Injector {
         });
     }
 
-    /// Injects faults for `length`.
+    /// What `kind` acting on `server` holds while under way.
+    fn holds(&self, kind: FaultKind, server: NodeId) -> Vec<Held> {
+        match kind {
+            FaultKind::ServerCrash | FaultKind::ClockSkew | FaultKind::ProcessPause => {
+                vec![Held::Process(server)]
+            }
+            FaultKind::PowerLoss => vec![Held::Process(server), Held::Disk],
+            FaultKind::Partition | FaultKind::PartitionOneWay => vec![Held::Clogged(server)],
+            FaultKind::LatencySpike | FaultKind::PacketLoss => vec![Held::Network],
+            FaultKind::DiskFull | FaultKind::DiskIo => vec![Held::Disk],
+            FaultKind::StoreCrash => self.nodes.store.map(Held::Process).into_iter().collect(),
+            FaultKind::RouterCrash => self.nodes.router.map(Held::Process).into_iter().collect(),
+            // Links and clocks add up: a second cut or step on top of one is itself a fault.
+            FaultKind::LinkPartition
+            | FaultKind::BackendPartition
+            | FaultKind::ClientDisconnect
+            | FaultKind::ClockJump => Vec::new(),
+        }
+    }
+
+    /// Injects faults for `length`: `lanes` of them at once at most, each lane
+    /// drawing its own (one lane keeps a seed's faults exactly as they always were).
+    /// A lane whose draw needs what another lane's fault holds ([`Held`]: a process,
+    /// a node's partition, the network settings, the disk) skips that draw; faults on
+    /// different things overlap freely (a server crashes while the router is down). A
+    /// window records what a lane did, so overlapping lanes only ever widen what the
+    /// checker excuses, and every fault is undone by [`Injector::heal`].
     pub async fn run_for(&self, length: Duration, handle: &Handle) {
         let end = tokio::time::Instant::now() + length;
         if self.weights.iter().all(|w| *w == 0) {
             tokio::time::sleep_until(end).await;
             return;
         }
-        let net = NetSim::current();
+        futures_util::future::join_all((0..self.lanes).map(|_| self.lane(end, handle))).await;
+    }
+
+    /// One lane: a fault, held, then a pause, until `end`.
+    async fn lane(&self, end: tokio::time::Instant, handle: &Handle) {
         loop {
             let pause =
                 Duration::from_millis(self.range(self.interval_ms / 2, self.interval_ms * 3 / 2));
@@ -116,6 +167,47 @@ impl Injector {
             let start = sim_ms();
             let mut device = None;
             let server = self.some_server();
+            let holds = self.holds(kind, server);
+            if holds.iter().any(|h| self.held.borrow().contains(h)) {
+                continue;
+            }
+            self.held.borrow_mut().extend(&holds);
+            let acted = self.act(kind, server, hold, &mut device, handle).await;
+            self.held.borrow_mut().retain(|h| !holds.contains(h));
+            if !acted {
+                continue;
+            }
+            // The server the fault concerned, for the pictures: the drawn one, or the
+            // only one for a disk fault; none for faults of the network or a backend.
+            let index = self.nodes.servers.iter().position(|s| *s == server);
+            let concerned = match kind {
+                FaultKind::LatencySpike
+                | FaultKind::PacketLoss
+                | FaultKind::ClientDisconnect
+                | FaultKind::StoreCrash
+                | FaultKind::RouterCrash => None,
+                FaultKind::DiskFull | FaultKind::DiskIo => {
+                    (self.nodes.servers.len() == 1).then_some(0)
+                }
+                _ => index,
+            };
+            self.window(kind, start, device, concerned.map(|i| i as u32));
+        }
+    }
+
+    /// Applies one fault of `kind` (on `server` where it acts on one) for `hold`, then
+    /// undoes it. A fault whose node this run lacks (a store crash on one server) does
+    /// nothing and returns false.
+    async fn act(
+        &self,
+        kind: FaultKind,
+        server: NodeId,
+        hold: Duration,
+        device: &mut Option<DeviceKey>,
+        handle: &Handle,
+    ) -> bool {
+        let net = NetSim::current();
+        {
             match kind {
                 FaultKind::ServerCrash => {
                     handle.kill(server);
@@ -147,7 +239,7 @@ impl Injector {
                 }
                 FaultKind::LinkPartition => {
                     let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
-                    device = Some(d);
+                    *device = Some(d);
                     let node = handle
                         .get_node(format!("device-{}-{}", d.0, d.1))
                         .map(|n| n.id());
@@ -174,13 +266,13 @@ impl Injector {
                 }
                 FaultKind::ClientDisconnect => {
                     let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
-                    device = Some(d);
+                    *device = Some(d);
                     self.shared.request_disconnect(d);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 FaultKind::StoreCrash => {
                     let Some(store) = self.nodes.store else {
-                        continue;
+                        return false;
                     };
                     handle.kill(store);
                     tokio::time::sleep(hold).await;
@@ -188,7 +280,7 @@ impl Injector {
                 }
                 FaultKind::RouterCrash => {
                     let Some(router) = self.nodes.router else {
-                        continue;
+                        return false;
                     };
                     handle.kill(router);
                     tokio::time::sleep(hold).await;
@@ -196,7 +288,7 @@ impl Injector {
                 }
                 FaultKind::DiskFull | FaultKind::DiskIo => {
                     let Some(disk) = &self.nodes.disk else {
-                        continue;
+                        return false;
                     };
                     let fault = match kind {
                         FaultKind::DiskFull => DiskFault::Full,
@@ -210,7 +302,7 @@ impl Injector {
                 }
                 FaultKind::PowerLoss => {
                     let Some(disk) = &self.nodes.disk else {
-                        continue;
+                        return false;
                     };
                     handle.kill(server);
                     let kept = self.range(0, 8) as usize;
@@ -245,7 +337,7 @@ impl Injector {
                     } else {
                         self.nodes.router
                     };
-                    let Some(backend) = backend else { continue };
+                    let Some(backend) = backend else { return false };
                     net.clog_link(server, backend);
                     net.clog_link(backend, server);
                     tokio::time::sleep(hold).await;
@@ -253,22 +345,8 @@ impl Injector {
                     net.unclog_link(backend, server);
                 }
             }
-            // The server the fault concerned, for the pictures: the drawn one, or the
-            // only one for a disk fault; none for faults of the network or a backend.
-            let index = self.nodes.servers.iter().position(|s| *s == server);
-            let concerned = match kind {
-                FaultKind::LatencySpike
-                | FaultKind::PacketLoss
-                | FaultKind::ClientDisconnect
-                | FaultKind::StoreCrash
-                | FaultKind::RouterCrash => None,
-                FaultKind::DiskFull | FaultKind::DiskIo => {
-                    (self.nodes.servers.len() == 1).then_some(0)
-                }
-                _ => index,
-            };
-            self.window(kind, start, device, concerned.map(|i| i as u32));
         }
+        true
     }
 
     /// Ends every fault: network back to normal, server running.

@@ -41,8 +41,21 @@ pub struct Preset {
     pub liveness_secs: u64,
     /// Mean time between faults, simulated milliseconds.
     pub fault_interval_ms: u64,
+    /// Faults that may be under way at once (default 1): that many injector lanes,
+    /// each drawing a fault every `fault_interval_ms` and holding it, so faults of
+    /// different lanes overlap (a crash during a partition, power loss during a
+    /// router outage). 1 to [`FAULTS_AT_ONCE_MAX`].
+    #[serde(default = "one_fault")]
+    pub faults_at_once: u32,
     /// Relative weight of each fault kind (0 disables it).
     pub faults: FaultWeights,
+}
+
+/// The most faults a preset may have under way at once.
+pub const FAULTS_AT_ONCE_MAX: u32 = 4;
+
+fn one_fault() -> u32 {
+    1
 }
 
 fn all() -> f64 {
@@ -226,6 +239,10 @@ impl Preset {
             preset.devices_per_user[0] >= 1,
             "devices_per_user at least 1"
         );
+        anyhow::ensure!(
+            (1..=FAULTS_AT_ONCE_MAX).contains(&preset.faults_at_once),
+            "faults_at_once within 1..={FAULTS_AT_ONCE_MAX}"
+        );
         Ok(preset)
     }
 
@@ -327,6 +344,8 @@ pub struct SimOptions {
     pub liveness_secs: u64,
     /// Mean time between faults, ms.
     pub fault_interval_ms: u64,
+    /// Faults that may be under way at once (the preset's `faults_at_once`).
+    pub faults_at_once: u32,
     /// Fault weights.
     pub faults: FaultWeights,
     /// The mutant switched on, if any.
@@ -445,6 +464,7 @@ impl SimOptions {
             safety_secs: preset.safety_secs,
             liveness_secs: preset.liveness_secs,
             fault_interval_ms: preset.fault_interval_ms,
+            faults_at_once: preset.faults_at_once,
             faults: preset.faults.clone(),
             mutant: None,
         }
@@ -462,7 +482,7 @@ impl fmt::Display for SimOptions {
         let msgs: u32 = self.messages.iter().flatten().sum();
         write!(
             f,
-            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms faults={:?} mutant={}",
+            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms{} faults={:?} mutant={}",
             self.seed,
             self.preset,
             self.servers,
@@ -474,6 +494,11 @@ impl fmt::Display for SimOptions {
             self.safety_secs,
             self.liveness_secs,
             self.fault_interval_ms,
+            if self.faults_at_once > 1 {
+                format!(" faults_at_once={}", self.faults_at_once)
+            } else {
+                String::new()
+            },
             self.faults.weights(),
             self.mutant.as_deref().unwrap_or("none"),
         )
@@ -513,6 +538,28 @@ mod tests {
         let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
         assert_eq!(parsed, w);
         assert!(toml::from_str::<FaultWeights>("meteor = 1").is_err());
+    }
+
+    /// Every preset file loads; `faults_at_once` defaults to 1 and is bounded.
+    #[test]
+    fn preset_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/sim");
+        let mut at_once = std::collections::BTreeMap::new();
+        for file in std::fs::read_dir(&dir).unwrap() {
+            let path = file.unwrap().path();
+            let preset =
+                Preset::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            at_once.insert(preset.name, preset.faults_at_once);
+        }
+        assert_eq!(at_once["cluster"], 1);
+        assert_eq!(at_once["overlapping-faults"], 2);
+        let tmp = std::env::temp_dir().join(format!("preset-{}.toml", std::process::id()));
+        let text = include_str!("../../scenarios/sim/overlapping-faults.toml")
+            .replace("faults_at_once = 2", "faults_at_once = 9");
+        std::fs::write(&tmp, text).unwrap();
+        let refused = Preset::load(&tmp);
+        std::fs::remove_file(&tmp).unwrap();
+        assert!(refused.is_err(), "faults_at_once = 9 is out of range");
     }
 
     /// Names, serde and clap agree for every fault kind, in draw order.
