@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// The first wait before an ack retries sending its receipts after a store error.
+const RECEIPT_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+/// The last wait (doubling from the first: 100 ms to 3.2 s, about 6 s in all).
+const RECEIPT_RETRY_LAST: std::time::Duration = std::time::Duration::from_millis(3_200);
+
 impl ChatService {
     /// `send`: the ack is returned only once the message is durable.
     pub async fn send(&self, caller: &Caller, req: SendRequest) -> Result<Reply, ProtocolError> {
@@ -110,15 +115,45 @@ impl ChatService {
             )
             .await
             .map_err(reject)?;
-        if update.user_after != update.user_before {
-            self.send_receipts(
-                caller,
-                &req.conv,
-                update.user_before,
-                update.user_after,
-                update.all_members,
-            )
-            .await?;
+        // A repeat of an ack that already landed moves nothing, and what the first
+        // one sent is unknown (its reply may have been lost after the store took it:
+        // a store timeout, a dropped connection), so the user's receipt goes again,
+        // to the senders of everything up to it; a sender that has it sees nothing.
+        let repeat =
+            update.user_after == update.user_before && update.device == update.device_before;
+        if update.user_after != update.user_before || repeat {
+            let before = if repeat {
+                Cursor::default()
+            } else {
+                update.user_before
+            };
+            // The cursor is durable now and a retry of this ack may move nothing, so
+            // the receipt it causes is best sent now: a store error finding its
+            // senders is retried for a while before the ack fails.
+            let mut backoff = RECEIPT_RETRY_FIRST;
+            loop {
+                let sent = self
+                    .send_receipts(
+                        caller,
+                        &req.conv,
+                        before,
+                        update.user_after,
+                        update.all_members,
+                    )
+                    .await;
+                match sent {
+                    Ok(()) => break,
+                    Err(e) if backoff > RECEIPT_RETRY_LAST => {
+                        tracing::error!(conv = req.conv, error = %e.message, "receipts of an ack not sent");
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        crate::warn_throttled!(conv = req.conv, error = %e.message, "receipts of an ack not sent yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
         }
         Ok(Reply::Acked {
             conv: req.conv,

@@ -80,6 +80,8 @@ pub struct ConvState {
 /// The result of an ack.
 #[derive(Debug, Clone)]
 pub struct CursorUpdate {
+    /// The acking device's cursor before the ack.
+    pub device_before: Cursor,
     /// The acking device's cursor after the ack.
     pub device: Cursor,
     /// The user's cursor (over all devices) before the ack.

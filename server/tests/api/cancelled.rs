@@ -1,6 +1,8 @@
 //! A request cut short by its client (the HTTP connection closed while the server
 //! works on it) still finishes what it committed: an ack whose cursor was stored
-//! sends its receipt, though nobody waits for the reply.
+//! sends its receipt, though nobody waits for the reply. And an ack whose store
+//! call failed after its write landed (a timeout on a remote store) sends its
+//! receipt when the client retries it, though the retry moves nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use chatproof_server::store::{Appended, ConvState, CursorUpdate, NewMessage, Sto
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{open_direct, send, TestServer, WAIT};
+use crate::harness::{ok, open_direct, send, TestServer, WAIT};
 
 /// How long an ack lingers after its cursor is durable, when asked to.
 const LINGER: Duration = Duration::from_millis(500);
@@ -25,6 +27,8 @@ const LINGER: Duration = Duration::from_millis(500);
 struct LingeringAcks {
     inner: EmbeddedStore,
     linger: AtomicBool,
+    /// The next ack fails after its write landed.
+    fail_after_write: AtomicBool,
 }
 
 #[async_trait]
@@ -80,6 +84,11 @@ impl Store for LingeringAcks {
         read: Option<u64>,
     ) -> Result<CursorUpdate, StoreError> {
         let update = self.inner.ack(conv, user, device, delivered, read).await?;
+        if self.fail_after_write.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Backend(
+                "no answer in time (the write landed)".to_owned(),
+            ));
+        }
         if self.linger.load(Ordering::SeqCst) {
             tokio::time::sleep(LINGER).await;
         }
@@ -152,6 +161,7 @@ async fn an_ack_whose_client_left_still_sends_its_receipt() {
     let store = Arc::new(LingeringAcks {
         inner: EmbeddedStore::open(dir.path()).unwrap(),
         linger: AtomicBool::new(false),
+        fail_after_write: AtomicBool::new(false),
     });
     let server =
         TestServer::start_on_store(dir, Limits::default(), Arc::clone(&store) as Arc<dyn Store>)
@@ -193,4 +203,44 @@ async fn an_ack_whose_client_left_still_sends_its_receipt() {
     );
     let cursor = store.inner.user_cursor(&conv, "bob").await.unwrap();
     assert_eq!((cursor.delivered, cursor.read), (seq, seq));
+}
+
+/// Bob's ack lands in the store but its call fails (as a remote store's timeout
+/// would): the ack answers an error, and its retry, which moves no cursor, sends
+/// alice the receipt the first one never did.
+#[tokio::test]
+async fn a_retried_ack_whose_first_try_landed_sends_its_receipt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LingeringAcks {
+        inner: EmbeddedStore::open(dir.path()).unwrap(),
+        linger: AtomicBool::new(false),
+        fail_after_write: AtomicBool::new(false),
+    });
+    let server =
+        TestServer::start_on_store(dir, Limits::default(), Arc::clone(&store) as Arc<dyn Store>)
+            .await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob, _) = server.login("bob", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let seq = send(&mut alice, &conv, "m1", "hello bob").await["seq"]
+        .as_u64()
+        .unwrap();
+
+    store.fail_after_write.store(true, Ordering::SeqCst);
+    let ack = json!({"op": "ack", "conv": conv, "delivered": seq, "read": seq});
+    let first = bob.request(ack.clone()).await.unwrap();
+    assert!(first.is_err(), "the first ack fails: {first:?}");
+    let cursor = store.inner.user_cursor(&conv, "bob").await.unwrap();
+    assert_eq!((cursor.delivered, cursor.read), (seq, seq), "yet it landed");
+    let again = ok(bob.request(ack).await.unwrap());
+    assert_eq!(
+        (again["delivered"].as_u64(), again["read"].as_u64()),
+        (Some(seq), Some(seq))
+    );
+
+    let receipts = alice
+        .events_until(WAIT, |e| e["type"] == "receipt" && e["read"] == seq)
+        .await
+        .expect("the receipt of an ack whose first try landed");
+    assert_eq!(receipts.last().unwrap()["user"], "bob");
 }

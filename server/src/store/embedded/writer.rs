@@ -524,6 +524,7 @@ impl<'t> WriteCtx<'t> {
         let all_members =
             receipt_floor(kind, &current, user, user_after, |u| users.get(u).copied());
         Ok(CursorUpdate {
+            device_before: old,
             device: new,
             user_before,
             user_after,

@@ -728,11 +728,13 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         let old = old.unwrap_or_default();
         let new = old.advance(delivered, read, visible_max)?;
         let user_after = user_before.max(new);
-        futures_util::future::try_join(
-            self.raise_cursor(old, new, (user, device, Some(conv))),
-            self.raise_cursor(user_before, user_after, (conv, user, None)),
-        )
-        .await?;
+        // The device's cursor first, then the user's: an ack that failed between
+        // the two moves the user's cursor when retried, so its receipts go out
+        // then (see `ChatService::ack`).
+        self.raise_cursor(old, new, (user, device, Some(conv)))
+            .await?;
+        self.raise_cursor(user_before, user_after, (conv, user, None))
+            .await?;
         // Only a group's floor reads the members' cursors.
         let group = head.record.kind == ConvKind::Group;
         let cursors: Option<HashMap<String, Cursor>> = group.then(|| members.into_iter().collect());
@@ -744,6 +746,7 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
             |u| cursors.as_ref()?.get(u).copied(),
         );
         Ok(CursorUpdate {
+            device_before: old,
             device: new,
             user_before,
             user_after,
