@@ -11,9 +11,12 @@
 //!   elsewhere off the routes. A registration counts only while its
 //!   incarnation is the one alive under `srv:{server}`: what a crashed process
 //!   registered stops counting the moment its server restarts (or its lease
-//!   lapses), and whoever reads it deletes it. A server deletes its own only if
-//!   the value is still the one it set (the serial tells a reconnection from the
-//!   connection it replaced), and retries a delete that failed until it lands.
+//!   lapses), and whoever reads it deletes it (only if it still holds the value
+//!   read). A server deletes its own only if the value is still the one it set
+//!   (the serial tells a reconnection from the connection it replaced), and
+//!   retries a delete that failed until it lands. Re-registering after an outage
+//!   gives every connection a new serial, so a peer that read the old value while
+//!   this server's lease had lapsed cannot delete the new one with it.
 //! - `srv:{server}`: exists while the server is alive; set every TTL/3 with
 //!   expiry TTL, so a crashed server's entries stop being routed to within TTL.
 //!   It holds the server's incarnation (a new one per start).
@@ -426,13 +429,19 @@ impl RegistryFabric {
         let now = tokio::time::Instant::now();
         let (ops, devices) = {
             let mut r = self.registrations.lock().expect("registrations");
+            // Each under a new serial: a peer that read a registration while this
+            // server's lease had lapsed may delete that value any moment (it only
+            // deletes what it read), and must not take the fresh one with it.
             let mut ops: Vec<RegistryOp> = r
                 .current
-                .iter()
-                .map(|((user, device), serial)| RegistryOp::HashSet {
-                    key: self.device_key(user),
-                    field: Self::connection_field(device, me),
-                    value: self.registration(*serial),
+                .iter_mut()
+                .map(|((user, device), serial)| {
+                    *serial = self.serials.fetch_add(1, Ordering::Relaxed) + 1;
+                    RegistryOp::HashSet {
+                        key: self.device_key(user),
+                        field: Self::connection_field(device, me),
+                        value: self.registration(*serial),
+                    }
                 })
                 .collect();
             let devices = ops.len();
@@ -847,5 +856,43 @@ mod tests {
             "the registration and the subscription are made again"
         );
         drop(here);
+    }
+
+    /// A peer reads a registration while this server's lease has lapsed and
+    /// deletes it (it counts no more) only after this server re-registered: the
+    /// re-registration is a new value, so the late delete leaves it.
+    #[tokio::test]
+    async fn a_registration_made_again_survives_a_peers_late_prune_of_the_old_one() {
+        let registry = Arc::new(Restartable::default());
+        let here = server(&registry, "a", "1").await;
+        let peer = server(&registry, "b", "1").await;
+        let ann = ["ann".to_owned()];
+        here.device_connected("ann", "phone").await.unwrap();
+        // The lease lapses: the peer finds the registration of a dead process.
+        let lapse = RegistryOp::DeleteIfThenRemove {
+            key: here.alive_key("a"),
+            value: "1".into(),
+            set: here.lives_key(),
+            member: here.member(),
+        };
+        here.registry.run_one(lapse).await.unwrap();
+        let users = ["ann".to_owned()];
+        let placements = peer.placements(&users).await.unwrap();
+        let prune = peer.prune_ops(&users, &placements);
+        assert_eq!(
+            prune.len(),
+            1,
+            "the peer would prune the registration it read"
+        );
+        // This server recovers (its heartbeat found itself forgotten) before the
+        // peer's delete lands.
+        here.recover(&Hub::default()).await;
+        assert_eq!(peer.online_users(&ann).await.unwrap(), [true]);
+        peer.registry.run(prune).await.unwrap();
+        assert_eq!(
+            peer.online_users(&ann).await.unwrap(),
+            [true],
+            "the late prune took the registration made again"
+        );
     }
 }
