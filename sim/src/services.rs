@@ -44,6 +44,23 @@ pub const SUBSCRIBE_PORT: u16 = 6380;
 const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Largest frame on a subscription connection.
 const FRAME_MAX: usize = 16 << 20;
+/// Requests a backend node takes in at once. madsim's RPC server receives one
+/// request at a time, and every receive sleeps at least 1 ms of simulated time, so
+/// one receiving loop caps a node at 1,000 requests/s: under a burst (24 devices
+/// catching up at once) calls queued past their timeout with no fault active.
+const RECEIVERS: usize = 64;
+
+/// Serves `handler` on `ep` with [`RECEIVERS`] receiving loops.
+fn serve_rpc<R, H, Fut>(ep: &Endpoint, handler: H)
+where
+    R: Request,
+    H: FnMut(R) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = R::Response> + Send + 'static,
+{
+    for _ in 0..RECEIVERS {
+        ep.add_rpc_handler(handler.clone());
+    }
+}
 
 // ---------------------------------------------------------------- store
 
@@ -59,7 +76,7 @@ impl Request for StoreCall {
 /// The store node: serves `tables` (which outlive the node's crashes) until killed.
 pub async fn serve_store(addr: SocketAddr, tables: Arc<MemTables>) {
     let ep = Endpoint::bind(addr).await.expect("binding the store port");
-    ep.add_rpc_handler(move |StoreCall(op)| {
+    serve_rpc(&ep, move |StoreCall(op)| {
         let tables = Arc::clone(&tables);
         async move {
             // Service time: reads and writes are not free.
@@ -139,7 +156,7 @@ pub async fn serve_router(commands: SocketAddr, subscriptions: SocketAddr) {
         .await
         .expect("binding the router port");
     let served = Arc::clone(&registry);
-    ep.add_rpc_handler(move |RegistryCall(ops)| {
+    serve_rpc(&ep, move |RegistryCall(ops)| {
         let registry = Arc::clone(&served);
         async move { registry.apply(ops) }
     });
