@@ -51,11 +51,15 @@ pub enum Mutant {
     /// without persistence), servers register their connections again but not
     /// the presence subscriptions made through them.
     WatchesNotRestored = 16,
+    /// Complete (long-poll): a poll on an open mailbox goes on from where the
+    /// previous response left the device's feed, not from the cursors the device
+    /// presents, so the entries of a response lost on the way are never given again.
+    PollResumesWhereItLeft = 17,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 16] = [
+    pub const ALL: [Mutant; 17] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -72,6 +76,7 @@ impl Mutant {
         Mutant::OfflineOffByOne,
         Mutant::RegistryIgnoresIncarnation,
         Mutant::WatchesNotRestored,
+        Mutant::PollResumesWhereItLeft,
     ];
 
     /// A stable kebab-case name.
@@ -93,6 +98,7 @@ impl Mutant {
             Mutant::OfflineOffByOne => "offline-off-by-one",
             Mutant::RegistryIgnoresIncarnation => "registry-ignores-incarnation",
             Mutant::WatchesNotRestored => "watches-not-restored",
+            Mutant::PollResumesWhereItLeft => "poll-resumes-where-it-left",
         }
     }
 }

@@ -605,7 +605,12 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                     Mutant::AckFailedCommit | Mutant::StayDownAfterIoError
                 );
                 let disk_faults = [FaultKind::DiskFull, FaultKind::DiskIo, FaultKind::PowerLoss];
-                let preset = if needs_cluster && preset.servers[1] <= 1 {
+                // A long-poll bug of resuming shows when poll responses are lost on
+                // the way, which the router-outage preset's frequent cuts cause most.
+                let needs_lost_polls = mutant == Mutant::PollResumesWhereItLeft;
+                let preset = if needs_lost_polls && preset.servers[1] <= 1 {
+                    Preset::router_outage()
+                } else if needs_cluster && preset.servers[1] <= 1 {
                     // Events lost to a router outage show most where conversations
                     // are quiet and the router fails often.
                     if mutant == Mutant::DropPendingOnRouterLoss {

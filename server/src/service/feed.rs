@@ -166,6 +166,13 @@ impl DeviceFeed {
         Ok(states)
     }
 
+    /// Gives out up to `room` more entries from where the feed is, without a
+    /// restart at presented cursors: only the `poll-resumes-where-it-left`
+    /// mutant's path ([`crate::mutants::Mutant::PollResumesWhereItLeft`]).
+    pub fn resume_without_cursors(&mut self, room: usize) {
+        self.room = room;
+    }
+
     /// The next push from the hub; `None` once the hub dropped the device and
     /// everything queued was taken. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Push> {

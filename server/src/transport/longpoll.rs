@@ -114,7 +114,12 @@ async fn poll_in(
         return Ok(got);
     }
     feed.connect().await?;
-    feed.start(cursors, limit).await?;
+    let mutant = crate::mutants::Mutant::PollResumesWhereItLeft;
+    if crate::mutants::active(mutant) && generation > 1 {
+        feed.resume_without_cursors(limit);
+    } else {
+        feed.start(cursors, limit).await?;
+    }
     loop {
         feed.take_queued(svc.limits().device_queue_len_max).await;
         while feed.catch_up_ready() {
