@@ -119,47 +119,53 @@ impl ChatService {
         // one sent is unknown (its reply may have been lost after the store took it:
         // a store timeout, a dropped connection), so the user's receipt goes again,
         // to the senders of everything up to it; a sender that has it sees nothing.
-        let repeat =
-            update.user_after == update.user_before && update.device == update.device_before;
-        if update.user_after != update.user_before || repeat {
-            let before = if repeat {
-                Cursor::default()
-            } else {
-                update.user_before
-            };
-            // The cursor is durable now and a retry of this ack may move nothing, so
-            // the receipt it causes is best sent now: a store error finding its
-            // senders is retried for a while before the ack fails.
-            let mut backoff = RECEIPT_RETRY_FIRST;
-            loop {
-                let sent = self
-                    .send_receipts(
-                        caller,
-                        &req.conv,
-                        before,
-                        update.user_after,
-                        update.all_members,
-                    )
-                    .await;
-                match sent {
-                    Ok(()) => break,
-                    Err(e) if backoff > RECEIPT_RETRY_LAST => {
-                        tracing::error!(conv = req.conv, error = %e.message, "receipts of an ack not sent");
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        crate::warn_throttled!(conv = req.conv, error = %e.message, "receipts of an ack not sent yet; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff *= 2;
-                    }
-                }
-            }
+        let receipt_from = if update.user_after != update.user_before {
+            Some(update.user_before)
+        } else if update.device == update.device_before {
+            Some(Cursor::default())
+        } else {
+            None
+        };
+        if let Some(before) = receipt_from {
+            self.send_receipts_retrying(caller, &req.conv, before, &update)
+                .await?;
         }
         Ok(Reply::Acked {
             conv: req.conv,
             delivered: update.device.delivered,
             read: update.device.read,
         })
+    }
+
+    /// [`ChatService::send_receipts`] for an ack whose cursor is durable: a retry
+    /// of the ack may move nothing, so the receipt is best sent now, and a store
+    /// error finding its senders is retried (100 ms doubling to 3.2 s, about 6 s in
+    /// all) before the ack fails.
+    async fn send_receipts_retrying(
+        &self,
+        caller: &Caller,
+        conv: &str,
+        before: Cursor,
+        update: &CursorUpdate,
+    ) -> Result<(), ProtocolError> {
+        let mut backoff = RECEIPT_RETRY_FIRST;
+        loop {
+            let sent = self
+                .send_receipts(caller, conv, before, update.user_after, update.all_members)
+                .await;
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(e) if backoff > RECEIPT_RETRY_LAST => {
+                    tracing::error!(conv, error = %e.message, "receipts of an ack not sent");
+                    return Err(e);
+                }
+                Err(e) => {
+                    crate::warn_throttled!(conv, error = %e.message, "receipts of an ack not sent yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
     }
 
     pub(super) async fn send_receipts(

@@ -40,7 +40,7 @@ use crate::protocol::{
 };
 use crate::push::{LogSink, Notification, PushSink};
 use crate::rate::RateLimiter;
-use crate::store::{Appended, ConvState, NewMessage, Store, StoreError};
+use crate::store::{Appended, ConvState, CursorUpdate, NewMessage, Store, StoreError};
 
 pub use devices::DeviceLease;
 pub use feed::{DeviceFeed, Out, RECEIPT_BATCH_WINDOW};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chatproof_client::Client;
 use chatproof_server::domain::{Cursor, GroupChange};
 use chatproof_server::limits::Limits;
 use chatproof_server::protocol::Entry;
@@ -152,11 +153,10 @@ impl Store for LingeringAcks {
     }
 }
 
-/// Bob acks alice's message over `POST /v1/rpc` and closes the connection while
-/// the ack lingers after committing: alice still gets the receipt (a retried ack
-/// would move no cursor and so send none).
-#[tokio::test]
-async fn an_ack_whose_client_left_still_sends_its_receipt() {
+/// A server on a [`LingeringAcks`] store (nothing switched on) where alice wrote
+/// bob one message: the store, the server, alice's connection, the conversation
+/// and the message's seq.
+async fn alice_wrote_to_bob() -> (Arc<LingeringAcks>, TestServer, Client, String, u64) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(LingeringAcks {
         inner: EmbeddedStore::open(dir.path()).unwrap(),
@@ -171,6 +171,15 @@ async fn an_ack_whose_client_left_still_sends_its_receipt() {
     let seq = send(&mut alice, &conv, "m1", "hello bob").await["seq"]
         .as_u64()
         .unwrap();
+    (store, server, alice, conv, seq)
+}
+
+/// Bob acks alice's message over `POST /v1/rpc` and closes the connection while
+/// the ack lingers after committing: alice still gets the receipt (a retried ack
+/// would move no cursor and so send none).
+#[tokio::test]
+async fn an_ack_whose_client_left_still_sends_its_receipt() {
+    let (store, server, mut alice, conv, seq) = alice_wrote_to_bob().await;
 
     store.linger.store(true, Ordering::SeqCst);
     let body = serde_json::to_vec(
@@ -210,21 +219,8 @@ async fn an_ack_whose_client_left_still_sends_its_receipt() {
 /// alice the receipt the first one never did.
 #[tokio::test]
 async fn a_retried_ack_whose_first_try_landed_sends_its_receipt() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(LingeringAcks {
-        inner: EmbeddedStore::open(dir.path()).unwrap(),
-        linger: AtomicBool::new(false),
-        fail_after_write: AtomicBool::new(false),
-    });
-    let server =
-        TestServer::start_on_store(dir, Limits::default(), Arc::clone(&store) as Arc<dyn Store>)
-            .await;
-    let (mut alice, _) = server.login("alice", "phone").await;
+    let (store, server, mut alice, conv, seq) = alice_wrote_to_bob().await;
     let (mut bob, _) = server.login("bob", "phone").await;
-    let conv = open_direct(&mut alice, "bob").await;
-    let seq = send(&mut alice, &conv, "m1", "hello bob").await["seq"]
-        .as_u64()
-        .unwrap();
 
     store.fail_after_write.store(true, Ordering::SeqCst);
     let ack = json!({"op": "ack", "conv": conv, "delivered": seq, "read": seq});
