@@ -1,217 +1,24 @@
-//! A protocol-v1 client: connect, `hello`, requests matched to replies by `rid`,
-//! and pushed events kept in arrival order.
+//! The protocol-v1 client: the one implementation of the client side of
+//! `docs/PROTOCOL.md`, used by the server's tests, the end-to-end tests, the simulator
+//! and the load generator.
 //!
-//! It speaks plain JSON (`serde_json::Value`) and shares no types with the
-//! server, so it also checks that `docs/PROTOCOL.md` is enough to write a client.
+//! It shares no types with the server, so it also checks that `docs/PROTOCOL.md` is
+//! enough to write a client.
+//!
+//! # Layout
+//! - [`request`]: typed requests, each written to the wire by [`Request::encode`].
+//! - [`event`]: server frames (replies and events) parsed into [`ServerFrame`], borrowing
+//!   from the text.
+//! - [`connection`]: [`Client`], one WebSocket connection over any byte stream, with
+//!   `hello`, request/reply matching and the events in arrival order.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::time::Duration;
+pub mod connection;
+pub mod event;
+pub mod request;
 
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-/// What went wrong on the client side.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The WebSocket failed or closed.
-    #[error("websocket: {0}")]
-    Ws(#[from] tokio_tungstenite::tungstenite::Error),
-    /// The server closed the connection.
-    #[error("connection closed by the server")]
-    Closed,
-    /// Nothing arrived in time.
-    #[error("timed out waiting for {0}")]
-    Timeout(String),
-    /// The server sent something that is not a protocol frame.
-    #[error("unexpected frame: {0}")]
-    Protocol(String),
-}
-
-/// An error reply: stable code and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ErrorReply {
-    /// The stable error code.
-    pub code: String,
-    /// The human-readable message.
-    pub message: String,
-    /// How long to wait before retrying, when the server says (`rate_limited`).
-    pub retry_after_ms: Option<u64>,
-}
-
-/// How long a request waits for its reply by default.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One connected device.
-pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_rid: u64,
-    events: VecDeque<Value>,
-    replies: BTreeMap<String, Value>,
-}
-
-impl Client {
-    /// Opens a WebSocket to `url` (e.g. `ws://127.0.0.1:8080/v1/ws`) without saying hello.
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Self {
-            ws,
-            next_rid: 0,
-            events: VecDeque::new(),
-            replies: BTreeMap::new(),
-        })
-    }
-
-    /// Connects and completes `hello` with `token` as `device`, presenting `cursors`.
-    pub async fn login(
-        url: &str,
-        token: &str,
-        device: &str,
-        cursors: Value,
-    ) -> Result<(Self, Value), ClientError> {
-        let mut client = Self::connect(url).await?;
-        let reply = client
-            .request(json!({"op": "hello", "versions": [1], "token": token, "device": device, "cursors": cursors}))
-            .await?;
-        match reply {
-            Ok(welcome) => Ok((client, welcome)),
-            Err(e) => Err(ClientError::Protocol(format!(
-                "hello refused: {} {}",
-                e.code, e.message
-            ))),
-        }
-    }
-
-    /// Sends a raw text frame.
-    pub async fn send_text(&mut self, text: impl Into<String>) -> Result<(), ClientError> {
-        self.ws.send(Message::Text(text.into().into())).await?;
-        Ok(())
-    }
-
-    /// Sends `frame` with a fresh `rid` and returns that rid.
-    pub async fn send_request(&mut self, mut frame: Value) -> Result<String, ClientError> {
-        self.next_rid += 1;
-        let rid = format!("r{}", self.next_rid);
-        frame["rid"] = json!(rid);
-        self.send_text(frame.to_string()).await?;
-        Ok(rid)
-    }
-
-    /// Sends a request and waits for its reply: `Ok(result)` or `Err(error reply)`.
-    pub async fn request(
-        &mut self,
-        frame: Value,
-    ) -> Result<Result<Value, ErrorReply>, ClientError> {
-        let rid = self.send_request(frame).await?;
-        self.reply(&rid).await
-    }
-
-    /// Waits for the reply to `rid`, keeping any events that arrive first.
-    pub async fn reply(&mut self, rid: &str) -> Result<Result<Value, ErrorReply>, ClientError> {
-        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
-        loop {
-            if let Some(frame) = self.replies.remove(rid) {
-                return Ok(decode_reply(frame));
-            }
-            let frame = self.next_frame(deadline, rid).await?;
-            self.file(frame);
-        }
-    }
-
-    /// The next pushed event (`msg`, `receipt`, `caught_up`, or an error without rid).
-    pub async fn next_event(&mut self, wait: Duration) -> Result<Value, ClientError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            if let Some(event) = self.events.pop_front() {
-                return Ok(event);
-            }
-            let frame = self.next_frame(deadline, "an event").await?;
-            self.file(frame);
-        }
-    }
-
-    /// An event already received (while waiting for replies), without waiting for more.
-    pub fn try_next_event(&mut self) -> Option<Value> {
-        self.events.pop_front()
-    }
-
-    /// Events until one matches `pred` (inclusive); fails after `wait`.
-    pub async fn events_until(
-        &mut self,
-        wait: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Vec<Value>, ClientError> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let event = self.next_event(left).await?;
-            let done = pred(&event);
-            seen.push(event);
-            if done {
-                return Ok(seen);
-            }
-        }
-    }
-
-    /// True if an event arrives within `wait` (the event is kept).
-    pub async fn has_event_within(&mut self, wait: Duration) -> Result<bool, ClientError> {
-        match self.next_event(wait).await {
-            Ok(event) => {
-                self.events.push_front(event);
-                Ok(true)
-            }
-            Err(ClientError::Timeout(_)) => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Closes the connection politely.
-    pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
-    }
-
-    fn file(&mut self, frame: Value) {
-        match (frame["type"].as_str(), frame["rid"].as_str()) {
-            (Some("ok" | "error"), Some(rid)) => {
-                self.replies.insert(rid.to_owned(), frame);
-            }
-            _ => self.events.push_back(frame),
-        }
-    }
-
-    async fn next_frame(
-        &mut self,
-        deadline: tokio::time::Instant,
-        what: &str,
-    ) -> Result<Value, ClientError> {
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| ClientError::Timeout(what.to_owned()))?;
-            match next {
-                None | Some(Ok(Message::Close(_))) => return Err(ClientError::Closed),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(&text)
-                        .map_err(|e| ClientError::Protocol(format!("{e}: {text}")));
-                }
-                Some(Ok(_)) => {}
-            }
-        }
-    }
-}
-
-fn decode_reply(frame: Value) -> Result<Value, ErrorReply> {
-    if frame["type"] == "ok" {
-        Ok(frame["result"].clone())
-    } else {
-        Err(ErrorReply {
-            code: frame["code"].as_str().unwrap_or_default().to_owned(),
-            message: frame["message"].as_str().unwrap_or_default().to_owned(),
-            retry_after_ms: frame["retry_after_ms"].as_u64(),
-        })
-    }
-}
+pub use connection::{Client, ClientError, ErrorReply, REPLY_TIMEOUT};
+pub use event::{
+    Body, Entry, EntryPage, FrameKind, MediaRef, ParseError, PresenceReply, PresenceState,
+    SendResult, ServerFrame,
+};
+pub use request::{Request, VERSIONS};

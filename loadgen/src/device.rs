@@ -9,9 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::borrow::Cow;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -19,6 +16,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::metrics::LatencyStats;
+use chatproof_client::{FrameKind, Request, SendResult, ServerFrame};
 use chatproof_contract::{OrderCheck, Tally, Violation};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -42,70 +40,8 @@ struct Pending {
     frame: Utf8Bytes,
 }
 
-/// A `send` request as written on the wire.
-#[derive(Serialize)]
-struct SendFrame<'a> {
-    rid: &'a str,
-    op: &'static str,
-    conv: &'a str,
-    message_id: &'a str,
-    text: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    media: Option<&'a str>,
-}
-
-/// The fields of a server frame the generator reads; the rest is skipped unparsed.
-#[derive(Deserialize)]
-struct Event<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    rid: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    conv: Option<Cow<'a, str>>,
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default, borrow)]
-    body: Option<Body<'a>>,
-    #[serde(default, borrow)]
-    result: Option<Acked<'a>>,
-    #[serde(default, borrow)]
-    code: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    message: Option<Cow<'a, str>>,
-    /// `presence`: the user states (only counted).
-    #[serde(default)]
-    users: Option<Vec<serde::de::IgnoredAny>>,
-}
-
-/// The part of an `ok` result a send's ack carries.
-#[derive(Deserialize)]
-struct Acked<'a> {
-    #[serde(default, borrow)]
-    conv: Option<Cow<'a, str>>,
-    #[serde(default)]
-    seq: Option<u64>,
-}
-
-/// The part of an entry's body the generator reads.
-#[derive(Deserialize)]
-struct Body<'a> {
-    #[serde(default, borrow)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    caption: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    media: Option<MediaRef<'a>>,
-}
-
-#[derive(Deserialize)]
-struct MediaRef<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    size: u64,
-}
+/// The rid of a device's `hello`.
+const HELLO_RID: &str = "hello";
 
 /// The request id of the `n`-th send of a device.
 fn send_rid(n: u64) -> String {
@@ -199,14 +135,14 @@ async fn session(
     link: &Link,
     name: &str,
     state: &Arc<Mutex<DeviceState>>,
-    cursors: serde_json::Value,
+    cursors: &std::collections::BTreeMap<String, u64>,
 ) -> anyhow::Result<(SplitSink<Ws, Message>, tokio::task::JoinHandle<()>)> {
     let ws = tokio::time::timeout(CONNECT_TIMEOUT, open(&link.url, link.target, link.source))
         .await
         .map_err(|_| anyhow!("connect timed out"))??;
     let (mut sink, stream) = ws.split();
-    let hello = json!({"rid": "hello", "op": "hello", "versions": [1], "token": link.token, "device": link.device, "cursors": cursors});
-    sink.send(Message::Text(hello.to_string().into())).await?;
+    let hello = Request::hello(&link.token, &link.device, Some(cursors)).encode(HELLO_RID);
+    sink.send(Message::Text(hello.into())).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
     {
         let mut s = state.lock().expect("device state");
@@ -252,6 +188,22 @@ pub async fn open(
     target: std::net::SocketAddr,
     source: Option<std::net::IpAddr>,
 ) -> anyhow::Result<Ws> {
+    let stream = open_tcp(target, source).await?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(
+        url,
+        MaybeTlsStream::Plain(stream),
+        Some(ws_config()),
+    )
+    .await
+    .with_context(|| format!("WebSocket handshake with {url}"))?;
+    Ok(ws)
+}
+
+/// TCP connect to `target` from `source` when given, without Nagle's delay.
+pub async fn open_tcp(
+    target: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<TcpStream> {
     let socket = if target.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -267,14 +219,7 @@ pub async fn open(
         .await
         .with_context(|| format!("connecting to {target}"))?;
     stream.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(
-        url,
-        MaybeTlsStream::Plain(stream),
-        Some(ws_config()),
-    )
-    .await
-    .with_context(|| format!("WebSocket handshake with {url}"))?;
-    Ok(ws)
+    Ok(stream)
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -317,7 +262,7 @@ impl Device {
             source,
             stats,
         };
-        let (sink, reader) = session(&link, &name, &state, json!({})).await?;
+        let (sink, reader) = session(&link, &name, &state, &Default::default()).await?;
         Ok(Arc::new(Self {
             name,
             sink: tokio::sync::Mutex::new(sink),
@@ -351,7 +296,7 @@ impl Device {
     pub async fn reconnect(&self) -> anyhow::Result<Duration> {
         let started = std::time::Instant::now();
         let cursors = self.state.lock().expect("device state").order.cursors();
-        let (sink, reader) = session(&self.link, &self.name, &self.state, json!(cursors)).await?;
+        let (sink, reader) = session(&self.link, &self.name, &self.state, &cursors).await?;
         let took = started.elapsed();
         *self.sink.lock().await = sink;
         *self.reader.lock().expect("reader") = Some(reader);
@@ -396,15 +341,13 @@ impl Device {
         }
         let n = self.next_rid.fetch_add(1, Ordering::Relaxed);
         let rid = send_rid(n);
-        let frame = SendFrame {
-            rid: &rid,
-            op: "send",
+        let frame = Request::Send {
             conv,
             message_id,
-            text,
+            text: Some(text),
             media,
         };
-        let frame = Utf8Bytes::from(serde_json::to_string(&frame).expect("a send serializes"));
+        let frame = Utf8Bytes::from(frame.encode(&rid));
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
@@ -456,13 +399,13 @@ async fn read_loop(
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue,
         };
-        let Ok(event) = serde_json::from_str::<Event<'_>>(&text) else {
+        let Ok(event) = ServerFrame::parse(&text) else {
             continue;
         };
         let now = now_us();
         let mut s = state.lock().expect("device state");
-        match (event.kind.as_ref(), event.rid.as_deref()) {
-            ("error", Some("hello")) => {
+        match (event.kind, event.rid()) {
+            (FrameKind::Error, Some(HELLO_RID)) => {
                 let why = format!(
                     "hello refused: {} {}",
                     event.code.as_deref().unwrap_or("?"),
@@ -472,26 +415,22 @@ async fn read_loop(
                     let _ = r.send(Err(why));
                 }
             }
-            (_, Some("hello")) => {}
-            ("ok", Some(rid)) => {
+            (_, Some(HELLO_RID)) => {}
+            (FrameKind::Ok, Some(rid)) => {
                 if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
                     stats.lock().expect("stats").record_ack(p.scheduled_us, now);
-                    if let Some(Acked {
-                        conv: Some(conv),
-                        seq: Some(seq),
-                    }) = event.result
-                    {
-                        s.acked.push((conv.into_owned(), seq));
+                    if let Some(sent) = event.result::<SendResult>() {
+                        s.acked.push((sent.conv.into_owned(), sent.seq));
                     }
                 }
             }
-            ("error", Some(rid))
+            (FrameKind::Error, Some(rid))
                 if parse_send_rid(rid).is_some_and(|n| s.pending.remove(&n).is_some()) =>
             {
                 s.send_errors += 1;
                 tracing::debug!(device = name, code = ?event.code, "send refused");
             }
-            ("msg", _) => {
+            (FrameKind::Msg, _) => {
                 s.received += 1;
                 let conv = event.conv.as_deref().unwrap_or_default();
                 let seq = event.seq.unwrap_or(0);
@@ -528,7 +467,7 @@ async fn read_loop(
                     );
                 }
             }
-            ("presence", _) => {
+            (FrameKind::Presence, _) => {
                 s.presence_frames += 1;
                 s.presence_states += event.users.map_or(0, |u| u.len() as u64);
                 if let Some(last) = s.last_presence_us.replace(now) {
@@ -536,7 +475,7 @@ async fn read_loop(
                     s.presence_gap_min_us = Some(s.presence_gap_min_us.map_or(gap, |g| g.min(gap)));
                 }
             }
-            ("caught_up", _) => {
+            (FrameKind::CaughtUp, _) => {
                 if let Some(r) = ready.take() {
                     let _ = r.send(Ok(()));
                 }

@@ -654,48 +654,35 @@ impl Floor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatproof_client::{Client, Request};
     use serde_json::Value;
     use std::time::Duration;
 
-    type Client = tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >;
-
     async fn connect(addr: SocketAddr) -> Client {
-        crate::device::open(&format!("ws://{addr}/v1/ws"), addr, None)
+        Client::connect(&format!("ws://{addr}/v1/ws"))
             .await
             .expect("connects")
     }
 
     async fn next(ws: &mut Client) -> Value {
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .expect("a frame within 5 s")
-                .expect("open")
-                .expect("readable");
-            if let Message::Text(text) = frame {
-                return serde_json::from_str(&text).expect("JSON");
-            }
-        }
+        ws.next_event(Duration::from_secs(5))
+            .await
+            .expect("an event within 5 s")
     }
 
-    async fn request(ws: &mut Client, frame: Value) -> Value {
-        ws.send(Message::Text(frame.to_string().into()))
-            .await
-            .expect("sent");
-        next(ws).await
+    /// The reply to `request`: its result, or the error reply as `{"code": ...}`.
+    async fn request(ws: &mut Client, request: Request<'_>) -> Value {
+        match ws.call(&request).await.expect("a reply") {
+            Ok(result) => json!({"result": result}),
+            Err(e) => json!({"code": e.code, "message": e.message}),
+        }
     }
 
     async fn hello(addr: SocketAddr, key: &TokenKey, user: &str, device: &str) -> Client {
         let mut ws = connect(addr).await;
         let token = key.mint(user, now_ms() / 1000 + 60);
-        let ok = request(
-            &mut ws,
-            json!({"rid": "hello", "op": "hello", "versions": [1], "token": token, "device": device}),
-        )
-        .await;
-        assert_eq!(ok["type"], "ok", "{ok}");
+        let ok = request(&mut ws, Request::hello(&token, device, None)).await;
+        assert!(ok.get("result").is_some(), "{ok}");
         ws
     }
 
@@ -727,11 +714,7 @@ mod tests {
         let (addr, key) = start().await;
         let mut alice = hello(addr, &key, "alice", "phone").await;
         assert!(catch_up(&mut alice).await.is_empty());
-        let opened = request(
-            &mut alice,
-            json!({"rid": "o", "op": "open_direct", "peer": "bob"}),
-        )
-        .await;
+        let opened = request(&mut alice, Request::OpenDirect { peer: "bob" }).await;
         assert_eq!(
             opened["result"]["conversation"]["conv"], "d:alice:bob",
             "{opened}"
@@ -742,20 +725,19 @@ mod tests {
         assert_eq!(created[0]["seq"], 1);
         assert_eq!(created[0]["body"]["kind"], "members");
         for k in 0..50 {
-            let frame = json!({"rid": format!("s{k}"), "op": "send", "conv": "d:alice:bob", "message_id": format!("m{k}"), "text": format!("hi \"{k}\"")});
-            alice
-                .send(Message::Text(frame.to_string().into()))
-                .await
-                .expect("sent");
+            let (id, text) = (format!("m{k}"), format!("hi \"{k}\""));
+            let frame = Request::send_text("d:alice:bob", &id, &text).encode(&format!("s{k}"));
+            alice.send_text(frame).await.expect("sent");
         }
         let (mut acks, mut own) = (Vec::new(), Vec::new());
-        while acks.len() < 50 || own.len() < 50 {
+        for k in 0..50 {
+            let ack = alice.reply(&format!("s{k}")).await.expect("a reply");
+            acks.push(ack.expect("acknowledged")["seq"].as_u64().expect("seq"));
+        }
+        while own.len() < 50 {
             let event = next(&mut alice).await;
-            match event["type"].as_str() {
-                Some("ok") => acks.push(event["result"]["seq"].as_u64().expect("seq")),
-                Some("msg") => own.push(event["seq"].as_u64().expect("seq")),
-                _ => panic!("unexpected: {event}"),
-            }
+            assert_eq!(event["type"], "msg", "{event}");
+            own.push(event["seq"].as_u64().expect("seq"));
         }
         let expected: Vec<u64> = (2..52).collect();
         assert_eq!(acks, expected);
@@ -766,24 +748,28 @@ mod tests {
             assert_eq!(event["sender"], "alice");
             assert_eq!(event["body"]["text"], format!("hi \"{k}\""));
         }
-        let foreign = request(&mut bob, json!({"rid": "x", "op": "send", "conv": "d:carol:dave", "message_id": "m", "text": "t"})).await;
+        let foreign = request(&mut bob, Request::send_text("d:carol:dave", "m", "t")).await;
         assert_eq!(foreign["code"], "unknown_conversation", "{foreign}");
-        let unserved = request(
-            &mut bob,
-            json!({"rid": "y", "op": "history", "conv": "d:alice:bob"}),
-        )
-        .await;
+        let history = Request::History {
+            conv: "d:alice:bob",
+            before: None,
+            limit: None,
+        };
+        let unserved = request(&mut bob, history).await;
         assert_eq!(unserved["code"], "unknown_op", "{unserved}");
-        let garbage = request(&mut bob, json!(["not", "a", "request"])).await;
+        bob.send_text(r#"["not", "a", "request"]"#)
+            .await
+            .expect("sent");
+        let garbage = next(&mut bob).await;
         assert_eq!(garbage["code"], "bad_frame", "{garbage}");
         // A device behind in a conversation with messages cannot be caught up.
         let mut late = connect(addr).await;
         let token = key.mint("bob", now_ms() / 1000 + 60);
-        let refused = request(&mut late, json!({"rid": "hello", "op": "hello", "versions": [1], "token": token, "device": "tablet"})).await;
+        let refused = request(&mut late, Request::hello(&token, "tablet", None)).await;
         assert_eq!(refused["code"], "internal", "{refused}");
-        let early = request(&mut late, json!({"rid": "z", "op": "send", "conv": "d:alice:bob", "message_id": "m", "text": "t"})).await;
+        let early = request(&mut late, Request::send_text("d:alice:bob", "m", "t")).await;
         assert_eq!(early["code"], "hello_required", "{early}");
-        let forged = request(&mut late, json!({"rid": "hello", "op": "hello", "versions": [1], "token": "e30.AAAA", "device": "tablet"})).await;
+        let forged = request(&mut late, Request::hello("e30.AAAA", "tablet", None)).await;
         assert_eq!(forged["code"], "unauthorized", "{forged}");
     }
 }

@@ -3,55 +3,57 @@
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use chatproof_client::{Client, Request};
 use chatproof_server::auth::TokenKey;
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::MaybeTlsStream;
 
-use crate::device::{now_us, open, source_for, Target};
+use crate::device::{now_us, open_tcp, source_for, Target};
 use crate::world::World;
 
 /// Conversations created concurrently.
 const SETUP_CONCURRENCY: usize = 32;
+/// How long connecting, and then each reply, may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A conversation to set up, as its owner's request.
+enum Setup {
+    Direct { peer: String },
+    Group { conv: String, members: Vec<String> },
+}
+
+impl Setup {
+    fn request(&self) -> Request<'_> {
+        match self {
+            Setup::Direct { peer } => Request::OpenDirect { peer },
+            Setup::Group { conv, members } => Request::CreateGroup { conv, members },
+        }
+    }
+}
+
+/// Makes one conversation as `device` of the token's user, on its own connection.
 async fn request(
     target: &Target,
     source: Option<std::net::IpAddr>,
     token: &str,
     device: &str,
-    op: Value,
+    setup: Setup,
 ) -> anyhow::Result<()> {
-    let mut ws = tokio::time::timeout(
-        Duration::from_secs(30),
-        open(&target.url, target.addr, source),
-    )
-    .await
-    .map_err(|_| anyhow!("connecting to {} timed out", target.url))??;
-    let hello =
-        json!({"rid": "h", "op": "hello", "versions": [1], "token": token, "device": device});
-    ws.send(Message::Text(hello.to_string().into())).await?;
-    let mut op = op;
-    op["rid"] = json!("op");
-    ws.send(Message::Text(op.to_string().into())).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .map_err(|_| anyhow!("setup timed out"))?;
-        let Some(Ok(Message::Text(text))) = frame else {
-            if frame.is_none() {
-                bail!("connection closed during setup");
-            }
-            continue;
-        };
-        let v: Value = serde_json::from_str(&text)?;
-        if v["type"] == "error" {
-            bail!("setup refused: {} {}", v["code"], v["message"]);
-        }
-        if v["type"] == "ok" && v["rid"] == "op" {
-            let _ = ws.close(None).await;
-            return Ok(());
-        }
+    let connect = async {
+        let stream = open_tcp(target.addr, source).await?;
+        Ok::<_, anyhow::Error>(Client::handshake(MaybeTlsStream::Plain(stream), &target.url).await?)
+    };
+    let client = tokio::time::timeout(SETUP_TIMEOUT, connect)
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", target.url))??;
+    let mut client = client.with_reply_timeout(SETUP_TIMEOUT);
+    client.hello_with(token, device, json!({})).await?;
+    let reply = client.call(&setup.request()).await?;
+    client.close().await;
+    match reply {
+        Ok(_) => Ok(()),
+        Err(e) => bail!("setup refused: {} {}", e.code, e.message),
     }
 }
 
@@ -70,7 +72,7 @@ pub async fn create_conversations(
     let exp = now_us() / 1_000_000 + 3600;
     // Each job is its own device: one owner's jobs run concurrently, and a second
     // connection of the same device would replace the first.
-    let jobs: Vec<(String, String, Value)> = world
+    let jobs: Vec<(String, String, Setup)> = world
         .convs
         .iter()
         .filter(|c| owners.contains(&c.members[0]))
@@ -78,11 +80,14 @@ pub async fn create_conversations(
         .map(|(k, c)| {
             let owner = world.user_id(c.members[0]);
             let op = if c.group {
-                let others: Vec<String> =
-                    c.members[1..].iter().map(|u| world.user_id(*u)).collect();
-                json!({"op": "create_group", "conv": c.id, "members": others})
+                Setup::Group {
+                    conv: c.id.clone(),
+                    members: c.members[1..].iter().map(|u| world.user_id(*u)).collect(),
+                }
             } else {
-                json!({"op": "open_direct", "peer": world.user_id(c.members[1])})
+                Setup::Direct {
+                    peer: world.user_id(c.members[1]),
+                }
             };
             (key.mint(&owner, exp), format!("setup-{k}"), op)
         })

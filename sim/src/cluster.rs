@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chatproof_client::Request;
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::cluster::fabric::{FabricConfig, RegistryFabric};
@@ -21,7 +22,6 @@ use chatproof_server::store::shared::SharedStore;
 use chatproof_server::store::{Store, StoreError};
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
-use serde_json::json;
 
 use crate::checker::{ConvSpec, IDLE_TIMEOUT_MS, PRESENCE_INTERVAL_MS};
 use crate::client::{self, DeviceSpec, Progress};
@@ -394,22 +394,27 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             .spawn(async move {
                 for c in &convs {
                     let owner = format!("u{}", c.members[0]);
+                    let others: Vec<String> =
+                        c.members[1..].iter().map(|u| format!("u{u}")).collect();
                     let op = if c.id.starts_with("g:") {
-                        let others: Vec<String> = c.members[1..].iter().map(|u| format!("u{u}")).collect();
-                        json!({"rid": "op", "op": "create_group", "conv": c.id, "members": others})
+                        Request::CreateGroup {
+                            conv: &c.id,
+                            members: &others,
+                        }
                     } else {
-                        json!({"rid": "op", "op": "open_direct", "peer": format!("u{}", c.members[1])})
+                        Request::OpenDirect { peer: &others[0] }
                     };
+                    let token = key.mint(&owner, exp);
                     let mut attempt = 0;
                     loop {
                         let server = setup_shared.servers[attempt % setup_shared.servers.len()];
                         attempt += 1;
-                        if let Some(mut ws) = client::connect(server).await {
-                            let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": key.mint(&owner, exp), "device": "setup"});
-                            if client::roundtrip(&mut ws, hello).await.is_some() && client::roundtrip(&mut ws, op.clone()).await.is_some() {
-                                let _ = futures_util::SinkExt::close(&mut ws).await;
-                                break;
-                            }
+                        // Any reply will do: an error means an earlier attempt made it.
+                        if client::request_once(server, &token, "setup", &op)
+                            .await
+                            .is_some()
+                        {
+                            break;
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -599,54 +604,39 @@ async fn make_change(
     owner: u32,
     change: PlannedChange,
 ) {
-    let user = format!("u{}", change.user);
+    let user = [format!("u{}", change.user)];
     let (actor, op) = match change.kind {
-        ChangeKind::Join => (
-            owner,
-            json!({"rid": "m", "op": "add_members", "conv": conv, "users": [user]}),
-        ),
-        ChangeKind::Remove => (
-            owner,
-            json!({"rid": "m", "op": "remove_members", "conv": conv, "users": [user]}),
-        ),
-        ChangeKind::Leave => (
-            change.user,
-            json!({"rid": "m", "op": "leave", "conv": conv}),
-        ),
+        ChangeKind::Join => (owner, Request::AddMembers { conv, users: &user }),
+        ChangeKind::Remove => (owner, Request::RemoveMembers { conv, users: &user }),
+        ChangeKind::Leave => (change.user, Request::Leave { conv }),
     };
+    let token = key.mint(&format!("u{actor}"), exp);
     let mut attempt = 0;
     while shared.phase() == Phase::Safety {
         let server = shared.servers[attempt % shared.servers.len()];
         attempt += 1;
-        if let Some(mut ws) = client::connect(server).await {
-            let hello = json!({"rid": "h", "op": "hello", "versions": [1], "token": key.mint(&format!("u{actor}"), exp), "device": "admin"});
-            if client::roundtrip(&mut ws, hello).await.is_some() {
-                if let Some(reply) = client::roundtrip(&mut ws, op.clone()).await {
-                    let _ = futures_util::SinkExt::close(&mut ws).await;
-                    if reply["type"] == "ok" {
-                        let seq = reply["result"]["seq"].as_u64().unwrap_or(0);
-                        let action = match change.kind {
-                            ChangeKind::Join => "add",
-                            ChangeKind::Remove => "remove",
-                            ChangeKind::Leave => "leave",
-                        };
-                        shared.note(format!("{action} u{} in {conv} at seq {seq}", change.user));
-                        shared.with(|h| {
-                            h.member_changes.push(MemberChange {
-                                conv: conv.to_owned(),
-                                seq,
-                                action: action.to_owned(),
-                                users: vec![change.user],
-                            })
-                        });
-                        return;
-                    }
-                    // Made by an earlier attempt whose reply was lost: devices show its seq.
-                    if reply["code"] == "duplicate_member" || reply["code"] == "not_member" {
-                        return;
-                    }
-                }
+        match client::request_once(server, &token, "admin", &op).await {
+            Some(Ok(result)) => {
+                let seq = result["seq"].as_u64().unwrap_or(0);
+                let action = match change.kind {
+                    ChangeKind::Join => "add",
+                    ChangeKind::Remove => "remove",
+                    ChangeKind::Leave => "leave",
+                };
+                shared.note(format!("{action} u{} in {conv} at seq {seq}", change.user));
+                shared.with(|h| {
+                    h.member_changes.push(MemberChange {
+                        conv: conv.to_owned(),
+                        seq,
+                        action: action.to_owned(),
+                        users: vec![change.user],
+                    })
+                });
+                return;
             }
+            // Made by an earlier attempt whose reply was lost: devices show its seq.
+            Some(Err(e)) if e.code == "duplicate_member" || e.code == "not_member" => return,
+            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

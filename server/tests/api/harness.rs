@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatproof_client::{Client, ErrorReply};
+use chatproof_client::{Client, ErrorReply, Request};
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
 use chatproof_server::limits::Limits;
@@ -242,16 +242,13 @@ pub fn err_code(reply: Result<Value, ErrorReply>) -> String {
 
 pub async fn send(client: &mut Client, conv: &str, message_id: &str, text: &str) -> Value {
     ok(client
-        .request(json!({"op": "send", "conv": conv, "message_id": message_id, "text": text}))
+        .call(&Request::send_text(conv, message_id, text))
         .await
         .unwrap())
 }
 
 pub async fn open_direct(client: &mut Client, peer: &str) -> String {
-    let r = ok(client
-        .request(json!({"op": "open_direct", "peer": peer}))
-        .await
-        .unwrap());
+    let r = ok(client.call(&Request::OpenDirect { peer }).await.unwrap());
     r["conversation"]["conv"].as_str().unwrap().to_owned()
 }
 

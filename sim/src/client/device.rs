@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
+use chatproof_client::{
+    Body, EntryPage, FrameKind, PresenceReply, PresenceState, Request, SendResult, ServerFrame,
+};
 
 use super::{
-    DeviceSpec, Progress, Transports, OUTSTANDING_MAX, RETRY_AFTER_MS, SILENCE_MAX_MS,
+    DeviceSpec, Progress, Transport, Transports, OUTSTANDING_MAX, RETRY_AFTER_MS, SILENCE_MAX_MS,
     SWITCH_CHANCE_PER_TICK,
 };
 use crate::cluster::{sim_ms, Phase, Shared};
@@ -17,6 +19,14 @@ use crate::history::{
     Received, Sent, SessionSpan, WindowKind,
 };
 use crate::options::SeedRng;
+
+/// The rid of every session's `hello`.
+const HELLO_RID: &str = "h";
+
+/// An entry body's kind (`text`, `image`, `members`).
+fn body_kind<'b>(body: Option<&'b Body<'_>>) -> Option<&'b str> {
+    body?.kind.as_deref()
+}
 
 /// Chance per 50 ms tick that a device with calm messages left makes one.
 const CALM_SEND_CHANCE: f64 = 0.1;
@@ -166,68 +176,71 @@ impl Device {
         }
     }
 
-    /// Handles one server frame (a reply or an event), whatever carried it.
-    pub(super) fn on_frame(&mut self, v: &Value) -> Flow {
+    /// Handles one server frame (a reply or an event) that `carrier` brought.
+    pub(super) fn on_frame(&mut self, v: &ServerFrame<'_>, carrier: Transport) -> Flow {
         let key = self.spec.key;
-        match (v["type"].as_str(), v["rid"].as_str()) {
+        match (v.kind, v.rid()) {
             // Sent to a group the user has left: it will never be accepted.
-            (Some("error"), Some(r)) if r.starts_with('s') && v["code"] == "not_member" => {
+            (FrameKind::Error, Some(r))
+                if r.starts_with('s') && v.error_code() == Some("not_member") =>
+            {
                 if let Some(id) = self.send_rids.remove(r) {
                     self.note(format_args!("dropped {id}: not a member"));
                     self.pending.remove(&id);
                 }
             }
-            (Some("ok"), Some(r)) if r.starts_with('s') => {
+            (FrameKind::Ok, Some(r)) if r.starts_with('s') => {
                 self.send_rids.remove(r);
-                let res = &v["result"];
-                let (Some(conv), Some(id), Some(seq)) = (
-                    res["conv"].as_str(),
-                    res["message_id"].as_str(),
-                    res["seq"].as_u64(),
-                ) else {
+                let Some(SendResult {
+                    conv,
+                    message_id: Some(id),
+                    seq,
+                    ..
+                }) = v.result()
+                else {
                     return Flow::Go;
                 };
-                self.pending.remove(id);
+                self.pending.remove(id.as_ref());
                 self.note(format_args!("acked {id} seq {seq}"));
                 self.shared.with(|h| {
                     h.acked.push(Acked {
                         device: key,
-                        conv: conv.into(),
-                        message_id: id.into(),
+                        conv: conv.into_owned(),
+                        message_id: id.into_owned(),
                         seq,
                         t_ms: sim_ms(),
                     })
                 });
             }
-            (Some("ok"), Some(r)) if r.starts_with('a') => {
+            (FrameKind::Ok, Some(r)) if r.starts_with('a') => {
                 if let Some(i) = self.ack_rids.remove(r) {
                     self.shared
                         .with(|h| h.cursor_acks[i].ok_ms = Some(sim_ms()));
                 }
             }
-            (Some("error"), Some(r)) if r.starts_with('a') => {
+            (FrameKind::Error, Some(r)) if r.starts_with('a') => {
                 self.ack_rids.remove(r);
             }
-            (Some("ok"), Some(r)) if r.starts_with('q') => {
+            (FrameKind::Ok, Some(r)) if r.starts_with('q') => {
                 let Some((conv, kind, limit, asked_ms)) = self.queries.remove(r) else {
                     return Flow::Go;
                 };
-                let res = &v["result"];
-                let entries: Vec<(u64, String, bool)> = res["entries"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|e| {
-                                Some((
-                                    e["seq"].as_u64()?,
-                                    e["message_id"].as_str()?.to_owned(),
-                                    e["body"]["kind"] == "members",
-                                ))
-                            })
-                            .collect()
+                let Some(page) = v.result::<EntryPage>() else {
+                    self.note(format_args!("unreadable {kind:?} page of {conv}"));
+                    return Flow::Go;
+                };
+                let entries: Vec<(u64, String, bool)> = page
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        (
+                            e.seq,
+                            e.message_id.clone().into_owned(),
+                            body_kind(e.body.as_ref()) == Some("members"),
+                        )
                     })
-                    .unwrap_or_default();
-                let has_more = res["has_more"].as_bool().unwrap_or(false);
+                    .collect();
+                let has_more = page.has_more;
                 let seqs: Vec<u64> = entries.iter().map(|e| e.0).collect();
                 self.note(format_args!(
                     "got {kind:?} limit {limit} of {conv}: seqs {seqs:?}, has_more {has_more}"
@@ -246,51 +259,52 @@ impl Device {
                 });
             }
             // A page refused (a group the user left, a cursor past the end): nothing to judge.
-            (Some("error"), Some(r)) if r.starts_with('q') => {
+            (FrameKind::Error, Some(r)) if r.starts_with('q') => {
                 self.queries.remove(r);
             }
-            (Some("ok"), Some(r)) if r.starts_with('p') => {
+            (FrameKind::Ok, Some(r)) if r.starts_with('p') => {
                 self.presence_ask = PresenceAsk::Answered;
-                self.record_presence(&v["result"]["users"], PresenceSource::Reply);
+                let states = v
+                    .result::<PresenceReply>()
+                    .map(|reply| reply.users)
+                    .unwrap_or_default();
+                self.record_presence(&states, PresenceSource::Reply);
             }
-            (Some("error"), Some(r)) if r.starts_with('p') => {
+            (FrameKind::Error, Some(r)) if r.starts_with('p') => {
                 self.presence_ask = PresenceAsk::Due;
             }
-            (Some("presence"), _) => {
-                // The long-poll session marks what came in a poll response.
-                let source = if v["via"] == "poll" {
-                    PresenceSource::Poll
-                } else {
-                    PresenceSource::Event
+            (FrameKind::Presence, _) => {
+                let source = match carrier {
+                    Transport::LongPoll => PresenceSource::Poll,
+                    Transport::WebSocket => PresenceSource::Event,
                 };
-                self.record_presence(&v["users"], source);
+                self.record_presence(v.users.as_deref().unwrap_or_default(), source);
             }
-            (Some("ok"), Some("h")) => {
+            (FrameKind::Ok, Some(HELLO_RID)) => {
                 self.online();
                 self.note("hello accepted");
             }
-            (Some("caught_up"), _) => self.note("caught up"),
-            (Some("error"), Some("h")) => {
-                self.note(format_args!("hello refused: {}", v["code"]));
+            (FrameKind::CaughtUp, _) => self.note("caught up"),
+            (FrameKind::Error, Some(HELLO_RID)) => {
+                self.note(format_args!("hello refused: {:?}", v.error_code()));
                 return Flow::End;
             }
-            (Some("error"), None) => return Flow::End,
-            (Some("msg"), _) => {
-                let (Some(conv), Some(seq)) = (v["conv"].as_str(), v["seq"].as_u64()) else {
+            (FrameKind::Error, None) => return Flow::End,
+            (FrameKind::Msg, _) => {
+                let (Some(conv), Some(seq)) = (v.conv.as_deref(), v.seq) else {
                     return Flow::Go;
                 };
-                let id = v["message_id"].as_str().unwrap_or_default().to_owned();
-                let system = v["body"]["kind"] == "members";
+                let id = v.message_id.as_deref().unwrap_or_default().to_owned();
+                let system = body_kind(v.body.as_ref()) == Some("members");
                 let members = system.then(|| {
-                    let action = v["body"]["action"].as_str().unwrap_or_default().to_owned();
-                    let users: Vec<String> = v["body"]["users"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|u| u.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let body = v.body.as_ref().expect("a members entry has a body");
+                    let action = body.action.as_deref().unwrap_or_default().to_owned();
+                    let users: Vec<String> = body
+                        .users
+                        .iter()
+                        .flatten()
+                        .map(|u| u.clone().into_owned())
+                        .collect();
                     (action, users)
                 });
                 if let Some((action, users)) = &members {
@@ -315,7 +329,7 @@ impl Device {
                             .collect(),
                     )
                 });
-                let server_time_ms = v["server_time_ms"].as_u64().unwrap_or(0);
+                let server_time_ms = v.server_time_ms.unwrap_or(0);
                 self.shared.with(|h| {
                     h.received.push(Received {
                         device: key,
@@ -334,15 +348,11 @@ impl Device {
                     }
                 }
             }
-            (Some("receipt"), _) => {
-                let (all_delivered, all_read) =
-                    (v["all_delivered"].as_u64(), v["all_read"].as_u64());
-                let (Some(conv), Some(u), Some(d), Some(r)) = (
-                    v["conv"].as_str(),
-                    v["user"].as_str(),
-                    v["delivered"].as_u64(),
-                    v["read"].as_u64(),
-                ) else {
+            (FrameKind::Receipt, _) => {
+                let (all_delivered, all_read) = (v.all_delivered, v.all_read);
+                let (Some(conv), Some(u), Some(d), Some(r)) =
+                    (v.conv.as_deref(), v.user.as_deref(), v.delivered, v.read)
+                else {
                     return Flow::Go;
                 };
                 let user = u.trim_start_matches('u').parse().unwrap_or(u32::MAX);
@@ -365,21 +375,19 @@ impl Device {
         Flow::Go
     }
 
-    /// Records the presence states in `states` (a JSON array of STATE).
-    fn record_presence(&mut self, states: &Value, source: PresenceSource) {
+    /// Records the presence states in `states`.
+    fn record_presence(&mut self, states: &[PresenceState<'_>], source: PresenceSource) {
         let device = self.spec.key;
         let t_ms = sim_ms();
         let seen: Vec<PresenceSeen> = states
-            .as_array()
-            .into_iter()
-            .flatten()
+            .iter()
             .filter_map(|state| {
-                let user = state["user"].as_str()?.strip_prefix('u')?.parse().ok()?;
+                let user = state.user.strip_prefix('u')?.parse().ok()?;
                 Some(PresenceSeen {
                     device,
                     user,
-                    online: state["online"].as_bool()?,
-                    last_seen_ms: state["last_seen_ms"].as_u64(),
+                    online: state.online,
+                    last_seen_ms: state.last_seen_ms,
                     source,
                     t_ms,
                 })
@@ -403,7 +411,7 @@ impl Device {
 
     /// The frames of one 50 ms tick: new sends, retries, now and then a page of
     /// `sync` or `history`, and acks.
-    pub(super) fn tick_frames(&mut self, now: u64) -> Vec<Value> {
+    pub(super) fn tick_frames(&mut self, now: u64) -> Vec<String> {
         let (user, device) = self.spec.key;
         // How many messages the device may have made by now, and the chance per tick.
         let (budget, chance) = match self.shared.phase() {
@@ -461,9 +469,11 @@ impl Device {
         if ask && self.session_since.is_some() && !self.spec.contacts.is_empty() {
             let rid = self.next_rid('p');
             self.presence_ask = PresenceAsk::Asked(now);
-            frames.push(
-                json!({"rid": rid, "op": "presence", "users": self.spec.contacts, "watch": true}),
-            );
+            let ask = Request::Presence {
+                users: &self.spec.contacts,
+                watch: true,
+            };
+            frames.push(ask.encode(&rid));
         }
         let due: Vec<String> = self
             .pending
@@ -478,7 +488,8 @@ impl Device {
             let conv = p.conv.clone();
             self.last_written = Some((id.clone(), conv.clone()));
             self.send_rids.insert(rid.clone(), id.clone());
-            frames.push(json!({"rid": rid, "op": "send", "conv": conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
+            let text = format!("hello from {user}/{device}");
+            frames.push(Request::send_text(&conv, &id, &text).encode(&rid));
         }
         // Now and then a small page of `sync` or `history`, judged against what
         // was acknowledged before it was asked.
@@ -492,26 +503,31 @@ impl Device {
                 .expect("a conversation");
             let limit = self.rng.range(1, 4);
             let rid = self.next_rid('q');
-            let (kind, frame) = if self.rng.chance(0.5) {
-                let after = self.rng.range(0, c);
-                (
-                    PageKind::Sync { after },
-                    json!({"rid": rid, "op": "sync", "conv": conv, "after": after, "limit": limit}),
-                )
+            let kind = if self.rng.chance(0.5) {
+                PageKind::Sync {
+                    after: self.rng.range(0, c),
+                }
             } else if self.rng.chance(0.5) {
-                (
-                    PageKind::History { before: None },
-                    json!({"rid": rid, "op": "history", "conv": conv, "limit": limit}),
-                )
+                PageKind::History { before: None }
             } else {
-                let before = self.rng.range(1, c + 1);
-                (
-                    PageKind::History {
-                        before: Some(before),
-                    },
-                    json!({"rid": rid, "op": "history", "conv": conv, "before": before, "limit": limit}),
-                )
+                PageKind::History {
+                    before: Some(self.rng.range(1, c + 1)),
+                }
             };
+            let (conv_ref, limit_asked) = (conv.as_str(), Some(limit));
+            let frame = match kind {
+                PageKind::Sync { after } => Request::Sync {
+                    conv: conv_ref,
+                    after,
+                    limit: limit_asked,
+                },
+                PageKind::History { before } => Request::History {
+                    conv: conv_ref,
+                    before,
+                    limit: limit_asked,
+                },
+            }
+            .encode(&rid);
             self.queries.insert(rid, (conv, kind, limit, now));
             frames.push(frame);
         }
@@ -522,15 +538,23 @@ impl Device {
             if c > last {
                 let rid = self.next_rid('a');
                 let read = if self.rng.chance(0.5) { c } else { last };
-                frames.push(
-                    json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c, "read": read}),
-                );
+                let ack = Request::Ack {
+                    conv: &conv,
+                    delivered: Some(c),
+                    read: Some(read),
+                };
+                frames.push(ack.encode(&rid));
                 self.record_ack(rid, &conv, c, Some(read), now);
                 self.acked_cursor.insert(conv, c);
             } else if c > 1 && self.rng.chance(0.01) {
                 // A stale ack, as a client replaying an old one after a reconnect would send.
                 let rid = self.next_rid('a');
-                frames.push(json!({"rid": rid, "op": "ack", "conv": conv, "delivered": c / 2}));
+                let ack = Request::Ack {
+                    conv: &conv,
+                    delivered: Some(c / 2),
+                    read: None,
+                };
+                frames.push(ack.encode(&rid));
                 self.record_ack(rid, &conv, c / 2, None, now);
             }
         }
@@ -539,7 +563,7 @@ impl Device {
 
     /// A connection dropped in the middle of a send: every unacknowledged message
     /// is written once more, and the last one's ack may be lost with it.
-    pub(super) fn drop_mid_send(&mut self) -> Vec<Value> {
+    pub(super) fn drop_mid_send(&mut self) -> Vec<String> {
         let (user, device) = self.spec.key;
         let mut frames = Vec::new();
         let pending: Vec<(String, String)> = self
@@ -549,7 +573,8 @@ impl Device {
             .collect();
         for (id, conv) in pending {
             let rid = self.next_rid('s');
-            frames.push(json!({"rid": rid, "op": "send", "conv": conv, "message_id": id, "text": format!("hello from {user}/{device}")}));
+            let text = format!("hello from {user}/{device}");
+            frames.push(Request::send_text(&conv, &id, &text).encode(&rid));
         }
         if let Some((id, conv)) = self.last_written.take() {
             self.pending.entry(id).or_insert(Pending {
@@ -626,8 +651,9 @@ impl Device {
         self.presence_ask = PresenceAsk::Due;
     }
 
-    pub(super) fn hello(&self) -> Value {
-        json!({"rid": "h", "op": "hello", "versions": [1], "token": self.spec.token,
-               "device": format!("d{}", self.spec.key.1), "cursors": self.cursors})
+    /// The `hello` of a session, presenting the cursors the device holds.
+    pub(super) fn hello(&self) -> String {
+        let device = format!("d{}", self.spec.key.1);
+        Request::hello(&self.spec.token, &device, Some(&self.cursors)).encode(HELLO_RID)
     }
 }

@@ -51,7 +51,7 @@ impl Connection {
         Some(Connection { sender, driver })
     }
 
-    /// POSTs `body` to `path`; the status and JSON answer, or `None` when the
+    /// POSTs `body` to `path`; the status and the answer's text, or `None` when the
     /// connection failed or the answer did not come within `wait`.
     async fn post(
         &mut self,
@@ -59,7 +59,7 @@ impl Connection {
         auth: &Auth,
         body: String,
         wait: Duration,
-    ) -> Option<(u16, Value)> {
+    ) -> Option<(u16, String)> {
         let exchange = async {
             self.sender.ready().await.ok()?;
             let request = hyper::Request::post(path)
@@ -72,7 +72,7 @@ impl Connection {
             let answer = self.sender.send_request(request).await.ok()?;
             let status = answer.status().as_u16();
             let bytes = answer.into_body().collect().await.ok()?.to_bytes();
-            Some((status, serde_json::from_slice(&bytes).ok()?))
+            Some((status, String::from_utf8(bytes.to_vec()).ok()?))
         };
         tokio::time::timeout(wait, exchange).await.ok()?
     }
@@ -93,13 +93,13 @@ pub fn spawn_rpc(
     conns: Vec<Connection>,
     auth: Auth,
 ) -> (
-    mpsc::UnboundedSender<Value>,
-    mpsc::UnboundedReceiver<Value>,
+    mpsc::UnboundedSender<String>,
+    mpsc::UnboundedReceiver<String>,
     Vec<tokio::task::JoinHandle<()>>,
 ) {
-    let (requests, to_send) = mpsc::unbounded_channel::<Value>();
+    let (requests, to_send) = mpsc::unbounded_channel::<String>();
     let to_send = std::sync::Arc::new(tokio::sync::Mutex::new(to_send));
-    let (answers, replies) = mpsc::unbounded_channel::<Value>();
+    let (answers, replies) = mpsc::unbounded_channel::<String>();
     let workers = conns
         .into_iter()
         .map(|mut conn| {
@@ -121,9 +121,7 @@ pub fn spawn_rpc(
                         };
                         conn = fresh;
                     }
-                    let Some((_, reply)) = conn
-                        .post("/v1/rpc", &auth, frame.to_string(), ANSWER_WAIT)
-                        .await
+                    let Some((_, reply)) = conn.post("/v1/rpc", &auth, frame, ANSWER_WAIT).await
                     else {
                         break;
                     };
@@ -153,5 +151,6 @@ pub async fn poll(
     let mut conn = Connection::open(addr).await?;
     let body = json!({"cursors": cursors, "timeout_ms": POLL_HOLD_MS, "limit": limit}).to_string();
     let wait = Duration::from_millis(POLL_HOLD_MS) + ANSWER_WAIT;
-    conn.post("/v1/poll", &auth, body, wait).await
+    let (status, text) = conn.post("/v1/poll", &auth, body, wait).await?;
+    Some((status, serde_json::from_str(&text).ok()?))
 }

@@ -12,12 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chatproof_client::{Client, ErrorReply, Request, ServerFrame};
 use chatproof_server::transport::quiet::QuietIo;
-use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 mod device;
 mod http;
@@ -82,43 +79,45 @@ pub struct DeviceSpec {
     pub safety_secs: u64,
 }
 
-type Ws = WebSocketStream<QuietIo<TcpStream>>;
+/// A protocol client over simulated TCP.
+pub type SimClient = Client<QuietIo<TcpStream>>;
+
+/// How long connecting, and then each reply of a set-up request, may take.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// How long a set-up request waits for its reply.
+const REPLY_WAIT: Duration = Duration::from_secs(3);
 
 /// Connects to the server at `addr` and upgrades to WebSocket over simulated TCP.
-pub async fn connect(addr: std::net::SocketAddr) -> Option<Ws> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+pub async fn connect(addr: std::net::SocketAddr) -> Option<SimClient> {
+    let stream = tokio::time::timeout(CONNECT_WAIT, TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
     let url = format!("ws://{addr}/v1/ws");
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio_tungstenite::client_async(url, QuietIo::new(stream)),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    Some(ws)
+    let client = tokio::time::timeout(CONNECT_WAIT, Client::handshake(QuietIo::new(stream), &url))
+        .await
+        .ok()?
+        .ok()?;
+    Some(client.with_reply_timeout(REPLY_WAIT))
 }
 
-/// Sends `frame` and waits for the reply with the same rid (ignoring events).
-pub async fn roundtrip(ws: &mut Ws, frame: Value) -> Option<Value> {
-    let rid = frame["rid"].as_str()?.to_owned();
-    ws.send(Message::Text(frame.to_string().into()))
+/// Connects to `addr`, says hello as `device` of `token`'s user and makes `request`:
+/// its reply (`Err` for an error reply), or `None` when no reply came (the
+/// connection failed, the hello was refused or a reply was late).
+pub async fn request_once(
+    addr: std::net::SocketAddr,
+    token: &str,
+    device: &str,
+    request: &Request<'_>,
+) -> Option<Result<serde_json::Value, ErrorReply>> {
+    let mut client = connect(addr).await?;
+    client
+        .hello_with(token, device, serde_json::json!({}))
         .await
         .ok()?;
-    loop {
-        let next = tokio::time::timeout(Duration::from_secs(3), ws.next())
-            .await
-            .ok()??
-            .ok()?;
-        if let Message::Text(text) = next {
-            let v: Value = serde_json::from_str(&text).ok()?;
-            if v["rid"] == rid.as_str() {
-                return Some(v);
-            }
-        }
-    }
+    let reply = client.call(request).await.ok()?;
+    client.close().await;
+    Some(reply)
 }
 
 /// Runs a device until the harness says stop.
@@ -166,11 +165,7 @@ pub async fn run_device(
 /// from the server.
 async fn websocket_session(dev: &mut Device, addr: std::net::SocketAddr) -> Option<u64> {
     let mut ws = connect(addr).await?;
-    if ws
-        .send(Message::Text(dev.hello().to_string().into()))
-        .await
-        .is_err()
-    {
+    if ws.send_text(dev.hello()).await.is_err() {
         return Some(sim_ms());
     }
     dev.note(format_args!("connected, cursors {:?}", dev.cursors));
@@ -179,24 +174,23 @@ async fn websocket_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
     'session: loop {
         tokio::select! {
             biased;
-            frame = ws.next() => {
-                let Some(Ok(frame)) = frame else { break 'session };
+            text = ws.next_text() => {
+                let Ok(text) = text else { break 'session };
                 last_heard = sim_ms();
-                let Message::Text(text) = frame else { continue };
-                let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
-                if let Flow::End = dev.on_frame(&v) { break 'session }
+                let Ok(frame) = ServerFrame::parse(&text) else { continue };
+                if let Flow::End = dev.on_frame(&frame, Transport::WebSocket) { break 'session }
             }
             _ = tick.tick() => {
                 let now = sim_ms();
                 if dev.session_over(now, last_heard) { break 'session }
                 if dev.shared.take_disconnect(dev.spec.key) {
                     for frame in dev.drop_mid_send() {
-                        let _ = ws.send(Message::Text(frame.to_string().into())).await;
+                        let _ = ws.send_text(frame).await;
                     }
                     break 'session;
                 }
                 for frame in dev.tick_frames(now) {
-                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    if ws.send_text(frame).await.is_err() {
                         break 'session;
                     }
                 }
@@ -246,25 +240,29 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
                 let got: Vec<String> = body["entries"].as_array().into_iter().flatten().map(|e| format!("{}#{}", e["conv"].as_str().unwrap_or("?"), e["seq"])).collect();
                 dev.note(format_args!("polled {got:?}, has_more {}", body["has_more"]));
                 dev.paging(Some(body["has_more"].as_bool().unwrap_or(false)));
-                for entry in body["entries"].as_array().into_iter().flatten() {
-                    let mut frame = entry.clone();
-                    frame["type"] = "msg".into();
-                    if let Flow::End = dev.on_frame(&frame) { break 'session }
-                }
-                for receipt in body["receipts"].as_array().into_iter().flatten() {
-                    let mut frame = receipt.clone();
-                    frame["type"] = "receipt".into();
-                    dev.on_frame(&frame);
+                // A poll's entries, receipts and presence are the events a WebSocket carries.
+                for (field, kind) in [("entries", "msg"), ("receipts", "receipt")] {
+                    for item in body[field].as_array().into_iter().flatten() {
+                        let mut event = item.clone();
+                        event["type"] = kind.into();
+                        let text = event.to_string();
+                        let Ok(frame) = ServerFrame::parse(&text) else { continue };
+                        if let Flow::End = dev.on_frame(&frame, Transport::LongPoll) { break 'session }
+                    }
                 }
                 if body["presence"].as_array().is_some_and(|states| !states.is_empty()) {
-                    dev.on_frame(&serde_json::json!({"type": "presence", "users": body["presence"], "via": "poll"}));
+                    let text = serde_json::json!({"type": "presence", "users": body["presence"]}).to_string();
+                    if let Ok(frame) = ServerFrame::parse(&text) {
+                        dev.on_frame(&frame, Transport::LongPoll);
+                    }
                 }
                 poll = Box::pin(http::poll(addr, auth.clone(), dev.cursors.clone(), poll_limit(&mut dev.rng)));
             }
             reply = replies.recv() => {
                 let Some(reply) = reply else { break 'session };
                 last_heard = sim_ms();
-                if let Flow::End = dev.on_frame(&reply) { break 'session }
+                let Ok(frame) = ServerFrame::parse(&reply) else { continue };
+                if let Flow::End = dev.on_frame(&frame, Transport::LongPoll) { break 'session }
             }
             _ = tick.tick() => {
                 let now = sim_ms();

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chatproof_client::{Client, ClientError};
+use chatproof_client::{Client, ClientError, Request};
 use chatproof_e2e::ServerProcess;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -151,9 +151,7 @@ impl Device {
         let (conv, id) = self.unacked.take().unwrap_or((conv.to_owned(), id));
         let mut client = self.client.take().expect("connected");
         let reply = client
-            .request(
-                json!({"op": "send", "conv": conv, "message_id": id, "text": "across servers"}),
-            )
+            .call(&Request::send_text(&conv, &id, "across servers"))
             .await;
         self.drain(&mut client);
         match reply {
@@ -188,7 +186,10 @@ async fn setup_conversations(url: &str, users: &[String]) -> (String, Vec<String
         .unwrap();
     let group = format!("g:{}", users[0]);
     owner
-        .request(json!({"op": "create_group", "conv": group, "members": users[1..]}))
+        .call(&Request::CreateGroup {
+            conv: &group,
+            members: &users[1..],
+        })
         .await
         .unwrap()
         .unwrap();
@@ -200,7 +201,7 @@ async fn setup_conversations(url: &str, users: &[String]) -> (String, Vec<String
             .unwrap();
         let peer = &users[(i + 1) % users.len()];
         let r = c
-            .request(json!({"op": "open_direct", "peer": peer}))
+            .call(&Request::OpenDirect { peer })
             .await
             .unwrap()
             .unwrap();
@@ -296,7 +297,11 @@ async fn traffic(
     let mut last_seq: BTreeMap<String, u64> = BTreeMap::new();
     for conv in std::iter::once(&group).chain(&directs) {
         let page = probe
-            .request(json!({"op": "sync", "conv": conv, "after": 0, "limit": 1}))
+            .call(&Request::Sync {
+                conv,
+                after: 0,
+                limit: Some(1),
+            })
             .await
             .unwrap();
         if let Ok(page) = page {
@@ -310,7 +315,11 @@ async fn traffic(
         }
         let client = devices[i].client.as_mut().expect("connected");
         let page = client
-            .request(json!({"op": "sync", "conv": conv, "after": 0, "limit": 1}))
+            .call(&Request::Sync {
+                conv,
+                after: 0,
+                limit: Some(1),
+            })
             .await
             .unwrap()
             .unwrap();
@@ -753,13 +762,16 @@ async fn presence_and_push_cross_servers() {
         .await
         .unwrap();
     let opened = alice
-        .request(json!({"op": "open_direct", "peer": bob_user}))
+        .call(&Request::OpenDirect { peer: &bob_user })
         .await
         .unwrap()
         .unwrap();
     let conv = opened["conversation"]["conv"].as_str().unwrap().to_owned();
     let never = alice
-        .request(json!({"op": "presence", "users": [bob_user]}))
+        .call(&Request::Presence {
+            users: std::slice::from_ref(&bob_user),
+            watch: true,
+        })
         .await
         .unwrap()
         .unwrap();
@@ -770,7 +782,10 @@ async fn presence_and_push_cross_servers() {
         .unwrap();
     presence_event(&mut alice, &bob_user, true).await;
     let asked = alice
-        .request(json!({"op": "presence", "users": [bob_user], "watch": false}))
+        .call(&Request::Presence {
+            users: std::slice::from_ref(&bob_user),
+            watch: false,
+        })
         .await
         .unwrap()
         .unwrap();
@@ -782,8 +797,11 @@ async fn presence_and_push_cross_servers() {
     let gone = presence_event(&mut alice, &bob_user, false).await;
     assert!(gone["last_seen_ms"].as_u64().is_some(), "{gone}");
 
-    let send = |id: &str| json!({"op": "send", "conv": conv, "message_id": id, "text": "ping"});
-    let first = alice.request(send("m1")).await.unwrap().unwrap();
+    let first = alice
+        .call(&Request::send_text(&conv, "m1", "ping"))
+        .await
+        .unwrap()
+        .unwrap();
     let note = tokio::time::timeout(Duration::from_secs(15), notes.recv())
         .await
         .expect("a notification for offline bob")
@@ -793,7 +811,11 @@ async fn presence_and_push_cross_servers() {
     let (_bob, _) = Client::login(&servers[1].url, &bob_token, "phone", json!({}))
         .await
         .unwrap();
-    alice.request(send("m2")).await.unwrap().unwrap();
+    alice
+        .call(&Request::send_text(&conv, "m2", "ping"))
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         notes.try_recv().is_err(),

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chatproof_client::Client;
+use chatproof_client::{Client, Request};
 use chatproof_e2e::ServerProcess;
 use serde_json::{json, Value};
 
@@ -28,7 +28,7 @@ async fn send_until_killed(
     for i in 0..1_000_000u64 {
         let id = format!("{prefix}-{i}");
         match client
-            .request(json!({"op": "send", "conv": conv, "message_id": id, "text": "durable?"}))
+            .call(&Request::send_text(&conv, &id, "durable?"))
             .await
         {
             Ok(Ok(ack)) => {
@@ -49,7 +49,11 @@ async fn read_all(client: &mut Client, conv: &str) -> Vec<Value> {
     let mut after = 0;
     loop {
         let page = client
-            .request(json!({"op": "sync", "conv": conv, "after": after, "limit": 500}))
+            .call(&Request::Sync {
+                conv,
+                after,
+                limit: Some(500),
+            })
             .await
             .unwrap()
             .unwrap();
@@ -70,8 +74,11 @@ async fn kill_9_loses_no_acknowledged_message() {
     let server = ServerProcess::start(dir.path(), &[]);
     let mut owner = login(&server.url, "owner", "d").await;
     let members: Vec<String> = (0..SENDERS).map(|i| format!("s{i}")).collect();
-    let group = json!({"op": "create_group", "conv": "g:durable", "members": members});
-    owner.request(group).await.unwrap().unwrap();
+    let group = Request::CreateGroup {
+        conv: "g:durable",
+        members: &members,
+    };
+    owner.call(&group).await.unwrap().unwrap();
     let mut tasks = Vec::new();
     for (i, user) in members.iter().enumerate() {
         let client = login(&server.url, user, "d").await;
@@ -106,7 +113,7 @@ async fn kill_9_loses_no_acknowledged_message() {
         let user = id.split('-').next().unwrap();
         let mut c = login(&server.url, user, "retry").await;
         let ack = c
-            .request(json!({"op": "send", "conv": conv, "message_id": id, "text": "durable?"}))
+            .call(&Request::send_text(conv, id, "durable?"))
             .await
             .unwrap()
             .unwrap();
@@ -150,7 +157,7 @@ async fn kill_9_loses_no_acknowledged_message() {
 async fn client_open_direct(url: &str, user: &str) -> String {
     let mut c = login(url, user, "setup").await;
     let r = c
-        .request(json!({"op": "open_direct", "peer": "owner"}))
+        .call(&Request::OpenDirect { peer: "owner" })
         .await
         .unwrap()
         .unwrap();
