@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use crate::faults::{self, Backends};
 use crate::history::{DeviceKey, History, MemberChange};
 use crate::options::{ChangeKind, PlannedChange, SeedRng, SimOptions};
 use crate::services::{self, SimRegistry, SimTables, ROUTER_PORT, STORE_PORT, SUBSCRIBE_PORT};
+use crate::stage::{self, sim_ms, Directions, Phase, Recorder, ServerClocks};
 
 /// Chat port of every simulated server.
 const CHAT_PORT: u16 = 8080;
@@ -46,40 +46,6 @@ pub fn server_addr(i: u32) -> SocketAddr {
 }
 const SECRET: &[u8] = b"chatproof-sim-secret-0123";
 
-/// Simulated milliseconds since the run began.
-pub fn sim_ms() -> u64 {
-    let start = START
-        .with(std::cell::Cell::get)
-        .expect("sim_ms inside a run");
-    tokio::time::Instant::now()
-        .duration_since(start)
-        .as_millis() as u64
-}
-
-thread_local! {
-    // Set at the start of every run: each run has its own simulated clock.
-    static START: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
-}
-
-/// The phases of a run, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Phase {
-    /// Faults on; devices make their messages.
-    Safety = 0,
-    /// Healed; no new messages; everything must converge by the deadline.
-    Liveness = 1,
-    /// Healthy traffic, no fault near: the devices picked for it make a few new
-    /// messages, so that promises judged only outside faults (`slow`, receipts
-    /// reaching their senders) are judged in every seed.
-    Calm = 2,
-    /// No new messages; what the calm traffic caused converges and settles.
-    Settle = 3,
-    /// Presence: the users picked go away (all their devices disconnect and stay
-    /// away); every other device stays and must come to show them offline.
-    Away = 4,
-}
-
 /// Users picked to go away in the presence phase: about one in this many (at
 /// least one, never all).
 const AWAY_ONE_IN: u64 = 3;
@@ -90,83 +56,6 @@ const CALM_MS: u64 = 2_000;
 const CALM_SENDERS_MAX: u32 = 12;
 /// Messages each of them makes then.
 const CALM_MESSAGES: u32 = 2;
-
-/// State shared by the harness, the fault injector and every device.
-pub struct Shared {
-    /// The history being recorded.
-    pub history: Mutex<History>,
-    /// Where the run is ([`Phase`]); devices read it to decide whether to make new messages.
-    phase: AtomicU8,
-    /// Devices stop altogether.
-    pub stop_all: AtomicBool,
-    /// Clock skew applied to the server at its next start, ms.
-    pub skew_ms: AtomicI64,
-    /// Each server's clock offset now, ms (by server index): set from `skew_ms` when
-    /// it starts, moved by a clock jump while it runs.
-    pub clocks: Vec<Arc<AtomicI64>>,
-    /// Chat addresses of the servers.
-    pub servers: Vec<SocketAddr>,
-    disconnect: Mutex<BTreeSet<DeviceKey>>,
-    /// The users going away in the presence phase (set before it begins).
-    away: Mutex<BTreeSet<u32>>,
-}
-
-impl Shared {
-    /// Where the run is.
-    pub fn phase(&self) -> Phase {
-        match self.phase.load(Ordering::SeqCst) {
-            0 => Phase::Safety,
-            1 => Phase::Liveness,
-            2 => Phase::Calm,
-            3 => Phase::Settle,
-            _ => Phase::Away,
-        }
-    }
-
-    /// Whether `user`'s devices are to stay away (the presence phase has begun
-    /// and picked them).
-    pub fn is_away(&self, user: u32) -> bool {
-        self.phase() == Phase::Away && self.away.lock().expect("away").contains(&user)
-    }
-
-    /// Moves the run on to `phase` (never back).
-    fn enter(&self, phase: Phase) {
-        let before = self.phase.swap(phase as u8, Ordering::SeqCst);
-        assert!(before <= phase as u8, "phases only move on");
-    }
-
-    /// Records into the history.
-    pub fn with<T>(&self, f: impl FnOnce(&mut History) -> T) -> T {
-        f(&mut self.history.lock().expect("history"))
-    }
-
-    /// Adds a trace line.
-    pub fn note(&self, line: String) {
-        let t = sim_ms();
-        self.with(|h| h.note(t, line));
-    }
-
-    /// Asks a device to drop its connection.
-    pub fn request_disconnect(&self, device: DeviceKey) {
-        self.disconnect.lock().expect("disconnect").insert(device);
-    }
-
-    /// True once per request for `device`.
-    pub fn take_disconnect(&self, device: DeviceKey) -> bool {
-        self.disconnect.lock().expect("disconnect").remove(&device)
-    }
-}
-
-/// The server clock, offset by the harness (read at every call, so a jump shows at once).
-struct SkewedClock(Arc<AtomicI64>);
-
-impl Clock for SkewedClock {
-    fn now_ms(&self) -> u64 {
-        SystemClock
-            .now_ms()
-            .saturating_add_signed(self.0.load(Ordering::SeqCst))
-    }
-}
 
 /// What a server node stores to.
 #[derive(Clone)]
@@ -187,17 +76,9 @@ fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
     })
 }
 
-async fn serve(backend: Backend, shared: Arc<Shared>) {
-    let index = match &backend {
-        Backend::Embedded(_) => 0,
-        Backend::Cluster { me } => shared
-            .servers
-            .iter()
-            .position(|a| a == me)
-            .expect("a server of the run"),
-    };
-    let clock = Arc::clone(&shared.clocks[index]);
-    clock.store(shared.skew_ms.load(Ordering::SeqCst), Ordering::SeqCst);
+/// Server `index` of the run, from its (re)start until it is killed.
+async fn serve(index: usize, backend: Backend, clocks: Arc<ServerClocks>, recorder: Arc<Recorder>) {
+    let clock = clocks.start(index);
     let limits = Limits {
         idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS),
         presence_interval: Duration::from_millis(PRESENCE_INTERVAL_MS),
@@ -212,7 +93,7 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
                 match EmbeddedStore::with_opener(disk_opener(disk)) {
                     Ok(store) => break store,
                     Err(e) => {
-                        shared.note(format!("store did not open ({e}); retrying"));
+                        recorder.note(format!("store did not open ({e}); retrying"));
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -225,7 +106,7 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
             Arc::new(SharedStore::new(Arc::new(tables)))
         }
     };
-    let mut service = ServiceBuilder::new(store, Arc::new(SkewedClock(clock)), limits, key);
+    let mut service = ServiceBuilder::new(store, Arc::new(clock), limits, key);
     if let Backend::Cluster { me } = backend {
         let registry: Arc<dyn Registry> = Arc::new(
             SimRegistry::connect(
@@ -254,7 +135,7 @@ async fn serve(backend: Backend, shared: Arc<Shared>) {
             match started {
                 Ok(fabric) => break fabric,
                 Err(e) => {
-                    shared.note(format!("fabric did not start ({e}); retrying"));
+                    recorder.note(format!("fabric did not start ({e}); retrying"));
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
@@ -312,21 +193,13 @@ pub struct Outcome {
 
 /// Runs one simulation inside the madsim runtime.
 pub async fn simulate(opts: SimOptions) -> Outcome {
-    START.with(|s| s.set(Some(tokio::time::Instant::now())));
+    stage::start_clock();
     let handle = Handle::current();
-    let shared = Arc::new(Shared {
-        history: Mutex::new(History::default()),
-        phase: AtomicU8::new(Phase::Safety as u8),
-        stop_all: AtomicBool::new(false),
-        skew_ms: AtomicI64::new(0),
-        clocks: (0..opts.servers)
-            .map(|_| Arc::new(AtomicI64::new(0)))
-            .collect(),
-        servers: (0..opts.servers).map(server_addr).collect(),
-        disconnect: Mutex::new(BTreeSet::new()),
-        away: Mutex::new(BTreeSet::new()),
-    });
-    shared.note(format!("options: {opts}"));
+    let recorder = Arc::new(Recorder::default());
+    let directions = Arc::new(Directions::default());
+    let clocks = Arc::new(ServerClocks::new(opts.servers));
+    let addrs: Arc<[SocketAddr]> = (0..opts.servers).map(server_addr).collect();
+    recorder.note(format!("options: {opts}"));
     let disk = SimDisk::new();
     let cluster = opts.servers > 1;
     let mut backends = Backends::default();
@@ -365,12 +238,19 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             } else {
                 Backend::Embedded(Arc::clone(&disk))
             };
-            let shared = Arc::clone(&shared);
+            let (clocks, recorder) = (Arc::clone(&clocks), Arc::clone(&recorder));
             handle
                 .create_node()
                 .name(format!("server-{i}"))
                 .ip(server_addr(i).ip())
-                .init(move || serve(backend.clone(), Arc::clone(&shared)))
+                .init(move || {
+                    serve(
+                        i as usize,
+                        backend.clone(),
+                        Arc::clone(&clocks),
+                        Arc::clone(&recorder),
+                    )
+                })
                 .build()
                 .id()
         })
@@ -389,7 +269,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 200, 1)))
         .build();
     {
-        let (convs, key, setup_shared) = (convs.clone(), key.clone(), Arc::clone(&shared));
+        let (convs, key, addrs) = (convs.clone(), key.clone(), Arc::clone(&addrs));
         setup
             .spawn(async move {
                 for c in &convs {
@@ -407,7 +287,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                     let token = key.mint(&owner, exp);
                     let mut attempt = 0;
                     loop {
-                        let server = setup_shared.servers[attempt % setup_shared.servers.len()];
+                        let server = addrs[attempt % addrs.len()];
                         attempt += 1;
                         // Any reply will do: an error means an earlier attempt made it.
                         if client::request_once(server, &token, "setup", &op)
@@ -423,7 +303,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             .await
             .expect("setup");
     }
-    shared.note("conversations created".into());
+    recorder.note("conversations created".into());
 
     let presence_judged = judges_presence(&opts);
     let mut devices = Vec::new();
@@ -467,18 +347,28 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                 .ip(device_ip(index))
                 .build();
             index += 1;
-            devices.push(node.spawn(client::run_device(spec, Arc::clone(&shared), p, opts.seed)));
+            let run = client::DeviceRun {
+                servers: Arc::clone(&addrs),
+                recorder: Arc::clone(&recorder),
+                directions: Arc::clone(&directions),
+                progress: p,
+                seed: opts.seed,
+            };
+            devices.push(node.spawn(client::run_device(spec, run)));
         }
     }
     let device_nodes: Vec<_> = (0..index).map(device_ip).collect();
     let _ = device_nodes;
     // Membership changes, made over the protocol like any client would.
     let admin = {
-        let (changes, shared, convs) = (
-            opts.member_changes.clone(),
-            Arc::clone(&shared),
-            convs.clone(),
-        );
+        let (changes, convs) = (opts.member_changes.clone(), convs.clone());
+        let admin = Admin {
+            servers: Arc::clone(&addrs),
+            recorder: Arc::clone(&recorder),
+            directions: Arc::clone(&directions),
+            key: key.clone(),
+            exp,
+        };
         let groups: Vec<String> = convs
             .iter()
             .filter(|c| c.id.starts_with("g:"))
@@ -494,23 +384,29 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                     .find(|c| c.id == *conv)
                     .map(|c| c.members[0])
                     .expect("group");
-                make_change(&shared, &key, exp, conv, owner, change).await;
+                admin.make_change(conv, owner, change).await;
             }
         })
     };
 
     // Safety phase: faults on.
-    let injector = faults::Injector::new(&opts, backends, Arc::clone(&shared));
+    let injector = faults::Injector::new(
+        &opts,
+        backends,
+        Arc::clone(&recorder),
+        Arc::clone(&directions),
+        Arc::clone(&clocks),
+    );
     injector
         .run_for(Duration::from_secs(opts.safety_secs), &handle)
         .await;
     injector.heal(&handle);
-    shared.note("healed; liveness phase".into());
-    shared.enter(Phase::Liveness);
+    recorder.note("healed; liveness phase".into());
+    directions.enter(Phase::Liveness);
 
     // Liveness phase: everything must converge by the deadline.
     let liveness = Duration::from_secs(opts.liveness_secs);
-    let mut converged = converge(&shared, &convs, &progress, liveness).await;
+    let mut converged = converge(&recorder, &convs, &progress, liveness).await;
     if converged.is_ok() {
         // Calm: once no fault is near, a little healthy traffic, then time for what
         // it causes (deliveries, receipts) to arrive within their bounds.
@@ -518,25 +414,25 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             crate::checker::FAULT_RECOVERY_GRACE_MS + 500,
         ))
         .await;
-        shared.note("calm traffic".into());
-        shared.enter(Phase::Calm);
+        recorder.note("calm traffic".into());
+        directions.enter(Phase::Calm);
         tokio::time::sleep(Duration::from_millis(CALM_MS)).await;
-        shared.enter(Phase::Settle);
-        converged = converge(&shared, &convs, &progress, liveness).await;
+        directions.enter(Phase::Settle);
+        converged = converge(&recorder, &convs, &progress, liveness).await;
         tokio::time::sleep(Duration::from_millis(
             opts.latency_bound_ms + crate::checker::RECEIPT_GRACE_MS,
         ))
         .await;
         if converged.is_ok() && presence_judged {
-            go_away(&shared, &opts).await;
+            go_away(&recorder, &directions, &opts).await;
         }
     }
-    shared.stop_all.store(true, Ordering::SeqCst);
+    directions.stop();
     let _ = tokio::time::timeout(Duration::from_secs(10), admin).await;
     for d in devices {
         let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
     }
-    let history = shared.history.lock().expect("history").clone();
+    let history = recorder.snapshot();
     Outcome {
         history,
         convs,
@@ -561,7 +457,7 @@ fn judges_presence(opts: &SimOptions) -> bool {
 /// The presence phase: picks the users who go away (from the seed), lets their
 /// devices disconnect for good, and waits out the idle timeout and the presence
 /// bound while every other device stays connected; records it in the history.
-async fn go_away(shared: &Shared, opts: &SimOptions) {
+async fn go_away(recorder: &Recorder, directions: &Directions, opts: &SimOptions) {
     let users = opts.devices_per_user.len() as u32;
     let mut rng = SeedRng::new(opts.seed, 8);
     let mut away: BTreeSet<u32> = (0..users)
@@ -577,15 +473,14 @@ async fn go_away(shared: &Shared, opts: &SimOptions) {
         return;
     }
     let start_ms = sim_ms();
-    shared.note(format!("presence phase: users {away:?} go away"));
-    *shared.away.lock().expect("away") = away.clone();
-    shared.enter(Phase::Away);
+    recorder.note(format!("presence phase: users {away:?} go away"));
+    directions.send_away(away.clone());
     tokio::time::sleep(Duration::from_millis(
         IDLE_TIMEOUT_MS + crate::checker::PRESENCE_BOUND_MS + 1_000,
     ))
     .await;
     let end_ms = sim_ms();
-    shared.with(|h| {
+    recorder.with(|h| {
         h.away = Some(crate::history::Away {
             users: away.into_iter().collect(),
             start_ms,
@@ -594,58 +489,70 @@ async fn go_away(shared: &Shared, opts: &SimOptions) {
     });
 }
 
-/// Makes one planned membership change over the protocol, retrying through
-/// faults; records it once acknowledged.
-async fn make_change(
-    shared: &Shared,
-    key: &TokenKey,
+/// The group owners and leavers making the planned membership changes.
+struct Admin {
+    servers: Arc<[SocketAddr]>,
+    recorder: Arc<Recorder>,
+    directions: Arc<Directions>,
+    key: TokenKey,
+    /// Expiry of the tokens it mints, Unix seconds.
     exp: u64,
-    conv: &str,
-    owner: u32,
-    change: PlannedChange,
-) {
-    let user = [format!("u{}", change.user)];
-    let (actor, op) = match change.kind {
-        ChangeKind::Join => (owner, Request::AddMembers { conv, users: &user }),
-        ChangeKind::Remove => (owner, Request::RemoveMembers { conv, users: &user }),
-        ChangeKind::Leave => (change.user, Request::Leave { conv }),
-    };
-    let token = key.mint(&format!("u{actor}"), exp);
-    let mut attempt = 0;
-    while shared.phase() == Phase::Safety {
-        let server = shared.servers[attempt % shared.servers.len()];
-        attempt += 1;
-        match client::request_once(server, &token, "admin", &op).await {
-            Some(Ok(result)) => {
-                let seq = result["seq"].as_u64().unwrap_or(0);
-                let action = match change.kind {
-                    ChangeKind::Join => "add",
-                    ChangeKind::Remove => "remove",
-                    ChangeKind::Leave => "leave",
-                };
-                shared.note(format!("{action} u{} in {conv} at seq {seq}", change.user));
-                shared.with(|h| {
-                    h.member_changes.push(MemberChange {
-                        conv: conv.to_owned(),
-                        seq,
-                        action: action.to_owned(),
-                        users: vec![change.user],
-                    })
-                });
-                return;
+}
+
+impl Admin {
+    /// Makes one planned membership change over the protocol, retrying through
+    /// faults; records it once acknowledged.
+    async fn make_change(&self, conv: &str, owner: u32, change: PlannedChange) {
+        let Admin {
+            servers,
+            recorder,
+            directions,
+            key,
+            exp,
+        } = self;
+        let user = [format!("u{}", change.user)];
+        let (actor, op) = match change.kind {
+            ChangeKind::Join => (owner, Request::AddMembers { conv, users: &user }),
+            ChangeKind::Remove => (owner, Request::RemoveMembers { conv, users: &user }),
+            ChangeKind::Leave => (change.user, Request::Leave { conv }),
+        };
+        let token = key.mint(&format!("u{actor}"), *exp);
+        let mut attempt = 0;
+        while directions.phase() == Phase::Safety {
+            let server = servers[attempt % servers.len()];
+            attempt += 1;
+            match client::request_once(server, &token, "admin", &op).await {
+                Some(Ok(result)) => {
+                    let seq = result["seq"].as_u64().unwrap_or(0);
+                    let action = match change.kind {
+                        ChangeKind::Join => "add",
+                        ChangeKind::Remove => "remove",
+                        ChangeKind::Leave => "leave",
+                    };
+                    recorder.note(format!("{action} u{} in {conv} at seq {seq}", change.user));
+                    recorder.with(|h| {
+                        h.member_changes.push(MemberChange {
+                            conv: conv.to_owned(),
+                            seq,
+                            action: action.to_owned(),
+                            users: vec![change.user],
+                        })
+                    });
+                    return;
+                }
+                // Made by an earlier attempt whose reply was lost: devices show its seq.
+                Some(Err(e)) if e.code == "duplicate_member" || e.code == "not_member" => return,
+                _ => {}
             }
-            // Made by an earlier attempt whose reply was lost: devices show its seq.
-            Some(Err(e)) if e.code == "duplicate_member" || e.code == "not_member" => return,
-            _ => {}
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
 /// The first reason a device has not converged yet, if any.
 /// Waits until every device has converged (`Err` with why not, after `within`).
 async fn converge(
-    shared: &Shared,
+    recorder: &Recorder,
     convs: &[ConvSpec],
     progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
     within: Duration,
@@ -653,7 +560,7 @@ async fn converge(
     let deadline = tokio::time::Instant::now() + within;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let why = match lagging(shared, convs, progress) {
+        let why = match lagging(recorder, convs, progress) {
             None => return Ok(()),
             Some(why) => why,
         };
@@ -664,17 +571,24 @@ async fn converge(
 }
 
 fn lagging(
-    shared: &Shared,
+    recorder: &Recorder,
     convs: &[ConvSpec],
     progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
 ) -> Option<String> {
-    let h = shared.history.lock().expect("history");
+    recorder.with(|h| lagging_in(h, convs, progress))
+}
+
+fn lagging_in(
+    h: &History,
+    convs: &[ConvSpec],
+    progress: &[(DeviceKey, Arc<Mutex<Progress>>)],
+) -> Option<String> {
     let world = crate::checker::World {
         convs,
         devices_per_user: &[],
         latency_bound_ms: 0,
     };
-    let ranges = crate::checker::visible_ranges(&h, &world);
+    let ranges = crate::checker::visible_ranges(h, &world);
     for (device, p) in progress {
         let p = p.lock().expect("progress");
         if p.outstanding > 0 {

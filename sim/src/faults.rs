@@ -9,7 +9,6 @@
 //! and a server process pausing (a long GC pause or SIGSTOP) and resuming.
 //! The system must survive all of them and converge after `heal`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,11 +16,11 @@ use madsim::net::NetSim;
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
 
-use crate::cluster::{sim_ms, Shared};
 use crate::disk::{DiskFault, SimDisk};
 use crate::history::WindowKind;
 use crate::history::{DeviceKey, FaultWindow};
 use crate::options::{FaultKind, SeedRng, SimOptions};
+use crate::stage::{sim_ms, Directions, Recorder, ServerClocks};
 
 /// The nodes faults act on.
 #[derive(Debug, Clone, Default)]
@@ -62,12 +61,21 @@ pub struct Injector {
     held: std::cell::RefCell<Vec<Held>>,
     nodes: Backends,
     devices: Vec<DeviceKey>,
-    shared: Arc<Shared>,
+    recorder: Arc<Recorder>,
+    directions: Arc<Directions>,
+    clocks: Arc<ServerClocks>,
 }
 
 impl Injector {
-    /// An injector for `opts` acting on `nodes`.
-    pub fn new(opts: &SimOptions, nodes: Backends, shared: Arc<Shared>) -> Self {
+    /// An injector for `opts` acting on `nodes`, recording its faults to `recorder`,
+    /// dropping devices' connections through `directions` and moving `clocks`.
+    pub fn new(
+        opts: &SimOptions,
+        nodes: Backends,
+        recorder: Arc<Recorder>,
+        directions: Arc<Directions>,
+        clocks: Arc<ServerClocks>,
+    ) -> Self {
         let devices = (0..opts.users)
             .flat_map(|u| (0..opts.devices_per_user[u as usize]).map(move |d| (u, d)))
             .collect();
@@ -79,7 +87,9 @@ impl Injector {
             held: std::cell::RefCell::new(Vec::new()),
             nodes,
             devices,
-            shared,
+            recorder,
+            directions,
+            clocks,
         }
     }
 
@@ -101,11 +111,11 @@ impl Injector {
         server: Option<u32>,
     ) {
         let end_ms = sim_ms();
-        self.shared.note(format!(
+        self.recorder.note(format!(
             "fault {kind} from {start_ms} ms to {end_ms} ms{}",
             device.map(|d| format!(" on {d:?}")).unwrap_or_default()
         ));
-        self.shared.with(|h| {
+        self.recorder.with(|h| {
             h.faults.push(FaultWindow {
                 kind: WindowKind::Fault(kind),
                 start_ms,
@@ -216,7 +226,7 @@ impl Injector {
                 }
                 FaultKind::ClockSkew => {
                     let skew = self.range(0, 60_000) as i64 - 30_000;
-                    self.shared.skew_ms.store(skew, Ordering::SeqCst);
+                    self.clocks.skew_next_start(skew);
                     handle.kill(server);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     handle.restart(server);
@@ -267,7 +277,7 @@ impl Injector {
                 FaultKind::ClientDisconnect => {
                     let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
                     *device = Some(d);
-                    self.shared.request_disconnect(d);
+                    self.directions.request_disconnect(d);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 FaultKind::StoreCrash => {
@@ -295,7 +305,7 @@ impl Injector {
                         _ if self.range(0, 1) == 0 => DiskFault::WriteIo,
                         _ => DiskFault::SyncIo,
                     };
-                    self.shared.note(format!("disk fault {fault:?} begins"));
+                    self.recorder.note(format!("disk fault {fault:?} begins"));
                     disk.set_fault(Some(fault));
                     tokio::time::sleep(hold).await;
                     disk.set_fault(None);
@@ -308,7 +318,7 @@ impl Injector {
                     let kept = self.range(0, 8) as usize;
                     let torn_len = self.range(0, 4096) as usize;
                     let pending = disk.power_loss(kept, torn_len);
-                    self.shared.note(format!(
+                    self.recorder.note(format!(
                         "power loss: {pending} unsynced change(s), first {kept} kept, the last torn at {torn_len} bytes"
                     ));
                     tokio::time::sleep(hold).await;
@@ -316,10 +326,9 @@ impl Injector {
                 }
                 FaultKind::ClockJump => {
                     let index = self.nodes.servers.iter().position(|s| *s == server);
-                    if let Some(clock) = index.and_then(|i| self.shared.clocks.get(i)) {
-                        let step = self.range(0, 60_000) as i64 - 30_000;
-                        let now = clock.fetch_add(step, Ordering::SeqCst) + step;
-                        self.shared.note(format!(
+                    let step = self.range(0, 60_000) as i64 - 30_000;
+                    if let Some(now) = index.and_then(|i| self.clocks.jump(i, step)) {
+                        self.recorder.note(format!(
                             "clock of server {} steps {step:+} ms (offset now {now:+} ms)",
                             index.unwrap_or_default()
                         ));

@@ -24,6 +24,8 @@ mod options;
 mod runner;
 #[cfg(madsim)]
 mod services;
+#[cfg(madsim)]
+mod stage;
 mod swimlanes;
 
 #[cfg(not(madsim))]

@@ -2,7 +2,6 @@
 //! sends and acknowledges, and how it handles every server frame.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use chatproof_client::{
@@ -13,12 +12,12 @@ use super::{
     DeviceSpec, Progress, Transport, Transports, OUTSTANDING_MAX, RETRY_AFTER_MS, SILENCE_MAX_MS,
     SWITCH_CHANCE_PER_TICK,
 };
-use crate::cluster::{sim_ms, Phase, Shared};
 use crate::history::{
     Acked, CursorAck, FaultWindow, Page, PageKind, PresenceSeen, PresenceSource, ReceiptSeen,
     Received, Sent, SessionSpan, WindowKind,
 };
 use crate::options::SeedRng;
+use crate::stage::{sim_ms, Directions, Phase, Recorder};
 
 /// The rid of every session's `hello`.
 const HELLO_RID: &str = "h";
@@ -53,7 +52,8 @@ pub(super) struct Pending {
 /// One device's state across sessions and transports.
 pub(super) struct Device {
     pub(super) spec: DeviceSpec,
-    pub(super) shared: Arc<Shared>,
+    pub(super) recorder: Arc<Recorder>,
+    pub(super) directions: Arc<Directions>,
     pub(super) progress: Arc<Mutex<Progress>>,
     pub(super) rng: SeedRng,
     pub(super) cursors: BTreeMap<String, u64>,
@@ -94,7 +94,8 @@ pub(super) enum Flow {
 impl Device {
     pub(super) fn new(
         spec: DeviceSpec,
-        shared: Arc<Shared>,
+        recorder: Arc<Recorder>,
+        directions: Arc<Directions>,
         progress: Arc<Mutex<Progress>>,
         seed: u64,
     ) -> Self {
@@ -112,7 +113,8 @@ impl Device {
             me: format!("u{user}"),
             send_chance: (f64::from(spec.to_send) * 1.5 / ticks).min(1.0),
             spec,
-            shared,
+            recorder,
+            directions,
             progress,
             rng,
             send_rids: BTreeMap::new(),
@@ -133,7 +135,7 @@ impl Device {
     }
 
     pub(super) fn note(&self, what: impl std::fmt::Display) {
-        self.shared
+        self.recorder
             .note(format!("device {:?} {what}", self.spec.key));
     }
 
@@ -142,7 +144,7 @@ impl Device {
         self.session_since.get_or_insert_with(sim_ms);
         if let Some(since) = self.offline_since.take() {
             let key = self.spec.key;
-            self.shared.with(|h| {
+            self.recorder.with(|h| {
                 h.faults.push(FaultWindow {
                     kind: WindowKind::DeviceOffline,
                     start_ms: since,
@@ -162,7 +164,7 @@ impl Device {
             (Some(false) | None, Some(since)) => {
                 self.paging_since = None;
                 let key = self.spec.key;
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.faults.push(FaultWindow {
                         kind: WindowKind::Paging,
                         start_ms: since,
@@ -202,7 +204,7 @@ impl Device {
                 };
                 self.pending.remove(id.as_ref());
                 self.note(format_args!("acked {id} seq {seq}"));
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.acked.push(Acked {
                         device: key,
                         conv: conv.into_owned(),
@@ -214,7 +216,7 @@ impl Device {
             }
             (FrameKind::Ok, Some(r)) if r.starts_with('a') => {
                 if let Some(i) = self.ack_rids.remove(r) {
-                    self.shared
+                    self.recorder
                         .with(|h| h.cursor_acks[i].ok_ms = Some(sim_ms()));
                 }
             }
@@ -245,7 +247,7 @@ impl Device {
                 self.note(format_args!(
                     "got {kind:?} limit {limit} of {conv}: seqs {seqs:?}, has_more {has_more}"
                 ));
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.pages.push(Page {
                         device: key,
                         conv,
@@ -330,7 +332,7 @@ impl Device {
                     )
                 });
                 let server_time_ms = v.server_time_ms.unwrap_or(0);
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.received.push(Received {
                         device: key,
                         conv: conv.into(),
@@ -357,7 +359,7 @@ impl Device {
                 };
                 let user = u.trim_start_matches('u').parse().unwrap_or(u32::MAX);
                 self.note(format_args!("sees receipt of {u} in {conv}: ({d}, {r})"));
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.receipts.push(ReceiptSeen {
                         device: key,
                         conv: conv.into(),
@@ -401,7 +403,7 @@ impl Device {
                 s.last_seen_ms
             ));
         }
-        self.shared.with(|h| h.presence.extend(seen));
+        self.recorder.with(|h| h.presence.extend(seen));
     }
 
     pub(super) fn next_rid(&mut self, prefix: char) -> String {
@@ -414,7 +416,7 @@ impl Device {
     pub(super) fn tick_frames(&mut self, now: u64) -> Vec<String> {
         let (user, device) = self.spec.key;
         // How many messages the device may have made by now, and the chance per tick.
-        let (budget, chance) = match self.shared.phase() {
+        let (budget, chance) = match self.directions.phase() {
             Phase::Safety => (self.spec.to_send, self.send_chance),
             Phase::Calm => {
                 let made = self.made;
@@ -442,7 +444,7 @@ impl Device {
                 self.note(format_args!("sends {id}"));
                 self.made += 1;
                 let key = self.spec.key;
-                self.shared.with(|h| {
+                self.recorder.with(|h| {
                     h.sent.push(Sent {
                         device: key,
                         conv: conv.clone(),
@@ -588,10 +590,10 @@ impl Device {
 
     /// What every tick checks first: stop, silence, a disconnect fault, a switch.
     pub(super) fn session_over(&mut self, now: u64, last_heard: u64) -> bool {
-        if self.shared.stop_all.load(Ordering::SeqCst) || now - last_heard > SILENCE_MAX_MS {
+        if self.directions.stopped() || now - last_heard > SILENCE_MAX_MS {
             return true;
         }
-        if self.shared.is_away(self.spec.key.0) {
+        if self.directions.is_away(self.spec.key.0) {
             self.note("goes away");
             return true;
         }
@@ -620,7 +622,7 @@ impl Device {
             sent_ms: now,
             ok_ms: None,
         };
-        let i = self.shared.with(|h| {
+        let i = self.recorder.with(|h| {
             h.cursor_acks.push(ack);
             h.cursor_acks.len() - 1
         });
@@ -631,7 +633,7 @@ impl Device {
         if let Some(start_ms) = self.session_since.take() {
             let device = self.spec.key;
             let end_ms = sim_ms();
-            self.shared.with(|h| {
+            self.recorder.with(|h| {
                 h.sessions.push(SessionSpan {
                     device,
                     start_ms,

@@ -8,7 +8,6 @@
 //! handles every frame whatever the transport, so the checker judges both alike.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,9 +19,9 @@ mod device;
 mod http;
 
 use self::device::{Device, Flow};
-use crate::cluster::{sim_ms, Shared};
 use crate::history::DeviceKey;
 use crate::options::SeedRng;
+use crate::stage::{sim_ms, Directions, Recorder};
 
 /// Messages in flight per device.
 const OUTSTANDING_MAX: usize = 3;
@@ -120,23 +119,39 @@ pub async fn request_once(
     Some(reply)
 }
 
+/// What a device runs with besides its spec: the servers it may connect to, the
+/// history it records into, the directions it obeys, where it publishes its progress.
+pub struct DeviceRun {
+    /// Chat addresses of the servers.
+    pub servers: Arc<[std::net::SocketAddr]>,
+    /// The run's history.
+    pub recorder: Arc<Recorder>,
+    /// What the harness and the fault injector tell it.
+    pub directions: Arc<Directions>,
+    /// Where the harness reads its progress.
+    pub progress: Arc<Mutex<Progress>>,
+    /// The run's seed.
+    pub seed: u64,
+}
+
 /// Runs a device until the harness says stop.
-pub async fn run_device(
-    spec: DeviceSpec,
-    shared: Arc<Shared>,
-    progress: Arc<Mutex<Progress>>,
-    seed: u64,
-) {
-    let mut dev = Device::new(spec, Arc::clone(&shared), progress, seed);
+pub async fn run_device(spec: DeviceSpec, run: DeviceRun) {
+    let DeviceRun {
+        servers,
+        recorder,
+        directions,
+        progress,
+        seed,
+    } = run;
+    let mut dev = Device::new(spec, recorder, Arc::clone(&directions), progress, seed);
     dev.note(format_args!("connects by {:?}", dev.transports));
     // With several servers a device starts on one and moves when it cannot get through.
-    let servers = shared.servers.clone();
     let mut server = dev.spec.key.0 as usize % servers.len();
     let mut transport = match dev.transports {
         Transports::LongPollOnly => Transport::LongPoll,
         _ => Transport::WebSocket,
     };
-    while !shared.stop_all.load(Ordering::SeqCst) && !shared.is_away(dev.spec.key.0) {
+    while !directions.stopped() && !directions.is_away(dev.spec.key.0) {
         let last_heard = match transport {
             Transport::WebSocket => websocket_session(&mut dev, servers[server]).await,
             Transport::LongPoll => long_poll_session(&mut dev, servers[server]).await,
@@ -183,7 +198,7 @@ async fn websocket_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
             _ = tick.tick() => {
                 let now = sim_ms();
                 if dev.session_over(now, last_heard) { break 'session }
-                if dev.shared.take_disconnect(dev.spec.key) {
+                if dev.directions.take_disconnect(dev.spec.key) {
                     for frame in dev.drop_mid_send() {
                         let _ = ws.send_text(frame).await;
                     }
@@ -267,7 +282,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
             _ = tick.tick() => {
                 let now = sim_ms();
                 if dev.session_over(now, last_heard) { break 'session }
-                if dev.shared.take_disconnect(dev.spec.key) {
+                if dev.directions.take_disconnect(dev.spec.key) {
                     for frame in dev.drop_mid_send() {
                         let _ = requests.send(frame);
                     }
