@@ -55,11 +55,14 @@ pub enum Mutant {
     /// previous response left the device's feed, not from the cursors the device
     /// presents, so the entries of a response lost on the way are never given again.
     PollResumesWhereItLeft = 17,
+    /// Durable (retention): the expiry sweep reads the retention in seconds where it
+    /// wants milliseconds, so entries expire a thousand times too early.
+    ExpiryCutoffInSeconds = 18,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 17] = [
+    pub const ALL: [Mutant; 18] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -77,6 +80,7 @@ impl Mutant {
         Mutant::RegistryIgnoresIncarnation,
         Mutant::WatchesNotRestored,
         Mutant::PollResumesWhereItLeft,
+        Mutant::ExpiryCutoffInSeconds,
     ];
 
     /// A stable kebab-case name.
@@ -99,6 +103,7 @@ impl Mutant {
             Mutant::RegistryIgnoresIncarnation => "registry-ignores-incarnation",
             Mutant::WatchesNotRestored => "watches-not-restored",
             Mutant::PollResumesWhereItLeft => "poll-resumes-where-it-left",
+            Mutant::ExpiryCutoffInSeconds => "expiry-cutoff-in-seconds",
         }
     }
 }

@@ -227,8 +227,12 @@ async fn expire_forever(service: Arc<ChatService>) {
     let mut every = tokio::time::interval(service.limits().expiry_sweep_interval);
     loop {
         every.tick().await;
-        let retention_ms =
-            u64::try_from(service.limits().retention.as_millis()).unwrap_or(u64::MAX);
+        let retention_ms = if crate::mutants::active(crate::mutants::Mutant::ExpiryCutoffInSeconds)
+        {
+            service.limits().retention.as_secs()
+        } else {
+            u64::try_from(service.limits().retention.as_millis()).unwrap_or(u64::MAX)
+        };
         let cutoff_ms = service.clock().now_ms().saturating_sub(retention_ms);
         loop {
             match service

@@ -47,6 +47,9 @@ pub struct World<'a> {
     pub devices_per_user: &'a [u32],
     /// A delivery slower than this outside fault windows is `slow`.
     pub latency_bound_ms: u64,
+    /// How long the servers keep entries (simulated ms; `None`: nothing expires in a
+    /// run). An entry may be gone from pages from its retention on, never before.
+    pub retention_ms: Option<u64>,
 }
 
 /// After a fault ends, the network needs a moment to recover (TCP retransmission
@@ -329,8 +332,11 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
     // Pages of `sync` and `history`: consecutive, inside what the user may see, the
     // same entries devices were shown and acks named, and holding every message
     // acknowledged before the page was asked that falls in its range.
+    let expiry = Expiry::new(world, &acked_seqs, &sent);
     for p in &h.pages {
         let at = (Some(p.device), Some(p.t_ms));
+        // What the server may have expired by the time it answered.
+        let kept = |seq: u64| !expiry.may_be_gone(&p.conv, seq, p.t_ms);
         let user = p.device.0;
         let what = match p.kind {
             PageKind::Sync { after } => format!("sync after {after} limit {}", p.limit),
@@ -394,11 +400,16 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             .range((p.conv.as_str(), start)..=(p.conv.as_str(), end))
             .filter(|(_, (_, acked_ms))| *acked_ms <= p.asked_ms)
             .map(|((_, seq), _)| *seq)
+            .filter(|seq| kept(*seq))
             .collect();
         match p.kind {
             PageKind::Sync { after } => {
                 let first = (after + 1).max(start);
-                if seqs.first().is_some_and(|f| *f != first) {
+                // Expired entries at the start are skipped: the page begins at the oldest kept.
+                if seqs
+                    .first()
+                    .is_some_and(|f| *f < first || (first..*f).any(kept))
+                {
                     v(
                         Violation::Gap,
                         &p.conv,
@@ -421,7 +432,7 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
                     (None, Some(n)) => v(Violation::Lost, &p.conv, at, format!("{what} returned nothing, but seq {n} was acknowledged before it was asked")),
                     _ => {}
                 }
-                if !p.has_more && seqs.first().is_some_and(|f| *f > start) {
+                if !p.has_more && seqs.first().is_some_and(|f| (start..*f).any(kept)) {
                     v(Violation::Gap, &p.conv, at, format!("{what} said nothing older than seq {} but the user sees from seq {start}", seqs[0]));
                 }
             }
@@ -550,6 +561,53 @@ type RangeOf<'f> = &'f dyn Fn(&str, u32) -> Option<(u64, u64)>;
 /// with a last-seen time: the latest state it got in that session (its `presence`
 /// reply or a later event) says so. Over the phase, the last-seen times a device is
 /// shown for a user never go back.
+/// When entries may have expired: an entry is stamped no earlier than its message
+/// was made (and no earlier than any lower seq's, as server times never decrease
+/// along seqs), so it may be gone from pages only from then plus the retention.
+struct Expiry<'a> {
+    retention_ms: Option<u64>,
+    /// Per conversation and acknowledged seq: the latest time any message up to it
+    /// was made, a lower bound of its server time.
+    made_by: BTreeMap<(&'a str, u64), u64>,
+}
+
+impl<'a> Expiry<'a> {
+    fn new(
+        world: &World<'_>,
+        acked_seqs: &BTreeMap<(&'a str, u64), (&'a str, u64)>,
+        sent: &HashMap<(&'a str, &'a str), &'a crate::history::Sent>,
+    ) -> Self {
+        let mut made_by = BTreeMap::new();
+        let mut running: Option<(&str, u64)> = None;
+        for ((conv, seq), (id, _)) in acked_seqs {
+            let made = sent.get(&(*conv, *id)).map_or(0, |s| s.t_ms);
+            let floor = match running {
+                Some((c, m)) if c == *conv => m.max(made),
+                _ => made,
+            };
+            running = Some((conv, floor));
+            made_by.insert((*conv, *seq), floor);
+        }
+        Self {
+            retention_ms: world.retention_ms,
+            made_by,
+        }
+    }
+
+    /// Whether `seq` of `conv` may have expired by `t_ms`.
+    fn may_be_gone(&self, conv: &str, seq: u64, t_ms: u64) -> bool {
+        let Some(retention_ms) = self.retention_ms else {
+            return false;
+        };
+        let made = self
+            .made_by
+            .range((conv, 0)..=(conv, seq))
+            .next_back()
+            .map_or(0, |(_, made)| *made);
+        made + retention_ms <= t_ms
+    }
+}
+
 fn stale_presence(h: &History, world: &World<'_>) -> Vec<Finding> {
     let Some(away) = &h.away else {
         return Vec::new();
@@ -958,6 +1016,10 @@ mod tests {
     }
 
     fn world_check(h: &History) -> Vec<Violation> {
+        check_with_retention(h, None)
+    }
+
+    fn check_with_retention(h: &History, retention_ms: Option<u64>) -> Vec<Violation> {
         let convs = [ConvSpec {
             id: "c".into(),
             members: vec![0, 1],
@@ -966,8 +1028,82 @@ mod tests {
             convs: &convs,
             devices_per_user: &[1, 1],
             latency_bound_ms: 1000,
+            retention_ms,
         };
         check(h, &world).into_iter().map(|v| v.violation).collect()
+    }
+
+    /// With a retention, a page may leave out entries from their retention on (made
+    /// at 0 ms, kept 100 ms), never before; without one, never.
+    #[test]
+    fn pages_may_leave_out_only_expired_entries() {
+        let mut h = both_hold_two();
+        h.sent.push(Sent {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m2".into(),
+            t_ms: 50,
+        });
+        h.acked.push(Acked {
+            device: (0, 0),
+            conv: "c".into(),
+            message_id: "m2".into(),
+            seq: 3,
+            t_ms: 55,
+        });
+        for d in [(0, 0), (1, 0)] {
+            h.received.push(recv(d, 3, "m2"));
+        }
+        let only_newest = |kind: PageKind, t_ms: u64| {
+            let mut with = h.clone();
+            with.pages.push(Page {
+                device: (1, 0),
+                conv: "c".into(),
+                kind,
+                limit: 3,
+                entries: vec![(3, "m2".into(), false)],
+                has_more: false,
+                asked_ms: t_ms - 5,
+                t_ms,
+            });
+            with
+        };
+        let sync = PageKind::Sync { after: 0 };
+        let history = PageKind::History { before: None };
+        for kind in [sync, history] {
+            let late = only_newest(kind, 120);
+            assert!(
+                check_with_retention(&late, Some(100)).is_empty(),
+                "{kind:?}"
+            );
+            assert_eq!(
+                check_with_retention(&late, None),
+                vec![Violation::Gap],
+                "{kind:?}"
+            );
+            let early = only_newest(kind, 80);
+            assert_eq!(
+                check_with_retention(&early, Some(100)),
+                vec![Violation::Gap],
+                "{kind:?}: seq 2 was made at 0 ms and cannot have expired by 80 ms"
+            );
+        }
+        // A page that lost the newest entry, young, is `lost` whatever the retention.
+        let mut lost = h.clone();
+        lost.pages.push(Page {
+            device: (1, 0),
+            conv: "c".into(),
+            kind: PageKind::Sync { after: 2 },
+            limit: 3,
+            entries: Vec::new(),
+            has_more: false,
+            asked_ms: 115,
+            t_ms: 120,
+        });
+        assert_eq!(
+            check_with_retention(&lost, Some(100)),
+            vec![Violation::Lost]
+        );
     }
 
     fn base() -> History {
@@ -1036,6 +1172,7 @@ mod tests {
             convs: &convs,
             devices_per_user: &[1, 1, 1],
             latency_bound_ms: 1000,
+            retention_ms: None,
         };
         let mut h = base();
         h.sent.push(Sent {
@@ -1144,6 +1281,7 @@ mod tests {
                 }],
                 devices_per_user: &[1, 1],
                 latency_bound_ms: 1000,
+                retention_ms: None,
             },
         );
         assert!(

@@ -37,6 +37,8 @@ const CHAT_PORT: u16 = 8080;
 const STORE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 /// The router's node address (several servers only).
 const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
+/// How often a server with a short retention sweeps expired entries.
+const RETENTION_SWEEP: Duration = Duration::from_secs(1);
 /// How long a silent server stays routable (production's least is 3 s).
 const REGISTRY_TTL: Duration = Duration::from_millis(1_500);
 
@@ -76,14 +78,31 @@ fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
     })
 }
 
-/// Server `index` of the run, from its (re)start until it is killed.
-async fn serve(index: usize, backend: Backend, clocks: Arc<ServerClocks>, recorder: Arc<Recorder>) {
-    let clock = clocks.start(index);
-    let limits = Limits {
+/// The limits every server of a run with `opts` runs with.
+fn limits(opts: &SimOptions) -> Limits {
+    let defaults = Limits::default();
+    let (retention, expiry_sweep_interval) = match opts.retention_secs {
+        Some(secs) => (Duration::from_secs(secs), RETENTION_SWEEP),
+        None => (defaults.retention, defaults.expiry_sweep_interval),
+    };
+    Limits {
         idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS),
         presence_interval: Duration::from_millis(PRESENCE_INTERVAL_MS),
-        ..Limits::default()
-    };
+        retention,
+        expiry_sweep_interval,
+        ..defaults
+    }
+}
+
+/// Server `index` of the run, from its (re)start until it is killed.
+async fn serve(
+    index: usize,
+    backend: Backend,
+    limits: Limits,
+    clocks: Arc<ServerClocks>,
+    recorder: Arc<Recorder>,
+) {
+    let clock = clocks.start(index);
     let key = TokenKey::new(SECRET).expect("secret");
     let store: Arc<dyn Store> = match &backend {
         Backend::Embedded(disk) => {
@@ -238,7 +257,8 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             } else {
                 Backend::Embedded(Arc::clone(&disk))
             };
-            let (clocks, recorder) = (Arc::clone(&clocks), Arc::clone(&recorder));
+            let (clocks, recorder, server_limits) =
+                (Arc::clone(&clocks), Arc::clone(&recorder), limits(&opts));
             handle
                 .create_node()
                 .name(format!("server-{i}"))
@@ -247,6 +267,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                     serve(
                         i as usize,
                         backend.clone(),
+                        server_limits.clone(),
                         Arc::clone(&clocks),
                         Arc::clone(&recorder),
                     )
@@ -587,6 +608,7 @@ fn lagging_in(
         convs,
         devices_per_user: &[],
         latency_bound_ms: 0,
+        retention_ms: None,
     };
     let ranges = crate::checker::visible_ranges(h, &world);
     for (device, p) in progress {

@@ -49,6 +49,10 @@ pub struct Preset {
     pub faults_at_once: u32,
     /// Relative weight of each fault kind (0 disables it).
     pub faults: FaultWeights,
+    /// How long the servers keep entries, simulated seconds, with an expiry sweep
+    /// every second; without it the server's default (366 days), so nothing expires.
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
 }
 
 /// The most faults a preset may have under way at once.
@@ -252,6 +256,12 @@ impl Preset {
             .expect("built-in storage-faults preset")
     }
 
+    /// The built-in retention preset (`scenarios/sim/retention.toml`).
+    pub fn retention() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/retention.toml"))
+            .expect("built-in retention preset")
+    }
+
     /// The built-in smoke preset (also `scenarios/sim/smoke.toml`).
     pub fn smoke() -> Self {
         toml::from_str(include_str!("../../scenarios/sim/smoke.toml"))
@@ -348,6 +358,8 @@ pub struct SimOptions {
     pub faults_at_once: u32,
     /// Fault weights.
     pub faults: FaultWeights,
+    /// Retention of entries, simulated seconds (`None`: the server's default).
+    pub retention_secs: Option<u64>,
     /// The mutant switched on, if any.
     pub mutant: Option<String>,
 }
@@ -466,6 +478,7 @@ impl SimOptions {
             fault_interval_ms: preset.fault_interval_ms,
             faults_at_once: preset.faults_at_once,
             faults: preset.faults.clone(),
+            retention_secs: preset.retention_secs,
             mutant: None,
         }
     }
@@ -482,7 +495,7 @@ impl fmt::Display for SimOptions {
         let msgs: u32 = self.messages.iter().flatten().sum();
         write!(
             f,
-            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms{} faults={:?} mutant={}",
+            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms{}{} faults={:?} mutant={}",
             self.seed,
             self.preset,
             self.servers,
@@ -499,6 +512,9 @@ impl fmt::Display for SimOptions {
             } else {
                 String::new()
             },
+            self.retention_secs
+                .map(|r| format!(" retention={r}s"))
+                .unwrap_or_default(),
             self.faults.weights(),
             self.mutant.as_deref().unwrap_or("none"),
         )

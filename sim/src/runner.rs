@@ -215,6 +215,7 @@ pub fn run_one(opts: &SimOptions, mutant: Option<Mutant>) -> SeedResult {
         convs: &outcome.convs,
         devices_per_user: &opts.devices_per_user,
         latency_bound_ms: opts.latency_bound_ms,
+        retention_ms: opts.retention_secs.map(|s| s * 1000),
     };
     let violations = check(&outcome.history, &world);
     let verdict = if !violations.is_empty() {
@@ -608,7 +609,11 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 // A long-poll bug of resuming shows when poll responses are lost on
                 // the way, which the router-outage preset's frequent cuts cause most.
                 let needs_lost_polls = mutant == Mutant::PollResumesWhereItLeft;
-                let preset = if needs_lost_polls && preset.servers[1] <= 1 {
+                // An expiry bug shows only where entries expire within the run.
+                let needs_retention = mutant == Mutant::ExpiryCutoffInSeconds;
+                let preset = if needs_retention && preset.retention_secs.is_none() {
+                    Preset::retention()
+                } else if needs_lost_polls && preset.servers[1] <= 1 {
                     Preset::router_outage()
                 } else if needs_cluster && preset.servers[1] <= 1 {
                     // Events lost to a router outage show most where conversations
