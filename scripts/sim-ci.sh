@@ -73,6 +73,7 @@ swarm_run storage-faults 1..101
 swarm_run router-outage 1..101
 swarm_run overlapping-faults 1..101
 swarm_run retention 1..101
+swarm_run small-limits 1..101
 
 # Seeds derived from the commit hash on every preset, so every commit explores new ground.
 swarm_commit() { # preset count
@@ -91,6 +92,7 @@ swarm_commit storage-faults 30
 swarm_commit router-outage 30
 swarm_commit overlapping-faults 20
 swarm_commit retention 30
+swarm_commit small-limits 30
 
 mutants() {
   echo "-- mutants (each must be caught within 30 seeds)"

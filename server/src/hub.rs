@@ -226,6 +226,12 @@ impl Hub {
                         queued += 1;
                         true
                     }
+                    Err(mpsc::error::TrySendError::Full(_))
+                        if crate::mutants::active(crate::mutants::Mutant::FullQueueDropsEvent) =>
+                    {
+                        slot.bytes.fetch_sub(len, Ordering::Relaxed);
+                        true
+                    }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(
                             user,

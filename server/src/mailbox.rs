@@ -36,6 +36,7 @@ pub struct Mailbox<T> {
     polls_in_flight: AtomicUsize,
     last_active_ms: AtomicU64,
     closed: AtomicBool,
+    reopened: bool,
 }
 
 /// A poll in flight on a mailbox, from [`Mailbox::begin_poll`] until
@@ -114,6 +115,13 @@ impl<T> Mailbox<T> {
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
+
+    /// True when this mailbox replaced one of the same device that ended while the
+    /// device went on polling (its queue overflowed, or a WebSocket took its slot):
+    /// what that one had queued, receipts included, may be lost.
+    pub fn reopened(&self) -> bool {
+        self.reopened
+    }
 }
 
 /// A device: `(user, device)`.
@@ -188,6 +196,7 @@ impl<T> Mailboxes<T> {
             polls_in_flight: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(now_ms),
             closed: AtomicBool::new(false),
+            reopened: reopening,
         });
         if let Some(old) = open.insert(key, Arc::clone(&mailbox)) {
             old.close();

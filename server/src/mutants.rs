@@ -58,11 +58,15 @@ pub enum Mutant {
     /// Durable (retention): the expiry sweep reads the retention in seconds where it
     /// wants milliseconds, so entries expire a thousand times too early.
     ExpiryCutoffInSeconds = 18,
+    /// Complete (slow consumer): a device whose queue is full loses the event that
+    /// did not fit but keeps its connection, instead of being dropped as `slow_consumer`
+    /// to catch up from its cursor.
+    FullQueueDropsEvent = 19,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 18] = [
+    pub const ALL: [Mutant; 19] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -81,6 +85,7 @@ impl Mutant {
         Mutant::WatchesNotRestored,
         Mutant::PollResumesWhereItLeft,
         Mutant::ExpiryCutoffInSeconds,
+        Mutant::FullQueueDropsEvent,
     ];
 
     /// A stable kebab-case name.
@@ -104,6 +109,7 @@ impl Mutant {
             Mutant::WatchesNotRestored => "watches-not-restored",
             Mutant::PollResumesWhereItLeft => "poll-resumes-where-it-left",
             Mutant::ExpiryCutoffInSeconds => "expiry-cutoff-in-seconds",
+            Mutant::FullQueueDropsEvent => "full-queue-drops-event",
         }
     }
 }

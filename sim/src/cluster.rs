@@ -85,11 +85,16 @@ fn limits(opts: &SimOptions) -> Limits {
         Some(secs) => (Duration::from_secs(secs), RETENTION_SWEEP),
         None => (defaults.retention, defaults.expiry_sweep_interval),
     };
+    let small = opts.limits;
     Limits {
         idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS),
         presence_interval: Duration::from_millis(PRESENCE_INTERVAL_MS),
         retention,
         expiry_sweep_interval,
+        page_len_max: small.page_len_max.unwrap_or(defaults.page_len_max),
+        device_queue_len_max: small
+            .device_queue_len_max
+            .unwrap_or(defaults.device_queue_len_max),
         ..defaults
     }
 }

@@ -53,6 +53,20 @@ pub struct Preset {
     /// every second; without it the server's default (366 days), so nothing expires.
     #[serde(default)]
     pub retention_secs: Option<u64>,
+    /// Server limits set small so that they are reached (default: the server's).
+    #[serde(default)]
+    pub limits: SmallLimits,
+}
+
+/// Server limits a preset sets small, so that runs reach them: pages and catch-up reads
+/// of a few entries, device queues that fill (`slow_consumer`) under a burst.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmallLimits {
+    /// Largest page of `sync` and `history`, and of each catch-up read.
+    pub page_len_max: Option<u32>,
+    /// Live events queued for one device before it gets `slow_consumer`.
+    pub device_queue_len_max: Option<usize>,
 }
 
 /// The most faults a preset may have under way at once.
@@ -256,6 +270,12 @@ impl Preset {
             .expect("built-in storage-faults preset")
     }
 
+    /// The built-in small-limits preset (`scenarios/sim/small-limits.toml`).
+    pub fn small_limits() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/small-limits.toml"))
+            .expect("built-in small-limits preset")
+    }
+
     /// The built-in retention preset (`scenarios/sim/retention.toml`).
     pub fn retention() -> Self {
         toml::from_str(include_str!("../../scenarios/sim/retention.toml"))
@@ -360,6 +380,8 @@ pub struct SimOptions {
     pub faults: FaultWeights,
     /// Retention of entries, simulated seconds (`None`: the server's default).
     pub retention_secs: Option<u64>,
+    /// Server limits set small.
+    pub limits: SmallLimits,
     /// The mutant switched on, if any.
     pub mutant: Option<String>,
 }
@@ -479,6 +501,7 @@ impl SimOptions {
             faults_at_once: preset.faults_at_once,
             faults: preset.faults.clone(),
             retention_secs: preset.retention_secs,
+            limits: preset.limits,
             mutant: None,
         }
     }
@@ -495,7 +518,7 @@ impl fmt::Display for SimOptions {
         let msgs: u32 = self.messages.iter().flatten().sum();
         write!(
             f,
-            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms{}{} faults={:?} mutant={}",
+            "seed={} preset={} servers={} users={} devices={} member_changes={} groups={:?} messages={} safety={}s liveness={}s fault_interval={}ms{}{}{}{} faults={:?} mutant={}",
             self.seed,
             self.preset,
             self.servers,
@@ -514,6 +537,14 @@ impl fmt::Display for SimOptions {
             },
             self.retention_secs
                 .map(|r| format!(" retention={r}s"))
+                .unwrap_or_default(),
+            self.limits
+                .page_len_max
+                .map(|n| format!(" page_len_max={n}"))
+                .unwrap_or_default(),
+            self.limits
+                .device_queue_len_max
+                .map(|n| format!(" device_queue_len_max={n}"))
                 .unwrap_or_default(),
             self.faults.weights(),
             self.mutant.as_deref().unwrap_or("none"),

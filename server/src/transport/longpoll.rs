@@ -119,6 +119,11 @@ async fn poll_in(
         feed.resume_without_cursors(limit);
     } else {
         feed.start(cursors, limit).await?;
+        if mailbox.reopened() && generation == 1 {
+            // The mailbox before this one ended without its device knowing (a poll
+            // just answers): the receipts it had queued are read again from the store.
+            feed.resync().await;
+        }
     }
     loop {
         feed.take_queued(svc.limits().device_queue_len_max).await;

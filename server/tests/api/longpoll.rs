@@ -524,3 +524,68 @@ async fn a_poll_never_shows_an_older_last_seen_than_a_reply_did() {
         "the reply showed last seen {shown_ms}, the poll after it {alice_now}"
     );
 }
+
+/// A polling device whose mailbox overflowed between polls (the hub dropped its
+/// queue, receipts included, without the device knowing) still gets the receipt of
+/// its message: the next poll opens a new mailbox, which reads the receipts again
+/// from the store, and every entry once.
+#[tokio::test]
+async fn a_receipt_survives_a_mailbox_that_overflowed_between_polls() {
+    let limits = Limits {
+        device_queue_len_max: 2,
+        ..Limits::default()
+    };
+    let server = TestServer::start_with(limits).await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    let mut cursors = json!({});
+    poll_until(&server, "bob", "web", &mut cursors, &conv, 1).await;
+    let frame = json!({"rid": "s1", "op": "send", "conv": conv, "message_id": "b1", "text": "hi"});
+    let sent = rpc(&server, "bob", "web", frame).await.json();
+    let seq = sent["result"]["seq"].as_u64().unwrap();
+    // Between bob's polls: his own entry, alice's receipt, then three of her
+    // messages, more than his mailbox holds.
+    ok(alice
+        .request(json!({"op": "ack", "conv": conv, "delivered": seq, "read": seq}))
+        .await
+        .unwrap());
+    for i in 0..3 {
+        send(&mut alice, &conv, &format!("a{i}"), "more").await;
+    }
+    let last = seq + 3;
+    let (mut entries, mut receipt) = (Vec::new(), None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while receipt.is_none() || cursors[&conv].as_u64() < Some(last) {
+        assert!(
+            Instant::now() < deadline,
+            "bob got entries {:?} and receipt {receipt:?} by the deadline",
+            entry_seqs(&entries, &conv)
+        );
+        let reply = poll(
+            &server,
+            "bob",
+            "web",
+            json!({"cursors": cursors, "timeout_ms": 500}),
+        )
+        .await;
+        let body = reply.json();
+        for entry in body["entries"].as_array().unwrap() {
+            cursors[&conv] = entry["seq"].clone();
+            entries.push(entry.clone());
+        }
+        receipt = receipt.or_else(|| {
+            body["receipts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["user"] == "alice" && r["read"] == seq)
+                .cloned()
+        });
+    }
+    let want: Vec<u64> = (seq..=last).collect();
+    assert_eq!(
+        entry_seqs(&entries, &conv),
+        want,
+        "every entry once, in order"
+    );
+}
