@@ -236,7 +236,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Closes the connection politely.
     pub async fn close(mut self) {
-        let _ = self.ws.close(None).await;
+        // The sink's close: the close frame, a flush, then the stream's shutdown.
+        let _ = SinkExt::close(&mut self.ws).await;
     }
 
     fn fresh_rid(&mut self) -> String {

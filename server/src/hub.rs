@@ -259,24 +259,29 @@ impl Hub {
             .is_some_and(|slots| slots.iter().any(|s| s.conn_id == conn.0))
     }
 
-    /// Every connected `(user, device)`.
+    /// Every connected `(user, device)`, in order (never the hash map's order, which
+    /// differs from one process, or simulated run, to the next).
     pub fn devices(&self) -> Vec<(String, String)> {
         let users = self.users.lock().expect("hub lock");
-        users
+        let mut devices: Vec<(String, String)> = users
             .iter()
             .flat_map(|(user, slots)| slots.iter().map(|s| (user.clone(), s.device.clone())))
-            .collect()
+            .collect();
+        devices.sort_unstable();
+        devices
     }
 
-    /// Queues `push` for every connected device; returns how many got it.
+    /// Queues `push` for every connected device, user by user in order; returns how
+    /// many got it.
     pub fn publish_everyone(&self, push: &Push) -> usize {
-        let users: Vec<String> = self
+        let mut users: Vec<String> = self
             .users
             .lock()
             .expect("hub lock")
             .keys()
             .cloned()
             .collect();
+        users.sort_unstable();
         self.publish(&users, push)
     }
 

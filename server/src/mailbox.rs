@@ -220,7 +220,7 @@ impl<T> Mailboxes<T> {
     /// last one ended before `idle_before_ms`).
     pub fn take_expired(&self, idle_before_ms: u64) -> Vec<Arc<Mailbox<T>>> {
         let mut open = self.open.lock().expect("mailboxes lock");
-        let expired: Vec<(String, String)> = open
+        let mut expired: Vec<(String, String)> = open
             .iter()
             .filter(|(_, m)| {
                 m.is_closed()
@@ -229,6 +229,9 @@ impl<T> Mailboxes<T> {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // In order: the hash map's order differs from one process (or simulated run)
+        // to the next, and each mailbox's end publishes presence.
+        expired.sort_unstable();
         expired
             .into_iter()
             .filter_map(|k| open.remove(&k))
@@ -238,7 +241,9 @@ impl<T> Mailboxes<T> {
     /// Removes and returns every mailbox (shutdown).
     pub fn take_all(&self) -> Vec<Arc<Mailbox<T>>> {
         let mut open = self.open.lock().expect("mailboxes lock");
-        open.drain().map(|(_, m)| m).collect()
+        let mut all: Vec<_> = open.drain().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all.into_iter().map(|(_, m)| m).collect()
     }
 
     /// Number of open mailboxes.

@@ -122,7 +122,7 @@ pub async fn run(
                 .timer(Timer)
                 .header_read_timeout(header_read_timeout)
                 .serve_connection(
-                    TokioIo::new(Watched::new(stream, Arc::clone(&activity))),
+                    TokioIo::new(Watched::new(stream, Arc::clone(&activity)).of_peer(peer.ip())),
                     svc,
                 )
                 .with_upgrades();

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chatproof_server::transport::stall;
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
@@ -20,6 +21,7 @@ use crate::disk::{DiskFault, SimDisk};
 use crate::history::WindowKind;
 use crate::history::{DeviceKey, FaultWindow};
 use crate::options::{FaultKind, SeedRng, SimOptions};
+
 use crate::stage::{sim_ms, Directions, Recorder, ServerClocks};
 
 /// The nodes faults act on.
@@ -33,6 +35,8 @@ pub struct Backends {
     pub router: Option<NodeId>,
     /// The server's disk (one server only).
     pub disk: Option<Arc<SimDisk>>,
+    /// Each device's address, as the servers see it.
+    pub device_ips: std::collections::BTreeMap<DeviceKey, std::net::IpAddr>,
 }
 
 /// What a fault holds while under way: two lanes never hold the same one, so one
@@ -142,7 +146,8 @@ impl Injector {
             FaultKind::LinkPartition
             | FaultKind::BackendPartition
             | FaultKind::ClientDisconnect
-            | FaultKind::ClockJump => Vec::new(),
+            | FaultKind::ClockJump
+            | FaultKind::ReaderStall => Vec::new(),
         }
     }
 
@@ -194,6 +199,7 @@ impl Injector {
                 FaultKind::LatencySpike
                 | FaultKind::PacketLoss
                 | FaultKind::ClientDisconnect
+                | FaultKind::ReaderStall
                 | FaultKind::StoreCrash
                 | FaultKind::RouterCrash => None,
                 FaultKind::DiskFull | FaultKind::DiskIo => {
@@ -279,6 +285,16 @@ impl Injector {
                     *device = Some(d);
                     self.directions.request_disconnect(d);
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                FaultKind::ReaderStall => {
+                    let d = self.devices[self.range(0, self.devices.len() as u64 - 1) as usize];
+                    *device = Some(d);
+                    let Some(ip) = self.nodes.device_ips.get(&d).copied() else {
+                        return false;
+                    };
+                    stall::stall(ip);
+                    tokio::time::sleep(hold).await;
+                    stall::resume(ip);
                 }
                 FaultKind::StoreCrash => {
                     let Some(store) = self.nodes.store else {
@@ -371,6 +387,9 @@ impl Injector {
         });
         if let Some(disk) = &self.nodes.disk {
             disk.set_fault(None);
+        }
+        for ip in self.nodes.device_ips.values() {
+            stall::resume(*ip);
         }
         let _ = handle;
     }

@@ -142,11 +142,15 @@ pub enum FaultKind {
     /// A running server's wall clock steps forward or back (up to 30 s), as an NTP
     /// step would, without a restart.
     ClockJump,
+    /// A device stops reading for a while: the server's writes to it block (a full
+    /// TCP window) while the server goes on queueing its live events, so a small queue
+    /// fills and the device gets `slow_consumer`.
+    ReaderStall,
 }
 
 impl FaultKind {
     /// Every kind, in draw order.
-    pub const ALL: [FaultKind; 16] = [
+    pub const ALL: [FaultKind; 17] = [
         FaultKind::ServerCrash,
         FaultKind::Partition,
         FaultKind::PartitionOneWay,
@@ -163,6 +167,7 @@ impl FaultKind {
         FaultKind::PowerLoss,
         FaultKind::ProcessPause,
         FaultKind::ClockJump,
+        FaultKind::ReaderStall,
     ];
 
     /// The name used in presets, `--faults`, traces and replay commands.
@@ -184,6 +189,7 @@ impl FaultKind {
             FaultKind::PowerLoss => "power_loss",
             FaultKind::ProcessPause => "process_pause",
             FaultKind::ClockJump => "clock_jump",
+            FaultKind::ReaderStall => "reader_stall",
         }
     }
 }
@@ -580,7 +586,7 @@ mod tests {
         let only = w.only(&[FaultKind::Partition, FaultKind::PacketLoss]);
         assert_eq!(
             only.weights(),
-            [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+            [0, 2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         );
         let parsed: FaultWeights = toml::from_str("server_crash = 3\npartition = 2").unwrap();
         assert_eq!(parsed, w);

@@ -116,7 +116,17 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         junit_dir: Option<PathBuf>,
     },
-    /// Run each seed twice and require identical histories.
+    /// Run the seed once, in this process, and print its history's fingerprint
+    /// (`determinism` runs it so, in a fresh process per run).
+    #[command(hide = true)]
+    Fingerprint {
+        /// The seed.
+        seed: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run each seed twice, each in a process of its own as its replay command runs
+    /// it, and require identical histories (and madsim's own draw-log check).
     Determinism {
         /// Seeds.
         #[arg(long, default_value = "1..4")]
@@ -675,10 +685,11 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             let mut differing = 0;
             for seed in parse_seeds(&seeds)? {
                 let opts = SimOptions::derive(seed, &preset);
-                let a = run_one(&opts, None);
-                let b = run_one(&opts, None);
-                let fa = a.outcome.as_ref().map(|o| o.history.fingerprint());
-                let fb = b.outcome.as_ref().map(|o| o.history.fingerprint());
+                // Each run in a process of its own, as its replay command runs it: a
+                // run inside a batch can differ from its replay (see sim/README.md,
+                // "Determinism"), which is not what this checks.
+                let fa = fingerprint_in_child(seed, &common)?;
+                let fb = fingerprint_in_child(seed, &common)?;
                 let same = fa.is_some() && fa == fb;
                 // madsim's own check: every random draw, in order and at the same simulated time.
                 *CHECK_OPTIONS.lock().expect("options") = Some(opts.clone());
@@ -695,20 +706,15 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 .is_ok();
                 let same = same && draws_match;
                 say!(
-                    "seed {seed}: {} (history {fa:x?} vs {fb:x?}; madsim draw log {})",
+                    "seed {seed}: {} (history {fa:?} vs {fb:?}; madsim draw log {})",
                     if same { "deterministic" } else { "DIFFERENT" },
                     if draws_match { "identical" } else { "diverged" }
                 );
-                if let (false, Some(x), Some(y)) = (same, &a.outcome, &b.outcome) {
-                    let first = x
-                        .history
-                        .trace
-                        .iter()
-                        .zip(&y.history.trace)
-                        .find(|(l, r)| l != r);
-                    if let Some((l, r)) = first {
-                        say!("  first difference:\n    {l}\n    {r}");
-                    }
+                if !same {
+                    say!(
+                        "  compare the traces of two runs of {}",
+                        replay_command(&common, seed, None)
+                    );
                 }
                 differing += usize::from(!same);
             }
@@ -718,7 +724,38 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 Exit::Pass
             })
         }
+        Cmd::Fingerprint { seed, common } => {
+            let preset = preset(&common)?;
+            let result = run_one(&SimOptions::derive(seed, &preset), None);
+            match result.outcome {
+                Some(outcome) => println!("{:x}", outcome.history.fingerprint()),
+                None => println!("none"),
+            }
+            Ok(Exit::Pass)
+        }
     }
+}
+
+/// The history fingerprint of `seed` run in a fresh process of this binary (`None`
+/// when the run did not finish).
+fn fingerprint_in_child(seed: u64, common: &Common) -> anyhow::Result<Option<String>> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("fingerprint").arg(seed.to_string());
+    if let Some(path) = &common.scenario {
+        cmd.arg("--scenario").arg(path);
+    }
+    if let Some(kinds) = &common.faults {
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        cmd.arg("--faults").arg(names.join(","));
+    }
+    let out = cmd.stderr(std::process::Stdio::null()).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "fingerprint of seed {seed} failed: {}",
+        out.status
+    );
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok((text != "none").then_some(text))
 }
 
 fn xml_escape(s: &str) -> String {

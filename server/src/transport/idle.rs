@@ -97,6 +97,8 @@ impl Drop for InFlight {
 pub struct Watched<S> {
     inner: QuietIo<S>,
     activity: Arc<Activity>,
+    /// The peer, whose reads the simulator may stall ([`super::stall`]).
+    peer: Option<std::net::IpAddr>,
 }
 
 impl<S> Watched<S> {
@@ -105,7 +107,14 @@ impl<S> Watched<S> {
         Self {
             inner: QuietIo::new(inner),
             activity,
+            peer: None,
         }
+    }
+
+    /// The same, its writes held while the simulator stalls `peer`'s reads.
+    pub fn of_peer(mut self, peer: std::net::IpAddr) -> Self {
+        self.peer = Some(peer);
+        self
     }
 }
 
@@ -130,6 +139,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if super::stall::holds(self.peer, cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -146,6 +158,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if super::stall::holds(self.peer, cx) {
+            return Poll::Pending;
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

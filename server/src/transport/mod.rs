@@ -9,4 +9,5 @@ pub mod media;
 pub mod per_address;
 pub mod quiet;
 pub mod session;
+pub mod stall;
 pub mod timer;

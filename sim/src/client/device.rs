@@ -291,7 +291,10 @@ impl Device {
                 self.note(format_args!("hello refused: {:?}", v.error_code()));
                 return Flow::End;
             }
-            (FrameKind::Error, None) => return Flow::End,
+            (FrameKind::Error, None) => {
+                self.note(format_args!("closed by the server: {:?}", v.error_code()));
+                return Flow::End;
+            }
             (FrameKind::Msg, _) => {
                 let (Some(conv), Some(seq)) = (v.conv.as_deref(), v.seq) else {
                     return Flow::Go;
