@@ -1038,19 +1038,7 @@ mod tests {
     #[test]
     fn pages_may_leave_out_only_expired_entries() {
         let mut h = both_hold_two();
-        h.sent.push(Sent {
-            device: (0, 0),
-            conv: "c".into(),
-            message_id: "m2".into(),
-            t_ms: 50,
-        });
-        h.acked.push(Acked {
-            device: (0, 0),
-            conv: "c".into(),
-            message_id: "m2".into(),
-            seq: 3,
-            t_ms: 55,
-        });
+        made_and_acked(&mut h, "m2", 3, 50);
         for d in [(0, 0), (1, 0)] {
             h.received.push(recv(d, 3, "m2"));
         }
@@ -1108,20 +1096,26 @@ mod tests {
 
     fn base() -> History {
         let mut h = History::default();
+        made_and_acked(&mut h, "m1", 2, 0);
+        h
+    }
+
+    /// Device (0, 0) makes message `id` of conversation `c` at `made_ms`; it is
+    /// acknowledged at `seq` 5 ms later.
+    fn made_and_acked(h: &mut History, id: &str, seq: u64, made_ms: u64) {
         h.sent.push(Sent {
             device: (0, 0),
             conv: "c".into(),
-            message_id: "m1".into(),
-            t_ms: 0,
+            message_id: id.into(),
+            t_ms: made_ms,
         });
         h.acked.push(Acked {
             device: (0, 0),
             conv: "c".into(),
-            message_id: "m1".into(),
-            seq: 2,
-            t_ms: 5,
+            message_id: id.into(),
+            seq,
+            t_ms: made_ms + 5,
         });
-        h
     }
 
     /// [`base`] with both devices holding the conversation's entries 1 and 2.
@@ -1175,19 +1169,7 @@ mod tests {
             retention_ms: None,
         };
         let mut h = base();
-        h.sent.push(Sent {
-            device: (0, 0),
-            conv: "c".into(),
-            message_id: "m2".into(),
-            t_ms: 20,
-        });
-        h.acked.push(Acked {
-            device: (0, 0),
-            conv: "c".into(),
-            message_id: "m2".into(),
-            seq: 5,
-            t_ms: 25,
-        });
+        made_and_acked(&mut h, "m2", 5, 20);
         let change = |seq: u64, action: &str, user: u32| MemberChange {
             conv: "c".into(),
             seq,
