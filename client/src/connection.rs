@@ -61,9 +61,9 @@ pub struct Client<S = TcpClientStream> {
 impl Client<TcpClientStream> {
     /// Opens a WebSocket to `url` (e.g. `ws://127.0.0.1:8080/v1/ws`) without saying hello.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let (host, _) = url
+        let host = url
             .strip_prefix("ws://")
-            .and_then(|rest| rest.split_once('/'))
+            .and_then(|rest| rest.split('/').next())
             .ok_or_else(|| ClientError::Protocol(format!("not a ws:// url: {url}")))?;
         let stream = TcpStream::connect(host)
             .await
@@ -259,22 +259,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         deadline: tokio::time::Instant,
         what: &str,
     ) -> Result<Value, ClientError> {
-        loop {
-            // `timeout` rather than `timeout_at`: madsim's tokio has only the former.
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let next = tokio::time::timeout(left, self.ws.next())
-                .await
-                .map_err(|_| ClientError::Timeout(what.to_owned()))?;
-            match next {
-                None | Some(Ok(Message::Close(_))) => return Err(ClientError::Closed),
-                Some(Err(e)) => return Err(e.into()),
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(&text)
-                        .map_err(|e| ClientError::Protocol(format!("{e}: {text}")));
-                }
-                Some(Ok(_)) => {}
-            }
-        }
+        // `timeout` rather than `timeout_at`: madsim's tokio has only the former.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let text = tokio::time::timeout(left, self.next_text())
+            .await
+            .map_err(|_| ClientError::Timeout(what.to_owned()))??;
+        serde_json::from_str(&text).map_err(|e| ClientError::Protocol(format!("{e}: {text}")))
     }
 }
 
