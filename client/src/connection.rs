@@ -113,7 +113,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         device: &str,
         cursors: Value,
     ) -> Result<Value, ClientError> {
-        let mut frame = Request::hello(token, device, None).to_value("h");
+        let mut frame = Request::hello(token, device, None, false).to_value("h");
         frame["cursors"] = cursors;
         match self.request(frame).await? {
             Ok(welcome) => Ok(welcome),

@@ -26,6 +26,10 @@ pub enum Request<'a> {
         /// Per conversation, the highest seq held; not written when `None`.
         #[serde(skip_serializing_if = "Option::is_none")]
         cursors: Option<&'a BTreeMap<String, u64>>,
+        /// Ask for the receipts that moved while the device was away; not written
+        /// when `false`.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        receipts: bool,
     },
     /// Asks for the server's time.
     Ping,
@@ -125,17 +129,20 @@ struct Framed<'r, 'a> {
 }
 
 impl<'a> Request<'a> {
-    /// `hello` for `device` with `token`, presenting `cursors` when given.
+    /// `hello` for `device` with `token`, presenting `cursors` when given, asking
+    /// for the receipts that moved while it was away when `receipts`.
     pub fn hello(
         token: &'a str,
         device: &'a str,
         cursors: Option<&'a BTreeMap<String, u64>>,
+        receipts: bool,
     ) -> Self {
         Request::Hello {
             versions: VERSIONS,
             token,
             device,
             cursors,
+            receipts,
         }
     }
 
@@ -192,11 +199,15 @@ mod tests {
         let users = vec!["bob".to_owned()];
         let cases = [
             (
-                Request::hello("t", "phone", Some(&cursors)),
+                Request::hello("t", "phone", Some(&cursors), false),
                 json!({"rid": "r", "op": "hello", "versions": [1], "token": "t", "device": "phone", "cursors": {"d:a:b": 17}}),
             ),
             (
-                Request::hello("t", "phone", None),
+                Request::hello("t", "phone", None, true),
+                json!({"rid": "r", "op": "hello", "versions": [1], "token": "t", "device": "phone", "receipts": true}),
+            ),
+            (
+                Request::hello("t", "phone", None, false),
                 json!({"rid": "r", "op": "hello", "versions": [1], "token": "t", "device": "phone"}),
             ),
             (Request::Ping, json!({"rid": "r", "op": "ping"})),

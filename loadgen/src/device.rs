@@ -141,7 +141,7 @@ async fn session(
         .await
         .map_err(|_| anyhow!("connect timed out"))??;
     let (mut sink, stream) = ws.split();
-    let hello = Request::hello(&link.token, &link.device, Some(cursors)).encode(HELLO_RID);
+    let hello = Request::hello(&link.token, &link.device, Some(cursors), false).encode(HELLO_RID);
     sink.send(Message::Text(hello.into())).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
     {

@@ -681,7 +681,7 @@ mod tests {
     async fn hello(addr: SocketAddr, key: &TokenKey, user: &str, device: &str) -> Client {
         let mut ws = connect(addr).await;
         let token = key.mint(user, now_ms() / 1000 + 60);
-        let ok = request(&mut ws, Request::hello(&token, device, None)).await;
+        let ok = request(&mut ws, Request::hello(&token, device, None, false)).await;
         assert!(ok.get("result").is_some(), "{ok}");
         ws
     }
@@ -765,11 +765,11 @@ mod tests {
         // A device behind in a conversation with messages cannot be caught up.
         let mut late = connect(addr).await;
         let token = key.mint("bob", now_ms() / 1000 + 60);
-        let refused = request(&mut late, Request::hello(&token, "tablet", None)).await;
+        let refused = request(&mut late, Request::hello(&token, "tablet", None, false)).await;
         assert_eq!(refused["code"], "internal", "{refused}");
         let early = request(&mut late, Request::send_text("d:alice:bob", "m", "t")).await;
         assert_eq!(early["code"], "hello_required", "{early}");
-        let forged = request(&mut late, Request::hello("e30.AAAA", "tablet", None)).await;
+        let forged = request(&mut late, Request::hello("e30.AAAA", "tablet", None, false)).await;
         assert_eq!(forged["code"], "unauthorized", "{forged}");
     }
 }

@@ -57,9 +57,9 @@ pub struct ClusterArgs {
     /// This server's id in the registry; unique among live servers. Default: `HOST:PORT-PID` of --listen.
     #[arg(long, env = "CHATPROOF_SERVER_ID")]
     pub server_id: Option<String>,
-    /// Seconds a server that stopped heartbeating stays routable (it heartbeats every third of it).
-    #[arg(long, env = "CHATPROOF_REGISTRY_TTL_SECS", default_value_t = 10)]
-    pub registry_ttl_secs: u64,
+    /// Seconds a server that stopped heartbeating stays routable (it heartbeats every third of it); fractions allowed, at least the registry's command timeout (3 s for Redis).
+    #[arg(long, env = "CHATPROOF_REGISTRY_TTL_SECS", default_value_t = 10.0)]
+    pub registry_ttl_secs: f64,
 }
 
 /// Flags of `chatproof-server serve`.
@@ -158,6 +158,12 @@ pub struct ServeArgs {
     /// Bytes of live events queued for one device that is not reading; past it the device gets slow_consumer and is closed.
     #[arg(long, env = "CHATPROOF_DEVICE_QUEUE_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub device_queue_max_bytes: usize,
+    /// Live events queued for one device that is not reading; past it the device gets slow_consumer and is closed.
+    #[arg(long, env = "CHATPROOF_DEVICE_QUEUE_MAX_EVENTS", default_value_t = crate::limits::DEVICE_QUEUE_LEN_MAX_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub device_queue_max_events: u64,
+    /// Most entries in one page of sync or history, and in one catch-up read.
+    #[arg(long, env = "CHATPROOF_PAGE_MAX_ENTRIES", default_value_t = crate::limits::PAGE_LEN_MAX_DEFAULT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_max_entries: u32,
     /// Devices of one user connected to this server at once; another gets too_many_devices.
     #[arg(long, env = "CHATPROOF_DEVICES_PER_USER_MAX", default_value_t = 32)]
     pub devices_per_user_max: usize,
@@ -194,6 +200,9 @@ impl ServeArgs {
             devices_per_user_max: self.devices_per_user_max,
             connections_per_address_max: self.max_connections_per_address,
             device_queue_bytes_max: self.device_queue_max_bytes,
+            device_queue_len_max: usize::try_from(self.device_queue_max_events)
+                .map_err(|_| "--device-queue-max-events is too large".to_owned())?,
+            page_len_max: self.page_max_entries,
             poll_mailboxes_max: self.poll_mailboxes_max,
             uploads_max: self.uploads_max,
             send_rate: crate::rate::Rate {

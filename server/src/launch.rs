@@ -1,20 +1,29 @@
 //! Starting a complete server from [`ServeArgs`] on the configured backends:
-//! shared by `chatproof-server serve` and the load generator's reference server.
+//! shared by `chatproof-server serve`, the load generator's reference server and
+//! the simulator.
+//!
+//! [`serve_on`] reads the flags and asks a [`Platform`] for what they name: a
+//! clock, a store, a registry, a place for images. The binary launches onto the
+//! host ([`Host`]); the simulator onto its simulated disk and backend nodes, so
+//! the flags, their checks and the order of start-up it runs are the binary's.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::clock::SystemClock;
-#[cfg(not(madsim))]
-use crate::cluster::fabric::{new_incarnation, FabricConfig, RegistryFabric};
-#[cfg(not(madsim))]
-use crate::cluster::registry::redis::RedisRegistry;
+use async_trait::async_trait;
+
+use crate::clock::{Clock, SystemClock};
+use crate::cluster::fabric::{FabricConfig, RegistryFabric};
+use crate::cluster::registry::Registry;
 use crate::config::{Backend, ServeArgs};
+use crate::limits::Limits;
+use crate::media::BlobStore;
+use crate::metrics::Metrics;
+use crate::push::PushSink;
 use crate::service::ServiceBuilder;
 use crate::store::embedded::EmbeddedStore;
-#[cfg(not(madsim))]
-use crate::store::scylla::{ScyllaConfig, ScyllaStore};
 use crate::store::Store;
 
 /// Why the server could not start.
@@ -44,11 +53,68 @@ pub enum LaunchError {
     },
 }
 
-/// Opens the configured backends, binds the listener, calls `on_ready` with the
-/// bound address, and serves until `shutdown` resolves (then drains).
-///
-/// An unreachable or misconfigured backend stops start-up with an error naming it.
+/// A connected cluster registry and what its client promises about time.
+pub struct RegistryLink {
+    /// The registry.
+    pub registry: Arc<dyn Registry>,
+    /// Longest one command waits before its caller gives up on it; the registry
+    /// TTL may not be shorter (a lease would lapse on one slow command).
+    pub command_timeout: Duration,
+    /// Longest a command may still apply after its caller gave up on it (the
+    /// client's timeouts and retries), see [`FabricConfig::late_write_max`].
+    pub late_write_max: Duration,
+}
+
+/// The world a server is launched onto: where its time, storage, registry and
+/// images come from. Every method is called at most once per start, in the
+/// order [`serve_on`] documents; an error stops the start with that error.
+#[async_trait]
+pub trait Platform: Send + Sync {
+    /// The clock the service reads.
+    fn clock(&self) -> Arc<dyn Clock>;
+    /// Opens the embedded store of `args` (`--data-dir`).
+    fn open_embedded(&self, args: &ServeArgs) -> Result<EmbeddedStore, LaunchError>;
+    /// Connects the cluster's shared store (`--scylla-*`), keeping entries for `limits.retention`.
+    async fn connect_shared_store(
+        &self,
+        args: &ServeArgs,
+        limits: &Limits,
+    ) -> Result<Arc<dyn Store>, LaunchError>;
+    /// Connects the cluster's registry (`--redis-url`).
+    async fn connect_registry(&self, args: &ServeArgs) -> Result<RegistryLink, LaunchError>;
+    /// A name for this start of the server that no other start of any server
+    /// shares ([`FabricConfig::incarnation`]).
+    fn incarnation(&self) -> String;
+    /// Where uploaded images are kept (`--media-dir`); `None` refuses uploads.
+    fn blobs(&self, args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError>;
+    /// Where notifications for offline users go (`--push-webhook`); `None` logs them.
+    fn push_sink(
+        &self,
+        args: &ServeArgs,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError>;
+}
+
+/// [`serve_on`] the host: the system clock, the data directory, Scylla and Redis.
 pub async fn serve(
+    args: &ServeArgs,
+    on_ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), LaunchError> {
+    serve_on(&Host, args, on_ready, shutdown).await
+}
+
+/// Starts a server of `args` on `platform` and serves until `shutdown` resolves
+/// (then drains).
+///
+/// In order: validates the limits; opens the store (embedded: the token key from
+/// `--secret` or the data directory; cluster: `--secret` required, then the
+/// shared store); media and push; binds `--listen`; on the cluster backend
+/// connects the registry and starts the fabric; then calls `on_ready` with the
+/// bound address and serves. An unreachable or misconfigured backend stops
+/// start-up with an error naming it, before `on_ready`.
+pub async fn serve_on(
+    platform: &dyn Platform,
     args: &ServeArgs,
     on_ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
@@ -57,56 +123,19 @@ pub async fn serve(
     let (store, key): (Arc<dyn Store>, _) = match args.backend {
         Backend::Embedded => {
             let key = args.storage.token_key().map_err(LaunchError::Config)?;
-            let dir = &args.storage.data_dir;
-            let store = EmbeddedStore::open(dir).map_err(|e| LaunchError::Store {
-                dir: dir.display().to_string(),
-                why: e.to_string(),
-            })?;
-            (Arc::new(store), key)
+            (Arc::new(platform.open_embedded(args)?), key)
         }
-        #[cfg(not(madsim))]
         Backend::Cluster => {
             let key = cluster_token_key(args)?;
-            let config = scylla_config(args, &limits)?;
-            let store = ScyllaStore::connect(&config)
-                .await
-                .map_err(|e| LaunchError::Backend(e.to_string()))?;
-            (Arc::new(store), key)
-        }
-        #[cfg(madsim)]
-        Backend::Cluster => {
-            return Err(LaunchError::Config(
-                "the cluster backend does not run under the simulator".into(),
-            ))
+            (platform.connect_shared_store(args, &limits).await?, key)
         }
     };
-    #[cfg_attr(madsim, allow(unused_mut))]
-    let mut service = ServiceBuilder::new(store, Arc::new(SystemClock), limits, key);
-    #[cfg(not(madsim))]
-    {
-        let media_dir = args
-            .media_dir
-            .clone()
-            .unwrap_or_else(|| args.storage.data_dir.join("media"));
-        let blobs = crate::media::disk::DiskBlobStore::open(&media_dir).map_err(|e| {
-            LaunchError::Store {
-                dir: media_dir.display().to_string(),
-                why: e.to_string(),
-            }
-        })?;
-        service = service.media(Arc::new(blobs));
-        if let Some(url) = &args.push_webhook {
-            let config = crate::push::webhook::WebhookConfig {
-                url: url.clone(),
-                queue_len: args.push_queue_len,
-                attempts: args.push_attempts,
-                backoff: std::time::Duration::from_millis(args.push_backoff_ms),
-            };
-            let sink =
-                crate::push::webhook::WebhookSink::start(config, Arc::clone(service.metrics()))
-                    .map_err(LaunchError::Config)?;
-            service = service.push(sink);
-        }
+    let mut service = ServiceBuilder::new(store, platform.clock(), limits, key);
+    if let Some(blobs) = platform.blobs(args)? {
+        service = service.media(blobs);
+    }
+    if let Some(sink) = platform.push_sink(args, service.metrics())? {
+        service = service.push(sink);
     }
     let listener = bind_listener(args.listen, args.listen_backlog)
         .await
@@ -118,15 +147,12 @@ pub async fn serve(
         addr: args.listen,
         why: e.to_string(),
     })?;
-    #[cfg(not(madsim))]
     if args.backend == Backend::Cluster {
-        let (url, config) = fabric_config(args, local)?;
-        let registry = RedisRegistry::connect(&url)
-            .await
-            .map_err(|e| LaunchError::Backend(e.to_string()))?;
+        let link = platform.connect_registry(args).await?;
+        let config = fabric_config(args, local, &link, platform.incarnation())?;
         let fabric = RegistryFabric::start(
             config,
-            Arc::new(registry),
+            link.registry,
             Arc::clone(service.hub()),
             service.metrics().fabric.clone(),
         )
@@ -154,6 +180,128 @@ pub async fn serve_embedded(
         ..args.clone()
     };
     serve(&args, on_ready, shutdown).await
+}
+
+/// The host the binary runs on: the system clock, `--data-dir` on the local
+/// file system, Scylla/Cassandra and Redis over the network, images on local
+/// disk, push by webhook. Under the simulator only the embedded store exists.
+pub struct Host;
+
+#[async_trait]
+impl Platform for Host {
+    fn clock(&self) -> Arc<dyn Clock> {
+        Arc::new(SystemClock)
+    }
+
+    fn open_embedded(&self, args: &ServeArgs) -> Result<EmbeddedStore, LaunchError> {
+        let dir = &args.storage.data_dir;
+        EmbeddedStore::open(dir).map_err(|e| LaunchError::Store {
+            dir: dir.display().to_string(),
+            why: e.to_string(),
+        })
+    }
+
+    #[cfg(not(madsim))]
+    async fn connect_shared_store(
+        &self,
+        args: &ServeArgs,
+        limits: &Limits,
+    ) -> Result<Arc<dyn Store>, LaunchError> {
+        let config = scylla_config(args, limits)?;
+        let store = crate::store::scylla::ScyllaStore::connect(&config)
+            .await
+            .map_err(|e| LaunchError::Backend(e.to_string()))?;
+        Ok(Arc::new(store))
+    }
+
+    #[cfg(madsim)]
+    async fn connect_shared_store(
+        &self,
+        _args: &ServeArgs,
+        _limits: &Limits,
+    ) -> Result<Arc<dyn Store>, LaunchError> {
+        Err(LaunchError::Config(
+            "the host's cluster backend does not run under the simulator".into(),
+        ))
+    }
+
+    #[cfg(not(madsim))]
+    async fn connect_registry(&self, args: &ServeArgs) -> Result<RegistryLink, LaunchError> {
+        let Some(url) = args.cluster.redis_url.clone() else {
+            return Err(LaunchError::Config(
+                "--backend cluster needs --redis-url (CHATPROOF_REDIS_URL), e.g. redis://127.0.0.1:6379/".into(),
+            ));
+        };
+        let registry = crate::cluster::registry::redis::RedisRegistry::connect(&url)
+            .await
+            .map_err(|e| LaunchError::Backend(e.to_string()))?;
+        Ok(RegistryLink {
+            registry: Arc::new(registry),
+            command_timeout: crate::cluster::registry::redis::COMMAND_TIMEOUT,
+            // Redis commands time out after 3 s and are retried twice.
+            late_write_max: Duration::from_secs(15),
+        })
+    }
+
+    #[cfg(madsim)]
+    async fn connect_registry(&self, _args: &ServeArgs) -> Result<RegistryLink, LaunchError> {
+        Err(LaunchError::Config(
+            "the host's cluster backend does not run under the simulator".into(),
+        ))
+    }
+
+    fn incarnation(&self) -> String {
+        crate::cluster::fabric::new_incarnation()
+    }
+
+    #[cfg(not(madsim))]
+    fn blobs(&self, args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError> {
+        let media_dir = args
+            .media_dir
+            .clone()
+            .unwrap_or_else(|| args.storage.data_dir.join("media"));
+        let blobs = crate::media::disk::DiskBlobStore::open(&media_dir).map_err(|e| {
+            LaunchError::Store {
+                dir: media_dir.display().to_string(),
+                why: e.to_string(),
+            }
+        })?;
+        Ok(Some(Arc::new(blobs)))
+    }
+
+    #[cfg(madsim)]
+    fn blobs(&self, _args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError> {
+        Ok(None)
+    }
+
+    #[cfg(not(madsim))]
+    fn push_sink(
+        &self,
+        args: &ServeArgs,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError> {
+        let Some(url) = &args.push_webhook else {
+            return Ok(None);
+        };
+        let config = crate::push::webhook::WebhookConfig {
+            url: url.clone(),
+            queue_len: args.push_queue_len,
+            attempts: args.push_attempts,
+            backoff: Duration::from_millis(args.push_backoff_ms),
+        };
+        let sink = crate::push::webhook::WebhookSink::start(config, Arc::clone(metrics))
+            .map_err(LaunchError::Config)?;
+        Ok(Some(sink))
+    }
+
+    #[cfg(madsim)]
+    fn push_sink(
+        &self,
+        _args: &ServeArgs,
+        _metrics: &Arc<Metrics>,
+    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError> {
+        Ok(None)
+    }
 }
 
 /// Binds the listening socket with an accept queue of `backlog` connections (the kernel
@@ -184,7 +332,6 @@ async fn bind_listener(
     tokio::net::TcpListener::bind(addr).await
 }
 
-#[cfg(not(madsim))]
 fn cluster_token_key(args: &ServeArgs) -> Result<crate::auth::TokenKey, LaunchError> {
     match &args.storage.secret {
         Some(secret) => crate::auth::TokenKey::new(secret.as_bytes()).map_err(LaunchError::Config),
@@ -198,7 +345,7 @@ fn cluster_token_key(args: &ServeArgs) -> Result<crate::auth::TokenKey, LaunchEr
 fn scylla_config(
     args: &ServeArgs,
     limits: &crate::limits::Limits,
-) -> Result<ScyllaConfig, LaunchError> {
+) -> Result<crate::store::scylla::ScyllaConfig, LaunchError> {
     let c = &args.cluster;
     if c.scylla_nodes.iter().all(|n| n.trim().is_empty()) {
         return Err(LaunchError::Config(
@@ -211,8 +358,11 @@ fn scylla_config(
             "--scylla-replication-factor must be at least 1".into(),
         ));
     }
-    let mut config =
-        ScyllaConfig::single_node(c.scylla_nodes.clone(), &c.scylla_keyspace, limits.retention);
+    let mut config = crate::store::scylla::ScyllaConfig::single_node(
+        c.scylla_nodes.clone(),
+        &c.scylla_keyspace,
+        limits.retention,
+    );
     config.replication = format!(
         "{{'class': 'NetworkTopologyStrategy', 'replication_factor': {}}}",
         c.scylla_replication_factor
@@ -220,36 +370,31 @@ fn scylla_config(
     Ok(config)
 }
 
-#[cfg(not(madsim))]
-/// The Redis URL and this server's place in the cluster, from the arguments.
+/// This server's place in the cluster, from the arguments and the registry's link.
 fn fabric_config(
     args: &ServeArgs,
     local: SocketAddr,
-) -> Result<(String, FabricConfig), LaunchError> {
+    link: &RegistryLink,
+    incarnation: String,
+) -> Result<FabricConfig, LaunchError> {
     let c = &args.cluster;
-    let Some(url) = c.redis_url.clone() else {
-        return Err(LaunchError::Config(
-            "--backend cluster needs --redis-url (CHATPROOF_REDIS_URL), e.g. redis://127.0.0.1:6379/".into(),
-        ));
-    };
-    if c.registry_ttl_secs < 3 {
-        return Err(LaunchError::Config(
-            "--registry-ttl-secs must be at least 3".into(),
-        ));
+    let floor = link.command_timeout.as_secs_f64();
+    if !c.registry_ttl_secs.is_finite() || c.registry_ttl_secs < floor {
+        return Err(LaunchError::Config(format!(
+            "--registry-ttl-secs must be at least {floor} (the registry's command timeout)"
+        )));
     }
     let server_id = c
         .server_id
         .clone()
         .unwrap_or_else(|| format!("{local}-{}", std::process::id()));
-    let config = FabricConfig {
+    Ok(FabricConfig {
         server_id,
-        incarnation: new_incarnation(),
-        ttl: std::time::Duration::from_secs(c.registry_ttl_secs),
-        // Redis commands time out after 3 s and are retried twice.
-        late_write_max: std::time::Duration::from_secs(15),
+        incarnation,
+        ttl: Duration::from_secs_f64(c.registry_ttl_secs),
+        late_write_max: link.late_write_max,
         prefix: "cp:".into(),
-    };
-    Ok((url, config))
+    })
 }
 
 #[cfg(all(test, not(madsim)))]

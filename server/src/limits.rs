@@ -66,6 +66,10 @@ pub struct Limits {
     pub uploads_max: usize,
 }
 
+/// Default largest page of `sync` and `history`, in entries.
+pub const PAGE_LEN_MAX_DEFAULT: u32 = 500;
+/// Default most live events queued for one device.
+pub const DEVICE_QUEUE_LEN_MAX_DEFAULT: u64 = 4096;
 /// Connections per source address by default: a load generator spreading a million
 /// connections over 250 loopback addresses stays under it.
 pub const CONNECTIONS_PER_ADDRESS_DEFAULT: usize = 4_096;
@@ -103,13 +107,13 @@ impl Default for Limits {
             text_len_max_bytes: TEXT_LEN_MAX_BYTES_DEFAULT,
             frame_len_max_bytes: FRAME_LEN_MAX_BYTES_DEFAULT,
             group_members_max: GROUP_MEMBERS_MAX_DEFAULT,
-            page_len_max: 500,
+            page_len_max: PAGE_LEN_MAX_DEFAULT,
             connections_max: 100_000,
             health_connections_max: 16,
             header_read_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(20),
             hello_timeout: Duration::from_secs(10),
-            device_queue_len_max: 4096,
+            device_queue_len_max: DEVICE_QUEUE_LEN_MAX_DEFAULT as usize,
             new_device_recent_len: 100,
             retention: RETENTION_DEFAULT,
             expiry_sweep_interval: Duration::from_secs(600),

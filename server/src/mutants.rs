@@ -62,11 +62,15 @@ pub enum Mutant {
     /// did not fit but keeps its connection, instead of being dropped as `slow_consumer`
     /// to catch up from its cursor.
     FullQueueDropsEvent = 19,
+    /// Receipts: a new connection that asks for the receipts that moved while its
+    /// device was away (`hello` or a mailbox's first poll with `receipts`) is not
+    /// given them, so a sender offline when its message was read never learns it.
+    ReconnectForgetsReceipts = 20,
 }
 
 impl Mutant {
     /// Every mutant, in order.
-    pub const ALL: [Mutant; 19] = [
+    pub const ALL: [Mutant; 20] = [
         Mutant::AckBeforeDurable,
         Mutant::SkipIdempotency,
         Mutant::SeqReuseAfterRestart,
@@ -86,6 +90,7 @@ impl Mutant {
         Mutant::PollResumesWhereItLeft,
         Mutant::ExpiryCutoffInSeconds,
         Mutant::FullQueueDropsEvent,
+        Mutant::ReconnectForgetsReceipts,
     ];
 
     /// A stable kebab-case name.
@@ -110,6 +115,7 @@ impl Mutant {
             Mutant::PollResumesWhereItLeft => "poll-resumes-where-it-left",
             Mutant::ExpiryCutoffInSeconds => "expiry-cutoff-in-seconds",
             Mutant::FullQueueDropsEvent => "full-queue-drops-event",
+            Mutant::ReconnectForgetsReceipts => "reconnect-forgets-receipts",
         }
     }
 }

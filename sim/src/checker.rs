@@ -83,13 +83,13 @@ pub const PRESENCE_BOUND_MS: u64 = 6_000;
 /// (it is asked on the first tick that the session works, again after a second).
 const PRESENCE_ASK_MS: u64 = 3_000;
 
-fn overlaps(
-    faults: &[crate::history::FaultWindow],
+fn overlaps<'w>(
+    faults: impl IntoIterator<Item = &'w crate::history::FaultWindow>,
     devices: &[DeviceKey],
     start: u64,
     end: u64,
 ) -> bool {
-    faults.iter().any(|w| {
+    faults.into_iter().any(|w| {
         w.start_ms <= end
             && start <= w.end_ms + FAULT_RECOVERY_GRACE_MS
             && w.device.is_none_or(|d| devices.contains(&d))
@@ -880,8 +880,11 @@ impl MissingReceipt {
 /// The ack that first moved the cursor past that entry was written no earlier than
 /// the first ack reaching it was, and was processed before the first such ack was
 /// accepted; the receipt it caused is due by then plus the bound. A sender's device
-/// is held to it only if one working session covers that whole while with no fault
-/// window (its own, the acking user's devices', or a global one) near it.
+/// is held to it by a working session that covers that whole while, or that began
+/// later and lasted the bound past its start (its `hello` or first poll asks for the
+/// receipts that moved meanwhile); with a fault window (its own, the acking user's
+/// devices', or a global one) near, only once every fault healed and the servers
+/// recovered.
 fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Vec<MissingReceipt> {
     let bound = world.latency_bound_ms + RECEIPT_GRACE_MS;
     // A device paging through its backlog is no fault to recover from.
@@ -950,19 +953,34 @@ fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Ve
                     let device = (sender, d);
                     let mut concerned = user_devices.clone();
                     concerned.push(device);
-                    // With a fault near, the receipt is due once every fault healed
-                    // and the servers recovered (a session that lived through it
-                    // re-reads what it may have missed).
-                    let mut due_ms = accepted_ms + bound;
-                    if overlaps(&h.faults, &concerned, written_ms, due_ms) {
-                        due_ms = accepted_ms.max(healed_ms) + bound + RECOVERY_MS;
-                    }
-                    let covered = h.sessions.iter().any(|s| {
-                        s.device == device && s.start_ms <= written_ms && s.end_ms >= due_ms
-                    });
-                    if !covered {
+                    // The session held to it: one that lived from the ack's write
+                    // until the receipt was due, or one that began later (a new
+                    // connection asks for the receipts that moved while the device
+                    // was away) and lived a bound past its start. With a fault near,
+                    // the receipt is due once every fault healed and the servers
+                    // recovered (a session that lived through it re-reads what it
+                    // may have missed). The device's own time away before the
+                    // session is no fault of it.
+                    let due_in = |s: &crate::history::SessionSpan| {
+                        if s.device != device {
+                            return None;
+                        }
+                        let since = written_ms.max(s.start_ms);
+                        let mut due_ms = accepted_ms.max(s.start_ms) + bound;
+                        let near = h.faults.iter().filter(|w| {
+                            !(w.kind == crate::history::WindowKind::DeviceOffline
+                                && w.device == Some(device)
+                                && w.end_ms <= s.start_ms)
+                        });
+                        if overlaps(near, &concerned, since, due_ms) {
+                            due_ms =
+                                accepted_ms.max(healed_ms).max(s.start_ms) + bound + RECOVERY_MS;
+                        }
+                        (s.end_ms >= due_ms).then_some(due_ms)
+                    };
+                    let Some(due_ms) = h.sessions.iter().filter_map(due_in).min() else {
                         continue;
-                    }
+                    };
                     let shown = h
                         .receipts
                         .iter()
@@ -1349,9 +1367,9 @@ mod tests {
         assert!(world_check(&twice).contains(&Violation::Duplicate));
     }
 
-    /// A receipt an accepted ack made due reaches the sender's connected device; one
-    /// that never does is `receipt-missing`, unless the sender's session did not cover
-    /// the while or a fault was near. A group summary above a member's cursor is an
+    /// A receipt an accepted ack made due reaches the sender's connected device, or
+    /// its next connection; one that never does is `receipt-missing`, unless no session
+    /// lasted till it was due or a fault was near. A group summary above a member's cursor is an
     /// overclaim.
     #[test]
     fn receipts_reach_connected_senders() {
@@ -1375,10 +1393,30 @@ mod tests {
         late.receipts[0].t_ms = 110 + 1_000 + RECEIPT_GRACE_MS + 1;
         assert_eq!(world_check(&late), vec![Violation::ReceiptMissing]);
 
-        // The sender connected after the ack was written: not held to it.
+        // The sender connected after the ack was written: its new connection reads
+        // the receipt, due a bound after it began, unless it ended before.
         let mut joined_later = h.clone();
-        joined_later.sessions[0].start_ms = 105;
+        joined_later.sessions[0].start_ms = 3_000;
+        assert_eq!(world_check(&joined_later), vec![Violation::ReceiptMissing]);
+        joined_later
+            .receipts
+            .push(receipt_of_user_1(2, 0, 3_000 + 1_000 + RECEIPT_GRACE_MS));
         assert!(world_check(&joined_later).is_empty());
+        joined_later.receipts[0].t_ms += 1;
+        assert_eq!(world_check(&joined_later), vec![Violation::ReceiptMissing]);
+        joined_later.sessions[0].end_ms = 3_000 + 1_000 + RECEIPT_GRACE_MS - 1;
+        assert!(world_check(&joined_later).is_empty());
+        // The device was away before the session: that is no fault that delays it.
+        let mut back = h.clone();
+        back.sessions[0].start_ms = 3_000;
+        back.faults.push(FaultWindow {
+            kind: WindowKind::DeviceOffline,
+            start_ms: 20,
+            end_ms: 3_000,
+            device: Some((0, 0)),
+            server: None,
+        });
+        assert_eq!(world_check(&back), vec![Violation::ReceiptMissing]);
 
         // A fault near the ack: due only once it healed (at 4,000 ms) and the
         // servers had time to recover, and only from a session lasting till then.

@@ -11,42 +11,25 @@ use std::time::Duration;
 use chatproof_client::Request;
 use chatproof_server::auth::TokenKey;
 use chatproof_server::clock::{Clock, SystemClock};
-use chatproof_server::cluster::fabric::{FabricConfig, RegistryFabric};
-use chatproof_server::cluster::registry::Registry;
-use chatproof_server::limits::Limits;
-use chatproof_server::service::ServiceBuilder;
-use chatproof_server::store::embedded::{EmbeddedStore, Opener};
 use chatproof_server::store::shared::memory::MemTables;
-use chatproof_server::store::shared::SharedStore;
-use chatproof_server::store::{Store, StoreError};
 use madsim::runtime::Handle;
 use madsim::task::NodeId;
 
-use crate::checker::{ConvSpec, IDLE_TIMEOUT_MS, PRESENCE_INTERVAL_MS};
+use crate::checker::{ConvSpec, IDLE_TIMEOUT_MS};
 use crate::client::{self, DeviceSpec, Progress};
 use crate::disk::SimDisk;
 use crate::faults::{self, Backends};
 use crate::history::{DeviceKey, History, MemberChange};
 use crate::options::{ChangeKind, PlannedChange, SeedRng, SimOptions};
-use crate::services::{self, SimRegistry, SimTables, ROUTER_PORT, STORE_PORT, SUBSCRIBE_PORT};
+use crate::platform::{self, Backend, ROUTER_IP, STORE_IP};
+use crate::server_args::{self, CHAT_PORT};
+use crate::services::{self, ROUTER_PORT, STORE_PORT, SUBSCRIBE_PORT};
 use crate::stage::{self, sim_ms, Directions, Phase, Recorder, ServerClocks};
-
-/// Chat port of every simulated server.
-const CHAT_PORT: u16 = 8080;
-/// The shared store's node address (several servers only).
-const STORE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
-/// The router's node address (several servers only).
-const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 101);
-/// How often a server with a short retention sweeps expired entries.
-const RETENTION_SWEEP: Duration = Duration::from_secs(1);
-/// How long a silent server stays routable (production's least is 3 s).
-const REGISTRY_TTL: Duration = Duration::from_millis(1_500);
 
 /// Server `i`'s simulated chat address (virtual: no packet leaves the process).
 pub fn server_addr(i: u32) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8)), CHAT_PORT)
 }
-const SECRET: &[u8] = b"chatproof-sim-secret-0123";
 
 /// Users picked to go away in the presence phase: about one in this many (at
 /// least one, never all).
@@ -58,123 +41,6 @@ const CALM_MS: u64 = 2_000;
 const CALM_SENDERS_MAX: u32 = 12;
 /// Messages each of them makes then.
 const CALM_MESSAGES: u32 = 2;
-
-/// What a server node stores to.
-#[derive(Clone)]
-enum Backend {
-    /// One server: the embedded store on a simulated disk that outlives crashes.
-    Embedded(Arc<SimDisk>),
-    /// Several servers: the shared store on the store node, the router between servers.
-    Cluster { me: SocketAddr },
-}
-
-/// Opens the embedded database on `disk` (again after an I/O error or a restart).
-fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
-    let disk = Arc::clone(disk);
-    Box::new(move || {
-        redb::Builder::new()
-            .create_with_backend(disk.backend())
-            .map_err(|e| StoreError::Backend(format!("opening the simulated disk: {e}")))
-    })
-}
-
-/// The limits every server of a run with `opts` runs with.
-fn limits(opts: &SimOptions) -> Limits {
-    let defaults = Limits::default();
-    let (retention, expiry_sweep_interval) = match opts.retention_secs {
-        Some(secs) => (Duration::from_secs(secs), RETENTION_SWEEP),
-        None => (defaults.retention, defaults.expiry_sweep_interval),
-    };
-    let small = opts.limits;
-    Limits {
-        idle_timeout: Duration::from_millis(IDLE_TIMEOUT_MS),
-        presence_interval: Duration::from_millis(PRESENCE_INTERVAL_MS),
-        retention,
-        expiry_sweep_interval,
-        page_len_max: small.page_len_max.unwrap_or(defaults.page_len_max),
-        device_queue_len_max: small
-            .device_queue_len_max
-            .unwrap_or(defaults.device_queue_len_max),
-        ..defaults
-    }
-}
-
-/// Server `index` of the run, from its (re)start until it is killed.
-async fn serve(
-    index: usize,
-    backend: Backend,
-    limits: Limits,
-    clocks: Arc<ServerClocks>,
-    recorder: Arc<Recorder>,
-) {
-    let clock = clocks.start(index);
-    let key = TokenKey::new(SECRET).expect("secret");
-    let store: Arc<dyn Store> = match &backend {
-        Backend::Embedded(disk) => {
-            // A restart can meet a faulty disk: keep trying, as a supervisor
-            // restarting the server would.
-            let store = loop {
-                match EmbeddedStore::with_opener(disk_opener(disk)) {
-                    Ok(store) => break store,
-                    Err(e) => {
-                        recorder.note(format!("store did not open ({e}); retrying"));
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            };
-            Arc::new(store)
-        }
-        Backend::Cluster { .. } => {
-            let tables =
-                SimTables::connect(SocketAddr::new(IpAddr::V4(STORE_IP), STORE_PORT)).await;
-            Arc::new(SharedStore::new(Arc::new(tables)))
-        }
-    };
-    let mut service = ServiceBuilder::new(store, Arc::new(clock), limits, key);
-    if let Backend::Cluster { me } = backend {
-        let registry: Arc<dyn Registry> = Arc::new(
-            SimRegistry::connect(
-                SocketAddr::new(IpAddr::V4(ROUTER_IP), ROUTER_PORT),
-                SocketAddr::new(IpAddr::V4(ROUTER_IP), SUBSCRIBE_PORT),
-            )
-            .await,
-        );
-        let config = FabricConfig {
-            server_id: me.to_string(),
-            incarnation: format!("{:016x}", madsim::rand::random::<u64>()),
-            ttl: REGISTRY_TTL,
-            // Router calls time out after 1 s and are not retried.
-            late_write_max: Duration::from_secs(3),
-            prefix: "cp:".into(),
-        };
-        // Like a supervisor restarting a server whose registry is down.
-        let fabric = loop {
-            let started = RegistryFabric::start(
-                config.clone(),
-                Arc::clone(&registry),
-                Arc::clone(service.hub()),
-                service.metrics().fabric.clone(),
-            )
-            .await;
-            match started {
-                Ok(fabric) => break fabric,
-                Err(e) => {
-                    recorder.note(format!("fabric did not start ({e}); retrying"));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        };
-        service = service.fabric(fabric);
-    }
-    let service = service.build();
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        CHAT_PORT,
-    ))
-    .await
-    .expect("binding the server port");
-    chatproof_server::run(listener, Arc::new(service), std::future::pending()).await;
-}
 
 fn device_ip(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(
@@ -258,21 +124,21 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     let servers: Vec<NodeId> = (0..opts.servers)
         .map(|i| {
             let backend = if cluster {
-                Backend::Cluster { me: server_addr(i) }
+                Backend::Cluster
             } else {
                 Backend::Embedded(Arc::clone(&disk))
             };
-            let (clocks, recorder, server_limits) =
-                (Arc::clone(&clocks), Arc::clone(&recorder), limits(&opts));
+            let argv = server_args::server_argv(&opts, &server_addr(i).to_string(), cluster);
+            let (clocks, recorder) = (Arc::clone(&clocks), Arc::clone(&recorder));
             handle
                 .create_node()
                 .name(format!("server-{i}"))
                 .ip(server_addr(i).ip())
                 .init(move || {
-                    serve(
+                    platform::supervise(
                         i as usize,
+                        argv.clone(),
                         backend.clone(),
-                        server_limits.clone(),
                         Arc::clone(&clocks),
                         Arc::clone(&recorder),
                     )
@@ -287,7 +153,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let convs = conversations(&opts);
-    let key = TokenKey::new(SECRET).expect("secret");
+    let key = TokenKey::new(server_args::SECRET.as_bytes()).expect("secret");
     let exp = SystemClock.now_ms() / 1000 + 30 * 24 * 3600;
     let setup = handle
         .create_node()

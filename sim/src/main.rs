@@ -21,7 +21,10 @@ mod faults;
 mod history;
 mod options;
 #[cfg(madsim)]
+mod platform;
+#[cfg(madsim)]
 mod runner;
+mod server_args;
 #[cfg(madsim)]
 mod services;
 #[cfg(madsim)]

@@ -282,6 +282,12 @@ impl Preset {
             .expect("built-in small-limits preset")
     }
 
+    /// The built-in reconnect-storm preset (`scenarios/sim/reconnect-storm.toml`).
+    pub fn reconnect_storm() -> Self {
+        toml::from_str(include_str!("../../scenarios/sim/reconnect-storm.toml"))
+            .expect("built-in reconnect-storm preset")
+    }
+
     /// The built-in retention preset (`scenarios/sim/retention.toml`).
     pub fn retention() -> Self {
         toml::from_str(include_str!("../../scenarios/sim/retention.toml"))

@@ -623,10 +623,14 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 let needs_retention = mutant == Mutant::ExpiryCutoffInSeconds;
                 // A full-queue bug shows only where device queues fill.
                 let needs_full_queues = mutant == Mutant::FullQueueDropsEvent;
+                // A bug of reconnecting shows where devices come and go most.
+                let needs_reconnects = mutant == Mutant::ReconnectForgetsReceipts;
                 let preset = if needs_retention && preset.retention_secs.is_none() {
                     Preset::retention()
                 } else if needs_full_queues && preset.limits.device_queue_len_max.is_none() {
                     Preset::small_limits()
+                } else if needs_reconnects && preset.name != "reconnect-storm" {
+                    Preset::reconnect_storm()
                 } else if needs_lost_polls && preset.servers[1] <= 1 {
                     Preset::router_outage()
                 } else if needs_cluster && preset.servers[1] <= 1 {

@@ -41,7 +41,7 @@ pub const ROUTER_PORT: u16 = 6379;
 /// Port of the registry's subscriptions on the router node.
 pub const SUBSCRIBE_PORT: u16 = 6380;
 /// How long a call to a backend may take before the server gives up on it.
-const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// Largest frame on a subscription connection.
 const FRAME_MAX: usize = 16 << 20;
 /// Requests a backend node takes in at once. madsim's RPC server receives one

@@ -24,6 +24,10 @@ pub struct HelloRequest {
     /// Per-conversation "delivered up to" cursors the device already holds.
     #[serde(default)]
     pub cursors: BTreeMap<String, u64>,
+    /// After catch-up, send the current receipts for entries the user sent, read
+    /// from the store (those that moved while this device was away).
+    #[serde(default)]
+    pub receipts: bool,
 }
 
 /// Opens (or finds) the one 1:1 conversation with `peer`.
@@ -163,6 +167,10 @@ pub struct PollRequest {
     /// Most entries in the response (capped by the server's page limit).
     #[serde(default)]
     pub limit: Option<u32>,
+    /// On the poll that opens a mailbox: carry the current receipts for entries
+    /// the user sent, read from the store, as `hello` does with `receipts`.
+    #[serde(default)]
+    pub receipts: bool,
 }
 
 /// Lists the caller's conversations.

@@ -386,13 +386,21 @@ impl DeviceFeed {
                 .map_or(0, |(_, last)| *last);
             self.mark_behind(&conv, last);
         }
-        for state in &states {
+        self.show_stored_receipts(&states).await;
+        self.say_caught_up_if_done();
+    }
+
+    /// Shows, from the store, the receipts for entries the device's user sent in
+    /// `states`' conversations that are ahead of what this feed showed: on a new
+    /// connection, every receipt that moved while the device was away. A store
+    /// error is retried as a resync.
+    pub async fn show_stored_receipts(&mut self, states: &[ConvState]) {
+        for state in states {
             if let Err(e) = self.resync_receipts(state).await {
-                tracing::warn!(conv = state.record.id, error = %e, "cannot re-read receipts on resync; retrying");
+                tracing::warn!(conv = state.record.id, error = %e, "cannot read receipts for a new connection; retrying");
                 self.retry_resync();
             }
         }
-        self.say_caught_up_if_done();
     }
 
     /// Receipts may have been lost with the live events: shows, from the store,

@@ -9,7 +9,6 @@
 //! it received sees nothing twice. Receipts and presence changes wait in the feed
 //! for the next poll.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +71,7 @@ pub async fn poll(
     // Ended below, or dropped with this future (the client went away).
     let in_flight = mailbox.begin_poll(svc.monotonic_ms());
     let generation = in_flight.generation();
-    let result = poll_in(svc, &mailbox, generation, &req.cursors, timeout, limit).await;
+    let result = poll_in(svc, &mailbox, generation, &req, timeout, limit).await;
     in_flight.end(svc.monotonic_ms());
     let mut collected = result?;
     collected.presence = current_presence(svc, std::mem::take(&mut collected.presence)).await;
@@ -103,7 +102,7 @@ async fn poll_in(
     svc: &Arc<ChatService>,
     mailbox: &Mailbox<DeviceFeed>,
     generation: u64,
-    cursors: &BTreeMap<String, u64>,
+    req: &PollRequest,
     timeout: Duration,
     limit: usize,
 ) -> Result<Collected, ProtocolError> {
@@ -118,11 +117,16 @@ async fn poll_in(
     if crate::mutants::active(mutant) && generation > 1 {
         feed.resume_without_cursors(limit);
     } else {
-        feed.start(cursors, limit).await?;
+        let states = feed.start(&req.cursors, limit).await?;
         if mailbox.reopened() && generation == 1 {
             // The mailbox before this one ended without its device knowing (a poll
             // just answers): the receipts it had queued are read again from the store.
             feed.resync().await;
+        } else if req.receipts
+            && generation == 1
+            && !crate::mutants::active(crate::mutants::Mutant::ReconnectForgetsReceipts)
+        {
+            feed.show_stored_receipts(&states).await;
         }
     }
     loop {

@@ -342,6 +342,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(states) => states,
             Err(err) => return self.reply_error(Some(rid), err).await.map(|()| None),
         };
+        if hello.receipts
+            && !crate::mutants::active(crate::mutants::Mutant::ReconnectForgetsReceipts)
+        {
+            feed.show_stored_receipts(&states).await;
+        }
         let result = Reply::Hello {
             version: PROTOCOL_VERSION,
             conversations: ChatService::summaries(&caller, &states),

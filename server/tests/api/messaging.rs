@@ -1,5 +1,6 @@
 //! Sending, fan-out to every device, idempotent retries, receipts and ordering.
 
+use chatproof_client::Client;
 use serde_json::json;
 
 use crate::harness::*;
@@ -228,4 +229,89 @@ async fn group_receipts_carry_all_member_summary() {
         ),
         (Some(2), Some(0), Some(2))
     );
+}
+
+/// A device offline while its messages were read learns it on its next connection
+/// when its `hello` (or the poll that opens its mailbox) asks with `receipts`, read
+/// from the store; without asking it is told nothing until the cursors move again.
+#[tokio::test]
+async fn receipts_that_moved_while_away_come_to_a_hello_that_asks() {
+    let server = TestServer::start().await;
+    let (mut alice, _) = server.login("alice", "phone").await;
+    let (mut bob, _) = server.login("bob", "phone").await;
+    let conv = open_direct(&mut alice, "bob").await;
+    for i in 0..2 {
+        send(&mut alice, &conv, &format!("m{i}"), "hi").await;
+    }
+    alice.close().await;
+    msgs_until(&mut bob, &conv, 3).await;
+    ok(bob
+        .request(json!({"op": "ack", "conv": conv, "delivered": 3, "read": 2}))
+        .await
+        .unwrap());
+
+    // Not asked: nothing.
+    let (mut plain, _) = server
+        .login_with("alice", "phone", json!({ &conv: 3 }))
+        .await;
+    assert!(!plain.has_event_within(QUIET).await.unwrap());
+    plain.close().await;
+
+    // Asked: bob's cursors, once.
+    let mut asking = Client::connect(&server.url).await.unwrap();
+    let hello = json!({"op": "hello", "versions": [1], "token": server.token("alice"),
+        "device": "phone", "cursors": {&conv: 3}, "receipts": true});
+    ok(asking.request(hello).await.unwrap());
+    let receipts = asking
+        .events_until(WAIT, |e| e["type"] == "receipt")
+        .await
+        .unwrap();
+    let receipt = receipts.last().unwrap();
+    assert_eq!(
+        (
+            receipt["conv"].as_str(),
+            receipt["user"].as_str(),
+            receipt["delivered"].as_u64(),
+            receipt["read"].as_u64()
+        ),
+        (Some(conv.as_str()), Some("bob"), Some(3), Some(2))
+    );
+    let more = asking.events_until(QUIET, |e| e["type"] == "receipt").await;
+    assert!(more.is_err(), "one receipt, not two: {more:?}");
+
+    // Bob's own device is told nothing: nobody else's cursor passed bob's entries.
+    bob.close().await;
+    let mut bob_again = Client::connect(&server.url).await.unwrap();
+    let hello = json!({"op": "hello", "versions": [1], "token": server.token("bob"),
+        "device": "phone", "cursors": {&conv: 3}, "receipts": true});
+    ok(bob_again.request(hello).await.unwrap());
+    let none = bob_again
+        .events_until(QUIET, |e| e["type"] == "receipt")
+        .await;
+    assert!(none.is_err(), "{none:?}");
+
+    // Long-poll: the poll that opens the mailbox carries it when it asks.
+    let first = poll(
+        &server,
+        "alice",
+        "tablet",
+        json!({"cursors": {&conv: 3}, "timeout_ms": 0, "receipts": true}),
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    let receipts = first.json()["receipts"].clone();
+    assert_eq!(
+        receipts,
+        json!([{"conv": conv, "user": "bob", "delivered": 3, "read": 2}]),
+        "{}",
+        first.json()
+    );
+    let unasked = poll(
+        &server,
+        "alice",
+        "laptop",
+        json!({"cursors": {&conv: 3}, "timeout_ms": 0}),
+    )
+    .await;
+    assert_eq!(unasked.json()["receipts"], json!([]), "{}", unasked.json());
 }

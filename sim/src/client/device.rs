@@ -659,6 +659,6 @@ impl Device {
     /// The `hello` of a session, presenting the cursors the device holds.
     pub(super) fn hello(&self) -> String {
         let device = format!("d{}", self.spec.key.1);
-        Request::hello(&self.spec.token, &device, Some(&self.cursors)).encode(HELLO_RID)
+        Request::hello(&self.spec.token, &device, Some(&self.cursors), true).encode(HELLO_RID)
     }
 }

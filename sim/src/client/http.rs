@@ -149,7 +149,9 @@ pub async fn poll(
     limit: u64,
 ) -> Option<(u16, Value)> {
     let mut conn = Connection::open(addr).await?;
-    let body = json!({"cursors": cursors, "timeout_ms": POLL_HOLD_MS, "limit": limit}).to_string();
+    let body =
+        json!({"cursors": cursors, "timeout_ms": POLL_HOLD_MS, "limit": limit, "receipts": true})
+            .to_string();
     let wait = Duration::from_millis(POLL_HOLD_MS) + ANSWER_WAIT;
     let (status, text) = conn.post("/v1/poll", &auth, body, wait).await?;
     Some((status, serde_json::from_str(&text).ok()?))

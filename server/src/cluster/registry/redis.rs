@@ -11,6 +11,10 @@ use redis::{FromRedisValue, Value};
 use super::{Registry, RegistryOp, RegistryReply, Subscription};
 use crate::cluster::FabricError;
 
+/// Longest one Redis command (or connecting) waits before it fails; a failed
+/// command is retried twice.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// `HashDeleteIf`: KEYS[1] hash, ARGV[1] field, ARGV[2] the value it must hold.
 const HASH_DELETE_IF_LUA: &str = r"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
@@ -67,8 +71,8 @@ impl RedisRegistry {
         let client =
             redis::Client::open(url).map_err(|e| fail(&format!("invalid Redis URL {url:?}"), e))?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(3)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(2);
         let mut conn = client
             .get_connection_manager_with_config(manager_config)
