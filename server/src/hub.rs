@@ -227,10 +227,12 @@ impl Hub {
                         true
                     }
                     Err(mpsc::error::TrySendError::Full(_))
-                        if crate::mutants::active(crate::mutants::Mutant::FullQueueDropsEvent) =>
+                        if crate::mutants::active(crate::mutants::Mutant::SlowConsumerLeftOpen) =>
                     {
-                        slot.bytes.fetch_sub(len, Ordering::Relaxed);
-                        true
+                        // The queue's sender outlives the slot, so the session never
+                        // learns it was dropped (simulation builds only).
+                        std::mem::forget(slot.queue.clone());
+                        false
                     }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         tracing::warn!(

@@ -58,10 +58,11 @@ pub enum Mutant {
     /// Durable (retention): the expiry sweep reads the retention in seconds where it
     /// wants milliseconds, so entries expire a thousand times too early.
     ExpiryCutoffInSeconds = 18,
-    /// Complete (slow consumer): a device whose queue is full loses the event that
-    /// did not fit but keeps its connection, instead of being dropped as `slow_consumer`
-    /// to catch up from its cursor.
-    FullQueueDropsEvent = 19,
+    /// Complete (slow consumer): a device whose queue is full is taken off the
+    /// routes, but its connection is never told: it stays open and receives no more
+    /// live events, instead of ending with `slow_consumer` so the device reconnects
+    /// and catches up from its cursor.
+    SlowConsumerLeftOpen = 19,
     /// Receipts: a new connection that asks for the receipts that moved while its
     /// device was away (`hello` or a mailbox's first poll with `receipts`) is not
     /// given them, so a sender offline when its message was read never learns it.
@@ -89,7 +90,7 @@ impl Mutant {
         Mutant::WatchesNotRestored,
         Mutant::PollResumesWhereItLeft,
         Mutant::ExpiryCutoffInSeconds,
-        Mutant::FullQueueDropsEvent,
+        Mutant::SlowConsumerLeftOpen,
         Mutant::ReconnectForgetsReceipts,
     ];
 
@@ -114,7 +115,7 @@ impl Mutant {
             Mutant::WatchesNotRestored => "watches-not-restored",
             Mutant::PollResumesWhereItLeft => "poll-resumes-where-it-left",
             Mutant::ExpiryCutoffInSeconds => "expiry-cutoff-in-seconds",
-            Mutant::FullQueueDropsEvent => "full-queue-drops-event",
+            Mutant::SlowConsumerLeftOpen => "slow-consumer-left-open",
             Mutant::ReconnectForgetsReceipts => "reconnect-forgets-receipts",
         }
     }

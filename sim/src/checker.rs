@@ -527,15 +527,30 @@ pub fn check(h: &History, world: &World<'_>) -> Vec<Finding> {
             continue;
         };
         let latency = r.t_ms.saturating_sub(s.t_ms);
-        if latency > world.latency_bound_ms
-            && !overlaps(&h.faults, &[s.device, r.device], s.t_ms, r.t_ms)
-        {
+        if latency <= world.latency_bound_ms {
+            continue;
+        }
+        // With faults near, once they healed and the servers recovered.
+        let due_ms = due_after_faults(
+            h.faults.iter(),
+            &[s.device, r.device],
+            s.t_ms,
+            s.t_ms,
+            world.latency_bound_ms,
+            Paging::Waits,
+        );
+        if r.t_ms > due_ms {
+            let why = if due_ms == s.t_ms + world.latency_bound_ms {
+                "with no fault active".to_owned()
+            } else {
+                format!("though every fault near it had healed by {due_ms} ms, recovery included")
+            };
             v(
                 Violation::Slow,
                 &r.conv,
                 (Some(r.device), Some(r.t_ms)),
                 format!(
-                    "{} took {latency} ms to reach {:?} with no fault active",
+                    "{} took {latency} ms to reach {:?} {why}",
                     r.message_id, r.device
                 ),
             );
@@ -873,6 +888,58 @@ impl MissingReceipt {
     }
 }
 
+/// Whether what is due waits for a device paging through its backlog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paging {
+    /// Deliveries: the device takes its pages at its own pace.
+    Waits,
+    /// Receipts: they ride on every response, pages or not.
+    Ignored,
+}
+
+/// When a receipt whose ack was written at `since_ms` and took effect at `from_ms`
+/// is due at a device: `bound` after it, or, with fault windows of `devices` (or
+/// global ones) near that while, `bound` plus the servers' recovery after the last
+/// of them healed; faults near the longer while count too, until none is left. A
+/// fault that ended up to the recovery time before the write counts as near (its
+/// damage may be found only then). A device paging through its backlog waits for
+/// its pages or not, as `paging` says.
+fn due_after_faults<'w>(
+    near: impl Iterator<Item = &'w crate::history::FaultWindow> + Clone,
+    devices: &[DeviceKey],
+    since_ms: u64,
+    from_ms: u64,
+    bound: u64,
+    paging: Paging,
+) -> u64 {
+    let mut due_ms = from_ms + bound;
+    loop {
+        let mut any = false;
+        let mut healed_ms = from_ms;
+        for w in near.clone() {
+            if overlaps(
+                std::iter::once(w),
+                devices,
+                since_ms.saturating_sub(RECOVERY_MS),
+                due_ms,
+            ) {
+                any = true;
+                if w.kind != crate::history::WindowKind::Paging || paging == Paging::Waits {
+                    healed_ms = healed_ms.max(w.end_ms);
+                }
+            }
+        }
+        if !any {
+            return due_ms;
+        }
+        let next = healed_ms + bound + RECOVERY_MS;
+        if next <= due_ms {
+            return due_ms;
+        }
+        due_ms = next;
+    }
+}
+
 /// Receipts due and never shown (see the check in [`check`]).
 ///
 /// For each user and conversation, and each cursor, take the furthest accepted ack
@@ -883,18 +950,11 @@ impl MissingReceipt {
 /// is held to it by a working session that covers that whole while, or that began
 /// later and lasted the bound past its start (its `hello` or first poll asks for the
 /// receipts that moved meanwhile); with a fault window (its own, the acking user's
-/// devices', or a global one) near, only once every fault healed and the servers
-/// recovered.
+/// devices', or a global one) near, only once those faults healed and the servers
+/// recovered ([`due_after_faults`]). Every accepted cursor is judged, not only the
+/// furthest: a receipt lost on the way counts unless a later one covers it in time.
 fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Vec<MissingReceipt> {
     let bound = world.latency_bound_ms + RECEIPT_GRACE_MS;
-    // A device paging through its backlog is no fault to recover from.
-    let healed_ms = h
-        .faults
-        .iter()
-        .filter(|f| f.kind != crate::history::WindowKind::Paging)
-        .map(|f| f.end_ms)
-        .max()
-        .unwrap_or(0);
     // conv -> seq -> sending user, of acknowledged entries.
     let mut sender_of: HashMap<&str, BTreeMap<u64, u32>> = HashMap::new();
     for a in &h.acked {
@@ -922,21 +982,24 @@ fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Ve
             .map(|d| (*user, d))
             .collect();
         for field in [Field::Delivered, Field::Read] {
-            let furthest = acks
+            // At every accepted cursor, each other sender's newest entry at or
+            // below it: the receipt for each is due, unless a later one covers it
+            // in time.
+            let mut newest: BTreeSet<(u32, u64)> = BTreeSet::new();
+            let accepted: BTreeSet<u64> = acks
                 .iter()
                 .filter(|a| a.ok_ms.is_some())
                 .map(|a| field.moved_by(a))
-                .max()
-                .unwrap_or(0);
-            if furthest < user_start {
-                continue;
-            }
-            // Each other sender's newest entry at or below the furthest accepted ack.
-            let mut newest: BTreeMap<u32, u64> = BTreeMap::new();
-            for (&seq, &sender) in senders.range(user_start..=furthest) {
-                if sender != *user {
-                    newest.insert(sender, seq);
+                .filter(|&c| c >= user_start)
+                .collect();
+            for &cursor in &accepted {
+                let mut at: BTreeMap<u32, u64> = BTreeMap::new();
+                for (&seq, &sender) in senders.range(user_start..=cursor) {
+                    if sender != *user {
+                        at.insert(sender, seq);
+                    }
                 }
+                newest.extend(at);
             }
             for (sender, seq) in newest {
                 match range_of(conv, sender) {
@@ -965,17 +1028,19 @@ fn missing_receipts(h: &History, world: &World<'_>, range_of: RangeOf<'_>) -> Ve
                         if s.device != device {
                             return None;
                         }
-                        let since = written_ms.max(s.start_ms);
-                        let mut due_ms = accepted_ms.max(s.start_ms) + bound;
                         let near = h.faults.iter().filter(|w| {
                             !(w.kind == crate::history::WindowKind::DeviceOffline
                                 && w.device == Some(device)
                                 && w.end_ms <= s.start_ms)
                         });
-                        if overlaps(near, &concerned, since, due_ms) {
-                            due_ms =
-                                accepted_ms.max(healed_ms).max(s.start_ms) + bound + RECOVERY_MS;
-                        }
+                        let due_ms = due_after_faults(
+                            near,
+                            &concerned,
+                            written_ms.max(s.start_ms),
+                            accepted_ms.max(s.start_ms),
+                            bound,
+                            Paging::Ignored,
+                        );
                         (s.end_ms >= due_ms).then_some(due_ms)
                     };
                     let Some(due_ms) = h.sessions.iter().filter_map(due_in).min() else {
@@ -1438,6 +1503,36 @@ mod tests {
         let mut left = faulty.clone();
         left.sessions[0].end_ms = due_ms - 1;
         assert!(world_check(&left).is_empty());
+        // A fault far later, elsewhere, does not postpone it.
+        let mut far = recovered.clone();
+        far.sessions[0].end_ms = 60_000;
+        far.faults.push(FaultWindow {
+            kind: WindowKind::DeviceOffline,
+            start_ms: 40_000,
+            end_ms: 50_000,
+            device: None,
+            server: None,
+        });
+        assert_eq!(world_check(&far), vec![Violation::ReceiptMissing]);
+        // An earlier cursor's receipt counts too, unless a later one covers it in
+        // time: user 0 sent seqs 2 and 3; user 1 acks 2 at 100 ms and 3 only at
+        // 10,000 ms.
+        let mut two = both_hold_two();
+        made_and_acked(&mut two, "m2", 3, 50);
+        for d in [(0, 0), (1, 0)] {
+            two.received.push(recv(d, 3, "m2"));
+        }
+        two.sessions.push(SessionSpan {
+            device: (0, 0),
+            start_ms: 50,
+            end_ms: 20_000,
+        });
+        two.cursor_acks.push(ack_of_user_1(2, None, 100, 110));
+        two.cursor_acks.push(ack_of_user_1(3, None, 10_000, 10_010));
+        two.receipts.push(receipt_of_user_1(3, 0, 10_100));
+        assert_eq!(world_check(&two), vec![Violation::ReceiptMissing]);
+        two.receipts.insert(0, receipt_of_user_1(2, 0, 200));
+        assert!(world_check(&two).is_empty(), "{:?}", world_check(&two));
         // A device paging through its backlog is no fault to wait for.
         let mut paging = h.clone();
         paging.faults.push(FaultWindow {

@@ -238,6 +238,7 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
                 .name(format!("device-{user}-{device}"))
                 .ip(device_ip(index))
                 .build();
+            backends.device_ips.insert((user, device), device_ip(index));
             index += 1;
             let run = client::DeviceRun {
                 servers: Arc::clone(&addrs),
@@ -249,8 +250,6 @@ pub async fn simulate(opts: SimOptions) -> Outcome {
             devices.push(node.spawn(client::run_device(spec, run)));
         }
     }
-    let device_nodes: Vec<_> = (0..index).map(device_ip).collect();
-    let _ = device_nodes;
     // Membership changes, made over the protocol like any client would.
     let admin = {
         let (changes, convs) = (opts.member_changes.clone(), convs.clone());

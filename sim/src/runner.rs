@@ -622,7 +622,7 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 // An expiry bug shows only where entries expire within the run.
                 let needs_retention = mutant == Mutant::ExpiryCutoffInSeconds;
                 // A full-queue bug shows only where device queues fill.
-                let needs_full_queues = mutant == Mutant::FullQueueDropsEvent;
+                let needs_full_queues = mutant == Mutant::SlowConsumerLeftOpen;
                 // A bug of reconnecting shows where devices come and go most.
                 let needs_reconnects = mutant == Mutant::ReconnectForgetsReceipts;
                 let preset = if needs_retention && preset.retention_secs.is_none() {
@@ -636,10 +636,22 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                 } else if needs_cluster && preset.servers[1] <= 1 {
                     // Events lost to a router outage show most where conversations
                     // are quiet and the router fails often.
-                    if mutant == Mutant::DropPendingOnRouterLoss {
-                        Preset::router_outage()
-                    } else {
-                        Preset::cluster()
+                    // The registry bugs show once their fault has happened, the
+                    // rest only hide it: a restart that registers the crashed
+                    // process's connections again, a router that loses every watch.
+                    match mutant {
+                        Mutant::DropPendingOnRouterLoss => Preset::router_outage(),
+                        Mutant::RegistryIgnoresIncarnation => {
+                            let mut p = Preset::cluster();
+                            p.faults = p.faults.only(&[FaultKind::ServerCrash]);
+                            p
+                        }
+                        Mutant::WatchesNotRestored => {
+                            let mut p = Preset::cluster();
+                            p.faults = p.faults.only(&[FaultKind::RouterCrash]);
+                            p
+                        }
+                        _ => Preset::cluster(),
                     }
                 } else if needs_disk_faults
                     && disk_faults.iter().all(|k| preset.faults.weight(*k) == 0)

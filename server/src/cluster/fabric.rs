@@ -25,7 +25,10 @@
 //!   server that notices removes it and counts it in `peer_deaths`.
 //! - `peer_deaths`: how many server processes died; every server re-reads its
 //!   sessions when it grows, since the dead one may have held events for them
-//!   that its router outbox never handed over (see [`super::outbox`]).
+//!   that its router outbox never handed over (see [`super::outbox`]). A server
+//!   also re-reads when a peer process it saw in `lives` has been missing from it
+//!   for a TTL without being counted: after the registry restarted empty, a peer
+//!   that died before announcing itself again leaves nothing to count.
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
 //! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
 //!   expiring [`WATCH_TTL`] after the last subscription.
@@ -122,12 +125,30 @@ impl<'v> Registration<'v> {
     }
 }
 
+/// Most peer processes a server remembers (see [`RegistryFabric::peers_vanished`]).
+const PEERS_KNOWN_MAX: usize = 1_024;
+
+/// What a server saw of a peer process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerSeen {
+    /// In `lives` at the last look.
+    Alive,
+    /// Missing from `lives` since then; `reported` once counted as gone.
+    Missing {
+        since: tokio::time::Instant,
+        reported: bool,
+    },
+}
+
 /// The [`Fabric`] over a [`Registry`].
 pub struct RegistryFabric {
     config: FabricConfig,
     registry: Arc<dyn Registry>,
     /// The death counter as last read; `None` before the first read.
     deaths_seen: Mutex<Option<i64>>,
+    /// Peer processes (`lives` members) this server saw alive, and what it saw
+    /// of them since (see [`RegistryFabric::peers_vanished`]).
+    peers_known: Mutex<BTreeMap<String, PeerSeen>>,
     registrations: Mutex<Registrations>,
     serials: AtomicU64,
     /// Deletes retrying now.
@@ -179,6 +200,7 @@ impl RegistryFabric {
             config,
             registry,
             deaths_seen: Mutex::new(None),
+            peers_known: Mutex::new(BTreeMap::new()),
             registrations: Mutex::new(Registrations::default()),
             pending_forgets: std::sync::atomic::AtomicUsize::new(0),
             serials: AtomicU64::new(0),
@@ -278,6 +300,10 @@ impl RegistryFabric {
             .filter(|m| **m != me)
             .filter_map(|m| m.split_once('@').map(|(inc, id)| (inc, id, m)))
             .collect();
+        let vanished = self.peers_vanished(
+            peers.iter().map(|(_, _, m)| m.as_str()),
+            tokio::time::Instant::now(),
+        );
         let mut dead = Vec::new();
         if !peers.is_empty() {
             let keys = peers.iter().map(|(_, id, _)| self.alive_key(id)).collect();
@@ -290,6 +316,20 @@ impl RegistryFabric {
                 if found.as_deref() != Some(*incarnation) {
                     dead.push((*member).clone());
                 }
+            }
+        }
+        // Counted below: not to be reported again when they are gone from `lives`.
+        {
+            let now = tokio::time::Instant::now();
+            let mut known = self.peers_known.lock().expect("peers known");
+            for member in &dead {
+                known.insert(
+                    member.clone(),
+                    PeerSeen::Missing {
+                        since: now,
+                        reported: true,
+                    },
+                );
             }
         }
         let deaths = self
@@ -305,7 +345,100 @@ impl RegistryFabric {
         // (A smaller counter means the registry restarted empty: recovery resyncs then.)
         let grew = seen.map_or(0, |before| deaths.saturating_sub(before).max(0));
         *seen = Some(deaths);
-        Ok(u64::try_from(grew).unwrap_or(0))
+        Ok(u64::try_from(grew).unwrap_or(0) + vanished)
+    }
+
+    /// Peer processes this server saw alive that have been missing from `lives`
+    /// for a TTL, uncounted: after the registry restarted empty, a peer that died
+    /// before it announced itself again leaves no lease to lapse and no member to
+    /// count, yet it may have held events for local devices in its outbox. A live
+    /// peer announces itself every third of a TTL, so one missing for a whole TTL
+    /// is gone (dead, left, or cut off from the registry). A peer that restarted
+    /// (its id alive under another incarnation) is gone at once. Each is reported
+    /// once, until [`RegistryFabric::peers_rearm`]: a peer reported while it was
+    /// only cut off may come back, unseen here, and die later.
+    fn peers_vanished<'m>(
+        &self,
+        alive: impl Iterator<Item = &'m str>,
+        now: tokio::time::Instant,
+    ) -> u64 {
+        let alive: BTreeSet<&str> = alive.collect();
+        let alive_ids: BTreeSet<&str> = alive
+            .iter()
+            .filter_map(|m| m.split_once('@').map(|(_, id)| id))
+            .collect();
+        let mut known = self.peers_known.lock().expect("peers known");
+        for member in &alive {
+            known.insert((*member).to_owned(), PeerSeen::Alive);
+        }
+        let mut vanished = 0;
+        known.retain(|member, seen| {
+            if alive.contains(member.as_str()) {
+                return true;
+            }
+            let restarted = member
+                .split_once('@')
+                .is_some_and(|(_, id)| alive_ids.contains(id));
+            match seen {
+                PeerSeen::Alive if restarted => {
+                    vanished += 1;
+                    false
+                }
+                PeerSeen::Alive => {
+                    *seen = PeerSeen::Missing {
+                        since: now,
+                        reported: false,
+                    };
+                    true
+                }
+                PeerSeen::Missing { reported, .. } if restarted => {
+                    vanished += u64::from(!*reported);
+                    false
+                }
+                PeerSeen::Missing {
+                    since,
+                    reported: reported @ false,
+                } if now.saturating_duration_since(*since) >= self.config.ttl => {
+                    *reported = true;
+                    vanished += 1;
+                    true
+                }
+                PeerSeen::Missing { .. } => true,
+            }
+        });
+        while known.len() > PEERS_KNOWN_MAX {
+            // Forget the peer reported longest ago (or, failing that, any).
+            let oldest = known
+                .iter()
+                .filter_map(|(m, seen)| match seen {
+                    PeerSeen::Missing {
+                        since,
+                        reported: true,
+                    } => Some((*since, m.clone())),
+                    _ => None,
+                })
+                .min()
+                .map(|(_, m)| m)
+                .or_else(|| known.keys().next().cloned());
+            if let Some(member) = oldest {
+                known.remove(&member);
+            }
+        }
+        vanished
+    }
+
+    /// This server was forgotten by the registry (it restarted empty, or this
+    /// server's lease lapsed): whatever it saw of its peers since may have missed
+    /// a peer coming back and dying, so every known peer must show again within a
+    /// TTL or be reported again.
+    fn peers_rearm(&self, now: tokio::time::Instant) {
+        let mut known = self.peers_known.lock().expect("peers known");
+        for seen in known.values_mut() {
+            *seen = PeerSeen::Missing {
+                since: now,
+                reported: false,
+            };
+        }
     }
 
     /// Deletes a registration of this server, retrying with backoff while the
@@ -348,7 +481,10 @@ impl RegistryFabric {
                 // may be gone without this server having noticed. The subscriber
                 // subscribes again and then recovers (once, after it is listening,
                 // so no event falls between the recovery and the subscription).
-                Ok(true) => self.resubscribe.notify_one(),
+                Ok(true) => {
+                    self.peers_rearm(tokio::time::Instant::now());
+                    self.resubscribe.notify_one();
+                }
                 Ok(false) => {}
                 Err(e) => {
                     crate::warn_throttled!(error = %e, "registry heartbeat failed; retrying");
@@ -422,8 +558,10 @@ impl RegistryFabric {
     /// connection and presence subscription made here (the registry may have
     /// restarted empty), then make every session re-read.
     async fn recover(&self, hub: &Hub) {
-        if let Err(e) = self.heartbeat_once().await {
-            tracing::warn!(error = %e, "heartbeat after resubscribing failed");
+        match self.heartbeat_once().await {
+            Ok(true) => self.peers_rearm(tokio::time::Instant::now()),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "heartbeat after resubscribing failed"),
         }
         let me = &self.config.server_id;
         let now = tokio::time::Instant::now();
@@ -856,6 +994,45 @@ mod tests {
             "the registration and the subscription are made again"
         );
         drop(here);
+    }
+
+    /// After the registry restarted empty, a peer process seen before that never
+    /// announces itself again is reported once, a TTL after it was first found
+    /// missing; one that announces itself again within the TTL is not.
+    #[tokio::test]
+    async fn a_peer_that_died_before_announcing_itself_again_is_reported_once() {
+        let registry = Arc::new(Restartable::default());
+        let here = server(&registry, "a", "1").await;
+        let peer = server(&registry, "b", "1").await;
+        let _slow = server(&registry, "c", "1").await;
+        assert_eq!(here.peers_died().await.unwrap(), 0);
+        drop(peer);
+        registry.restart();
+        here.heartbeat_once().await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        let ttl = here.config.ttl;
+        // "c" is alive but has not announced itself yet; "b" never will.
+        assert_eq!(here.peers_vanished(std::iter::empty(), t0), 0);
+        let half = t0 + ttl / 2;
+        assert_eq!(here.peers_vanished(["1@c"].into_iter(), half), 0);
+        let later = t0 + ttl;
+        assert_eq!(
+            here.peers_vanished(["1@c"].into_iter(), later),
+            1,
+            "\"b\" went missing a TTL ago"
+        );
+        assert_eq!(
+            here.peers_vanished(["1@c"].into_iter(), later + ttl),
+            0,
+            "reported once"
+        );
+        // The registry forgot this server again: "b" may have come back unseen
+        // and died since, so it is reported again unless it shows.
+        let again = later + ttl * 2;
+        here.peers_rearm(again);
+        assert_eq!(here.peers_vanished(["1@c"].into_iter(), again + ttl), 1);
+        // A peer that restarted is gone at once.
+        assert_eq!(here.peers_vanished(["2@c"].into_iter(), again + ttl), 1);
     }
 
     /// A peer reads a registration while this server's lease has lapsed and
