@@ -527,6 +527,19 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
                         describe(&result),
                         replay_command(&common, seed, None)
                     );
+                    // The replay command runs the seed alone, in a fresh process; a
+                    // seed can run differently after others in one process (see
+                    // sim/README.md, Determinism), so say whether it reproduces.
+                    match exit_alone(seed, &common) {
+                        Ok(alone) if alone == code => {}
+                        Ok(alone) => say!(
+                            "  note: alone (its replay command) seed {seed} ends {:?}, not {code:?}: it ran differently after the seeds before it in this process; `run --seeds {}..{}` repeats the batch",
+                            alone,
+                            seeds[0],
+                            seed + 1
+                        ),
+                        Err(e) => eprintln!("chatproof-sim: warning: replaying seed {seed} alone: {e:#}"),
+                    }
                     if let Some(junit) = &junit {
                         let dir = junit.parent().unwrap_or(std::path::Path::new("."));
                         let path = dir.join(format!("{}-seed-{seed}.html", preset.name));
@@ -750,6 +763,25 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
             Ok(Exit::Pass)
         }
     }
+}
+
+/// How `seed` ends run alone in a fresh process of this binary, as its replay
+/// command runs it.
+fn exit_alone(seed: u64, common: &Common) -> anyhow::Result<Exit> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("replay").arg(seed.to_string());
+    if let Some(path) = &common.scenario {
+        cmd.arg("--scenario").arg(path);
+    }
+    if let Some(kinds) = &common.faults {
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        cmd.arg("--faults").arg(names.join(","));
+    }
+    let status = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    Ok(Exit::from_code(status.code()))
 }
 
 /// The history fingerprint of `seed` run in a fresh process of this binary (`None`

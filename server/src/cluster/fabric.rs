@@ -25,10 +25,11 @@
 //!   server that notices removes it and counts it in `peer_deaths`.
 //! - `peer_deaths`: how many server processes died; every server re-reads its
 //!   sessions when it grows, since the dead one may have held events for them
-//!   that its router outbox never handed over (see [`super::outbox`]). A server
-//!   also re-reads when a peer process it saw in `lives` has been missing from it
-//!   for a TTL without being counted: after the registry restarted empty, a peer
-//!   that died before announcing itself again leaves nothing to count.
+//!   that its router outbox never handed over (see [`super::outbox`]). After the
+//!   registry forgot a server (restarted empty, or its lease lapsed), the server
+//!   also re-reads when a peer process it knew does not show in `lives` again
+//!   within a TTL: one that died before announcing itself again leaves nothing
+//!   to count.
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
 //! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
 //!   expiring [`WATCH_TTL`] after the last subscription.
@@ -133,10 +134,11 @@ const PEERS_KNOWN_MAX: usize = 1_024;
 enum PeerSeen {
     /// In `lives` at the last look.
     Alive,
-    /// Missing from `lives` since then; `reported` once counted as gone.
+    /// Missing from `lives` since then; `armed` while it must show again within a
+    /// TTL or be reported.
     Missing {
         since: tokio::time::Instant,
-        reported: bool,
+        armed: bool,
     },
 }
 
@@ -318,20 +320,6 @@ impl RegistryFabric {
                 }
             }
         }
-        // Counted below: not to be reported again when they are gone from `lives`.
-        {
-            let now = tokio::time::Instant::now();
-            let mut known = self.peers_known.lock().expect("peers known");
-            for member in &dead {
-                known.insert(
-                    member.clone(),
-                    PeerSeen::Missing {
-                        since: now,
-                        reported: true,
-                    },
-                );
-            }
-        }
         let deaths = self
             .registry
             .run_one(RegistryOp::RemoveCounting {
@@ -348,15 +336,15 @@ impl RegistryFabric {
         Ok(u64::try_from(grew).unwrap_or(0) + vanished)
     }
 
-    /// Peer processes this server saw alive that have been missing from `lives`
-    /// for a TTL, uncounted: after the registry restarted empty, a peer that died
-    /// before it announced itself again leaves no lease to lapse and no member to
-    /// count, yet it may have held events for local devices in its outbox. A live
-    /// peer announces itself every third of a TTL, so one missing for a whole TTL
-    /// is gone (dead, left, or cut off from the registry). A peer that restarted
-    /// (its id alive under another incarnation) is gone at once. Each is reported
-    /// once, until [`RegistryFabric::peers_rearm`]: a peer reported while it was
-    /// only cut off may come back, unseen here, and die later.
+    /// Peer processes that must be taken as dead although nobody counted them:
+    /// after this server was forgotten by the registry (it restarted empty, or this
+    /// server's lease lapsed, see [`RegistryFabric::peers_rearm`]), every peer it
+    /// knew must show in `lives` again within a TTL (a live peer announces itself
+    /// every third of one). One that does not, or that shows under another
+    /// incarnation (restarted), may have died before announcing itself again,
+    /// leaving no lease to lapse and no member to count, with events for local
+    /// devices in its outbox. Outside that, a peer missing from `lives` left
+    /// cleanly or was counted dead by whoever removed it, and is not reported.
     fn peers_vanished<'m>(
         &self,
         alive: impl Iterator<Item = &'m str>,
@@ -380,26 +368,23 @@ impl RegistryFabric {
                 .split_once('@')
                 .is_some_and(|(_, id)| alive_ids.contains(id));
             match seen {
-                PeerSeen::Alive if restarted => {
-                    vanished += 1;
-                    false
-                }
+                PeerSeen::Alive if restarted => false,
                 PeerSeen::Alive => {
                     *seen = PeerSeen::Missing {
                         since: now,
-                        reported: false,
+                        armed: false,
                     };
                     true
                 }
-                PeerSeen::Missing { reported, .. } if restarted => {
-                    vanished += u64::from(!*reported);
+                PeerSeen::Missing { armed, .. } if restarted => {
+                    vanished += u64::from(*armed);
                     false
                 }
                 PeerSeen::Missing {
                     since,
-                    reported: reported @ false,
+                    armed: armed @ true,
                 } if now.saturating_duration_since(*since) >= self.config.ttl => {
-                    *reported = true;
+                    *armed = false;
                     vanished += 1;
                     true
                 }
@@ -407,15 +392,12 @@ impl RegistryFabric {
             }
         });
         while known.len() > PEERS_KNOWN_MAX {
-            // Forget the peer reported longest ago (or, failing that, any).
+            // Forget the peer missing longest (or, failing that, any).
             let oldest = known
                 .iter()
                 .filter_map(|(m, seen)| match seen {
-                    PeerSeen::Missing {
-                        since,
-                        reported: true,
-                    } => Some((*since, m.clone())),
-                    _ => None,
+                    PeerSeen::Missing { since, .. } => Some((*since, m.clone())),
+                    PeerSeen::Alive => None,
                 })
                 .min()
                 .map(|(_, m)| m)
@@ -436,7 +418,7 @@ impl RegistryFabric {
         for seen in known.values_mut() {
             *seen = PeerSeen::Missing {
                 since: now,
-                reported: false,
+                armed: true,
             };
         }
     }
@@ -996,9 +978,11 @@ mod tests {
         drop(here);
     }
 
-    /// After the registry restarted empty, a peer process seen before that never
-    /// announces itself again is reported once, a TTL after it was first found
-    /// missing; one that announces itself again within the TTL is not.
+    /// After the registry forgot this server, a peer process seen before that
+    /// never announces itself again is reported once, a TTL after; one that
+    /// announces itself again within the TTL is not, nor is one that leaves
+    /// `lives` otherwise (a clean leave, or a death someone counted); one that
+    /// restarted is reported at once.
     #[tokio::test]
     async fn a_peer_that_died_before_announcing_itself_again_is_reported_once() {
         let registry = Arc::new(Restartable::default());
@@ -1008,13 +992,13 @@ mod tests {
         assert_eq!(here.peers_died().await.unwrap(), 0);
         drop(peer);
         registry.restart();
-        here.heartbeat_once().await.unwrap();
+        assert!(here.heartbeat_once().await.unwrap(), "forgotten");
         let t0 = tokio::time::Instant::now();
         let ttl = here.config.ttl;
+        here.peers_rearm(t0);
         // "c" is alive but has not announced itself yet; "b" never will.
         assert_eq!(here.peers_vanished(std::iter::empty(), t0), 0);
-        let half = t0 + ttl / 2;
-        assert_eq!(here.peers_vanished(["1@c"].into_iter(), half), 0);
+        assert_eq!(here.peers_vanished(["1@c"].into_iter(), t0 + ttl / 2), 0);
         let later = t0 + ttl;
         assert_eq!(
             here.peers_vanished(["1@c"].into_iter(), later),
@@ -1026,13 +1010,16 @@ mod tests {
             0,
             "reported once"
         );
-        // The registry forgot this server again: "b" may have come back unseen
-        // and died since, so it is reported again unless it shows.
-        let again = later + ttl * 2;
+        // "c" leaves with nothing forgotten here: not reported, however long.
+        assert_eq!(here.peers_vanished(std::iter::empty(), later + ttl), 0);
+        assert_eq!(here.peers_vanished(std::iter::empty(), later + ttl * 5), 0);
+        // Forgotten again: both must show within a TTL.
+        let again = later + ttl * 6;
         here.peers_rearm(again);
-        assert_eq!(here.peers_vanished(["1@c"].into_iter(), again + ttl), 1);
-        // A peer that restarted is gone at once.
-        assert_eq!(here.peers_vanished(["2@c"].into_iter(), again + ttl), 1);
+        assert_eq!(here.peers_vanished(std::iter::empty(), again + ttl), 2);
+        // A peer that restarted while this server was forgotten is gone at once.
+        here.peers_rearm(again + ttl * 2);
+        assert_eq!(here.peers_vanished(["2@c"].into_iter(), again + ttl * 2), 1);
     }
 
     /// A peer reads a registration while this server's lease has lapsed and
