@@ -454,7 +454,11 @@ impl RegistryFabric {
     }
 
     async fn heartbeat_loop(self: Arc<Self>, hub: Arc<Hub>) {
-        let mut every = tokio::time::interval(self.config.ttl / 3);
+        // `start` announced this server already: the first beat is a third of a TTL
+        // on. (An immediate one, run late, could announce a process that a restart
+        // of the same server id had already replaced.)
+        let period = self.config.ttl / 3;
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             every.tick().await;
             match self.heartbeat_once().await {
