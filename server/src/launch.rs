@@ -85,14 +85,20 @@ pub trait Platform: Send + Sync {
     /// A name for this start of the server that no other start of any server
     /// shares ([`FabricConfig::incarnation`]).
     fn incarnation(&self) -> String;
-    /// Where uploaded images are kept (`--media-dir`); `None` refuses uploads.
-    fn blobs(&self, args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError>;
-    /// Where notifications for offline users go (`--push-webhook`); `None` logs them.
+    /// Where uploaded images are kept (`--media-dir`); `None` (the default) refuses
+    /// uploads.
+    fn blobs(&self, _args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError> {
+        Ok(None)
+    }
+    /// Where notifications for offline users go (`--push-webhook`); `None` (the
+    /// default) logs them.
     fn push_sink(
         &self,
-        args: &ServeArgs,
-        metrics: &Arc<Metrics>,
-    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError>;
+        _args: &ServeArgs,
+        _metrics: &Arc<Metrics>,
+    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError> {
+        Ok(None)
+    }
 }
 
 /// [`serve_on`] the host: the system clock, the data directory, Scylla and Redis.
@@ -184,7 +190,8 @@ pub async fn serve_embedded(
 
 /// The host the binary runs on: the system clock, `--data-dir` on the local
 /// file system, Scylla/Cassandra and Redis over the network, images on local
-/// disk, push by webhook. Under the simulator only the embedded store exists.
+/// disk, push by webhook. Under the simulator only the embedded store exists
+/// (no images, push logged).
 pub struct Host;
 
 #[async_trait]
@@ -269,11 +276,6 @@ impl Platform for Host {
         Ok(Some(Arc::new(blobs)))
     }
 
-    #[cfg(madsim)]
-    fn blobs(&self, _args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError> {
-        Ok(None)
-    }
-
     #[cfg(not(madsim))]
     fn push_sink(
         &self,
@@ -292,15 +294,6 @@ impl Platform for Host {
         let sink = crate::push::webhook::WebhookSink::start(config, Arc::clone(metrics))
             .map_err(LaunchError::Config)?;
         Ok(Some(sink))
-    }
-
-    #[cfg(madsim)]
-    fn push_sink(
-        &self,
-        _args: &ServeArgs,
-        _metrics: &Arc<Metrics>,
-    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError> {
-        Ok(None)
     }
 }
 

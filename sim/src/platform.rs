@@ -20,9 +20,6 @@ use chatproof_server::clock::Clock;
 use chatproof_server::config::ServeArgs;
 use chatproof_server::launch::{self, LaunchError, Platform, RegistryLink};
 use chatproof_server::limits::Limits;
-use chatproof_server::media::BlobStore;
-use chatproof_server::metrics::Metrics;
-use chatproof_server::push::PushSink;
 use chatproof_server::store::embedded::{EmbeddedStore, Opener};
 use chatproof_server::store::shared::SharedStore;
 use chatproof_server::store::{Store, StoreError};
@@ -139,17 +136,5 @@ impl Platform for SimPlatform {
 
     fn incarnation(&self) -> String {
         format!("{:016x}", madsim::rand::random::<u64>())
-    }
-
-    fn blobs(&self, _args: &ServeArgs) -> Result<Option<Arc<dyn BlobStore>>, LaunchError> {
-        Ok(None)
-    }
-
-    fn push_sink(
-        &self,
-        _args: &ServeArgs,
-        _metrics: &Arc<Metrics>,
-    ) -> Result<Option<Arc<dyn PushSink>>, LaunchError> {
-        Ok(None)
     }
 }

@@ -765,11 +765,15 @@ fn execute(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-/// How `seed` ends run alone in a fresh process of this binary, as its replay
-/// command runs it.
-fn exit_alone(seed: u64, common: &Common) -> anyhow::Result<Exit> {
+/// `chatproof-sim SUBCOMMAND SEED` with `common`'s scenario and faults, for a fresh
+/// process of this binary.
+fn seed_in_child(
+    subcommand: &str,
+    seed: u64,
+    common: &Common,
+) -> anyhow::Result<std::process::Command> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("replay").arg(seed.to_string());
+    cmd.arg(subcommand).arg(seed.to_string());
     if let Some(path) = &common.scenario {
         cmd.arg("--scenario").arg(path);
     }
@@ -777,7 +781,13 @@ fn exit_alone(seed: u64, common: &Common) -> anyhow::Result<Exit> {
         let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
         cmd.arg("--faults").arg(names.join(","));
     }
-    let status = cmd
+    Ok(cmd)
+}
+
+/// How `seed` ends run alone in a fresh process of this binary, as its replay
+/// command runs it.
+fn exit_alone(seed: u64, common: &Common) -> anyhow::Result<Exit> {
+    let status = seed_in_child("replay", seed, common)?
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()?;
@@ -787,16 +797,9 @@ fn exit_alone(seed: u64, common: &Common) -> anyhow::Result<Exit> {
 /// The history fingerprint of `seed` run in a fresh process of this binary (`None`
 /// when the run did not finish).
 fn fingerprint_in_child(seed: u64, common: &Common) -> anyhow::Result<Option<String>> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("fingerprint").arg(seed.to_string());
-    if let Some(path) = &common.scenario {
-        cmd.arg("--scenario").arg(path);
-    }
-    if let Some(kinds) = &common.faults {
-        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-        cmd.arg("--faults").arg(names.join(","));
-    }
-    let out = cmd.stderr(std::process::Stdio::null()).output()?;
+    let out = seed_in_child("fingerprint", seed, common)?
+        .stderr(std::process::Stdio::null())
+        .output()?;
     anyhow::ensure!(
         out.status.success(),
         "fingerprint of seed {seed} failed: {}",
