@@ -8,9 +8,13 @@ use serde::Serialize;
 /// Highest latency a histogram records: one hour, in microseconds (larger values saturate).
 pub const LATENCY_US_MAX: u64 = 3_600_000_000;
 
-/// A new latency histogram (1 µs to one hour, 3 significant digits).
+/// A new latency histogram (1 µs up, 3 significant digits). It starts at 2 ms (16 KB)
+/// and grows with the largest latency recorded, up to [`LATENCY_US_MAX`] (about
+/// 180 KB): a run whose latencies stay low keeps small histograms.
 pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static bounds are valid")
+    let mut h = Histogram::new_with_bounds(1, 2_048, 3).expect("static bounds are valid");
+    h.auto(true);
+    h
 }
 
 /// Every latency a run measures. Each is one HDR histogram (`Histograms`), one entry of
@@ -195,8 +199,8 @@ impl std::ops::Index<Measure> for Latencies {
     }
 }
 
-/// Latency histograms shared by the devices of one driver (a histogram costs ~180 KB,
-/// too much to keep one per device): what devices record as frames arrive.
+/// Latency histograms shared by the devices of one recording thread (a histogram may
+/// grow to ~180 KB, too much to keep one per device): what devices record as frames arrive.
 #[derive(Debug, Clone)]
 pub struct LatencyStats {
     /// Scheduled send → receipt at a recipient device, µs.
@@ -266,9 +270,13 @@ impl LatencyStats {
     }
 }
 
-/// Records `us`, saturating at the histogram's bound.
+/// Records `us`, saturating at [`LATENCY_US_MAX`]; the histogram grows to hold it.
 pub fn record_us(h: &mut Histogram<u64>, us: u64) {
-    h.saturating_record(us.clamp(1, LATENCY_US_MAX));
+    let us = us.clamp(1, LATENCY_US_MAX);
+    // `saturating_record` would clamp to the current (auto-sized) bound instead of growing.
+    if h.record(us).is_err() {
+        h.saturating_record(us);
+    }
 }
 
 /// The figures a report shows for one histogram, in milliseconds.
@@ -391,13 +399,18 @@ mod tests {
         }
     }
 
-    /// Values past the bound saturate instead of failing.
+    /// Values past the bound saturate instead of failing; the histogram grows up to it.
     #[test]
     fn saturates_at_bound() {
         let mut h = latency_histogram();
         record_us(&mut h, u64::MAX);
         record_us(&mut h, 0);
         assert_eq!(h.len(), 2);
+        assert!(
+            h.max() >= LATENCY_US_MAX * 999 / 1000,
+            "grown to the bound: {}",
+            h.max()
+        );
         assert!(hgrm(&h).contains("Total count"));
     }
 }

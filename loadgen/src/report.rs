@@ -295,12 +295,12 @@ pub fn summarize_run(
         ..Counts::default()
     };
     let mut presence_gap_min_us: Option<u64> = None;
-    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut acked: Vec<(u32, u64)> = Vec::new();
     for device in &devices {
         let s = device.state.lock().expect("device state");
         violations.absorb(&s.violations);
         counts.send_errors += s.send_errors;
-        acked.extend(s.acked.iter().cloned());
+        acked.extend_from_slice(&s.acked);
         counts.devices_dropped += u64::from(!s.connected);
         counts.presence_frames += s.presence_frames;
         counts.presence_states += s.presence_states;
@@ -310,12 +310,6 @@ pub fn summarize_run(
     }
     counts.acked = acked.len() as u64;
     // Lost: every acknowledged message must be held by every connected device of every member.
-    let by_conv: std::collections::HashMap<&str, &crate::world::Conv> = config
-        .world
-        .convs
-        .iter()
-        .map(|c| (c.id.as_str(), c))
-        .collect();
     // Each device's user, indexed once rather than scanned per acknowledged message.
     let mut devices_of_user: std::collections::HashMap<
         &str,
@@ -328,17 +322,16 @@ pub fn summarize_run(
     let user_ids: Vec<String> = (0..config.world.user_count())
         .map(|u| config.world.user_id(u))
         .collect();
-    for (conv, seq) in &acked {
-        let Some(c) = by_conv.get(conv.as_str()) else {
-            continue;
-        };
+    for &(index, seq) in &acked {
+        let c = &config.world.convs[index as usize];
+        let conv = c.id.as_str();
         let members = c
             .members
             .iter()
             .flat_map(|u| devices_of_user.get(user_ids[*u as usize].as_str()));
         for device in members.flatten() {
             counts.deliveries_expected += 1;
-            if device.state.lock().expect("device state").holds(conv, *seq) {
+            if device.state.lock().expect("device state").holds(conv, seq) {
                 counts.deliveries_received += 1;
             } else {
                 violations.record(Violation::Lost, || {

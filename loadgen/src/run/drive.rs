@@ -1,9 +1,11 @@
 //! The goose side: one goose user per driver. Each driver connects its share of
 //! the devices (on start), waits until every driver is connected, then sends on
 //! an open-model schedule: message k of driver i is due at `start + (k + i/drivers) * interval`
-//! whatever the server does, and latency is measured from that due time.
+//! whatever the server does, and latency is measured from that due time. The whole
+//! schedule of a driver is one goose transaction: a transaction per send cost more
+//! than the send.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -24,7 +26,6 @@ struct Driver {
     users: Vec<u32>,
     devices: Vec<Vec<Arc<Device>>>,
     start: Instant,
-    next_k: u64,
 }
 
 #[derive(Clone)]
@@ -42,7 +43,7 @@ async fn connect_devices(state: &RunState, user: &mut GooseUser) -> TransactionR
     let users = World::users_of_driver(&config.users, index, drivers);
     let mut devices = Vec::with_capacity(users.len());
     for &u in &users {
-        devices.push(connect_user(state, index, u, user).await?);
+        devices.push(connect_user(state, u, user).await?);
     }
     if state.gate.arrive().await {
         wait_for_start(config.start).await;
@@ -62,17 +63,15 @@ async fn connect_devices(state: &RunState, user: &mut GooseUser) -> TransactionR
         users,
         devices,
         start: Instant::now() + phase,
-        next_k: 0,
     };
     user.set_session_data(DriverSession(Arc::new(tokio::sync::Mutex::new(driver))));
     Ok(())
 }
 
-/// Connects every device of user `u` for driver `index`; a device that fails to
-/// connect is counted, reported to goose, and left out.
+/// Connects every device of user `u`; a device that fails to connect is counted,
+/// reported to goose, and left out.
 async fn connect_user(
     state: &RunState,
-    index: u32,
     u: u32,
     user: &mut GooseUser,
 ) -> Result<Vec<Arc<Device>>, Box<TransactionError>> {
@@ -82,9 +81,9 @@ async fn connect_user(
         .config
         .key
         .mint(&user_id, now_us() / 1_000_000 + 24 * 3600);
-    let convs: HashSet<String> = std::iter::once(world.direct_of(u))
+    let convs: HashMap<String, u32> = std::iter::once(world.direct_of(u))
         .chain(world.group_of(u))
-        .map(|k| world.convs[k].id.clone())
+        .map(|k| (world.convs[k].id.clone(), k as u32))
         .collect();
     let target = state.config.target_of(u);
     let mut of_user = Vec::new();
@@ -95,7 +94,7 @@ async fn connect_user(
             &token,
             (&user_id, &World::device_id(d)),
             convs.clone(),
-            Arc::clone(state.histograms.driver(index)),
+            Arc::clone(&state.histograms),
             (
                 target.addr,
                 crate::device::source_for(
@@ -150,26 +149,83 @@ async fn wait_for_start(start: Start) {
     }
 }
 
-/// One scheduled send. Acks are timed by the device that receives them (into the
-/// HDR histograms), not reported to goose one by one.
-async fn send_scheduled(state: &Arc<RunState>, user: &mut GooseUser) -> TransactionResult {
-    let (config, counters) = (&state.config, &state.counters);
+/// The whole schedule of one driver, in one goose transaction: message k is due at
+/// `start + k * interval`. The driver sleeps only while it is ahead of the schedule;
+/// sends that fell due while it slept (the timer wakes at millisecond granularity)
+/// go out one after another without a timer each. Acks are timed by the device that
+/// receives them (into the HDR histograms), not reported to goose one by one.
+async fn run_schedule(state: &Arc<RunState>, user: &mut GooseUser) -> TransactionResult {
     let session = user
         .get_session_data::<DriverSession>()
         .cloned()
         .ok_or_else(|| Box::new(failed("driver not connected".into())))?;
-    let mut d = session.0.lock().await;
-    let k = d.next_k;
-    d.next_k += 1;
-    let due = d.start + config.interval * u32::try_from(k).unwrap_or(u32::MAX);
-    tokio::time::sleep_until(due).await;
-    let lag = Instant::now().saturating_duration_since(due);
-    state
-        .histograms
-        .record(Measure::GeneratorLag, lag.as_micros() as u64);
-    counters.bump(Count::Scheduled);
-    let scheduled_us = now_us().saturating_sub(lag.as_micros() as u64);
+    let d = session.0.lock().await;
+    let mut composer = Composer::new(state, d.index);
+    for k in 0..state.config.sends_per_driver {
+        let due = d.start + state.config.interval * u32::try_from(k).unwrap_or(u32::MAX);
+        if Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+        }
+        let lag = Instant::now().saturating_duration_since(due);
+        state
+            .histograms
+            .record(Measure::GeneratorLag, lag.as_micros() as u64);
+        state.counters.bump(Count::Scheduled);
+        let scheduled_us = now_us().saturating_sub(lag.as_micros() as u64);
+        if let Err(why) = send_one(state, &d, &mut composer, k, scheduled_us).await {
+            user.record_custom_request_duration("WS", "send", lag, false, None, Some(&why))
+                .await?;
+        }
+    }
+    Ok(())
+}
 
+/// Builds the text and message id of a driver's sends in buffers it reuses.
+struct Composer {
+    /// `RUN-DRIVER-`: every message id of this driver starts with it.
+    id_prefix: String,
+    text_bytes: usize,
+    message_id: String,
+    text: String,
+}
+
+impl Composer {
+    fn new(state: &RunState, driver: u32) -> Self {
+        Self {
+            id_prefix: format!("{}-{driver}-", state.config.run_id),
+            text_bytes: state.config.scenario.load.text_bytes,
+            message_id: String::new(),
+            text: String::new(),
+        }
+    }
+
+    /// Message `k`'s id and its text: the scheduled time stamp the receivers time
+    /// deliveries by, padded to the scenario's `text_bytes`.
+    fn compose(&mut self, k: u64, scheduled_us: u64) -> (&str, &str) {
+        self.message_id.clear();
+        self.message_id.push_str(&self.id_prefix);
+        let _ = write!(self.message_id, "{k}");
+        self.text.clear();
+        let _ = write!(self.text, "lg:{scheduled_us}:");
+        while self.text.len() < self.text_bytes {
+            let padding = (self.text_bytes - self.text.len()).min(PADDING.len());
+            self.text.push_str(&PADDING[..padding]);
+        }
+        (&self.message_id, &self.text)
+    }
+}
+
+/// Send `k` of driver `d`, scheduled at `scheduled_us`: picks its sender and
+/// conversation from the seed, then writes it (or starts its upload). `Err` says
+/// why a send failed; an offline sender is counted, not an error.
+async fn send_one(
+    state: &Arc<RunState>,
+    d: &Driver,
+    composer: &mut Composer,
+    k: u64,
+    scheduled_us: u64,
+) -> Result<(), String> {
+    let (config, counters) = (&state.config, &state.counters);
     let h = mix(config.scenario.seed ^ (u64::from(d.index) << 40) ^ k);
     let slot = (h % d.users.len() as u64) as usize;
     let u = d.users[slot];
@@ -179,22 +235,13 @@ async fn send_scheduled(state: &Arc<RunState>, user: &mut GooseUser) -> Transact
     } else {
         None
     };
-    let conv = group.unwrap_or_else(|| config.world.direct_of(u));
-    let conv = config.world.convs[conv].id.clone();
-    let sender = d.devices[slot]
-        .get(((h >> 16) % u64::from(config.world.devices_per_user())) as usize)
-        .cloned();
-    let mut text = String::with_capacity(config.scenario.load.text_bytes.max(32));
-    let _ = write!(text, "lg:{scheduled_us}:");
-    let padding = config.scenario.load.text_bytes.saturating_sub(text.len());
-    text.push_str(&PADDING[..padding.min(PADDING.len())]);
-    for _ in 0..padding.saturating_sub(PADDING.len()) {
-        text.push('x');
-    }
-    let message_id = format!("{}-{}-{k}", config.run_id, d.index);
+    let conv = &config.world.convs[group.unwrap_or_else(|| config.world.direct_of(u))].id;
+    let sender =
+        d.devices[slot].get(((h >> 16) % u64::from(config.world.devices_per_user())) as usize);
+    let (message_id, text) = composer.compose(k, scheduled_us);
     let want_image =
         (mix(h ^ 0x1A6E) % 10_000) as f64 / 10_000.0 < config.scenario.load.image_share;
-    if let (true, Some((images, http)), Some(device)) = (want_image, &config.media, &sender) {
+    if let (true, Some((images, http)), Some(device)) = (want_image, &config.media, sender) {
         if device.is_offline() {
             counters.bump(Count::SkippedOffline);
         } else {
@@ -205,37 +252,30 @@ async fn send_scheduled(state: &Arc<RunState>, user: &mut GooseUser) -> Transact
                 state,
                 http,
                 device,
-                (conv, message_id, text),
+                (conv.clone(), message_id.to_owned(), text.to_owned()),
                 bytes,
                 scheduled_us,
             ));
         }
         return Ok(());
     }
-    let outcome = match sender {
-        Some(device) => {
-            device
-                .send(&conv, &message_id, &text, None, scheduled_us)
-                .await
-        }
-        None => Err(SendError::Failed(anyhow::anyhow!(
-            "sender device is not connected"
-        ))),
+    let Some(device) = sender else {
+        return Err("sender device is not connected".into());
     };
-    match outcome {
+    match device
+        .send(conv, message_id, text, None, scheduled_us)
+        .await
+    {
         Ok(()) => {
             counters.bump(Count::Sent);
+            Ok(())
         }
         Err(SendError::Offline) => {
             counters.bump(Count::SkippedOffline);
+            Ok(())
         }
-        Err(e) => {
-            let why = format!("{e:#}");
-            user.record_custom_request_duration("WS", "send", lag, false, None, Some(&why))
-                .await?;
-        }
+        Err(e) => Err(format!("{e:#}")),
     }
-    Ok(())
 }
 
 /// Uploads an image, then sends it; failures are counted (and fail the run).
@@ -280,7 +320,6 @@ pub async fn run_goose(
     goose_report: &str,
 ) -> anyhow::Result<goose::metrics::GooseMetrics> {
     let drivers = state.config.scenario.load.drivers.to_string();
-    let iterations = state.config.sends_per_driver.to_string();
     let args = [
         "--host",
         host,
@@ -288,13 +327,14 @@ pub async fn run_goose(
         &drivers,
         "--increase-rate",
         &drivers,
+        // One iteration: the send transaction runs the driver's whole schedule.
         "--iterations",
-        &iterations,
+        "1",
         "--report-file",
         goose_report,
         "--no-print-metrics",
-        // One transaction per send: goose's per-transaction and per-scenario metrics
-        // would cost more than the send; latency is in the run's own histograms.
+        // Latency is in the run's own histograms; goose's per-transaction and
+        // per-scenario metrics would only repeat it.
         "--no-transaction-metrics",
         "--no-scenario-metrics",
         "--quiet",
@@ -326,12 +366,11 @@ fn connect_transaction(state: &Arc<RunState>) -> Transaction {
     }))
 }
 
-/// [`send_scheduled`] as a goose transaction holding the run's state: one `Arc`
-/// clone per send, what looking up a global cost before.
+/// [`run_schedule`] as a goose transaction holding the run's state.
 fn send_transaction(state: &Arc<RunState>) -> Transaction {
     let state = Arc::clone(state);
     Transaction::new(Arc::new(move |user| {
         let state = Arc::clone(&state);
-        Box::pin(async move { send_scheduled(&state, user).await })
+        Box::pin(async move { run_schedule(&state, user).await })
     }))
 }

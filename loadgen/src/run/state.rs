@@ -163,22 +163,43 @@ impl Counters {
     }
 }
 
+/// Shards of the histograms devices record into. A thread records into shard
+/// `its index % SHARDS`, so the runtime's worker threads (two on the design machine)
+/// each have their own shard and lock, and the shards' counts stay in their caches;
+/// a shard per driver cost up to 180 KB per histogram and driver.
+const SHARDS: usize = 4;
+
+/// The shard of the calling thread.
+fn thread_shard() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SHARD: usize = (NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS as u64) as usize;
+    }
+    SHARD.with(|s| *s)
+}
+
 /// The run's latency histograms, keyed by [`Measure`]. The measures devices record as
-/// frames arrive ([`Measure::recorded_by_devices`]) have one shard per driver, so that
-/// drivers do not share a lock per frame; the others have one histogram each.
+/// frames arrive ([`Measure::recorded_by_devices`]) are sharded by recording thread,
+/// so that devices do not share a lock per frame; the others have one histogram each.
 pub struct RunHistograms {
-    /// One shard per driver.
-    drivers: Vec<Arc<Mutex<LatencyStats>>>,
+    /// [`SHARDS`] shards of what devices record.
+    shards: Vec<Mutex<LatencyStats>>,
     /// Indexed by measure: `Some` exactly for the measures not recorded by devices.
     generator: Vec<Option<Mutex<Histogram<u64>>>>,
 }
 
+impl Default for RunHistograms {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RunHistograms {
-    /// Empty histograms for `drivers` drivers.
-    pub fn new(drivers: u32) -> Self {
+    /// Empty histograms.
+    pub fn new() -> Self {
         Self {
-            drivers: (0..drivers)
-                .map(|_| Arc::new(Mutex::new(LatencyStats::default())))
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(LatencyStats::default()))
                 .collect(),
             generator: Measure::ALL
                 .iter()
@@ -187,30 +208,30 @@ impl RunHistograms {
         }
     }
 
-    /// The shard driver `index`'s devices record into.
-    pub fn driver(&self, index: u32) -> &Arc<Mutex<LatencyStats>> {
-        &self.drivers[index as usize]
+    /// The shard the calling thread's devices record into.
+    pub fn shard(&self) -> &Mutex<LatencyStats> {
+        &self.shards[thread_shard()]
     }
 
     /// Records `us` under `m`, which must not be a measure devices record.
     pub fn record(&self, m: Measure, us: u64) {
         let h = self.generator[m.index()]
             .as_ref()
-            .expect("devices record this measure into their driver's shard");
+            .expect("this measure is recorded by devices, into their thread's shard");
         record_us(&mut h.lock().expect("histogram"), us);
     }
 
     /// From `judged_from_us` (Unix µs) on, scheduled messages are judged, not warm-up.
     pub fn judge_from(&self, judged_from_us: u64) {
-        for shard in &self.drivers {
+        for shard in &self.shards {
             shard.lock().expect("stats").judged_from_us = judged_from_us;
         }
     }
 
-    /// Every histogram so far, the drivers' shards merged.
+    /// Every histogram so far, the shards merged.
     pub fn merged(&self) -> Histograms {
         let mut all = Histograms::default();
-        for shard in &self.drivers {
+        for shard in &self.shards {
             shard.lock().expect("stats").add_to(&mut all);
         }
         for (m, h) in Measure::ALL.iter().zip(&self.generator) {
@@ -223,9 +244,9 @@ impl RunHistograms {
         all
     }
 
-    /// Acknowledgements received so far (judged and warm-up), all drivers.
+    /// Acknowledgements received so far (judged and warm-up), every shard.
     pub fn acked_so_far(&self) -> u64 {
-        self.drivers
+        self.shards
             .iter()
             .map(|shard| {
                 let stats = shard.lock().expect("stats");
@@ -234,10 +255,10 @@ impl RunHistograms {
             .sum()
     }
 
-    /// Online delivery latency so far (the judged histogram), the drivers' merged.
+    /// Online delivery latency so far (the judged histogram), the shards merged.
     pub fn delivery_so_far(&self) -> Histogram<u64> {
         let mut all = latency_histogram();
-        for shard in &self.drivers {
+        for shard in &self.shards {
             all.add(&shard.lock().expect("stats").delivery)
                 .expect("same bounds");
         }
@@ -295,7 +316,7 @@ pub struct RunState {
     /// What happened so far.
     pub counters: Counters,
     /// Latencies so far.
-    pub histograms: RunHistograms,
+    pub histograms: Arc<RunHistograms>,
     /// Every connected device.
     pub devices: Mutex<Vec<Arc<Device>>>,
     /// One point per second of the run.
@@ -311,7 +332,7 @@ impl RunState {
         Arc::new(Self {
             config,
             counters: Counters::default(),
-            histograms: RunHistograms::new(drivers),
+            histograms: Arc::new(RunHistograms::new()),
             devices: Mutex::new(Vec::new()),
             timeline: Mutex::new(Vec::new()),
             gate: StartGate::new(drivers),
@@ -346,21 +367,25 @@ mod tests {
     /// Generator measures land in their own histogram; the merge shows every one.
     #[test]
     fn generator_measures_merge() {
-        let h = RunHistograms::new(2);
+        let h = RunHistograms::new();
         h.record(Measure::GeneratorLag, 1_500);
         h.record(Measure::Connect, 20_000);
-        h.driver(1).lock().unwrap().record_ack(0, 3_000);
+        h.shard().lock().unwrap().record_ack(0, 3_000);
+        // Another thread records into its own shard; the merge sees both.
+        std::thread::scope(|s| {
+            s.spawn(|| h.shard().lock().unwrap().record_ack(0, 4_000));
+        });
         let all = h.merged();
         assert_eq!(all[Measure::GeneratorLag].len(), 1);
         assert_eq!(all[Measure::Connect].len(), 1);
-        assert_eq!(all[Measure::SendAck].len(), 1);
-        assert_eq!(h.acked_so_far(), 1);
+        assert_eq!(all[Measure::SendAck].len(), 2);
+        assert_eq!(h.acked_so_far(), 2);
     }
 
     /// A measure devices record cannot be recorded by the generator.
     #[test]
-    #[should_panic(expected = "driver's shard")]
+    #[should_panic(expected = "recorded by devices")]
     fn device_measures_are_not_generator_measures() {
-        RunHistograms::new(1).record(Measure::Delivery, 1);
+        RunHistograms::new().record(Measure::Delivery, 1);
     }
 }
