@@ -7,19 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::run::state::RunHistograms;
+use crate::wire::{Incoming, WireReader, WireWriter};
 use chatproof_client::{FrameKind, Request, SendResult, ServerFrame};
 use chatproof_contract::{OrderCheck, Tally, Violation};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The writing half of a device's current connection, shared by its sends and its
+/// reader (which answers pings).
+type Writer = Arc<tokio::sync::Mutex<WireWriter>>;
 
 /// Sends in flight per device before new sends are refused locally.
 pub const PENDING_SENDS_MAX: usize = 10_000;
@@ -37,7 +35,7 @@ pub fn now_us() -> u64 {
 struct Pending {
     scheduled_us: u64,
     /// The send frame, written again (same rid and message id) after a reconnect.
-    frame: Utf8Bytes,
+    frame: Arc<str>,
 }
 
 /// The rid of a device's `hello`.
@@ -93,7 +91,8 @@ impl DeviceState {
 pub struct Device {
     /// `user/device`, for reports.
     pub name: String,
-    sink: tokio::sync::Mutex<SplitSink<Ws, Message>>,
+    /// The current connection's writer (replaced by a reconnect).
+    writer: Mutex<Writer>,
     /// What it observed.
     pub state: Arc<Mutex<DeviceState>>,
     next_rid: AtomicU64,
@@ -114,7 +113,10 @@ pub struct Target {
 /// How to (re)connect a device.
 #[derive(Clone)]
 struct Link {
-    url: String,
+    /// `HOST:PORT` of the WebSocket URL.
+    host: String,
+    /// Its path (`/v1/ws`).
+    path: String,
     token: String,
     device: String,
     target: std::net::SocketAddr,
@@ -139,13 +141,19 @@ async fn session(
     name: &str,
     state: &Arc<Mutex<DeviceState>>,
     cursors: &std::collections::BTreeMap<String, u64>,
-) -> anyhow::Result<(SplitSink<Ws, Message>, tokio::task::JoinHandle<()>)> {
-    let ws = tokio::time::timeout(CONNECT_TIMEOUT, open(&link.url, link.target, link.source))
+) -> anyhow::Result<(Writer, tokio::task::JoinHandle<()>)> {
+    let connect = async {
+        let stream = open_tcp(link.target, link.source).await?;
+        crate::wire::handshake(stream, &link.host, &link.path)
+            .await
+            .with_context(|| format!("WebSocket handshake with ws://{}{}", link.host, link.path))
+    };
+    let (reader, writer) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| anyhow!("connect timed out"))??;
-    let (mut sink, stream) = ws.split();
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let hello = Request::hello(&link.token, &link.device, Some(cursors), false).encode(HELLO_RID);
-    sink.send(Message::Text(hello.into())).await?;
+    writer.lock().await.send_text(&hello).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
     {
         let mut s = state.lock().expect("device state");
@@ -153,14 +161,15 @@ async fn session(
         s.last_presence_us = None; // Gaps are per connection.
     }
     let reader = tokio::spawn(read_loop(
-        stream,
+        reader,
+        Arc::clone(&writer),
         Arc::clone(state),
         Arc::clone(&link.stats),
         name.to_owned(),
         ready_tx,
     ));
     match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
-        Ok(Ok(Ok(()))) => Ok((sink, reader)),
+        Ok(Ok(Ok(()))) => Ok((writer, reader)),
         Ok(Ok(Err(why))) => bail!("{name}: {why}"),
         Ok(Err(_)) => bail!("{name}: connection closed during hello"),
         Err(_) => bail!("{name}: catch-up did not finish in {CONNECT_TIMEOUT:?}"),
@@ -185,23 +194,6 @@ pub fn source_for(target: std::net::SocketAddr, k: u64) -> Option<std::net::IpAd
     }
 }
 
-/// TCP connect (from `source` when given) and the WebSocket handshake.
-pub async fn open(
-    url: &str,
-    target: std::net::SocketAddr,
-    source: Option<std::net::IpAddr>,
-) -> anyhow::Result<Ws> {
-    let stream = open_tcp(target, source).await?;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(
-        url,
-        MaybeTlsStream::Plain(stream),
-        Some(ws_config()),
-    )
-    .await
-    .with_context(|| format!("WebSocket handshake with {url}"))?;
-    Ok(ws)
-}
-
 /// TCP connect to `target` from `source` when given, without Nagle's delay.
 pub async fn open_tcp(
     target: std::net::SocketAddr,
@@ -223,12 +215,6 @@ pub async fn open_tcp(
         .with_context(|| format!("connecting to {target}"))?;
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
 }
 
 impl Device {
@@ -257,18 +243,23 @@ impl Device {
             images_received: Vec::new(),
         }));
         let name = format!("{user}/{device}");
+        let (host, path) = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.find('/').map(|slash| rest.split_at(slash)))
+            .ok_or_else(|| anyhow!("{url}: not a ws://HOST:PORT/PATH URL"))?;
         let link = Link {
-            url: url.to_owned(),
+            host: host.to_owned(),
+            path: path.to_owned(),
             token: token.to_owned(),
             device: device.to_owned(),
             target,
             source,
             stats,
         };
-        let (sink, reader) = session(&link, &name, &state, &Default::default()).await?;
+        let (writer, reader) = session(&link, &name, &state, &Default::default()).await?;
         Ok(Arc::new(Self {
             name,
-            sink: tokio::sync::Mutex::new(sink),
+            writer: Mutex::new(writer),
             state,
             next_rid: AtomicU64::new(0),
             link,
@@ -277,10 +268,15 @@ impl Device {
         }))
     }
 
+    /// The current connection's writer.
+    fn writer(&self) -> Writer {
+        Arc::clone(&self.writer.lock().expect("writer"))
+    }
+
     /// Goes offline: closes the connection and waits until its reader has stopped.
     pub async fn go_offline(&self) {
         self.offline.store(true, Ordering::SeqCst);
-        let _ = self.sink.lock().await.close().await;
+        let _ = self.writer().lock().await.close().await;
         let reader = self.reader.lock().expect("reader").take();
         if let Some(reader) = reader {
             if tokio::time::timeout(Duration::from_secs(5), reader)
@@ -299,12 +295,12 @@ impl Device {
     pub async fn reconnect(&self) -> anyhow::Result<Duration> {
         let started = std::time::Instant::now();
         let cursors = self.state.lock().expect("device state").order.cursors();
-        let (sink, reader) = session(&self.link, &self.name, &self.state, &cursors).await?;
+        let (writer, reader) = session(&self.link, &self.name, &self.state, &cursors).await?;
         let took = started.elapsed();
-        *self.sink.lock().await = sink;
+        *self.writer.lock().expect("writer") = Arc::clone(&writer);
         *self.reader.lock().expect("reader") = Some(reader);
         self.offline.store(false, Ordering::SeqCst);
-        let frames: Vec<Utf8Bytes> = self
+        let frames: Vec<Arc<str>> = self
             .state
             .lock()
             .expect("device state")
@@ -312,9 +308,9 @@ impl Device {
             .values()
             .map(|p| p.frame.clone())
             .collect();
-        let mut sink = self.sink.lock().await;
+        let mut writer = writer.lock().await;
         for frame in frames {
-            sink.send(Message::Text(frame)).await?;
+            writer.send_text(&frame).await?;
         }
         Ok(took)
     }
@@ -350,7 +346,7 @@ impl Device {
             text: Some(text),
             media,
         };
-        let frame = Utf8Bytes::from(frame.encode(&rid));
+        let frame = Arc::<str>::from(frame.encode(&rid));
         {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
@@ -367,7 +363,7 @@ impl Device {
             };
             state.pending.insert(n, pending);
         }
-        let sent = self.sink.lock().await.send(Message::Text(frame)).await;
+        let sent = self.writer().lock().await.send_text(&frame).await;
         if let Err(e) = sent {
             let mut state = self.state.lock().expect("device state");
             state.pending.remove(&n);
@@ -384,125 +380,152 @@ impl Device {
 
     /// Closes the connection.
     pub async fn close(&self) {
-        let _ = self.sink.lock().await.close().await;
+        let _ = self.writer().lock().await.close().await;
     }
 }
 
+/// Reads the connection until it ends: answers pings, and checks and times every
+/// frame ([`observe`]); says on `ready` when catch-up ended (or why it failed).
 async fn read_loop(
-    mut stream: SplitStream<Ws>,
+    mut reader: WireReader,
+    writer: Writer,
     state: Arc<Mutex<DeviceState>>,
     stats: Arc<RunHistograms>,
     name: String,
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
-    while let Some(frame) = stream.next().await {
-        let text = match frame {
-            Ok(Message::Text(text)) => text,
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue,
-        };
-        let Ok(event) = ServerFrame::parse(&text) else {
-            continue;
-        };
-        let now = now_us();
-        let mut s = state.lock().expect("device state");
-        match (event.kind, event.rid()) {
-            (FrameKind::Error, Some(HELLO_RID)) => {
-                let why = format!(
-                    "hello refused: {} {}",
-                    event.code.as_deref().unwrap_or("?"),
-                    event.message.as_deref().unwrap_or("")
-                );
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Err(why));
-                }
+    let mut pings: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let read = reader
+            .read(|incoming| match incoming {
+                Incoming::Text(text) => observe(text, &state, &stats, &name, &mut ready),
+                Incoming::Ping(payload) => pings.push(payload.to_vec()),
+            })
+            .await;
+        for payload in pings.drain(..) {
+            // A failed pong shows as the end of the stream on the next read.
+            let _ = writer.lock().await.pong(&payload).await;
+        }
+        match read {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                tracing::debug!(device = name, error = %e, "connection ended");
+                break;
             }
-            (_, Some(HELLO_RID)) => {}
-            (FrameKind::Ok, Some(rid)) => {
-                if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
-                    stats
-                        .shard()
-                        .lock()
-                        .expect("stats")
-                        .record_ack(p.scheduled_us, now);
-                    match event.result::<SendResult>() {
-                        Some(sent) => match s.member_convs.get(sent.conv.as_ref()) {
-                            Some(&index) => s.acked.push((index, sent.seq)),
-                            // It sends only to its conversations: an ack naming another
-                            // is the server's mistake, and nothing can be expected of it.
-                            None => s.violations.record(Violation::Phantom, || {
-                                format!(
-                                    "{name} got an ack for {} seq {}, a conversation it is not in",
-                                    sent.conv, sent.seq
-                                )
-                            }),
-                        },
-                        None => s.send_errors += 1,
-                    }
-                }
-            }
-            (FrameKind::Error, Some(rid))
-                if parse_send_rid(rid).is_some_and(|n| s.pending.remove(&n).is_some()) =>
-            {
-                s.send_errors += 1;
-                tracing::debug!(device = name, code = ?event.code, "send refused");
-            }
-            (FrameKind::Msg, _) => {
-                s.received += 1;
-                let conv = event.conv.as_deref().unwrap_or_default();
-                let seq = event.seq.unwrap_or(0);
-                let member = s.member_convs.contains_key(conv);
-                let DeviceState {
-                    order, violations, ..
-                } = &mut *s;
-                if !member {
-                    violations.record(Violation::Phantom, || {
-                        format!("{name} received {conv} seq {seq} without being a member")
-                    });
-                } else if let Err(fault) = order.observe(conv, seq) {
-                    violations.record(fault.violation, || fault.describe(&name, conv, seq));
-                }
-                let Some(body) = event.body else { continue };
-                if body.kind.as_deref() == Some("image") && ready.is_none() {
-                    if let Some(media) = &body.media {
-                        s.images_received
-                            .push((media.id.clone().into_owned(), media.size, now));
-                    }
-                }
-                let stamp = body
-                    .text
-                    .as_deref()
-                    .or(body.caption.as_deref())
-                    .and_then(|t| t.strip_prefix("lg:"))
-                    .and_then(|t| t.split(':').next());
-                if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
-                    // Entries streamed before `caught_up` waited for this device to come back.
-                    stats.shard().lock().expect("stats").record_delivery(
-                        scheduled_us,
-                        now,
-                        ready.is_some(),
-                    );
-                }
-            }
-            (FrameKind::Presence, _) => {
-                s.presence_frames += 1;
-                s.presence_states += event.users.map_or(0, |u| u.len() as u64);
-                if let Some(last) = s.last_presence_us.replace(now) {
-                    let gap = now.saturating_sub(last);
-                    s.presence_gap_min_us = Some(s.presence_gap_min_us.map_or(gap, |g| g.min(gap)));
-                }
-            }
-            (FrameKind::CaughtUp, _) => {
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Ok(()));
-                }
-            }
-            _ => {}
         }
     }
     state.lock().expect("device state").connected = false;
     if let Some(r) = ready.take() {
         let _ = r.send(Err("connection closed".into()));
+    }
+}
+
+/// Checks and times one frame from the server. `ready` is taken when catch-up ends.
+fn observe(
+    text: &str,
+    state: &Mutex<DeviceState>,
+    stats: &RunHistograms,
+    name: &str,
+    ready: &mut Option<oneshot::Sender<Result<(), String>>>,
+) {
+    let Ok(event) = ServerFrame::parse(text) else {
+        return;
+    };
+    let now = now_us();
+    let mut s = state.lock().expect("device state");
+    match (event.kind, event.rid()) {
+        (FrameKind::Error, Some(HELLO_RID)) => {
+            let why = format!(
+                "hello refused: {} {}",
+                event.code.as_deref().unwrap_or("?"),
+                event.message.as_deref().unwrap_or("")
+            );
+            if let Some(r) = ready.take() {
+                let _ = r.send(Err(why));
+            }
+        }
+        (_, Some(HELLO_RID)) => {}
+        (FrameKind::Ok, Some(rid)) => {
+            if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
+                stats
+                    .shard()
+                    .lock()
+                    .expect("stats")
+                    .record_ack(p.scheduled_us, now);
+                match event.result::<SendResult>() {
+                    Some(sent) => match s.member_convs.get(sent.conv.as_ref()) {
+                        Some(&index) => s.acked.push((index, sent.seq)),
+                        // It sends only to its conversations: an ack naming another
+                        // is the server's mistake, and nothing can be expected of it.
+                        None => s.violations.record(Violation::Phantom, || {
+                            format!(
+                                "{name} got an ack for {} seq {}, a conversation it is not in",
+                                sent.conv, sent.seq
+                            )
+                        }),
+                    },
+                    None => s.send_errors += 1,
+                }
+            }
+        }
+        (FrameKind::Error, Some(rid))
+            if parse_send_rid(rid).is_some_and(|n| s.pending.remove(&n).is_some()) =>
+        {
+            s.send_errors += 1;
+            tracing::debug!(device = name, code = ?event.code, "send refused");
+        }
+        (FrameKind::Msg, _) => {
+            s.received += 1;
+            let conv = event.conv.as_deref().unwrap_or_default();
+            let seq = event.seq.unwrap_or(0);
+            let member = s.member_convs.contains_key(conv);
+            let DeviceState {
+                order, violations, ..
+            } = &mut *s;
+            if !member {
+                violations.record(Violation::Phantom, || {
+                    format!("{name} received {conv} seq {seq} without being a member")
+                });
+            } else if let Err(fault) = order.observe(conv, seq) {
+                violations.record(fault.violation, || fault.describe(name, conv, seq));
+            }
+            let Some(body) = event.body else { return };
+            if body.kind.as_deref() == Some("image") && ready.is_none() {
+                if let Some(media) = &body.media {
+                    s.images_received
+                        .push((media.id.clone().into_owned(), media.size, now));
+                }
+            }
+            let stamp = body
+                .text
+                .as_deref()
+                .or(body.caption.as_deref())
+                .and_then(|t| t.strip_prefix("lg:"))
+                .and_then(|t| t.split(':').next());
+            if let Some(scheduled_us) = stamp.and_then(|t| t.parse::<u64>().ok()) {
+                // Entries streamed before `caught_up` waited for this device to come back.
+                stats.shard().lock().expect("stats").record_delivery(
+                    scheduled_us,
+                    now,
+                    ready.is_some(),
+                );
+            }
+        }
+        (FrameKind::Presence, _) => {
+            s.presence_frames += 1;
+            s.presence_states += event.users.map_or(0, |u| u.len() as u64);
+            if let Some(last) = s.last_presence_us.replace(now) {
+                let gap = now.saturating_sub(last);
+                s.presence_gap_min_us = Some(s.presence_gap_min_us.map_or(gap, |g| g.min(gap)));
+            }
+        }
+        (FrameKind::CaughtUp, _) => {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Ok(()));
+            }
+        }
+        _ => {}
     }
 }

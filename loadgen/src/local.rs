@@ -102,6 +102,24 @@ pub struct ProcUsage {
     /// Processes these figures add up (1 for one process).
     #[serde(default)]
     pub processes: u32,
+    /// Anonymous resident memory now (heap, stacks: `RssAnon`), KiB; 0 when unknown.
+    /// What connections cost is measured on it: `rss_kib` also counts the program's
+    /// code, paged in once by the first connections and shared by all.
+    #[serde(default)]
+    pub anon_kib: u64,
+}
+
+/// Resident memory grown from `before` to `after`, KiB: the anonymous memory when
+/// both have it, else all resident memory.
+pub fn grown_kib(
+    (rss_before, anon_before): (u64, u64),
+    (rss_after, anon_after): (u64, u64),
+) -> u64 {
+    if anon_before > 0 && anon_after > 0 {
+        anon_after.saturating_sub(anon_before)
+    } else {
+        rss_after.saturating_sub(rss_before)
+    }
 }
 
 impl ProcUsage {
@@ -128,6 +146,7 @@ impl ProcUsage {
             rss_kib: kib("VmRSS:")?,
             rss_peak_kib: kib("VmHWM:")?,
             processes: 1,
+            anon_kib: kib("RssAnon:").unwrap_or(0),
         })
     }
 
@@ -144,6 +163,7 @@ impl ProcUsage {
                 rss_kib: sum.rss_kib + one.rss_kib,
                 rss_peak_kib: sum.rss_peak_kib + one.rss_peak_kib,
                 processes: sum.processes + 1,
+                anon_kib: sum.anon_kib + one.anon_kib,
             })
         })
     }
@@ -205,6 +225,7 @@ mod tests {
         let one = ProcUsage::of(me).expect("own /proc entry");
         assert_eq!(one.processes, 1);
         assert!(one.rss_kib > 0 && one.rss_peak_kib >= one.rss_kib);
+        assert!(one.anon_kib > 0 && one.anon_kib <= one.rss_kib);
         let two = ProcUsage::of_all(&[me, me]).expect("own /proc entry twice");
         assert_eq!(two.processes, 2);
         assert!(two.rss_peak_kib >= 2 * one.rss_peak_kib);

@@ -21,6 +21,7 @@ mod report;
 mod run;
 mod scenario;
 mod setup;
+mod wire;
 mod workers;
 mod world;
 

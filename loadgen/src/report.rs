@@ -136,7 +136,8 @@ pub struct ServerUsage {
     pub rss_connected_kib: u64,
     /// Peak resident memory, KiB.
     pub rss_peak_kib: u64,
-    /// Server memory per connected device: (connected − before) / devices, bytes.
+    /// Server memory per connected device: anonymous resident memory (heap, stacks;
+    /// not the program's code) grown from before to connected, over the devices, bytes.
     pub bytes_per_connection: f64,
     /// Deliveries (message × recipient device) per server CPU second.
     pub deliveries_per_cpu_sec: f64,
@@ -166,7 +167,15 @@ pub struct GeneratorUsage {
     pub rss_connected_kib: u64,
     /// Peak resident memory (sum of each process's peak), KiB.
     pub rss_peak_kib: u64,
-    /// Generator memory per connected device: (connected − before) / devices, bytes.
+    /// Anonymous resident memory (heap, stacks) before any device connected, KiB; 0
+    /// when unknown (older summaries).
+    #[serde(default)]
+    pub anon_before_kib: u64,
+    /// Anonymous resident memory with every device connected, at the end, KiB.
+    #[serde(default)]
+    pub anon_connected_kib: u64,
+    /// Generator memory per connected device: anonymous resident memory grown from
+    /// before to connected (not the program's code, paged in once), over the devices, bytes.
     pub bytes_per_device: f64,
 }
 
@@ -183,9 +192,21 @@ impl GeneratorUsage {
             rss_before_kib: before.rss_kib,
             rss_connected_kib: after.rss_kib,
             rss_peak_kib: after.rss_peak_kib,
-            bytes_per_device: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
-                / devices.max(1) as f64,
+            anon_before_kib: before.anon_kib,
+            anon_connected_kib: after.anon_kib,
+            bytes_per_device: 0.0,
         }
+        .per_device(devices)
+    }
+
+    /// With `bytes_per_device` computed over `devices`.
+    fn per_device(mut self, devices: u64) -> Self {
+        let grown = crate::local::grown_kib(
+            (self.rss_before_kib, self.anon_before_kib),
+            (self.rss_connected_kib, self.anon_connected_kib),
+        );
+        self.bytes_per_device = (grown * 1024) as f64 / devices.max(1) as f64;
+        self
     }
 
     /// Adds another process's figures; `devices` is the devices both connected together.
@@ -195,9 +216,19 @@ impl GeneratorUsage {
         self.rss_before_kib += other.rss_before_kib;
         self.rss_connected_kib += other.rss_connected_kib;
         self.rss_peak_kib += other.rss_peak_kib;
-        self.bytes_per_device = (self.rss_connected_kib.saturating_sub(self.rss_before_kib) * 1024)
-            as f64
-            / devices.max(1) as f64;
+        // A process that did not report anonymous memory leaves the sum to all memory.
+        let anon_known = self.anon_before_kib > 0 && other.anon_before_kib > 0;
+        self.anon_before_kib = if anon_known {
+            self.anon_before_kib + other.anon_before_kib
+        } else {
+            0
+        };
+        self.anon_connected_kib = if anon_known {
+            self.anon_connected_kib + other.anon_connected_kib
+        } else {
+            0
+        };
+        *self = self.clone().per_device(devices);
     }
 }
 
@@ -388,7 +419,10 @@ pub fn server_usage(
         rss_before_kib: before.rss_kib,
         rss_connected_kib: after.rss_kib,
         rss_peak_kib: after.rss_peak_kib,
-        bytes_per_connection: (after.rss_kib.saturating_sub(before.rss_kib) * 1024) as f64
+        bytes_per_connection: (crate::local::grown_kib(
+            (before.rss_kib, before.anon_kib),
+            (after.rss_kib, after.anon_kib),
+        ) * 1024) as f64
             / devices,
         deliveries_per_cpu_sec: summary.counts.deliveries_received as f64 / cpu_secs,
         messages_per_cpu_sec: summary.counts.acked as f64 / cpu_secs,
@@ -929,7 +963,32 @@ mod tests {
             rss_kib,
             rss_peak_kib: rss_kib + 100,
             processes: 1,
+            anon_kib: 0,
         }
+    }
+
+    /// Per-device memory is the anonymous memory grown when it is known: code pages
+    /// paged in by the first connects are not a device's.
+    #[test]
+    fn generator_usage_counts_anonymous_memory() {
+        let before = ProcUsage {
+            anon_kib: 4_000,
+            ..usage(1.0, 10_000)
+        };
+        let after = ProcUsage {
+            anon_kib: 6_000,
+            ..usage(2.0, 20_000)
+        };
+        let mut a = GeneratorUsage::of(before, after, 1_000);
+        assert!((a.bytes_per_device - 2_048.0).abs() < 1e-9);
+        a.absorb(&GeneratorUsage::of(before, after, 1_000), 2_000);
+        assert!((a.bytes_per_device - 2_048.0).abs() < 1e-9);
+        // One process without the figure: all resident memory, as before.
+        a.absorb(
+            &GeneratorUsage::of(usage(0.0, 10_000), usage(0.0, 20_000), 1_000),
+            3_000,
+        );
+        assert!((a.bytes_per_device - 30_000.0 * 1024.0 / 3_000.0).abs() < 1e-6);
     }
 
     /// Per-device memory is the growth over the devices; workers add up and the
