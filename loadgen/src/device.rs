@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use crate::acked::Acked;
 use crate::run::state::RunHistograms;
 use crate::wire::{Incoming, WireReader, WireWriter};
 use chatproof_client::{FrameKind, Request, SendResult, ServerFrame};
@@ -60,9 +61,6 @@ pub struct DeviceState {
     order: OrderCheck,
     /// Contract violations seen by this device.
     pub violations: Tally,
-    /// `(conversation index in the world, seq)` of this device's acknowledged sends:
-    /// 16 bytes each, no allocation per ack.
-    pub acked: Vec<(u32, u64)>,
     /// Sends refused by the server or locally.
     pub send_errors: u64,
     /// Entries received.
@@ -122,6 +120,7 @@ struct Link {
     target: std::net::SocketAddr,
     source: Option<std::net::IpAddr>,
     stats: Arc<RunHistograms>,
+    acked: Arc<Acked>,
 }
 
 /// Why a send was not made.
@@ -164,7 +163,7 @@ async fn session(
         reader,
         Arc::clone(&writer),
         Arc::clone(state),
-        Arc::clone(&link.stats),
+        (Arc::clone(&link.stats), Arc::clone(&link.acked)),
         name.to_owned(),
         ready_tx,
     ));
@@ -224,7 +223,7 @@ impl Device {
         token: &str,
         (user, device): (&str, &str),
         member_convs: HashMap<String, u32>,
-        stats: Arc<RunHistograms>,
+        (stats, acked): (Arc<RunHistograms>, Arc<Acked>),
         (target, source): (std::net::SocketAddr, Option<std::net::IpAddr>),
     ) -> anyhow::Result<Arc<Self>> {
         let state = Arc::new(Mutex::new(DeviceState {
@@ -232,7 +231,6 @@ impl Device {
             member_convs,
             order: OrderCheck::default(),
             violations: Tally::default(),
-            acked: Vec::new(),
             send_errors: 0,
             received: 0,
             connected: false,
@@ -255,6 +253,7 @@ impl Device {
             target,
             source,
             stats,
+            acked,
         };
         let (writer, reader) = session(&link, &name, &state, &Default::default()).await?;
         Ok(Arc::new(Self {
@@ -390,7 +389,7 @@ async fn read_loop(
     mut reader: WireReader,
     writer: Writer,
     state: Arc<Mutex<DeviceState>>,
-    stats: Arc<RunHistograms>,
+    (stats, acked): (Arc<RunHistograms>, Arc<Acked>),
     name: String,
     ready: oneshot::Sender<Result<(), String>>,
 ) {
@@ -399,7 +398,9 @@ async fn read_loop(
     loop {
         let read = reader
             .read(|incoming| match incoming {
-                Incoming::Text(text) => observe(text, &state, &stats, &name, &mut ready),
+                Incoming::Text(text) => {
+                    observe(text, &state, (&stats, &acked), &name, &mut ready);
+                }
                 Incoming::Ping(payload) => pings.push(payload.to_vec()),
             })
             .await;
@@ -422,11 +423,12 @@ async fn read_loop(
     }
 }
 
-/// Checks and times one frame from the server. `ready` is taken when catch-up ends.
+/// Checks and times one frame from the server (acks into `acked`, latencies into
+/// `stats`). `ready` is taken when catch-up ends.
 fn observe(
     text: &str,
     state: &Mutex<DeviceState>,
-    stats: &RunHistograms,
+    (stats, acked): (&RunHistograms, &Acked),
     name: &str,
     ready: &mut Option<oneshot::Sender<Result<(), String>>>,
 ) {
@@ -456,7 +458,9 @@ fn observe(
                     .record_ack(p.scheduled_us, now);
                 match event.result::<SendResult>() {
                     Some(sent) => match s.member_convs.get(sent.conv.as_ref()) {
-                        Some(&index) => s.acked.push((index, sent.seq)),
+                        Some(&index) => {
+                            acked.record(index, sent.seq);
+                        }
                         // It sends only to its conversations: an ack naming another
                         // is the server's mistake, and nothing can be expected of it.
                         None => s.violations.record(Violation::Phantom, || {

@@ -5,6 +5,7 @@
 //! Exit status: 0 every target met; 1 a target missed or a contract violation;
 //! 2 usage or setup error; 3 invalid run (the generator was the bottleneck or devices failed).
 
+mod acked;
 mod capacity;
 mod compare;
 mod device;

@@ -326,12 +326,10 @@ pub fn summarize_run(
         ..Counts::default()
     };
     let mut presence_gap_min_us: Option<u64> = None;
-    let mut acked: Vec<(u32, u64)> = Vec::new();
     for device in &devices {
         let s = device.state.lock().expect("device state");
         violations.absorb(&s.violations);
         counts.send_errors += s.send_errors;
-        acked.extend_from_slice(&s.acked);
         counts.devices_dropped += u64::from(!s.connected);
         counts.presence_frames += s.presence_frames;
         counts.presence_states += s.presence_states;
@@ -339,7 +337,7 @@ pub fn summarize_run(
             presence_gap_min_us = Some(presence_gap_min_us.map_or(gap, |g| g.min(gap)));
         }
     }
-    counts.acked = acked.len() as u64;
+    counts.acked = state.acked.count();
     // Lost: every acknowledged message must be held by every connected device of every member.
     // Each device's user, indexed once rather than scanned per acknowledged message.
     let mut devices_of_user: std::collections::HashMap<
@@ -353,21 +351,27 @@ pub fn summarize_run(
     let user_ids: Vec<String> = (0..config.world.user_count())
         .map(|u| config.world.user_id(u))
         .collect();
-    for &(index, seq) in &acked {
-        let c = &config.world.convs[index as usize];
+    for (index, seqs) in state.acked.by_conv() {
+        if seqs.len() == 0 {
+            continue;
+        }
+        let c = &config.world.convs[index];
         let conv = c.id.as_str();
         let members = c
             .members
             .iter()
             .flat_map(|u| devices_of_user.get(user_ids[*u as usize].as_str()));
         for device in members.flatten() {
-            counts.deliveries_expected += 1;
-            if device.state.lock().expect("device state").holds(conv, seq) {
-                counts.deliveries_received += 1;
-            } else {
-                violations.record(Violation::Lost, || {
-                    format!("{} never received {conv} seq {seq}", device.name)
-                });
+            counts.deliveries_expected += seqs.len();
+            let s = device.state.lock().expect("device state");
+            for seq in seqs.iter() {
+                if s.holds(conv, seq) {
+                    counts.deliveries_received += 1;
+                } else {
+                    violations.record(Violation::Lost, || {
+                        format!("{} never received {conv} seq {seq}", device.name)
+                    });
+                }
             }
         }
     }

@@ -94,7 +94,7 @@ async fn connect_user(
             &token,
             (&user_id, &World::device_id(d)),
             convs.clone(),
-            Arc::clone(&state.histograms),
+            (Arc::clone(&state.histograms), Arc::clone(&state.acked)),
             (
                 target.addr,
                 crate::device::source_for(

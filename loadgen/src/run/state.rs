@@ -12,6 +12,7 @@ use chatproof_server::auth::TokenKey;
 use hdrhistogram::Histogram;
 use tokio::sync::Barrier;
 
+use crate::acked::Acked;
 use crate::device::{Device, Target};
 use crate::media::{ImageSet, MediaHttp};
 use crate::metrics::{latency_histogram, record_us, Histograms, LatencyStats, Measure};
@@ -317,6 +318,8 @@ pub struct RunState {
     pub counters: Counters,
     /// Latencies so far.
     pub histograms: Arc<RunHistograms>,
+    /// Every acknowledged message so far, by conversation.
+    pub acked: Arc<Acked>,
     /// Every connected device.
     pub devices: Mutex<Vec<Arc<Device>>>,
     /// One point per second of the run.
@@ -329,10 +332,12 @@ impl RunState {
     /// The state of a run of `config`, nothing counted yet.
     pub fn new(config: RunConfig) -> Arc<Self> {
         let drivers = config.scenario.load.drivers;
+        let acked = Arc::new(Acked::new(config.world.convs.len()));
         Arc::new(Self {
             config,
             counters: Counters::default(),
             histograms: Arc::new(RunHistograms::new()),
+            acked,
             devices: Mutex::new(Vec::new()),
             timeline: Mutex::new(Vec::new()),
             gate: StartGate::new(drivers),
