@@ -15,9 +15,6 @@ use crate::metrics::Measure;
 use crate::report::Summary;
 use crate::scenario::Scenario;
 
-/// Warm-up given to each step of a scenario that has none, seconds.
-pub const STEP_WARMUP_SECS: u64 = 3;
-
 /// Options of `capacity`.
 #[derive(Debug, clap::Args)]
 pub struct CapacityArgs {
@@ -297,9 +294,6 @@ fn step(
     std::fs::create_dir_all(dir)?;
     let mut at_rate = scenario.clone();
     at_rate.load.messages_per_sec = rate;
-    if at_rate.load.warmup_secs == 0 {
-        at_rate.load.warmup_secs = STEP_WARMUP_SECS;
-    }
     let file = dir.join("scenario.toml");
     std::fs::write(&file, toml::to_string(&at_rate)?)?;
     let exe = std::env::current_exe().context("locating this executable")?;

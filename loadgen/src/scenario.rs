@@ -59,8 +59,10 @@ pub struct Load {
     pub duration_secs: u64,
     /// Before the measured period: traffic at the same rate whose latencies are
     /// reported apart and not judged (the contract still is), seconds. Devices
-    /// connecting and presence arriving then do not decide the run's percentiles.
-    #[serde(default)]
+    /// connecting and presence arriving then do not decide the run's percentiles;
+    /// [`DEFAULT_WARMUP_SECS`] when the scenario does not say, 0 to judge from the
+    /// first message.
+    #[serde(default = "default_warmup_secs")]
     pub warmup_secs: u64,
     /// Messages per second over the whole population.
     pub messages_per_sec: f64,
@@ -92,6 +94,13 @@ impl Load {
     pub fn schedule_secs(&self) -> u64 {
         self.warmup_secs + self.duration_secs
     }
+}
+
+/// The warm-up of a scenario that does not set `warmup_secs`, seconds.
+pub const DEFAULT_WARMUP_SECS: u64 = 3;
+
+fn default_warmup_secs() -> u64 {
+    DEFAULT_WARMUP_SECS
 }
 
 fn default_image_kib() -> Vec<u32> {

@@ -11,7 +11,7 @@ fn scenario(dir: &Path, name: &str, delivery_p99_ms: f64) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     let text = format!(
         "# A tiny test scenario.\nname = \"{name}\"\n[population]\nusers = 6\ndevices_per_user = 2\ngroup_size = 3\n\
-         [load]\nduration_secs = 2\nmessages_per_sec = 30\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
+         [load]\nwarmup_secs = 0\nduration_secs = 2\nmessages_per_sec = 30\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
          [slo]\ndelivery_p99_ms = {delivery_p99_ms}\nack_p99_ms = 1000\ngenerator_lag_p99_ms = 1000\n"
     );
     std::fs::write(&path, text).unwrap();
@@ -269,7 +269,7 @@ fn tiny_scenario_reports_and_gates() {
 #[test]
 fn workers_share_one_schedule() {
     let text = "# Even groups so that workers own whole groups.\nname = \"pairs\"\n[population]\nusers = 8\ndevices_per_user = 2\ngroup_size = 2\n\
-                [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
+                [load]\nwarmup_secs = 0\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
     let (_tmp, status, report) = run_text("pairs", text, &["--workers", "2"]);
     let s = summary(&report);
     assert_eq!(status.code(), Some(0), "{s:#}");
@@ -288,7 +288,7 @@ fn workers_share_one_schedule() {
 #[test]
 fn churned_devices_catch_up_without_loss() {
     let text = "# Devices drop and return.\nname = \"churn\"\n[population]\nusers = 12\ndevices_per_user = 2\ngroup_size = 4\n\
-                [load]\nduration_secs = 5\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
+                [load]\nwarmup_secs = 0\nduration_secs = 5\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 3\ndrain_secs = 3\n\
                 [slo]\ngenerator_lag_p99_ms = 1000\n[churn]\nshare = 0.5\nat_secs = 1\noffline_secs = 2\n";
     let (_tmp, status, report) = run_text("churn", text, &[]);
     let s = summary(&report);
@@ -348,7 +348,7 @@ fn parts_share_a_schedule_and_merge() {
     std::fs::write(
         &scenario,
         "name = \"parts\"\n[population]\nusers = 8\ndevices_per_user = 1\ngroup_size = 2\n\
-         [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n\
+         [load]\nwarmup_secs = 0\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 4\ndrain_secs = 3\n\
          [slo]\ngenerator_lag_p99_ms = 1000\n",
     )
     .unwrap();
@@ -454,7 +454,7 @@ fn parts_share_a_schedule_and_merge() {
 #[test]
 fn the_floor_stands_in_for_the_reference_server() {
     let text = "# On the floor.\nname = \"floor\"\n[population]\nusers = 8\ndevices_per_user = 2\ngroup_size = 4\n\
-                [load]\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
+                [load]\nwarmup_secs = 0\nduration_secs = 2\nmessages_per_sec = 40\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n[slo]\ngenerator_lag_p99_ms = 1000\n";
     let (_tmp, status, report) = run_text("floor", text, &["--floor"]);
     let s = summary(&report);
     assert_eq!(status.code(), Some(0), "{s:#}");

@@ -847,7 +847,7 @@ fn loadgen_spreads_devices_over_a_cluster() {
     std::fs::write(
         &scenario,
         "name = \"spread\"\n[population]\nusers = 8\ndevices_per_user = 1\ngroup_size = 4\n\
-         [load]\nduration_secs = 2\nmessages_per_sec = 20\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n\
+         [load]\nwarmup_secs = 0\nduration_secs = 2\nmessages_per_sec = 20\ngroup_share = 0.5\ndrivers = 2\ndrain_secs = 3\n\
          [slo]\ngenerator_lag_p99_ms = 1000\n",
     )
     .unwrap();
