@@ -65,8 +65,9 @@ start_service cassandra cql_addr
 secret="load-cluster-$RANDOM$RANDOM"
 keyspace="load_$(date +%s)"
 targets=()
-for ((i = 0; i < servers; i++)); do
-  port=$((port_base + i))
+# Starts server $1 in the background.
+start_server() {
+  local i="$1" port=$((port_base + $1))
   CHATPROOF_SECRET="$secret" RUST_LOG="${RUST_LOG:-warn}" target/release/chatproof-server serve \
     --listen "127.0.0.1:$port" --data-dir "$work/s$i" \
     --backend cluster --scylla-nodes "$cql_addr" --scylla-keyspace "$keyspace" \
@@ -74,14 +75,27 @@ for ((i = 0; i < servers; i++)); do
     >"$work/s$i.out" 2>"$work/s$i.log" &
   server_pids+=("$!")
   targets+=(--target "ws://127.0.0.1:$port")
-done
-for ((i = 0; i < servers; i++)); do
+}
+# Waits until server $1 listens.
+await_server() {
+  local i="$1"
   for _ in $(seq 600); do
-    grep -q '^listening on ' "$work/s$i.out" 2>/dev/null && break
+    grep -q '^listening on ' "$work/s$i.out" 2>/dev/null && return 0
     kill -0 "${server_pids[$i]}" 2>/dev/null || { echo "load-cluster.sh: server $i exited: $(tail -n 3 "$work/s$i.log")" >&2; exit 2; }
     sleep 0.1
   done
-  grep -q '^listening on ' "$work/s$i.out" || { echo "load-cluster.sh: server $i did not start in 60 s" >&2; exit 2; }
+  echo "load-cluster.sh: server $i did not start in 60 s" >&2
+  exit 2
+}
+# The first server creates the keyspace and tables alone: a dozen servers applying the
+# schema at once to a node that has just started can fail its schema agreement.
+start_server 0
+await_server 0
+for ((i = 1; i < servers; i++)); do
+  start_server "$i"
+done
+for ((i = 1; i < servers; i++)); do
+  await_server "$i"
 done
 echo "load-cluster.sh: $servers servers on ports $port_base..$((port_base + servers - 1)), Redis $redis_url, Cassandra $cql_addr (keyspace $keyspace)" >&2
 
