@@ -186,7 +186,7 @@ impl GeneratorUsage {
         after: crate::local::ProcUsage,
         devices: u64,
     ) -> Self {
-        Self {
+        let mut usage = Self {
             processes: 1,
             cpu_secs: (after.cpu_secs - before.cpu_secs).max(0.0),
             rss_before_kib: before.rss_kib,
@@ -195,18 +195,18 @@ impl GeneratorUsage {
             anon_before_kib: before.anon_kib,
             anon_connected_kib: after.anon_kib,
             bytes_per_device: 0.0,
-        }
-        .per_device(devices)
+        };
+        usage.set_per_device(devices);
+        usage
     }
 
-    /// With `bytes_per_device` computed over `devices`.
-    fn per_device(mut self, devices: u64) -> Self {
+    /// Computes `bytes_per_device` over `devices`.
+    fn set_per_device(&mut self, devices: u64) {
         let grown = crate::local::grown_kib(
             (self.rss_before_kib, self.anon_before_kib),
             (self.rss_connected_kib, self.anon_connected_kib),
         );
         self.bytes_per_device = (grown * 1024) as f64 / devices.max(1) as f64;
-        self
     }
 
     /// Adds another process's figures; `devices` is the devices both connected together.
@@ -228,7 +228,7 @@ impl GeneratorUsage {
         } else {
             0
         };
-        *self = self.clone().per_device(devices);
+        self.set_per_device(devices);
     }
 }
 

@@ -29,7 +29,7 @@ struct Driver {
 }
 
 #[derive(Clone)]
-struct DriverSession(Arc<tokio::sync::Mutex<Driver>>);
+struct DriverSession(Arc<Driver>);
 
 fn failed(msg: String) -> TransactionError {
     TransactionError::Custom(msg)
@@ -64,7 +64,7 @@ async fn connect_devices(state: &RunState, user: &mut GooseUser) -> TransactionR
         devices,
         start: Instant::now() + phase,
     };
-    user.set_session_data(DriverSession(Arc::new(tokio::sync::Mutex::new(driver))));
+    user.set_session_data(DriverSession(Arc::new(driver)));
     Ok(())
 }
 
@@ -159,7 +159,7 @@ async fn run_schedule(state: &Arc<RunState>, user: &mut GooseUser) -> Transactio
         .get_session_data::<DriverSession>()
         .cloned()
         .ok_or_else(|| Box::new(failed("driver not connected".into())))?;
-    let d = session.0.lock().await;
+    let d = &*session.0;
     let mut composer = Composer::new(state, d.index);
     for k in 0..state.config.sends_per_driver {
         let due = d.start + state.config.interval * u32::try_from(k).unwrap_or(u32::MAX);
@@ -172,7 +172,7 @@ async fn run_schedule(state: &Arc<RunState>, user: &mut GooseUser) -> Transactio
             .record(Measure::GeneratorLag, lag.as_micros() as u64);
         state.counters.bump(Count::Scheduled);
         let scheduled_us = now_us().saturating_sub(lag.as_micros() as u64);
-        if let Err(why) = send_one(state, &d, &mut composer, k, scheduled_us).await {
+        if let Err(why) = send_one(state, d, &mut composer, k, scheduled_us).await {
             user.record_custom_request_duration("WS", "send", lag, false, None, Some(&why))
                 .await?;
         }
