@@ -10,7 +10,8 @@
 #   e.g. scripts/load-cluster.sh 12 scenarios/load/connections-200k.toml --workers 12
 # Environment: CHATPROOF_LOAD_PORT_BASE (first server port, 18100); server flags through
 # their CHATPROOF_* variables (e.g. CHATPROOF_IDLE_TIMEOUT_SECS); Cassandra's heap through
-# CHATPROOF_CASSANDRA_HEAP (default here 2g).
+# CHATPROOF_CASSANDRA_HEAP (default here 2g); CHATPROOF_LOADGEN_COMMAND=capacity runs a
+# capacity search against the cluster instead of one run (the options are then `capacity`'s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,11 @@ if [[ $# -lt 2 || ! "$1" =~ ^[0-9]+$ || "$1" -lt 1 ]]; then
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
+loadgen_command="${CHATPROOF_LOADGEN_COMMAND:-run}"
+[[ "$loadgen_command" == run || "$loadgen_command" == capacity ]] || {
+  echo "load-cluster.sh: CHATPROOF_LOADGEN_COMMAND must be run or capacity, not $loadgen_command" >&2
+  exit 2
+}
 servers="$1"
 scenario="$2"
 shift 2
@@ -101,7 +107,7 @@ echo "load-cluster.sh: $servers servers on ports $port_base..$((port_base + serv
 
 pids="$(IFS=,; echo "${server_pids[*]}")"
 set +e
-CHATPROOF_SECRET="$secret" target/release/chatproof-loadgen run "$scenario" "${targets[@]}" --server-pid "$pids" "$@"
+CHATPROOF_SECRET="$secret" target/release/chatproof-loadgen "$loadgen_command" "$scenario" "${targets[@]}" --server-pid "$pids" "$@"
 rc=$?
 set -e
 exit "$rc"

@@ -50,15 +50,53 @@ impl Pending {
     }
 }
 
+/// One file on the disk.
 #[derive(Debug, Default)]
-struct DiskState {
+struct FileImage {
     /// What reads see.
     cache: Vec<u8>,
     /// What survives a power loss.
     durable: Vec<u8>,
     /// Changes in `cache` not yet in `durable`, in order.
     pending: Vec<Pending>,
+}
+
+impl FileImage {
+    /// Power loss for this file: see [`SimDisk::power_loss`].
+    fn power_loss(&mut self, kept: usize, torn_len: usize) -> usize {
+        let pending = std::mem::take(&mut self.pending);
+        let mut image = self.durable.clone();
+        let kept = kept.min(pending.len());
+        for (i, change) in pending.iter().take(kept).enumerate() {
+            match change {
+                Pending::Write { offset, data } if i + 1 == kept => {
+                    let cut = torn_len.min(data.len());
+                    let torn = Pending::Write {
+                        offset: *offset,
+                        data: data[..cut].to_vec(),
+                    };
+                    torn.apply(&mut image);
+                }
+                _ => change.apply(&mut image),
+            }
+        }
+        self.cache = image.clone();
+        self.durable = image;
+        pending.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct DiskState {
+    /// The files, by index; a file exists once a handle to it was taken.
+    files: Vec<FileImage>,
     fault: Option<DiskFault>,
+}
+
+impl DiskState {
+    fn file(&mut self, index: usize) -> &mut FileImage {
+        &mut self.files[index]
+    }
 }
 
 /// One server's disk; outlives the server's crashes and restarts.
@@ -78,35 +116,25 @@ impl SimDisk {
         self.state.lock().expect("disk lock").fault = fault;
     }
 
-    /// Power loss: the disk keeps what was synced plus the first `kept` changes
+    /// Power loss: each file keeps what was synced plus the first `kept` changes
     /// since, the last of those cut to `torn_len` bytes if it is a write.
-    /// Returns how many changes were pending.
+    /// Returns how many changes were pending, over every file.
     pub fn power_loss(&self, kept: usize, torn_len: usize) -> usize {
         let mut s = self.state.lock().expect("disk lock");
-        let pending = std::mem::take(&mut s.pending);
-        let mut image = s.durable.clone();
-        let kept = kept.min(pending.len());
-        for (i, change) in pending.iter().take(kept).enumerate() {
-            match change {
-                Pending::Write { offset, data } if i + 1 == kept => {
-                    let cut = torn_len.min(data.len());
-                    let torn = Pending::Write {
-                        offset: *offset,
-                        data: data[..cut].to_vec(),
-                    };
-                    torn.apply(&mut image);
-                }
-                _ => change.apply(&mut image),
-            }
-        }
-        s.cache = image.clone();
-        s.durable = image;
-        pending.len()
+        s.files
+            .iter_mut()
+            .map(|file| file.power_loss(kept, torn_len))
+            .sum()
     }
 
-    /// A handle to give redb.
-    pub fn backend(self: &Arc<Self>) -> impl StorageBackend {
-        DiskHandle(Arc::clone(self))
+    /// A handle to give redb for file `index` of this disk (created empty the
+    /// first time); faults and power loss strike every file.
+    pub fn file(self: &Arc<Self>, index: usize) -> impl StorageBackend {
+        let mut s = self.state.lock().expect("disk lock");
+        if s.files.len() <= index {
+            s.files.resize_with(index + 1, FileImage::default);
+        }
+        DiskHandle(Arc::clone(self), index)
     }
 }
 
@@ -129,19 +157,21 @@ fn injected(fault: DiskFault) -> io::Error {
     }
 }
 
-/// [`SimDisk`] as redb sees it.
+/// One file of a [`SimDisk`] as redb sees it.
 #[derive(Debug)]
-struct DiskHandle(Arc<SimDisk>);
+struct DiskHandle(Arc<SimDisk>, usize);
 
 impl StorageBackend for DiskHandle {
     fn len(&self) -> Result<u64, io::Error> {
-        Ok(self.0.state.lock().expect("disk lock").cache.len() as u64)
+        let mut s = self.0.state.lock().expect("disk lock");
+        Ok(s.file(self.1).cache.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        let s = self.0.state.lock().expect("disk lock");
+        let mut s = self.0.state.lock().expect("disk lock");
         let offset = usize::try_from(offset).map_err(|_| out_of_range())?;
         let source = s
+            .file(self.1)
             .cache
             .get(offset..offset + out.len())
             .ok_or_else(out_of_range)?;
@@ -156,20 +186,23 @@ impl StorageBackend for DiskHandle {
         }
         let len = usize::try_from(len).map_err(|_| out_of_range())?;
         let change = Pending::SetLen(len);
-        change.apply(&mut s.cache);
-        s.pending.push(change);
+        let file = s.file(self.1);
+        change.apply(&mut file.cache);
+        file.pending.push(change);
         Ok(())
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
         let mut s = self.0.state.lock().expect("disk lock");
-        let pending = std::mem::take(&mut s.pending);
-        if s.fault == Some(DiskFault::SyncIo) {
+        let fault = s.fault;
+        let file = s.file(self.1);
+        let pending = std::mem::take(&mut file.pending);
+        if fault == Some(DiskFault::SyncIo) {
             // The writeback failed: those changes stay in the cache, never on disk.
             return Err(injected(DiskFault::SyncIo));
         }
         for change in &pending {
-            change.apply(&mut s.durable);
+            change.apply(&mut file.durable);
         }
         Ok(())
     }
@@ -180,15 +213,16 @@ impl StorageBackend for DiskHandle {
             return Err(injected(fault));
         }
         let offset = usize::try_from(offset).map_err(|_| out_of_range())?;
-        if offset + data.len() > s.cache.len() {
+        let file = s.file(self.1);
+        if offset + data.len() > file.cache.len() {
             return Err(out_of_range());
         }
         let change = Pending::Write {
             offset,
             data: data.to_vec(),
         };
-        change.apply(&mut s.cache);
-        s.pending.push(change);
+        change.apply(&mut file.cache);
+        file.pending.push(change);
         Ok(())
     }
 }
@@ -197,12 +231,37 @@ impl StorageBackend for DiskHandle {
 mod tests {
     use super::*;
 
+    /// The files of one disk keep their own bytes; a power loss strikes each,
+    /// and a fault every one.
+    #[test]
+    fn every_file_of_a_disk_loses_power_together() {
+        let disk = SimDisk::new();
+        let (a, b) = (disk.file(0), disk.file(1));
+        a.set_len(4).unwrap();
+        b.set_len(4).unwrap();
+        a.write(0, b"aaaa").unwrap();
+        a.sync_data().unwrap();
+        b.write(0, b"bbbb").unwrap();
+        assert_eq!(
+            disk.power_loss(0, 0),
+            2,
+            "a's write was synced; b's length and write were not"
+        );
+        let mut out = [0u8; 4];
+        a.read(0, &mut out).unwrap();
+        assert_eq!(&out, b"aaaa");
+        assert_eq!(b.len().unwrap(), 0, "b's unsynced length is gone too");
+        disk.set_fault(Some(DiskFault::WriteIo));
+        assert!(b.set_len(4).is_err());
+        assert!(a.write(0, b"x").is_err());
+    }
+
     /// Synced data survives power loss, unsynced does not (but for a torn
     /// prefix), and a failed sync leaves its writes readable yet not durable.
     #[test]
     fn durability_model() {
         let disk = SimDisk::new();
-        let b = disk.backend();
+        let b = disk.file(0);
         b.set_len(8).unwrap();
         b.write(0, b"aaaa").unwrap();
         b.sync_data().unwrap();

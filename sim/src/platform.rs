@@ -82,14 +82,18 @@ struct SimPlatform {
     clocks: Arc<ServerClocks>,
 }
 
-/// Opens the embedded database on `disk` (again after an I/O error or a restart).
+/// Opens the embedded store's files on `disk` (again after an I/O error or a
+/// restart): file 0 holds the tables, file 1 the journal.
 fn disk_opener(disk: &Arc<SimDisk>) -> Opener {
-    let disk = Arc::clone(disk);
-    Box::new(move || {
-        redb::Builder::new()
-            .create_with_backend(disk.backend())
-            .map_err(|e| StoreError::Backend(format!("opening the simulated disk: {e}")))
-    })
+    let (main, journal) = (Arc::clone(disk), Arc::clone(disk));
+    Opener {
+        main: Box::new(move || {
+            redb::Builder::new()
+                .create_with_backend(main.file(0))
+                .map_err(|e| StoreError::Backend(format!("opening the simulated disk: {e}")))
+        }),
+        journal: Box::new(move || Ok(Box::new(journal.file(1)))),
+    }
 }
 
 #[async_trait]

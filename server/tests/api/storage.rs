@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chatproof_server::limits::Limits;
-use chatproof_server::store::embedded::EmbeddedStore;
+use chatproof_server::store::embedded::{EmbeddedStore, Opener};
 use chatproof_server::store::StoreError;
 use serde_json::json;
 
@@ -73,13 +73,17 @@ async fn status(server: &TestServer, path: &str) -> HttpReply {
 #[tokio::test]
 async fn full_disk_refuses_sends_reports_unhealthy_and_recovers() {
     let disk = Arc::new(FlakyDisk::default());
-    let for_store = Arc::clone(&disk);
+    let journal = Arc::new(FlakyDisk::default());
+    let (for_store, for_journal) = (Arc::clone(&disk), Arc::clone(&journal));
     let dir = tempfile::tempdir().unwrap();
-    let opener = Box::new(move || {
-        redb::Builder::new()
-            .create_with_backend(Handle(Arc::clone(&for_store)))
-            .map_err(|e| StoreError::Backend(e.to_string()))
-    });
+    let opener = Opener {
+        main: Box::new(move || {
+            redb::Builder::new()
+                .create_with_backend(Handle(Arc::clone(&for_store)))
+                .map_err(|e| StoreError::Backend(e.to_string()))
+        }),
+        journal: Box::new(move || Ok(Box::new(Handle(Arc::clone(&for_journal))))),
+    };
     let store = Arc::new(EmbeddedStore::with_opener(opener).unwrap());
     let server = TestServer::start_on_store(dir, Limits::default(), store).await;
     let (mut alice, _) = server.login("alice", "phone").await;
@@ -88,6 +92,7 @@ async fn full_disk_refuses_sends_reports_unhealthy_and_recovers() {
     assert_eq!(status(&server, "/healthz").await.status, 200);
 
     disk.failing.store(true, Ordering::SeqCst);
+    journal.failing.store(true, Ordering::SeqCst);
     for attempt in 0..3 {
         let refused = alice
             .request(json!({"op": "send", "conv": &conv, "message_id": "during", "text": "x"}))
@@ -106,6 +111,7 @@ async fn full_disk_refuses_sends_reports_unhealthy_and_recovers() {
     }
 
     disk.failing.store(false, Ordering::SeqCst);
+    journal.failing.store(false, Ordering::SeqCst);
     assert_eq!(
         status(&server, "/healthz").await.status,
         200,

@@ -5,44 +5,75 @@
 //! open [`Database`] and how to open it; after a failed commit the writer
 //! closes it and, on the next write or health probe, reopens it (redb repairs
 //! it to its last durable commit) and commits a marker with an fsync before
-//! taking writes again. Until then reads and writes fail with a backend error:
+//! taking writes again. Every open first brings the tables up to date with the
+//! journal ([`super::journal::recover`]). Until then reads and writes fail with a backend error:
 //! nothing is acknowledged while the store is down, and the store comes back by
 //! itself once the disk takes writes again.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use redb::Database;
+use redb::{Database, StorageBackend};
 
 use super::backend;
+use super::journal::Journal;
 use crate::store::StoreError;
 
-/// Opens the database (again): the file, or the simulator's disk.
-pub type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+/// How to open the store's two files (again): real files, or the simulator's disk.
+pub struct Opener {
+    /// Opens the main database (the tables).
+    pub main: Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>,
+    /// Opens the journal file.
+    pub journal: Box<dyn Fn() -> Result<Box<dyn StorageBackend>, StoreError> + Send + Sync>,
+}
 
-/// The open database (if any) and how to reopen it.
+/// The store's open files.
+pub struct StoreFiles {
+    /// The tables.
+    pub main: Database,
+    /// The journal; only the writer appends.
+    pub journal: Mutex<Journal>,
+}
+
+impl StoreFiles {
+    /// Opens both files with `opener`, creates missing tables and replays the
+    /// journal into the tables.
+    fn open(opener: &Opener) -> Result<Self, StoreError> {
+        let main = (opener.main)()?;
+        super::writer::create_tables(&main)?;
+        let (journal, replayed) = super::journal::recover(&main, (opener.journal)()?)?;
+        if replayed > 0 {
+            tracing::info!(groups = replayed, "journal replayed into the tables");
+        }
+        Ok(Self {
+            main,
+            journal: Mutex::new(journal),
+        })
+    }
+}
+
+/// The open databases (if any) and how to reopen them.
 pub struct DatabaseSlot {
-    open: RwLock<Option<Arc<Database>>>,
+    open: RwLock<Option<Arc<StoreFiles>>>,
     opener: Opener,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
 }
 
 impl DatabaseSlot {
-    /// Opens the database with `opener` and prepares its tables.
+    /// Opens the databases with `opener`, prepares their tables and replays the journal.
     pub fn open(opener: Opener) -> Result<Self, StoreError> {
-        let db = opener()?;
-        super::writer::create_tables(&db)?;
+        let files = StoreFiles::open(&opener)?;
         Ok(Self {
-            open: RwLock::new(Some(Arc::new(db))),
+            open: RwLock::new(Some(Arc::new(files))),
             opener,
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
         })
     }
 
-    /// The open database, or an error while it is closed after an I/O failure.
-    pub fn get(&self) -> Result<Arc<Database>, StoreError> {
+    /// The open databases, or an error while they are closed after an I/O failure.
+    pub fn get(&self) -> Result<Arc<StoreFiles>, StoreError> {
         self.open
             .read()
             .expect("database slot lock")
@@ -85,10 +116,9 @@ impl DatabaseSlot {
         if crate::mutants::active(crate::mutants::Mutant::StayDownAfterIoError) {
             return false;
         }
-        match (self.opener)().and_then(|db| {
-            super::writer::create_tables(&db)?;
-            super::writer::commit_marker(&db)?;
-            Ok(db)
+        match StoreFiles::open(&self.opener).and_then(|files| {
+            super::writer::commit_marker(&files.main)?;
+            Ok(files)
         }) {
             Ok(db) => {
                 *self.open.write().expect("database slot lock") = Some(Arc::new(db));
@@ -106,8 +136,8 @@ impl DatabaseSlot {
 }
 
 /// Drops the last handle of `db` once readers holding a clone let go (reads
-/// are short and synchronous), so the file can be opened again.
-fn wait_for_readers(db: Arc<Database>) {
+/// are short and synchronous), so the files can be opened again.
+fn wait_for_readers(db: Arc<StoreFiles>) {
     let mut db = db;
     for _ in 0..1000 {
         match Arc::try_unwrap(db) {

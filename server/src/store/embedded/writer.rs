@@ -1,5 +1,6 @@
 //! The writer thread: applies write operations in groups inside one redb write
-//! transaction and commits them with one fsync (group commit).
+//! transaction and makes each group durable with one fsync of its journal record
+//! (group commit; see [`super::journal`]), checkpointing the tables now and then.
 //!
 //! It owns an in-memory cache of each conversation's record and last seq, so
 //! sequencing costs no read; the cache is dropped whenever a commit fails.
@@ -7,12 +8,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use redb::{Database, ReadableTable, Table, WriteTransaction};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use tokio::sync::mpsc;
 
-use super::slot::DatabaseSlot;
+use super::journal;
+use super::redo::Redo;
+use super::slot::{DatabaseSlot, StoreFiles};
 use super::tables::{
-    CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, META, SEQS, USER_CONVS, USER_CURSORS,
+    Tables, CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, META, SEQS, USER_CONVS,
+    USER_CURSORS,
 };
 use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
 use crate::domain::{next_server_time, receipt_floor, ConvRecord, Cursor, GroupChange};
@@ -84,69 +88,66 @@ pub fn commit_marker(db: &Database) -> Result<(), StoreError> {
     txn.commit().map_err(backend)
 }
 
+/// When the writer checkpoints: after this many journal groups since the last
+/// checkpoint, or this many journal bytes, whichever comes first. A checkpoint
+/// flushes every table page dirtied since the one before with an fsync; between
+/// checkpoints the journal alone is synced. The simulator checkpoints every few
+/// groups, so that its faults strike checkpoints, trims and replays alike.
+pub const CHECKPOINT_GROUPS: u32 = if cfg!(madsim) { 8 } else { 256 };
+/// See [`CHECKPOINT_GROUPS`].
+pub const CHECKPOINT_BYTES: usize = 8 << 20;
+
+/// The writer's state between groups.
+#[derive(Default)]
+pub struct Writer {
+    cache: HashMap<String, CachedConv>,
+    groups_since_checkpoint: u32,
+    bytes_since_checkpoint: usize,
+}
+
 /// The writer loop on an OS thread: runs until every sender of `ops` is dropped.
 #[cfg(not(madsim))]
 pub fn run(slot: &DatabaseSlot, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
-    let mut cache = HashMap::new();
+    let mut writer = Writer::default();
     while let Some(first) = ops.blocking_recv() {
-        commit_group(slot, &mut cache, take_group(first, &mut ops));
+        writer.commit_group(slot, take_group(first, &mut ops));
     }
 }
 
 /// The writer loop as a task (the simulator forbids OS threads).
 #[cfg(madsim)]
 pub async fn run_task(slot: &DatabaseSlot, mut ops: mpsc::UnboundedReceiver<WriteOp>) {
-    let mut cache = HashMap::new();
+    let mut writer = Writer::default();
     while let Some(first) = ops.recv().await {
         let group = take_group(first, &mut ops);
         if crate::mutants::active(crate::mutants::Mutant::AckBeforeDurable) {
-            if let Ok(db) = slot.get() {
-                commit_group_acking_first(&db, &mut cache, group).await;
-            }
+            writer.commit_group_acking_first(slot, group).await;
             continue;
         }
-        commit_group(slot, &mut cache, group);
+        writer.commit_group(slot, group);
         // Let the callers run before the next group, as the thread would.
         tokio::task::yield_now().await;
     }
 }
 
-/// The `AckBeforeDurable` mutant: acknowledge, give a crash time to strike, then commit.
-#[cfg(madsim)]
-async fn commit_group_acking_first(
-    db: &Database,
-    cache: &mut HashMap<String, CachedConv>,
-    batch: Vec<WriteOp>,
-) {
-    let Ok(txn) = begin(db) else { return };
-    let (completions, failed) = apply_group(&txn, cache, batch);
-    for complete in completions {
-        complete(Ok(()));
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    if failed.is_none() {
-        let _ = txn.commit();
-    }
-}
-
-/// Runs every write of `batch` inside `txn`; returns their completions and, if one
-/// hit a backend error, why the whole group must be aborted.
+/// Runs every write of `batch` inside `txn`; returns their completions, the
+/// group's redo records and, if one hit a backend error, why the whole group
+/// must be aborted.
 fn apply_group(
     txn: &WriteTransaction,
     cache: &mut HashMap<String, CachedConv>,
     batch: Vec<WriteOp>,
-) -> (Vec<Completion>, Option<String>) {
+) -> (Vec<Completion>, Vec<u8>, Option<String>) {
     let mut completions = Vec::with_capacity(batch.len());
-    let failed = match WriteCtx::open(txn, cache) {
+    match WriteCtx::open(txn, cache) {
         Ok(mut ctx) => {
             for op in batch {
                 completions.push(op(&mut ctx));
             }
-            ctx.failed
+            (completions, ctx.redo, ctx.failed)
         }
-        Err(e) => Some(e.to_string()),
-    };
-    (completions, failed)
+        Err(e) => (completions, Vec::new(), Some(e.to_string())),
+    }
 }
 
 /// `first` plus every write already waiting, up to the group limit.
@@ -162,56 +163,124 @@ fn take_group(first: WriteOp, ops: &mut mpsc::UnboundedReceiver<WriteOp>) -> Vec
     batch
 }
 
-/// Commits `batch` in one transaction; each write's completion learns the
-/// outcome. A failed commit closes the database (redb refuses everything after
-/// an I/O error until reopened); the next group reopens it first, and while it
-/// cannot, groups are dropped unrun, which fails each caller: nothing is
-/// acknowledged while the store is down.
-fn commit_group(slot: &DatabaseSlot, cache: &mut HashMap<String, CachedConv>, batch: Vec<WriteOp>) {
-    if !slot.reopen() {
-        return;
-    }
-    let txn = match slot.get().and_then(|db| begin(&db)) {
-        Ok(txn) => txn,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot begin a write transaction");
-            slot.close_after(&e.to_string());
+impl Writer {
+    /// Commits `batch` as one group; each write's completion learns the outcome.
+    /// The group is durable once its journal record is (see [`super::journal`]);
+    /// the tables' transaction commits after that, so readers never see a write
+    /// a crash could take back. A failed commit closes the database (redb
+    /// refuses everything after an I/O error until reopened); the next group
+    /// reopens it first, which replays the journal, and while it cannot, groups
+    /// are dropped unrun, which fails each caller: nothing is acknowledged while
+    /// the store is down.
+    fn commit_group(&mut self, slot: &DatabaseSlot, batch: Vec<WriteOp>) {
+        if !slot.reopen() {
             return;
         }
-    };
-    let (completions, failed) = apply_group(&txn, cache, batch);
-    let outcome = match failed {
-        Some(why) => {
-            let _ = txn.abort();
-            Err(StoreError::Backend(why))
+        let files = match slot.get() {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::error!(error = %e, "the store is closed");
+                return;
+            }
+        };
+        let txn = match begin(&files.main) {
+            Ok(txn) => txn,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot begin a write transaction");
+                slot.close_after(&e.to_string());
+                return;
+            }
+        };
+        let (completions, redo, failed) = apply_group(&txn, &mut self.cache, batch);
+        let outcome = match failed {
+            Some(why) => {
+                let _ = txn.abort();
+                Err(StoreError::Backend(why))
+            }
+            None => self.commit(&files, txn, &redo),
+        };
+        drop(files);
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, "group commit failed; nothing in it was acknowledged");
+            self.forget();
+            slot.close_after(&e.to_string());
         }
-        None => txn.commit().map_err(backend),
-    };
-    if let Err(e) = &outcome {
-        tracing::error!(error = %e, "group commit failed; nothing in it was acknowledged");
-        cache.clear();
-        slot.close_after(&e.to_string());
+        let outcome = if crate::mutants::active(crate::mutants::Mutant::AckFailedCommit) {
+            Ok(())
+        } else {
+            outcome
+        };
+        for complete in completions {
+            complete(outcome.clone());
+        }
     }
-    let outcome = if crate::mutants::active(crate::mutants::Mutant::AckFailedCommit) {
+
+    /// The `AckBeforeDurable` mutant: acknowledge, give a crash time to strike, then commit.
+    #[cfg(madsim)]
+    async fn commit_group_acking_first(&mut self, slot: &DatabaseSlot, batch: Vec<WriteOp>) {
+        if !slot.reopen() {
+            return;
+        }
+        let Ok(files) = slot.get() else { return };
+        let Ok(txn) = begin(&files.main) else { return };
+        let (completions, redo, failed) = apply_group(&txn, &mut self.cache, batch);
+        for complete in completions {
+            complete(Ok(()));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if failed.is_some() || self.commit(&files, txn, &redo).is_err() {
+            self.forget();
+        }
+    }
+
+    /// Makes `redo` durable in the journal, then commits `txn` (the same changes
+    /// to the tables): without an fsync, or as a checkpoint when one is due.
+    fn commit(
+        &mut self,
+        files: &StoreFiles,
+        mut txn: WriteTransaction,
+        redo: &[u8],
+    ) -> Result<(), StoreError> {
+        if redo.is_empty() {
+            // Nothing changed (reads, duplicates, refusals): nothing to make durable.
+            return txn.abort().map_err(backend);
+        }
+        let mut journal = files.journal.lock().expect("journal lock");
+        let lsn = journal.append(redo)?;
+        self.groups_since_checkpoint += 1;
+        self.bytes_since_checkpoint += redo.len();
+        let checkpoint = self.groups_since_checkpoint >= CHECKPOINT_GROUPS
+            || self.bytes_since_checkpoint >= CHECKPOINT_BYTES;
+        if checkpoint {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert(journal::APPLIED_KEY, lsn).map_err(backend)?;
+        } else {
+            txn.set_durability(Durability::None).map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        if checkpoint {
+            journal.restart();
+            self.groups_since_checkpoint = 0;
+            self.bytes_since_checkpoint = 0;
+        }
         Ok(())
-    } else {
-        outcome
-    };
-    for complete in completions {
-        complete(outcome.clone());
+    }
+
+    /// Drops what the writer remembers of the tables: after a failure they are
+    /// read again from the store once it reopens.
+    fn forget(&mut self) {
+        self.cache.clear();
+        self.groups_since_checkpoint = 0;
+        self.bytes_since_checkpoint = 0;
     }
 }
 
-/// The open tables of one group's transaction plus the writer's cache.
+/// The open tables of one group's transaction, the group's redo records so far,
+/// and the writer's cache.
 pub struct WriteCtx<'t> {
-    entries: Table<'t, (&'static str, u64), &'static [u8]>,
-    seqs: Table<'t, &'static str, (u64, u64)>,
-    convs: Table<'t, &'static str, &'static [u8]>,
-    user_convs: Table<'t, (&'static str, &'static str), ()>,
-    message_ids: Table<'t, (&'static str, &'static str, &'static str), u64>,
-    device_cursors: Table<'t, (&'static str, &'static str, &'static str), (u64, u64)>,
-    user_cursors: Table<'t, (&'static str, &'static str), (u64, u64)>,
-    last_seen: Table<'t, &'static str, u64>,
+    tables: Tables<'t>,
+    /// Every change made to `tables`, as journal records.
+    redo: Vec<u8>,
     cache: &'t mut HashMap<String, CachedConv>,
     /// Set when an operation hit a backend error: the whole group is aborted.
     pub failed: Option<String>,
@@ -231,28 +300,30 @@ impl<'t> WriteCtx<'t> {
         cache: &'t mut HashMap<String, CachedConv>,
     ) -> Result<Self, StoreError> {
         Ok(Self {
-            entries: txn.open_table(ENTRIES).map_err(backend)?,
-            seqs: txn.open_table(SEQS).map_err(backend)?,
-            convs: txn.open_table(CONVS).map_err(backend)?,
-            user_convs: txn.open_table(USER_CONVS).map_err(backend)?,
-            message_ids: txn.open_table(MESSAGE_IDS).map_err(backend)?,
-            device_cursors: txn.open_table(DEVICE_CURSORS).map_err(backend)?,
-            user_cursors: txn.open_table(USER_CURSORS).map_err(backend)?,
-            last_seen: txn.open_table(LAST_SEEN).map_err(backend)?,
+            tables: Tables::open(txn)?,
+            redo: Vec::new(),
             cache,
             failed: None,
         })
     }
 
+    /// Makes one change to the tables and journals it; true when it replaced a value.
+    fn put(&mut self, change: Redo<'_>) -> Result<bool, StoreError> {
+        let replaced = change.apply(&mut self.tables)?;
+        change.encode(&mut self.redo);
+        Ok(replaced)
+    }
+
     /// Raises `user`'s last-seen time to `at_ms`; a lower value changes nothing.
     pub fn raise_last_seen(&mut self, user: &str, at_ms: u64) -> Result<(), StoreError> {
         let current = self
+            .tables
             .last_seen
             .get(user)
             .map_err(backend)?
             .map(|g| g.value());
         if current.is_none_or(|c| c < at_ms) {
-            self.last_seen.insert(user, at_ms).map_err(backend)?;
+            self.put(Redo::LastSeen { user, at_ms })?;
         }
         Ok(())
     }
@@ -262,12 +333,13 @@ impl<'t> WriteCtx<'t> {
         if self.cache.contains_key(conv) {
             return Ok(true);
         }
-        let Some(raw) = self.convs.get(conv).map_err(backend)? else {
+        let Some(raw) = self.tables.convs.get(conv).map_err(backend)? else {
             return Ok(false);
         };
         let record: ConvRecord = decode(raw.value())?;
         drop(raw);
         let (mut last_seq, last_time_ms) = self
+            .tables
             .seqs
             .get(conv)
             .map_err(backend)?
@@ -308,24 +380,23 @@ impl<'t> WriteCtx<'t> {
     /// from [`Self::next_slot`]) and returns it.
     fn write_next(&mut self, entry: Entry) -> Result<Arc<Entry>, StoreError> {
         let (conv, seq) = (entry.conv.as_str(), entry.seq);
-        let cached = self
+        let last_seq = self
             .cache
-            .get_mut(conv)
-            .expect("sequence on a loaded conversation");
-        assert_eq!(seq, cached.last_seq + 1, "{conv}: the next seq");
-        let prior = self
-            .entries
-            .insert((conv, seq), encode(&entry).as_slice())
-            .map_err(backend)?;
+            .get(conv)
+            .expect("sequence on a loaded conversation")
+            .last_seq;
+        assert_eq!(seq, last_seq + 1, "{conv}: the next seq");
+        let bytes = encode(&entry);
+        let prior = self.put(Redo::Entry {
+            conv,
+            seq,
+            bytes: &bytes,
+        })?;
         let reuse_allowed = crate::mutants::active(crate::mutants::Mutant::SeqReuseAfterRestart);
-        assert!(
-            prior.is_none() || reuse_allowed,
-            "{conv}: seq {seq} allocated twice"
-        );
-        drop(prior);
-        self.seqs
-            .insert(conv, (seq, entry.server_time_ms))
-            .map_err(backend)?;
+        assert!(!prior || reuse_allowed, "{conv}: seq {seq} allocated twice");
+        let time_ms = entry.server_time_ms;
+        self.put(Redo::Seq { conv, seq, time_ms })?;
+        let cached = self.cache.get_mut(conv).expect("loaded");
         cached.last_seq = seq;
         cached.last_time_ms = entry.server_time_ms;
         Ok(Arc::new(entry))
@@ -356,13 +427,12 @@ impl<'t> WriteCtx<'t> {
             };
             return Ok((state, None));
         }
-        self.convs
-            .insert(conv.as_str(), encode(&record).as_slice())
-            .map_err(backend)?;
+        self.put(Redo::Conv {
+            conv: &conv,
+            bytes: &encode(&record),
+        })?;
         for user in record.members.keys() {
-            self.user_convs
-                .insert((user.as_str(), conv.as_str()), ())
-                .map_err(backend)?;
+            self.put(Redo::UserConv { user, conv: &conv })?;
         }
         let users = record.current_members();
         self.cache
@@ -398,15 +468,14 @@ impl<'t> WriteCtx<'t> {
         let (seq, server_time_ms) = self.next_slot(conv, now_ms);
         let (entry, recipients) =
             record.change_entry(by, device, change, seq, members_max, server_time_ms)?;
-        self.convs
-            .insert(conv, encode(&record).as_slice())
-            .map_err(backend)?;
+        self.put(Redo::Conv {
+            conv,
+            bytes: &encode(&record),
+        })?;
         // The users the change names list the conversation (added ones newly).
         if let Body::Members { users, .. } = &entry.body {
             for user in users {
-                self.user_convs
-                    .insert((user.as_str(), conv), ())
-                    .map_err(backend)?;
+                self.put(Redo::UserConv { user, conv })?;
             }
         }
         let entry = self.write_next(entry)?;
@@ -427,13 +496,18 @@ impl<'t> WriteCtx<'t> {
         let recipients = Arc::clone(&cached.current);
         let key = (m.conv.as_str(), m.sender.as_str(), m.message_id.as_str());
         let seen = self
+            .tables
             .message_ids
             .get(key)
             .map_err(backend)?
             .map(|g| g.value())
             .filter(|_| !crate::mutants::active(crate::mutants::Mutant::SkipIdempotency));
         if let Some(seq) = seen {
-            let raw = self.entries.get((m.conv.as_str(), seq)).map_err(backend)?;
+            let raw = self
+                .tables
+                .entries
+                .get((m.conv.as_str(), seq))
+                .map_err(backend)?;
             let raw =
                 raw.ok_or_else(|| backend(format!("{}: seq {seq} indexed but missing", m.conv)))?;
             let entry: Entry = decode(raw.value())?;
@@ -445,7 +519,12 @@ impl<'t> WriteCtx<'t> {
         }
         let (seq, server_time_ms) = self.next_slot(&m.conv, now_ms);
         let entry = self.write_next(m.entry_at(seq, server_time_ms))?;
-        self.message_ids.insert(key, entry.seq).map_err(backend)?;
+        self.put(Redo::MessageId {
+            conv: &m.conv,
+            sender: &m.sender,
+            id: &m.message_id,
+            seq: entry.seq,
+        })?;
         Ok(Appended {
             entry,
             duplicate: false,
@@ -457,7 +536,12 @@ impl<'t> WriteCtx<'t> {
         let loaded = self.cache[conv].user_cursors.is_some();
         if !loaded {
             let mut map = BTreeMap::new();
-            for row in self.user_cursors.range((conv, "")..).map_err(backend)? {
+            for row in self
+                .tables
+                .user_cursors
+                .range((conv, "")..)
+                .map_err(backend)?
+            {
                 let (k, v) = row.map_err(backend)?;
                 let (c, user) = k.value();
                 if c != conv {
@@ -492,6 +576,7 @@ impl<'t> WriteCtx<'t> {
         let kind = cached.record.kind;
         let current = Arc::clone(&cached.current);
         let old = self
+            .tables
             .device_cursors
             .get((user, device, conv))
             .map_err(backend)?
@@ -504,9 +589,12 @@ impl<'t> WriteCtx<'t> {
             new.delivered = delivered.unwrap_or(new.delivered).max(read.unwrap_or(0));
         }
         if new != old {
-            self.device_cursors
-                .insert((user, device, conv), (new.delivered, new.read))
-                .map_err(backend)?;
+            self.put(Redo::DeviceCursor {
+                user,
+                device,
+                conv,
+                cursor: (new.delivered, new.read),
+            })?;
         }
         let users = self.user_cursor_map(conv)?;
         let user_before = users.get(user).copied().unwrap_or_default();
@@ -516,9 +604,11 @@ impl<'t> WriteCtx<'t> {
         }
         if user_after != user_before {
             users.insert(user.to_owned(), user_after);
-            self.user_cursors
-                .insert((conv, user), (user_after.delivered, user_after.read))
-                .map_err(backend)?;
+            self.put(Redo::UserCursor {
+                conv,
+                user,
+                cursor: (user_after.delivered, user_after.read),
+            })?;
         }
         let users = self.cache[conv].user_cursors.as_ref().expect("loaded");
         let all_members =
@@ -535,13 +625,14 @@ impl<'t> WriteCtx<'t> {
     /// Deletes up to `budget` entries older than `cutoff_ms`, oldest first per conversation.
     pub fn expire_before(&mut self, cutoff_ms: u64, budget: u32) -> Result<u64, StoreError> {
         let mut convs = Vec::new();
-        for row in self.convs.iter().map_err(backend)? {
+        for row in self.tables.convs.iter().map_err(backend)? {
             convs.push(row.map_err(backend)?.0.value().to_owned());
         }
         let mut removed = 0u64;
         for conv in convs {
             let mut doomed = Vec::new();
             for row in self
+                .tables
                 .entries
                 .range((conv.as_str(), 0)..=(conv.as_str(), u64::MAX))
                 .map_err(backend)?
@@ -557,16 +648,16 @@ impl<'t> WriteCtx<'t> {
                 doomed.push(entry);
             }
             for entry in &doomed {
-                self.entries
-                    .remove((conv.as_str(), entry.seq))
-                    .map_err(backend)?;
+                self.put(Redo::RemoveEntry {
+                    conv: &conv,
+                    seq: entry.seq,
+                })?;
                 if entry.body.is_message() {
-                    let key = (
-                        conv.as_str(),
-                        entry.sender.as_str(),
-                        entry.message_id.as_str(),
-                    );
-                    self.message_ids.remove(key).map_err(backend)?;
+                    self.put(Redo::RemoveMessageId {
+                        conv: &conv,
+                        sender: &entry.sender,
+                        id: &entry.message_id,
+                    })?;
                 }
             }
             removed += doomed.len() as u64;
