@@ -1,7 +1,7 @@
 //! Embedded storage on redb: the single-node default, no external service.
 //!
 //! Writes go to one writer thread that applies them in groups: a group's changes
-//! are appended to a write-ahead journal (a second redb file) and made durable
+//! are appended to a write-ahead journal (`chatproof.journal`) and made durable
 //! with one fsync for every write waiting at that moment; the caller's future
 //! resolves only after that. The tables are committed without an fsync and
 //! checkpointed now and then ([`journal`] says why and how a crash is survived).
