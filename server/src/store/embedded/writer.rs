@@ -92,7 +92,7 @@ pub fn commit_marker(db: &Database) -> Result<(), StoreError> {
 /// checkpoint, or this many journal bytes, whichever comes first. A checkpoint
 /// flushes every table page dirtied since the one before with an fsync; between
 /// checkpoints the journal alone is synced. The simulator checkpoints every few
-/// groups, so that its faults strike checkpoints, trims and replays alike.
+/// groups, so that its faults strike checkpoints, restarts and replays alike.
 pub const CHECKPOINT_GROUPS: u32 = if cfg!(madsim) { 8 } else { 256 };
 /// See [`CHECKPOINT_GROUPS`].
 pub const CHECKPOINT_BYTES: usize = 8 << 20;
