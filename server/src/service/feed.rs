@@ -30,22 +30,6 @@ const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How long the feed waits for the store's cursor before showing a receipt unraised.
 const RECEIPT_FLOOR_WAIT: Duration = Duration::from_millis(250);
 
-/// Pending presence changes are compacted to one per user beyond this many.
-const PRESENCE_PENDING_COMPACT_LEN: usize = 4096;
-
-/// The last state per user of `states` (given in arrival order), in user order.
-fn latest_per_user(mut states: Vec<Arc<PresenceState>>) -> Vec<Arc<PresenceState>> {
-    states.sort_by(|a, b| a.user.cmp(&b.user)); // Stable: arrival order within a user.
-    let mut latest: Vec<Arc<PresenceState>> = Vec::with_capacity(states.len());
-    for state in states {
-        match latest.last_mut() {
-            Some(last) if last.user == state.user => *last = state,
-            _ => latest.push(state),
-        }
-    }
-    latest
-}
-
 /// What the feed gives its transport to write, in order.
 #[derive(Debug)]
 pub enum Out {
@@ -74,10 +58,8 @@ pub struct DeviceFeed {
     /// Receipts not yet taken (the latest per conversation and user) and their frames.
     receipts_pending: BTreeMap<(String, String), (Receipt, Utf8Bytes)>,
     receipts_due: Option<tokio::time::Instant>,
-    /// Presence changes not yet taken, in arrival order (the last per user wins;
-    /// see [`latest_per_user`]). Kept as the hub's shared states, so a burst of
-    /// contacts coming online costs each device a pointer per change.
-    presence_pending: Vec<Arc<PresenceState>>,
+    /// Presence changes not yet taken, the latest per user.
+    presence_pending: BTreeMap<String, PresenceState>,
     presence_due: Option<tokio::time::Instant>,
     resync_due: Option<tokio::time::Instant>,
     /// Receipts waiting for the store's cursor before they may be shown (its read
@@ -103,7 +85,7 @@ impl DeviceFeed {
             receipts_shown: ReceiptsShown::default(),
             receipts_pending: BTreeMap::new(),
             receipts_due: None,
-            presence_pending: Vec::new(),
+            presence_pending: BTreeMap::new(),
             presence_due: None,
             resync_due: None,
             receipts_unfloored: BTreeMap::new(),
@@ -289,12 +271,11 @@ impl DeviceFeed {
         self.presence_due
     }
 
-    /// Takes the pending presence changes, the latest per user, in user order.
+    /// Takes the pending presence changes, the latest per user.
     pub fn take_presence(&mut self) -> Vec<PresenceState> {
         self.presence_due = None;
-        latest_per_user(std::mem::take(&mut self.presence_pending))
-            .into_iter()
-            .map(|state| PresenceState::clone(&state))
+        std::mem::take(&mut self.presence_pending)
+            .into_values()
             .collect()
     }
 
@@ -302,19 +283,15 @@ impl DeviceFeed {
     /// every pending change arrived): a pending change that is not newer is dropped,
     /// so the next batch never shows a last-seen time older than the reply did.
     pub fn presence_shown(&mut self, states: &[PresenceState]) {
-        let pending = latest_per_user(std::mem::take(&mut self.presence_pending));
-        let shown: std::collections::HashMap<&str, Option<u64>> = states
-            .iter()
-            .map(|s| (s.user.as_str(), s.last_seen_ms))
-            .collect();
-        self.presence_pending = pending
-            .into_iter()
-            .filter(|p| {
-                shown
-                    .get(p.user.as_str())
-                    .is_none_or(|seen| p.last_seen_ms > *seen)
-            })
-            .collect();
+        for shown in states {
+            if self
+                .presence_pending
+                .get(&shown.user)
+                .is_some_and(|pending| pending.last_seen_ms <= shown.last_seen_ms)
+            {
+                self.presence_pending.remove(&shown.user);
+            }
+        }
         if self.presence_pending.is_empty() {
             self.presence_due = None;
         }
@@ -715,11 +692,9 @@ impl DeviceFeed {
 
     /// Keeps the latest state per user until the next presence batch is due.
     fn on_presence(&mut self, states: &[Arc<PresenceState>]) {
-        self.presence_pending.extend(states.iter().cloned());
-        if self.presence_pending.len() > PRESENCE_PENDING_COMPACT_LEN {
-            // Bounded: however many rounds arrive before the batch is due, a device
-            // holds at most one state per user it hears of, plus this much.
-            self.presence_pending = latest_per_user(std::mem::take(&mut self.presence_pending));
+        for state in states {
+            self.presence_pending
+                .insert(state.user.clone(), PresenceState::clone(state));
         }
         if self.presence_due.is_none() {
             let interval = self.service.limits().presence_interval;
@@ -762,39 +737,4 @@ async fn with_stored_floor(service: &ChatService, receipt: &Receipt) -> Option<F
         read: receipt.read.max(stored.read),
         ..receipt.clone()
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn state(user: &str, online: bool, last_seen_ms: u64) -> Arc<PresenceState> {
-        Arc::new(PresenceState {
-            user: user.into(),
-            online,
-            last_seen_ms: Some(last_seen_ms),
-        })
-    }
-
-    /// The last change to arrive for each user is the one kept, users in order.
-    #[test]
-    fn the_last_presence_change_per_user_wins() {
-        let arrived = vec![
-            state("bob", true, 5),
-            state("alice", true, 1),
-            state("bob", false, 9),
-            state("carol", true, 3),
-            state("alice", false, 2),
-        ];
-        let latest: Vec<(String, bool)> = latest_per_user(arrived)
-            .iter()
-            .map(|s| (s.user.clone(), s.online))
-            .collect();
-        let expected = [("alice", false), ("bob", false), ("carol", true)];
-        assert_eq!(
-            latest,
-            expected.map(|(u, o)| (u.to_owned(), o)).to_vec(),
-            "one per user, the last to arrive"
-        );
-    }
 }
