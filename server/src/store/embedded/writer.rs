@@ -14,10 +14,7 @@ use tokio::sync::mpsc;
 use super::journal;
 use super::redo::Redo;
 use super::slot::{DatabaseSlot, StoreFiles};
-use super::tables::{
-    Tables, CONVS, DEVICE_CURSORS, ENTRIES, LAST_SEEN, MESSAGE_IDS, META, SEQS, USER_CONVS,
-    USER_CURSORS,
-};
+use super::tables::{Tables, META};
 use super::{backend, decode, GROUP_COMMIT_OPS_MAX};
 use crate::domain::{next_server_time, receipt_floor, ConvRecord, Cursor, GroupChange};
 use crate::protocol::{Body, ConvKind, Entry, ErrorCode, ProtocolError};
@@ -52,14 +49,7 @@ impl CachedConv {
 /// Creates every table so that readers never meet a missing one.
 pub fn create_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(backend)?;
-    txn.open_table(ENTRIES).map_err(backend)?;
-    txn.open_table(SEQS).map_err(backend)?;
-    txn.open_table(CONVS).map_err(backend)?;
-    txn.open_table(USER_CONVS).map_err(backend)?;
-    txn.open_table(MESSAGE_IDS).map_err(backend)?;
-    txn.open_table(DEVICE_CURSORS).map_err(backend)?;
-    txn.open_table(USER_CURSORS).map_err(backend)?;
-    txn.open_table(LAST_SEEN).map_err(backend)?;
+    drop(Tables::open(&txn)?);
     txn.open_table(META).map_err(backend)?;
     txn.commit().map_err(backend)
 }
