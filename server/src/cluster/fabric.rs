@@ -30,6 +30,14 @@
 //!   also re-reads when a peer process it knew does not show in `lives` again
 //!   within a TTL: one that died before announcing itself again leaves nothing
 //!   to count.
+//! - `counted`: set of the processes counted dead, kept [`COUNTED_KEEP`] after
+//!   the last addition. A process counted dead may still be alive, cut off from
+//!   the registry (its lease lapsed, it went on taking sends into its outbox),
+//!   and die later with events queued after the count that resynced everyone.
+//!   So a server that starts counts each earlier process of its own id found
+//!   here once more (and removes it), and every server resyncs again. A counted
+//!   process that lived on and never starts again is the gap left: its devices'
+//!   conversations catch up at the next entry, resync or reconnection.
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
 //! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
 //!   expiring [`WATCH_TTL`] after the last subscription.
@@ -66,6 +74,10 @@ const PENDING_FORGETS_MAX: usize = 100_000;
 
 /// Longest wait between two tries of a delete.
 const FORGET_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How long the set of processes counted dead is kept after its last addition
+/// (a server id that starts again later than that is not counted again).
+pub const COUNTED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Who this server is in the cluster.
 #[derive(Debug, Clone)]
@@ -210,6 +222,7 @@ impl RegistryFabric {
             counters,
         });
         fabric.heartbeat_once().await?;
+        fabric.count_earlier_lives().await?;
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(Arc::clone(&fabric).heartbeat_loop(Arc::clone(&hub)));
         tokio::spawn(Arc::clone(&fabric).subscriber_loop(hub, subscribed_tx));
@@ -254,6 +267,10 @@ impl RegistryFabric {
 
     fn deaths_key(&self) -> String {
         format!("{}peer_deaths", self.config.prefix)
+    }
+
+    fn counted_key(&self) -> String {
+        format!("{}counted", self.config.prefix)
     }
 
     /// This process in the set of lives.
@@ -320,20 +337,77 @@ impl RegistryFabric {
                 }
             }
         }
+        // Remembered as counted first (see `counted` in the module doc): should
+        // this caller fail in between, the process is counted again later, never
+        // forgotten.
+        let mut ops: Vec<RegistryOp> = dead
+            .iter()
+            .map(|member| RegistryOp::SetAdd {
+                key: self.counted_key(),
+                member: member.clone(),
+            })
+            .collect();
+        if !ops.is_empty() {
+            ops.push(RegistryOp::Expire {
+                key: self.counted_key(),
+                ttl_ms: u64::try_from(COUNTED_KEEP.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        ops.push(RegistryOp::RemoveCounting {
+            set: self.lives_key(),
+            counter: self.deaths_key(),
+            members: dead,
+        });
         let deaths = self
             .registry
-            .run_one(RegistryOp::RemoveCounting {
-                set: self.lives_key(),
-                counter: self.deaths_key(),
-                members: dead,
-            })
+            .run(ops)
             .await?
+            .pop()
+            .ok_or_else(|| FabricError("no answer to counting deaths".into()))?
             .count()?;
         let mut seen = self.deaths_seen.lock().expect("deaths seen");
         // (A smaller counter means the registry restarted empty: recovery resyncs then.)
         let grew = seen.map_or(0, |before| deaths.saturating_sub(before).max(0));
         *seen = Some(deaths);
         Ok(u64::try_from(grew).unwrap_or(0) + vanished)
+    }
+
+    /// At start: counts once more each earlier process of this server id that was
+    /// counted dead (see `counted` in the module doc), so that every peer
+    /// resyncs: it may have lived on after its count and died with events
+    /// queued. Returns how many it counted.
+    async fn count_earlier_lives(&self) -> Result<usize, FabricError> {
+        let counted = self
+            .registry
+            .run_one(RegistryOp::SetMembers {
+                key: self.counted_key(),
+            })
+            .await?
+            .members()?;
+        let mine: Vec<String> = counted
+            .into_iter()
+            .filter(|m| {
+                m.split_once('@').is_some_and(|(inc, id)| {
+                    id == self.config.server_id && inc != self.config.incarnation
+                })
+            })
+            .collect();
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        let earlier = mine.len();
+        self.registry
+            .run_one(RegistryOp::RemoveCounting {
+                set: self.counted_key(),
+                counter: self.deaths_key(),
+                members: mine,
+            })
+            .await?;
+        tracing::info!(
+            earlier,
+            "an earlier process of this server was counted dead and may have lived on; peers re-read their sessions"
+        );
+        Ok(earlier)
     }
 
     /// Peer processes that must be taken as dead although nobody counted them:
@@ -1024,6 +1098,39 @@ mod tests {
         // A peer that restarted while this server was forgotten is gone at once.
         here.peers_rearm(again + ttl * 2);
         assert_eq!(here.peers_vanished(["2@c"].into_iter(), again + ttl * 2), 1);
+    }
+
+    /// A process counted dead while it was alive (cut off from the registry, its
+    /// lease lapsed) may have queued events after that count and then died: when
+    /// its server starts again, that earlier process is counted once more, so
+    /// every peer resyncs; one that only left cleanly is not.
+    #[tokio::test]
+    async fn a_process_counted_dead_is_counted_again_when_its_server_starts_again() {
+        let registry = Arc::new(Restartable::default());
+        let here = server(&registry, "a", "1").await;
+        let cut_off = server(&registry, "b", "1").await;
+        assert_eq!(here.peers_died().await.unwrap(), 0);
+        // "b"'s lease lapses while its process lives on: "a" counts it dead.
+        registry.now().apply(vec![RegistryOp::DeleteIfThenRemove {
+            key: cut_off.alive_key("b"),
+            value: "1".into(),
+            set: "none".into(),
+            member: "none".into(),
+        }]);
+        assert_eq!(here.peers_died().await.unwrap(), 1, "the lapse is a death");
+        assert_eq!(here.peers_died().await.unwrap(), 0);
+        // "b" dies unseen and starts again: its earlier life is counted again.
+        drop(cut_off);
+        let restarted = server(&registry, "b", "2").await;
+        assert_eq!(
+            here.peers_died().await.unwrap(),
+            1,
+            "the restart of a process counted dead is a death again"
+        );
+        // Counted once: it starting yet again after a clean leave counts nothing.
+        restarted.leave().await;
+        let _third = server(&registry, "b", "3").await;
+        assert_eq!(here.peers_died().await.unwrap(), 0, "counted once");
     }
 
     /// A peer reads a registration while this server's lease has lapsed and

@@ -30,6 +30,57 @@ const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How long the feed waits for the store's cursor before showing a receipt unraised.
 const RECEIPT_FLOOR_WAIT: Duration = Duration::from_millis(250);
 
+/// Pending presence changes are compacted to one per user beyond this many.
+const PRESENCE_PENDING_COMPACT_LEN: usize = 4096;
+
+/// How long a `presence` reply's last-seen times hold back strictly older changes
+/// that arrive after it (changes read before the reply, routed slower than it):
+/// longer than any routing delay a live cluster has.
+const PRESENCE_FLOOR_KEEP: Duration = Duration::from_secs(30);
+
+/// The last state per user of `states` (given in arrival order), in user order.
+fn latest_per_user(mut states: Vec<Arc<PresenceState>>) -> Vec<Arc<PresenceState>> {
+    states.sort_by(|a, b| a.user.cmp(&b.user)); // Stable: arrival order within a user.
+    let mut latest: Vec<Arc<PresenceState>> = Vec::with_capacity(states.len());
+    for state in states {
+        match latest.last_mut() {
+            Some(last) if last.user == state.user => *last = state,
+            _ => latest.push(state),
+        }
+    }
+    latest
+}
+
+/// Per user shown by a `presence` reply: its last-seen time, and until when a
+/// change strictly older than it is not shown (see [`PRESENCE_FLOOR_KEEP`]).
+#[derive(Debug, Default)]
+struct PresenceFloors(BTreeMap<String, (Option<u64>, tokio::time::Instant)>);
+
+impl PresenceFloors {
+    /// Notes the last-seen times of a reply shown at `now`.
+    fn raise(&mut self, shown: &[PresenceState], now: tokio::time::Instant) {
+        self.current(now);
+        let until = now + PRESENCE_FLOOR_KEEP;
+        for state in shown {
+            self.0
+                .insert(state.user.clone(), (state.last_seen_ms, until));
+        }
+    }
+
+    /// Forgets the floors that lapsed by `now`; the rest.
+    fn current(&mut self, now: tokio::time::Instant) -> &Self {
+        self.0.retain(|_, (_, until)| *until > now);
+        self
+    }
+
+    /// Whether `state` may be shown: not strictly older than its user's floor.
+    fn admit(&self, state: &PresenceState) -> bool {
+        self.0
+            .get(&state.user)
+            .is_none_or(|(floor, _)| state.last_seen_ms >= *floor)
+    }
+}
+
 /// What the feed gives its transport to write, in order.
 #[derive(Debug)]
 pub enum Out {
@@ -58,9 +109,12 @@ pub struct DeviceFeed {
     /// Receipts not yet taken (the latest per conversation and user) and their frames.
     receipts_pending: BTreeMap<(String, String), (Receipt, Utf8Bytes)>,
     receipts_due: Option<tokio::time::Instant>,
-    /// Presence changes not yet taken, the latest per user.
-    presence_pending: BTreeMap<String, PresenceState>,
+    /// Presence changes not yet taken, in arrival order (the last per user wins;
+    /// see [`latest_per_user`]). Kept as the hub's shared states, so a burst of
+    /// contacts coming online costs each device a pointer per change.
+    presence_pending: Vec<Arc<PresenceState>>,
     presence_due: Option<tokio::time::Instant>,
+    presence_floors: PresenceFloors,
     resync_due: Option<tokio::time::Instant>,
     /// Receipts waiting for the store's cursor before they may be shown (its read
     /// failed or took too long), merged per (conversation, user), and when to retry.
@@ -85,8 +139,9 @@ impl DeviceFeed {
             receipts_shown: ReceiptsShown::default(),
             receipts_pending: BTreeMap::new(),
             receipts_due: None,
-            presence_pending: BTreeMap::new(),
+            presence_pending: Vec::new(),
             presence_due: None,
+            presence_floors: PresenceFloors::default(),
             resync_due: None,
             receipts_unfloored: BTreeMap::new(),
             floors_due: None,
@@ -271,27 +326,41 @@ impl DeviceFeed {
         self.presence_due
     }
 
-    /// Takes the pending presence changes, the latest per user.
+    /// Takes the pending presence changes, the latest per user, in user order;
+    /// never one older than a recent `presence` reply showed (see
+    /// [`DeviceFeed::presence_shown`]).
     pub fn take_presence(&mut self) -> Vec<PresenceState> {
         self.presence_due = None;
-        std::mem::take(&mut self.presence_pending)
-            .into_values()
+        let floors = self.presence_floors.current(tokio::time::Instant::now());
+        latest_per_user(std::mem::take(&mut self.presence_pending))
+            .into_iter()
+            .filter(|state| floors.admit(state))
+            .map(|state| PresenceState::clone(&state))
             .collect()
     }
 
     /// Notes that the device was just shown `states` (a `presence` reply, read after
     /// every pending change arrived): a pending change that is not newer is dropped,
-    /// so the next batch never shows a last-seen time older than the reply did.
+    /// and for [`PRESENCE_FLOOR_KEEP`] a change arriving later that is strictly
+    /// older (read before the reply, routed slower) is dropped too, so no batch
+    /// shows a last-seen time older than the reply did. (One as old may be the
+    /// user going offline at that time, and is shown.)
     pub fn presence_shown(&mut self, states: &[PresenceState]) {
-        for shown in states {
-            if self
-                .presence_pending
-                .get(&shown.user)
-                .is_some_and(|pending| pending.last_seen_ms <= shown.last_seen_ms)
-            {
-                self.presence_pending.remove(&shown.user);
-            }
-        }
+        self.presence_floors
+            .raise(states, tokio::time::Instant::now());
+        let pending = latest_per_user(std::mem::take(&mut self.presence_pending));
+        let shown: std::collections::HashMap<&str, Option<u64>> = states
+            .iter()
+            .map(|s| (s.user.as_str(), s.last_seen_ms))
+            .collect();
+        self.presence_pending = pending
+            .into_iter()
+            .filter(|p| {
+                shown
+                    .get(p.user.as_str())
+                    .is_none_or(|seen| p.last_seen_ms > *seen)
+            })
+            .collect();
         if self.presence_pending.is_empty() {
             self.presence_due = None;
         }
@@ -692,9 +761,11 @@ impl DeviceFeed {
 
     /// Keeps the latest state per user until the next presence batch is due.
     fn on_presence(&mut self, states: &[Arc<PresenceState>]) {
-        for state in states {
-            self.presence_pending
-                .insert(state.user.clone(), PresenceState::clone(state));
+        self.presence_pending.extend(states.iter().cloned());
+        if self.presence_pending.len() > PRESENCE_PENDING_COMPACT_LEN {
+            // Bounded: however many rounds arrive before the batch is due, a device
+            // holds at most one state per user it hears of, plus this much.
+            self.presence_pending = latest_per_user(std::mem::take(&mut self.presence_pending));
         }
         if self.presence_due.is_none() {
             let interval = self.service.limits().presence_interval;
@@ -737,4 +808,63 @@ async fn with_stored_floor(service: &ChatService, receipt: &Receipt) -> Option<F
         read: receipt.read.max(stored.read),
         ..receipt.clone()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(user: &str, online: bool, last_seen_ms: u64) -> Arc<PresenceState> {
+        Arc::new(PresenceState {
+            user: user.into(),
+            online,
+            last_seen_ms: Some(last_seen_ms),
+        })
+    }
+
+    /// A reply's last-seen time holds back a strictly older change that arrives
+    /// after it, for a while; one as old (the user going offline then) and newer
+    /// ones are shown.
+    #[test]
+    fn a_presence_reply_holds_back_older_changes_for_a_while() {
+        let now = tokio::time::Instant::now();
+        let mut floors = PresenceFloors::default();
+        floors.raise(&[PresenceState::clone(&state("ann", true, 50))], now);
+        let later = now + PRESENCE_FLOOR_KEEP / 2;
+        let floors_then = floors.current(later);
+        assert!(
+            !floors_then.admit(&state("ann", true, 40)),
+            "older: held back"
+        );
+        assert!(floors_then.admit(&state("ann", false, 50)), "as old: shown");
+        assert!(floors_then.admit(&state("ann", true, 60)), "newer: shown");
+        assert!(floors_then.admit(&state("bob", true, 1)), "another user");
+        let lapsed = now + PRESENCE_FLOOR_KEEP;
+        assert!(
+            floors.current(lapsed).admit(&state("ann", true, 40)),
+            "the floor lapsed"
+        );
+    }
+
+    /// The last change to arrive for each user is the one kept, users in order.
+    #[test]
+    fn the_last_presence_change_per_user_wins() {
+        let arrived = vec![
+            state("bob", true, 5),
+            state("alice", true, 1),
+            state("bob", false, 9),
+            state("carol", true, 3),
+            state("alice", false, 2),
+        ];
+        let latest: Vec<(String, bool)> = latest_per_user(arrived)
+            .iter()
+            .map(|s| (s.user.clone(), s.online))
+            .collect();
+        let expected = [("alice", false), ("bob", false), ("carol", true)];
+        assert_eq!(
+            latest,
+            expected.map(|(u, o)| (u.to_owned(), o)).to_vec(),
+            "one per user, the last to arrive"
+        );
+    }
 }

@@ -120,17 +120,34 @@ impl ChatService {
     }
 
     /// Who hears of `user`'s presence changes: contacts and watchers, not `user`.
-    pub(super) async fn presence_audience(&self, user: &str) -> Result<Vec<String>, String> {
+    /// Conversations are read through `members`, once per publication round.
+    pub(super) async fn presence_audience(
+        &self,
+        user: &str,
+        members: &RoundMembers,
+    ) -> Result<Vec<String>, String> {
         let mut audience = std::collections::BTreeSet::new();
-        let states = self
+        let ids = self
             .store
-            .conversations_of(user)
+            .conversation_ids_of(user)
             .await
             .map_err(|e| e.to_string())?;
-        for state in &states {
-            let members = state.record.current_members();
-            if members.iter().any(|m| m == user) {
-                audience.extend(members);
+        for id in ids {
+            let current = match members.get(&id) {
+                Some(current) => current,
+                None => {
+                    let state = self
+                        .store
+                        .conversation(&id)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let current = state.map(|s| Arc::from(s.record.current_members()));
+                    members.insert(id, current.clone());
+                    current
+                }
+            };
+            if let Some(current) = current.filter(|c| c.iter().any(|m| m == user)) {
+                audience.extend(current.iter().cloned());
             }
         }
         match &self.fabric {
@@ -164,8 +181,10 @@ impl ChatService {
         // (Publishing "online" here could reach a watcher after that server's
         // "offline", when the registration read here was the one being deleted.)
         states.retain(|s| !s.online || self.hub.devices_online(&s.user) > 0);
+        let members = RoundMembers::default();
+        let members = &members;
         let audience_of = |state: PresenceState| async move {
-            match self.presence_audience(&state.user).await {
+            match self.presence_audience(&state.user, members).await {
                 Ok(audience) => Some((Arc::new(state), audience)),
                 Err(e) => {
                     tracing::warn!(user = state.user, error = %e, "presence audience unknown; retrying");
@@ -218,5 +237,31 @@ impl ChatService {
                 .for_each_concurrent(PRESENCE_PUBLISH_CONCURRENCY, |forward| forward)
                 .await;
         }
+    }
+}
+
+/// The current members of each conversation a presence round has read: the
+/// 2,000 members of four 500-member groups coming online read four records,
+/// not 2,000. Lives for one round, so membership is as fresh as the round.
+#[derive(Default)]
+pub(super) struct RoundMembers {
+    read: std::sync::Mutex<std::collections::HashMap<String, Option<Arc<[String]>>>>,
+}
+
+impl RoundMembers {
+    /// The members of `conv` if this round read it (`Some(None)`: it does not exist).
+    fn get(&self, conv: &str) -> Option<Option<Arc<[String]>>> {
+        self.read
+            .lock()
+            .expect("round members lock")
+            .get(conv)
+            .cloned()
+    }
+
+    fn insert(&self, conv: String, members: Option<Arc<[String]>>) {
+        self.read
+            .lock()
+            .expect("round members lock")
+            .insert(conv, members);
     }
 }

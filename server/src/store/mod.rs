@@ -149,6 +149,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every conversation `user` is or was a member of.
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError>;
 
+    /// The ids of the conversations `user` is or was a member of, as
+    /// [`Store::conversations_of`] lists them, without reading the conversations.
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<String>, StoreError>;
+
     /// Up to `limit` entries with `after < seq <= until`, ascending.
     async fn read_after(
         &self,

@@ -104,6 +104,10 @@ impl Store for LingeringAcks {
         self.inner.conversations_of(user).await
     }
 
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.conversation_ids_of(user).await
+    }
+
     async fn read_after(
         &self,
         conv: &str,

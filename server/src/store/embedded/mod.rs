@@ -342,21 +342,23 @@ impl Store for EmbeddedStore {
         self.read_conv(conv)
     }
 
-    async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
-        let ids: Vec<String> = {
-            let txn = self.db.get()?.main.begin_read().map_err(backend)?;
-            let index = txn.open_table(USER_CONVS).map_err(backend)?;
-            let mut ids = Vec::new();
-            for row in index.range((user, "")..).map_err(backend)? {
-                let (key, _) = row.map_err(backend)?;
-                let (u, conv) = key.value();
-                if u != user {
-                    break;
-                }
-                ids.push(conv.to_owned());
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.get()?.main.begin_read().map_err(backend)?;
+        let index = txn.open_table(USER_CONVS).map_err(backend)?;
+        let mut ids = Vec::new();
+        for row in index.range((user, "")..).map_err(backend)? {
+            let (key, _) = row.map_err(backend)?;
+            let (u, conv) = key.value();
+            if u != user {
+                break;
             }
-            ids
-        };
+            ids.push(conv.to_owned());
+        }
+        Ok(ids)
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
+        let ids = self.conversation_ids_of(user).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             out.extend(self.read_conv(&id)?);

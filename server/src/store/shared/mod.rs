@@ -761,6 +761,10 @@ impl<T: Tables + ?Sized> Store for SharedStore<T> {
         }))
     }
 
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.tables.user_convs(user).await
+    }
+
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConvState>, StoreError> {
         let ids = self.tables.user_convs(user).await?;
         // One head read per conversation, 64 at a time (a hello's first round trips).
