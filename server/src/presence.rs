@@ -20,6 +20,10 @@
 //! In a 500-member group whose members all churn continuously, a server publishes
 //! at most 500 events per interval (instead of 500 × 499 frames per round of
 //! churn), and each member's connection receives at most one frame per interval.
+//! A connection's frames go out at its own phase of the interval
+//! (`PresenceSlots` in `service/feed.rs`): when 2,000 members come online together,
+//! their frames are spread over the interval rather than written (and read) at
+//! once, so the messages sent meanwhile do not wait behind that burst.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;

@@ -81,6 +81,52 @@ impl PresenceFloors {
     }
 }
 
+/// When a device's presence batches go out: at its own phase of the presence
+/// interval (from a hash of the device), so that when thousands of contacts come
+/// online together, their devices' batches spread over the interval instead of
+/// all being written, and read, in the same instant (a burst of CPU on both ends
+/// that messages would wait behind). Batches stay at least an interval apart.
+#[derive(Debug)]
+struct PresenceSlots {
+    /// A slot; the others are whole intervals before and after it.
+    origin: tokio::time::Instant,
+    interval: Duration,
+}
+
+impl PresenceSlots {
+    fn new(device_key: &str, interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "a presence interval is never zero");
+        // FNV-1a: the same phase on every run (the simulator replays it).
+        let hash = device_key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let interval_ns = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let phase = Duration::from_nanos(hash % interval_ns);
+        PresenceSlots {
+            origin: tokio::time::Instant::now() + phase,
+            interval,
+        }
+    }
+
+    /// The first slot after `now` that is at least an interval after the last
+    /// batch (`taken`).
+    fn next(
+        &self,
+        now: tokio::time::Instant,
+        taken: Option<tokio::time::Instant>,
+    ) -> tokio::time::Instant {
+        let earliest = taken.map_or(now, |t| (t + self.interval).max(now));
+        let since = earliest.saturating_duration_since(self.origin).as_nanos();
+        let interval = self.interval.as_nanos();
+        let slots = u32::try_from(since.div_ceil(interval)).unwrap_or(u32::MAX);
+        let due = self.origin + self.interval * slots;
+        debug_assert!(due >= earliest, "a slot before the earliest allowed");
+        due
+    }
+}
+
 /// What the feed gives its transport to write, in order.
 #[derive(Debug)]
 pub enum Out {
@@ -114,6 +160,9 @@ pub struct DeviceFeed {
     /// contacts coming online costs each device a pointer per change.
     presence_pending: Vec<Arc<PresenceState>>,
     presence_due: Option<tokio::time::Instant>,
+    presence_slots: PresenceSlots,
+    /// When the last presence batch was taken.
+    presence_taken: Option<tokio::time::Instant>,
     presence_floors: PresenceFloors,
     resync_due: Option<tokio::time::Instant>,
     /// Receipts waiting for the store's cursor before they may be shown (its read
@@ -127,6 +176,11 @@ impl DeviceFeed {
     /// A feed for the device holding `lease`, fed by the hub through `queue`.
     /// Nothing is delivered before [`DeviceFeed::start`].
     pub fn new(service: Arc<ChatService>, lease: DeviceLease, queue: DeviceQueue) -> Self {
+        let caller = lease.caller();
+        let presence_slots = PresenceSlots::new(
+            &format!("{}/{}", caller.user, caller.device),
+            service.limits().presence_interval,
+        );
         DeviceFeed {
             service,
             lease,
@@ -141,6 +195,8 @@ impl DeviceFeed {
             receipts_due: None,
             presence_pending: Vec::new(),
             presence_due: None,
+            presence_slots,
+            presence_taken: None,
             presence_floors: PresenceFloors::default(),
             resync_due: None,
             receipts_unfloored: BTreeMap::new(),
@@ -331,7 +387,9 @@ impl DeviceFeed {
     /// [`DeviceFeed::presence_shown`]).
     pub fn take_presence(&mut self) -> Vec<PresenceState> {
         self.presence_due = None;
-        let floors = self.presence_floors.current(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        self.presence_taken = Some(now);
+        let floors = self.presence_floors.current(now);
         latest_per_user(std::mem::take(&mut self.presence_pending))
             .into_iter()
             .filter(|state| floors.admit(state))
@@ -457,6 +515,16 @@ impl DeviceFeed {
         }
         self.show_stored_receipts(&states).await;
         self.say_caught_up_if_done();
+    }
+
+    /// Like [`DeviceFeed::show_stored_receipts`] for a device that may not have seen
+    /// what this feed showed it (a long-poll response lost on the way, the mailbox
+    /// still open): forgets what was shown, so every current receipt of `states`'
+    /// conversations is shown again from the store (the store's cursors are the
+    /// floor from then on, so receipts still never go back).
+    pub async fn show_stored_receipts_again(&mut self, states: &[ConvState]) {
+        self.receipts_shown = ReceiptsShown::default();
+        self.show_stored_receipts(states).await;
     }
 
     /// Shows, from the store, the receipts for entries the device's user sent in
@@ -625,6 +693,7 @@ impl DeviceFeed {
         let svc = &self.service;
         svc.metrics().messages_out.inc();
         let lag_ms = svc.clock().now_ms().saturating_sub(entry.server_time_ms);
+
         svc.metrics()
             .delivery_latency
             .observe(lag_ms as f64 / 1000.0);
@@ -768,8 +837,8 @@ impl DeviceFeed {
             self.presence_pending = latest_per_user(std::mem::take(&mut self.presence_pending));
         }
         if self.presence_due.is_none() {
-            let interval = self.service.limits().presence_interval;
-            self.presence_due = Some(tokio::time::Instant::now() + interval);
+            let now = tokio::time::Instant::now();
+            self.presence_due = Some(self.presence_slots.next(now, self.presence_taken));
         }
     }
 
@@ -844,6 +913,44 @@ mod tests {
             floors.current(lapsed).admit(&state("ann", true, 40)),
             "the floor lapsed"
         );
+    }
+
+    /// Batches go out at the device's phase of the interval, never closer than
+    /// an interval to the last, and as soon as that allows.
+    #[test]
+    fn presence_batches_keep_to_their_slots() {
+        let interval = Duration::from_millis(1000);
+        let slots = PresenceSlots::new("ann/phone", interval);
+        let origin = slots.origin;
+        let start = tokio::time::Instant::now();
+        assert!(
+            origin >= start && origin < start + interval,
+            "a phase within one interval"
+        );
+        assert_eq!(slots.next(start, None), origin, "the first slot");
+        let ms = Duration::from_millis;
+        assert_eq!(
+            slots.next(origin + ms(1), None),
+            origin + interval,
+            "the next slot"
+        );
+        assert_eq!(
+            slots.next(origin + interval, None),
+            origin + interval,
+            "a slot now"
+        );
+        // Taken late (at origin + 300 ms): the slot at origin + 1 s is too close.
+        let taken = origin + ms(300);
+        assert_eq!(
+            slots.next(taken + ms(10), Some(taken)),
+            origin + interval * 2
+        );
+        assert_eq!(
+            slots.next(origin + ms(5_500), Some(taken)),
+            origin + interval * 6
+        );
+        let other = PresenceSlots::new("bob/phone", interval);
+        assert_ne!(other.origin, origin, "devices differ in phase");
     }
 
     /// The last change to arrive for each user is the one kept, users in order.

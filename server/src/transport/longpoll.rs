@@ -123,10 +123,12 @@ async fn poll_in(
             // just answers): the receipts it had queued are read again from the store.
             feed.resync().await;
         } else if req.receipts
-            && generation == 1
             && !crate::mutants::active(crate::mutants::Mutant::ReconnectForgetsReceipts)
         {
-            feed.show_stored_receipts(&states).await;
+            // On any poll that asks (the first of a device's session, or the first
+            // after a lost response): a receipt a lost response carried is gone from
+            // the mailbox, and only the store still has it.
+            feed.show_stored_receipts_again(&states).await;
         }
     }
     loop {

@@ -314,4 +314,18 @@ async fn receipts_that_moved_while_away_come_to_a_hello_that_asks() {
     )
     .await;
     assert_eq!(unasked.json()["receipts"], json!([]), "{}", unasked.json());
+
+    // The mailbox stays open, and its next poll does not carry the receipt again
+    // unless it asks: a device whose response was lost asks, and gets it again.
+    let again = json!({"cursors": {&conv: 3}, "timeout_ms": 0});
+    let quiet = poll(&server, "alice", "tablet", again).await;
+    assert_eq!(quiet.json()["receipts"], json!([]), "{}", quiet.json());
+    let asked = json!({"cursors": {&conv: 3}, "timeout_ms": 0, "receipts": true});
+    let after_loss = poll(&server, "alice", "tablet", asked).await;
+    assert_eq!(
+        after_loss.json()["receipts"],
+        json!([{"conv": conv, "user": "bob", "delivered": 3, "read": 2}]),
+        "asked again on an open mailbox: {}",
+        after_loss.json()
+    );
 }

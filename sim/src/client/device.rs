@@ -29,6 +29,11 @@ fn body_kind<'b>(body: Option<&'b Body<'_>>) -> Option<&'b str> {
 
 /// Chance per 50 ms tick that a device with calm messages left makes one.
 const CALM_SEND_CHANCE: f64 = 0.1;
+/// Chance that a calm sender steps away once its calm messages are acknowledged,
+/// so that they are read while it is away: its next `hello` must bring the receipts.
+const CALM_STEP_AWAY_CHANCE: f64 = 0.5;
+/// How long such a device stays away: long enough for the others to read.
+const CALM_AWAY_MS: u64 = 1_500;
 /// A `presence` request unanswered (or refused) this long is asked again.
 const PRESENCE_ASK_AGAIN_MS: u64 = 1_000;
 
@@ -67,6 +72,10 @@ pub(super) struct Device {
     pub(super) made: u32,
     /// The calm phase's budget (`made` when it began plus the calm messages).
     pub(super) calm_budget: Option<u32>,
+    /// Whether it decided yet to step away after its calm messages.
+    calm_away_decided: bool,
+    /// Until when it stays away before connecting again.
+    pub(super) away_until: Option<u64>,
     pub(super) last_written: Option<(String, String)>,
     /// `sync` and `history` requests in flight: rid -> (conv, kind, limit, asked at).
     pub(super) queries: BTreeMap<String, (String, PageKind, u64, u64)>,
@@ -122,6 +131,8 @@ impl Device {
             pending: BTreeMap::new(),
             made: 0,
             calm_budget: None,
+            calm_away_decided: false,
+            away_until: None,
             last_written: None,
             queries: BTreeMap::new(),
             offline_since: Some(0),
@@ -600,11 +611,32 @@ impl Device {
             self.note("goes away");
             return true;
         }
+        if self.steps_away_after_calm(now) {
+            self.note("steps away after its calm messages");
+            return true;
+        }
         if self.transports == Transports::Switching && self.rng.chance(SWITCH_CHANCE_PER_TICK) {
             self.note("switches transport");
             return true;
         }
         false
+    }
+
+    /// Once its calm messages are all acknowledged, a calm sender may step away
+    /// for [`CALM_AWAY_MS`] (decided once, by chance).
+    fn steps_away_after_calm(&mut self, now: u64) -> bool {
+        let sent_all = self
+            .calm_budget
+            .is_some_and(|budget| self.made >= budget && self.pending.is_empty());
+        if self.calm_away_decided || self.spec.calm_to_send == 0 || !sent_all {
+            return false;
+        }
+        self.calm_away_decided = true;
+        if !self.rng.chance(CALM_STEP_AWAY_CHANCE) {
+            return false;
+        }
+        self.away_until = Some(now + CALM_AWAY_MS);
+        true
     }
 
     pub(super) fn publish_progress(&self) {

@@ -137,6 +137,8 @@ pub fn spawn_rpc(
 }
 
 /// One poll with `cursors` on a connection of its own; the status and answer.
+/// `receipts` on a session's first poll (each session follows a failed one), as
+/// the protocol asks.
 ///
 /// A new connection per poll: under madsim, a second request on a kept-alive
 /// connection whose server side sat waiting for it arrived up to seconds late
@@ -147,11 +149,11 @@ pub async fn poll(
     auth: Auth,
     cursors: std::collections::BTreeMap<String, u64>,
     limit: u64,
+    receipts: bool,
 ) -> Option<(u16, Value)> {
     let mut conn = Connection::open(addr).await?;
-    let body =
-        json!({"cursors": cursors, "timeout_ms": POLL_HOLD_MS, "limit": limit, "receipts": true})
-            .to_string();
+    let body = json!({"cursors": cursors, "timeout_ms": POLL_HOLD_MS, "limit": limit, "receipts": receipts})
+        .to_string();
     let wait = Duration::from_millis(POLL_HOLD_MS) + ANSWER_WAIT;
     let (status, text) = conn.post("/v1/poll", &auth, body, wait).await?;
     Some((status, serde_json::from_str(&text).ok()?))

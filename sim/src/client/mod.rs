@@ -162,6 +162,9 @@ pub async fn run_device(spec: DeviceSpec, run: DeviceRun) {
             continue;
         };
         dev.session_ended(last_heard);
+        if let Some(until) = dev.away_until.take() {
+            tokio::time::sleep(Duration::from_millis(until.saturating_sub(sim_ms()))).await;
+        }
         if servers.len() > 1 && dev.rng.chance(0.5) {
             server = (server + 1) % servers.len();
         }
@@ -239,6 +242,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
         auth.clone(),
         dev.cursors.clone(),
         poll_limit(&mut dev.rng),
+        true,
     ));
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut last_heard = sim_ms();
@@ -271,7 +275,7 @@ async fn long_poll_session(dev: &mut Device, addr: std::net::SocketAddr) -> Opti
                         dev.on_frame(&frame, Transport::LongPoll);
                     }
                 }
-                poll = Box::pin(http::poll(addr, auth.clone(), dev.cursors.clone(), poll_limit(&mut dev.rng)));
+                poll = Box::pin(http::poll(addr, auth.clone(), dev.cursors.clone(), poll_limit(&mut dev.rng), false));
             }
             reply = replies.recv() => {
                 let Some(reply) = reply else { break 'session };
