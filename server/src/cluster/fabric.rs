@@ -30,14 +30,17 @@
 //!   also re-reads when a peer process it knew does not show in `lives` again
 //!   within a TTL: one that died before announcing itself again leaves nothing
 //!   to count.
-//! - `counted`: set of the processes counted dead, kept [`COUNTED_KEEP`] after
-//!   the last addition. A process counted dead may still be alive, cut off from
-//!   the registry (its lease lapsed, it went on taking sends into its outbox),
-//!   and die later with events queued after the count that resynced everyone.
-//!   So a server that starts counts each earlier process of its own id found
-//!   here once more (and removes it), and every server resyncs again. A counted
-//!   process that lived on and never starts again is the gap left: its devices'
-//!   conversations catch up at the next entry, resync or reconnection.
+//! - `counted:{server}`: set of that server id's processes counted dead, kept
+//!   [`COUNTED_KEEP`] after its last addition. A process counted dead may still
+//!   be alive, cut off from the registry (its lease lapsed, it went on taking
+//!   sends into its outbox), and die later with events queued after the count
+//!   that resynced everyone. So a server that starts counts each earlier process
+//!   of its own id found here once more (and removes it), and every server
+//!   resyncs again: a crash and restart costs one or two more resyncs than it
+//!   would. Gaps left, where devices' conversations catch up only at the next
+//!   entry, resync or reconnection: a counted process that lived on and whose
+//!   id never starts again; one still alive and cut off when its id starts
+//!   again; and the sets lost with a registry that restarts empty.
 //! - channel `to:{server}`: events for devices on that server ([`Envelope`] JSON).
 //! - `watch:{user}`: set of users subscribed to `user`'s presence changes,
 //!   expiring [`WATCH_TTL`] after the last subscription.
@@ -75,8 +78,8 @@ const PENDING_FORGETS_MAX: usize = 100_000;
 /// Longest wait between two tries of a delete.
 const FORGET_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// How long the set of processes counted dead is kept after its last addition
-/// (a server id that starts again later than that is not counted again).
+/// How long a server id's set of processes counted dead is kept after its last
+/// addition (that id starting again later than that counts nothing).
 pub const COUNTED_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Who this server is in the cluster.
@@ -269,8 +272,8 @@ impl RegistryFabric {
         format!("{}peer_deaths", self.config.prefix)
     }
 
-    fn counted_key(&self) -> String {
-        format!("{}counted", self.config.prefix)
+    fn counted_key(&self, server: &str) -> String {
+        format!("{}counted:{server}", self.config.prefix)
     }
 
     /// This process in the set of lives.
@@ -340,17 +343,18 @@ impl RegistryFabric {
         // Remembered as counted first (see `counted` in the module doc): should
         // this caller fail in between, the process is counted again later, never
         // forgotten.
-        let mut ops: Vec<RegistryOp> = dead
-            .iter()
-            .map(|member| RegistryOp::SetAdd {
-                key: self.counted_key(),
+        let keep_ms = u64::try_from(COUNTED_KEEP.as_millis()).unwrap_or(u64::MAX);
+        let mut ops: Vec<RegistryOp> = Vec::with_capacity(dead.len() * 2 + 1);
+        for member in &dead {
+            let server = member.split_once('@').map_or("", |(_, id)| id);
+            let key = self.counted_key(server);
+            ops.push(RegistryOp::SetAdd {
+                key: key.clone(),
                 member: member.clone(),
-            })
-            .collect();
-        if !ops.is_empty() {
+            });
             ops.push(RegistryOp::Expire {
-                key: self.counted_key(),
-                ttl_ms: u64::try_from(COUNTED_KEEP.as_millis()).unwrap_or(u64::MAX),
+                key,
+                ttl_ms: keep_ms,
             });
         }
         ops.push(RegistryOp::RemoveCounting {
@@ -380,7 +384,7 @@ impl RegistryFabric {
         let counted = self
             .registry
             .run_one(RegistryOp::SetMembers {
-                key: self.counted_key(),
+                key: self.counted_key(&self.config.server_id),
             })
             .await?
             .members()?;
@@ -398,7 +402,7 @@ impl RegistryFabric {
         let earlier = mine.len();
         self.registry
             .run_one(RegistryOp::RemoveCounting {
-                set: self.counted_key(),
+                set: self.counted_key(&self.config.server_id),
                 counter: self.deaths_key(),
                 members: mine,
             })

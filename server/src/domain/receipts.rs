@@ -39,6 +39,19 @@ impl ReceiptsShown {
         self.shown.get(&(conv.to_owned(), user.to_owned()))
     }
 
+    /// Records `receipt` as shown (merged with what was) and returns that merge,
+    /// to be shown even if it adds nothing: for a device that may have lost what
+    /// it was shown (a long-poll response lost on the way).
+    pub fn show_again(&mut self, receipt: &Receipt) -> Receipt {
+        let key = (receipt.conv.clone(), receipt.user.clone());
+        let shown = self
+            .shown
+            .entry(key)
+            .and_modify(|shown| *shown = shown.merged(receipt))
+            .or_insert_with(|| receipt.clone());
+        shown.clone()
+    }
+
     /// Records `receipt` as shown (merged with what was) and says what to show.
     pub fn show(&mut self, receipt: &Receipt) -> ReceiptView {
         let key = (receipt.conv.clone(), receipt.user.clone());
@@ -73,6 +86,19 @@ mod tests {
             all_delivered: None,
             all_read: None,
         }
+    }
+
+    /// Shown again, a receipt is never below what was shown before.
+    #[test]
+    fn a_receipt_shown_again_never_goes_back() {
+        let mut shown = ReceiptsShown::default();
+        assert_eq!(
+            shown.show_again(&receipt(5, 3)),
+            receipt(5, 3),
+            "new: as it is"
+        );
+        assert_eq!(shown.show_again(&receipt(4, 4)), receipt(5, 4), "merged up");
+        assert_eq!(shown.show(&receipt(5, 4)), ReceiptView::Nothing);
     }
 
     /// A receipt that goes back is merged up or dropped; one that raises shows as it came.

@@ -30,13 +30,18 @@ const RESYNC_RETRY_AFTER: Duration = Duration::from_millis(500);
 /// How long the feed waits for the store's cursor before showing a receipt unraised.
 const RECEIPT_FLOOR_WAIT: Duration = Duration::from_millis(250);
 
-/// Pending presence changes are compacted to one per user beyond this many.
+/// Pending presence changes are compacted to one per user beyond this many (or
+/// twice what the last compaction left).
 const PRESENCE_PENDING_COMPACT_LEN: usize = 4096;
 
 /// How long a `presence` reply's last-seen times hold back strictly older changes
 /// that arrive after it (changes read before the reply, routed slower than it):
 /// longer than any routing delay a live cluster has.
 const PRESENCE_FLOOR_KEEP: Duration = Duration::from_secs(30);
+
+/// Most users a device keeps a presence floor for; past it, the floors closest to
+/// lapsing go first (a device asking about ever more users holds no more).
+const PRESENCE_FLOORS_MAX: usize = 4096;
 
 /// The last state per user of `states` (given in arrival order), in user order.
 fn latest_per_user(mut states: Vec<Arc<PresenceState>>) -> Vec<Arc<PresenceState>> {
@@ -65,6 +70,19 @@ impl PresenceFloors {
             self.0
                 .insert(state.user.clone(), (state.last_seen_ms, until));
         }
+        if self.0.len() > PRESENCE_FLOORS_MAX {
+            let mut lapsing: Vec<(tokio::time::Instant, String)> = self
+                .0
+                .iter()
+                .map(|(user, (_, until))| (*until, user.clone()))
+                .collect();
+            lapsing.sort();
+            let excess = self.0.len() - PRESENCE_FLOORS_MAX;
+            for (_, user) in lapsing.into_iter().take(excess) {
+                self.0.remove(&user);
+            }
+        }
+        debug_assert!(self.0.len() <= PRESENCE_FLOORS_MAX);
     }
 
     /// Forgets the floors that lapsed by `now`; the rest.
@@ -110,8 +128,8 @@ impl PresenceSlots {
         }
     }
 
-    /// The first slot after `now` that is at least an interval after the last
-    /// batch (`taken`).
+    /// The first slot at or after `now` that is at least an interval after the
+    /// last batch (`taken`).
     fn next(
         &self,
         now: tokio::time::Instant,
@@ -120,11 +138,20 @@ impl PresenceSlots {
         let earliest = taken.map_or(now, |t| (t + self.interval).max(now));
         let since = earliest.saturating_duration_since(self.origin).as_nanos();
         let interval = self.interval.as_nanos();
-        let slots = u32::try_from(since.div_ceil(interval)).unwrap_or(u32::MAX);
-        let due = self.origin + self.interval * slots;
+        // In u64 nanoseconds: 584 years of slots.
+        let offset = u64::try_from(since.div_ceil(interval) * interval).unwrap_or(u64::MAX);
+        let due = self.origin + Duration::from_nanos(offset);
         debug_assert!(due >= earliest, "a slot before the earliest allowed");
         due
     }
+}
+
+/// Whether receipts read from the store are shown again when they add nothing to
+/// what the feed showed (the device may have lost what it was shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShowAgain {
+    Yes,
+    No,
 }
 
 /// What the feed gives its transport to write, in order.
@@ -161,6 +188,8 @@ pub struct DeviceFeed {
     presence_pending: Vec<Arc<PresenceState>>,
     presence_due: Option<tokio::time::Instant>,
     presence_slots: PresenceSlots,
+    /// Pending presence changes are compacted beyond this many.
+    presence_compact_at: usize,
     /// When the last presence batch was taken.
     presence_taken: Option<tokio::time::Instant>,
     presence_floors: PresenceFloors,
@@ -196,6 +225,7 @@ impl DeviceFeed {
             presence_pending: Vec::new(),
             presence_due: None,
             presence_slots,
+            presence_compact_at: PRESENCE_PENDING_COMPACT_LEN,
             presence_taken: None,
             presence_floors: PresenceFloors::default(),
             resync_due: None,
@@ -388,13 +418,17 @@ impl DeviceFeed {
     pub fn take_presence(&mut self) -> Vec<PresenceState> {
         self.presence_due = None;
         let now = tokio::time::Instant::now();
-        self.presence_taken = Some(now);
         let floors = self.presence_floors.current(now);
-        latest_per_user(std::mem::take(&mut self.presence_pending))
+        let batch: Vec<PresenceState> = latest_per_user(std::mem::take(&mut self.presence_pending))
             .into_iter()
             .filter(|state| floors.admit(state))
             .map(|state| PresenceState::clone(&state))
-            .collect()
+            .collect();
+        self.presence_compact_at = PRESENCE_PENDING_COMPACT_LEN;
+        if !batch.is_empty() {
+            self.presence_taken = Some(now);
+        }
+        batch
     }
 
     /// Notes that the device was just shown `states` (a `presence` reply, read after
@@ -519,12 +553,10 @@ impl DeviceFeed {
 
     /// Like [`DeviceFeed::show_stored_receipts`] for a device that may not have seen
     /// what this feed showed it (a long-poll response lost on the way, the mailbox
-    /// still open): forgets what was shown, so every current receipt of `states`'
-    /// conversations is shown again from the store (the store's cursors are the
-    /// floor from then on, so receipts still never go back).
+    /// still open): every current receipt of `states`' conversations is shown again,
+    /// the store's cursor merged with what was shown, so it never goes back.
     pub async fn show_stored_receipts_again(&mut self, states: &[ConvState]) {
-        self.receipts_shown = ReceiptsShown::default();
-        self.show_stored_receipts(states).await;
+        self.show_receipts_from_store(states, ShowAgain::Yes).await;
     }
 
     /// Shows, from the store, the receipts for entries the device's user sent in
@@ -532,8 +564,12 @@ impl DeviceFeed {
     /// connection, every receipt that moved while the device was away. A store
     /// error is retried as a resync.
     pub async fn show_stored_receipts(&mut self, states: &[ConvState]) {
+        self.show_receipts_from_store(states, ShowAgain::No).await;
+    }
+
+    async fn show_receipts_from_store(&mut self, states: &[ConvState], again: ShowAgain) {
         for state in states {
-            if let Err(e) = self.resync_receipts(state).await {
+            if let Err(e) = self.resync_receipts(state, again).await {
                 tracing::warn!(conv = state.record.id, error = %e, "cannot read receipts for a new connection; retrying");
                 self.retry_resync();
             }
@@ -544,7 +580,11 @@ impl DeviceFeed {
     /// every member's cursor in `state`'s conversation that is ahead of what this
     /// feed showed, if the device's user sent an entry in the range they moved
     /// past (the receipts it would have been sent).
-    async fn resync_receipts(&mut self, state: &ConvState) -> Result<(), StoreError> {
+    async fn resync_receipts(
+        &mut self,
+        state: &ConvState,
+        again: ShowAgain,
+    ) -> Result<(), StoreError> {
         let me = self.lease.caller().user.clone();
         let members = state.record.current_members();
         if !members.contains(&me) {
@@ -560,7 +600,11 @@ impl DeviceFeed {
             .filter_map(|m| {
                 let c = cursors.get(m).copied()?;
                 let shown = self.receipts_shown.shown(conv, m);
-                let (d, r) = shown.map_or((0, 0), |s| (s.delivered, s.read));
+                let (d, r) = match again {
+                    // Everything shown may be lost: all of it is "ahead".
+                    ShowAgain::Yes => (0, 0),
+                    ShowAgain::No => shown.map_or((0, 0), |s| (s.delivered, s.read)),
+                };
                 (c.delivered > d || c.read > r).then_some((m, c, r))
             })
             .collect();
@@ -596,9 +640,23 @@ impl DeviceFeed {
                 all_delivered: all.map(|c| c.delivered),
                 all_read: all.map(|c| c.read),
             };
-            self.show_receipt(Arc::new(receipt), None);
+            match again {
+                ShowAgain::Yes => self.show_receipt_again(&receipt),
+                ShowAgain::No => self.show_receipt(Arc::new(receipt), None),
+            }
         }
         Ok(())
+    }
+
+    /// Shows `receipt` merged with what was shown, even if that adds nothing.
+    fn show_receipt_again(&mut self, receipt: &Receipt) {
+        let shown = self.receipts_shown.show_again(receipt);
+        let frame = Utf8Bytes::from(ServerFrame::Receipt(shown.clone()).to_json());
+        let key = (shown.conv.clone(), shown.user.clone());
+        self.receipts_pending.insert(key, (shown, frame));
+        if self.receipts_due.is_none() {
+            self.receipts_due = Some(tokio::time::Instant::now() + RECEIPT_BATCH_WINDOW);
+        }
     }
 
     fn end(&mut self, err: ProtocolError) {
@@ -831,10 +889,13 @@ impl DeviceFeed {
     /// Keeps the latest state per user until the next presence batch is due.
     fn on_presence(&mut self, states: &[Arc<PresenceState>]) {
         self.presence_pending.extend(states.iter().cloned());
-        if self.presence_pending.len() > PRESENCE_PENDING_COMPACT_LEN {
+        if self.presence_pending.len() > self.presence_compact_at {
             // Bounded: however many rounds arrive before the batch is due, a device
-            // holds at most one state per user it hears of, plus this much.
+            // holds at most twice one state per user it hears of, or this much; and
+            // compacting at twice the size left each time keeps it linear.
             self.presence_pending = latest_per_user(std::mem::take(&mut self.presence_pending));
+            self.presence_compact_at =
+                PRESENCE_PENDING_COMPACT_LEN.max(2 * self.presence_pending.len());
         }
         if self.presence_due.is_none() {
             let now = tokio::time::Instant::now();

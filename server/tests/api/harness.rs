@@ -271,3 +271,13 @@ pub fn seqs(events: &[Value], conv: &str) -> Vec<u64> {
         .map(|e| e["seq"].as_u64().unwrap())
         .collect()
 }
+
+/// True if an event other than `presence` arrives within [`QUIET`]. Presence
+/// events come at each connection's own phase of the presence interval whenever
+/// contacts connect, so "nothing more arrives" means nothing but presence.
+pub async fn delivers_within_quiet(client: &mut Client) -> bool {
+    client
+        .events_until(QUIET, |e| e["type"] != "presence")
+        .await
+        .is_ok()
+}
