@@ -1,7 +1,9 @@
 //! A streaming check of one device's order in each conversation (guarantee 4:
 //! every entry after all lower seqs, never twice, no skipped number).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 
 use crate::Violation;
 
@@ -46,21 +48,41 @@ struct ConvOrder {
 /// An entry above the next expected seq is a `gap` (the skipped seqs are
 /// remembered); a skipped seq arriving later is a `reorder`; anything else at
 /// or below the expected seq is a `duplicate`.
-#[derive(Debug, Default)]
-pub struct OrderCheck {
-    convs: HashMap<String, ConvOrder>,
+///
+/// Conversations are keyed by `K`: their protocol id by default, or anything
+/// that names them one to one (the load generator keys by an index, so a
+/// device's check holds no copy of the ids).
+#[derive(Debug)]
+pub struct OrderCheck<K = String> {
+    convs: HashMap<K, ConvOrder>,
 }
 
-impl OrderCheck {
+impl<K> Default for OrderCheck<K> {
+    fn default() -> Self {
+        Self {
+            convs: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq> OrderCheck<K> {
     /// Checks entry `seq` of `conv`, for a device that sees `conv` from seq 1.
-    pub fn observe(&mut self, conv: &str, seq: u64) -> Result<(), OrderFault> {
+    pub fn observe<Q>(&mut self, conv: &Q, seq: u64) -> Result<(), OrderFault>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         self.observe_from(conv, seq, 1)
     }
 
     /// Checks entry `seq` of `conv`; `first_seq` is the first seq the device
     /// may see (a member added later starts at the entry that added them) and
     /// counts only the first time `conv` is observed.
-    pub fn observe_from(&mut self, conv: &str, seq: u64, first_seq: u64) -> Result<(), OrderFault> {
+    pub fn observe_from<Q>(&mut self, conv: &Q, seq: u64, first_seq: u64) -> Result<(), OrderFault>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         assert!(first_seq >= 1, "seqs start at 1");
         let c = match self.convs.get_mut(conv) {
             Some(c) => c,
@@ -96,7 +118,10 @@ impl OrderCheck {
 
     /// The highest seq held without a hole, per conversation observed: the
     /// cursors a reconnecting device presents.
-    pub fn cursors(&self) -> BTreeMap<String, u64> {
+    pub fn cursors(&self) -> BTreeMap<K, u64>
+    where
+        K: Ord + Clone,
+    {
         self.convs
             .iter()
             .map(|(conv, c)| {
@@ -111,7 +136,11 @@ impl OrderCheck {
     }
 
     /// True if the device holds `seq` of `conv`.
-    pub fn holds(&self, conv: &str, seq: u64) -> bool {
+    pub fn holds<Q>(&self, conv: &Q, seq: u64) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.convs
             .get(conv)
             .is_some_and(|c| (c.first_seq..c.next_seq).contains(&seq) && !c.skipped.contains(&seq))

@@ -58,43 +58,55 @@ impl SeqSet {
     }
 }
 
-/// The acknowledged seqs of every conversation of a run, by the conversation's index
-/// in the run's world; one lock per conversation.
+/// The acknowledged seqs of the conversations a process checks, by each
+/// conversation's index in the run's world; one lock per conversation. Sized by the
+/// conversations given, not by the world: a worker of a 200,000-user run keeps its
+/// share only.
 pub struct Acked {
-    convs: Vec<Mutex<SeqSet>>,
+    /// World indexes, ascending, without repeats; `seqs[i]` belongs to `indexes[i]`.
+    indexes: Vec<u32>,
+    seqs: Vec<Mutex<SeqSet>>,
 }
 
 impl Acked {
-    /// Nothing acknowledged yet in `convs` conversations.
-    pub fn new(convs: usize) -> Self {
-        Self {
-            convs: (0..convs).map(|_| Mutex::default()).collect(),
-        }
+    /// Nothing acknowledged yet in the conversations `convs` (world indexes, in any
+    /// order, repeats allowed).
+    pub fn new(convs: impl IntoIterator<Item = u32>) -> Self {
+        let mut indexes: Vec<u32> = convs.into_iter().collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        indexes.shrink_to_fit();
+        let seqs = indexes.iter().map(|_| Mutex::default()).collect();
+        Self { indexes, seqs }
     }
 
     /// Records the ack of `seq` in conversation `conv`; false if that seq was already
     /// acknowledged (a retried send the server recognised).
+    ///
+    /// Panics if `conv` is not one of the conversations this was made for: a device
+    /// records acks of its own conversations only.
     pub fn record(&self, conv: u32, seq: u64) -> bool {
-        self.convs[conv as usize]
-            .lock()
-            .expect("acked seqs")
-            .insert(seq)
+        let slot = self
+            .indexes
+            .binary_search(&conv)
+            .unwrap_or_else(|_| panic!("conversation {conv} is not checked by this process"));
+        self.seqs[slot].lock().expect("acked seqs").insert(seq)
     }
 
     /// Acknowledged messages in all.
     pub fn count(&self) -> u64 {
-        self.convs
+        self.seqs
             .iter()
             .map(|c| c.lock().expect("acked seqs").len())
             .sum()
     }
 
-    /// Each conversation's index with a copy of its acknowledged seqs.
-    pub fn by_conv(&self) -> impl Iterator<Item = (usize, SeqSet)> + '_ {
-        self.convs
+    /// Each conversation's world index with a copy of its acknowledged seqs.
+    pub fn by_conv(&self) -> impl Iterator<Item = (u32, SeqSet)> + '_ {
+        self.indexes
             .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.lock().expect("acked seqs").clone()))
+            .zip(&self.seqs)
+            .map(|(&i, c)| (i, c.lock().expect("acked seqs").clone()))
     }
 }
 
@@ -134,7 +146,7 @@ mod tests {
     /// one range whatever their number.
     #[test]
     fn a_conversations_acks_take_one_range() {
-        let acked = Acked::new(2);
+        let acked = Acked::new([9, 1, 9]);
         for seq in (2..100_000u64).step_by(2) {
             assert!(acked.record(1, seq + 1));
             assert!(acked.record(1, seq));
@@ -144,8 +156,21 @@ mod tests {
             "a second ack of a seq is not a second message"
         );
         assert_eq!(acked.count(), 99_998);
-        let (_, set) = acked.by_conv().nth(1).unwrap();
+        let (index, set) = acked.by_conv().next().unwrap();
+        assert_eq!(index, 1);
         assert_eq!(set.ranges(), 1);
         assert_eq!(set.iter().next(), Some(2));
+        assert_eq!(
+            acked.by_conv().map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![1, 9],
+            "one entry per conversation, ascending"
+        );
+    }
+
+    /// A conversation the process does not check is a bug in the caller.
+    #[test]
+    #[should_panic(expected = "not checked by this process")]
+    fn an_unknown_conversation_is_refused() {
+        Acked::new([3]).record(4, 1);
     }
 }

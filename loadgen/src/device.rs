@@ -1,18 +1,20 @@
 //! One simulated device: a WebSocket connection that sends on schedule (pipelined,
 //! never waiting for acks) and checks and times everything it receives.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
+use chatproof_server::auth::TokenKey;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::acked::Acked;
 use crate::run::state::RunHistograms;
 use crate::wire::{Incoming, WireReader, WireWriter};
+use crate::world::World;
 use chatproof_client::{FrameKind, Request, SendResult, ServerFrame};
 use chatproof_contract::{OrderCheck, Tally, Violation};
 
@@ -24,6 +26,8 @@ type Writer = Arc<tokio::sync::Mutex<WireWriter>>;
 pub const PENDING_SENDS_MAX: usize = 10_000;
 /// How long connecting plus catch-up may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a device's token is valid from its connect.
+const TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
 
 /// Microseconds since the Unix epoch: the stamp carried in every message, comparable across processes.
 pub fn now_us() -> u64 {
@@ -52,13 +56,68 @@ fn parse_send_rid(rid: &str) -> Option<u64> {
     rid.strip_prefix('s')?.parse().ok()
 }
 
+/// What every device of a run shares, held once rather than per device: the
+/// population (which names users and conversations), the key that mints tokens,
+/// the servers, and where devices record what they observe.
+pub struct DeviceContext {
+    /// The run's population.
+    pub world: Arc<World>,
+    key: TokenKey,
+    /// Never empty: user `u`'s devices connect to `targets[u % len]`.
+    targets: Vec<Target>,
+    stats: Arc<RunHistograms>,
+    acked: Arc<Acked>,
+}
+
+impl DeviceContext {
+    /// The context of a run's devices; `targets` must not be empty.
+    pub fn new(
+        world: Arc<World>,
+        key: TokenKey,
+        targets: Vec<Target>,
+        (stats, acked): (Arc<RunHistograms>, Arc<Acked>),
+    ) -> Self {
+        assert!(!targets.is_empty(), "devices need a server");
+        Self {
+            world,
+            key,
+            targets,
+            stats,
+            acked,
+        }
+    }
+
+    /// The server user `u`'s devices connect to.
+    pub fn target_of(&self, u: u32) -> &Target {
+        &self.targets[u as usize % self.targets.len()]
+    }
+
+    /// A fresh bearer token of user `u`.
+    pub fn token(&self, u: u32) -> String {
+        self.key.mint(
+            &self.world.user_id(u),
+            now_us() / 1_000_000 + TOKEN_LIFETIME_SECS,
+        )
+    }
+
+    /// `user/device`, as reports name a device.
+    pub fn device_name(&self, (user, device): (u32, u32)) -> String {
+        format!("{}/{}", self.world.user_id(user), World::device_id(device))
+    }
+}
+
 /// What a device observed; read after the run.
 pub struct DeviceState {
-    pending: HashMap<u64, Pending>,
-    /// The conversations the device's user is a member of, with their index in the
+    /// Sends waiting for their ack, by send number, ascending (a send takes its
+    /// number under this state's lock, so they are pushed in order).
+    pending: VecDeque<(u64, Pending)>,
+    /// The number of the device's next send (its request id is `s<n>`).
+    next_send: u64,
+    /// The conversations the device's user is a member of, by their index in the
     /// run's world.
-    member_convs: HashMap<String, u32>,
-    order: OrderCheck,
+    convs: Box<[u32]>,
+    /// Per conversation, by its index in the run's world.
+    order: OrderCheck<u32>,
     /// Contract violations seen by this device.
     pub violations: Tally,
     /// Sends refused by the server or locally.
@@ -79,24 +138,46 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
-    /// True if the device holds `seq` of `conv`.
-    pub fn holds(&self, conv: &str, seq: u64) -> bool {
-        self.order.holds(conv, seq)
+    /// True if the device holds `seq` of the world's conversation `conv`.
+    pub fn holds(&self, conv: u32, seq: u64) -> bool {
+        self.order.holds(&conv, seq)
+    }
+
+    /// The world index of `conv` when the device's user is a member of it.
+    fn member_of(&self, world: &World, conv: &str) -> Option<u32> {
+        self.convs
+            .iter()
+            .copied()
+            .find(|&k| world.convs[k as usize].id == conv)
+    }
+
+    /// Removes and returns pending send `n`.
+    fn take_pending(&mut self, n: u64) -> Option<Pending> {
+        let i = self.pending.binary_search_by_key(&n, |(m, _)| *m).ok()?;
+        let (_, pending) = self.pending.remove(i)?;
+        if self.pending.is_empty() {
+            // Most devices are idle between sends: give the buffer back.
+            self.pending = VecDeque::new();
+        }
+        Some(pending)
     }
 }
 
 /// A connected device.
 pub struct Device {
-    /// `user/device`, for reports.
-    pub name: String,
+    ctx: Arc<DeviceContext>,
+    /// Its user's index in the run's world.
+    pub user: u32,
+    /// Its index among its user's devices.
+    pub device: u32,
+    /// The source address its connections are made from.
+    source: Option<std::net::IpAddr>,
     /// The current connection's writer (replaced by a reconnect).
     writer: Mutex<Writer>,
     /// What it observed.
     pub state: Arc<Mutex<DeviceState>>,
-    next_rid: AtomicU64,
-    link: Link,
     reader: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    offline: std::sync::atomic::AtomicBool,
+    offline: AtomicBool,
 }
 
 /// A server the generator loads.
@@ -108,19 +189,14 @@ pub struct Target {
     pub addr: std::net::SocketAddr,
 }
 
-/// How to (re)connect a device.
-#[derive(Clone)]
-struct Link {
-    /// `HOST:PORT` of the WebSocket URL.
-    host: String,
-    /// Its path (`/v1/ws`).
-    path: String,
-    token: String,
-    device: String,
-    target: std::net::SocketAddr,
-    source: Option<std::net::IpAddr>,
-    stats: Arc<RunHistograms>,
-    acked: Arc<Acked>,
+impl Target {
+    /// `HOST:PORT` and the path of its URL.
+    fn host_and_path(&self) -> anyhow::Result<(&str, &str)> {
+        self.url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.find('/').map(|slash| rest.split_at(slash)))
+            .ok_or_else(|| anyhow!("{}: not a ws://HOST:PORT/PATH URL", self.url))
+    }
 }
 
 /// Why a send was not made.
@@ -134,24 +210,30 @@ pub enum SendError {
     Failed(#[from] anyhow::Error),
 }
 
-/// Opens a session: connect, hello with `cursors`, read loop, wait for the end of catch-up.
+/// Opens a session of device `who` from `source`: connect, hello with `cursors`,
+/// read loop, wait for the end of catch-up.
 async fn session(
-    link: &Link,
-    name: &str,
+    ctx: &Arc<DeviceContext>,
+    who: (u32, u32),
+    source: Option<std::net::IpAddr>,
     state: &Arc<Mutex<DeviceState>>,
-    cursors: &std::collections::BTreeMap<String, u64>,
+    cursors: &BTreeMap<String, u64>,
 ) -> anyhow::Result<(Writer, tokio::task::JoinHandle<()>)> {
+    let target = ctx.target_of(who.0);
+    let (host, path) = target.host_and_path()?;
     let connect = async {
-        let stream = open_tcp(link.target, link.source).await?;
-        crate::wire::handshake(stream, &link.host, &link.path)
+        let stream = open_tcp(target.addr, source).await?;
+        crate::wire::handshake(stream, host, path)
             .await
-            .with_context(|| format!("WebSocket handshake with ws://{}{}", link.host, link.path))
+            .with_context(|| format!("WebSocket handshake with {}", target.url))
     };
     let (reader, writer) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| anyhow!("connect timed out"))??;
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
-    let hello = Request::hello(&link.token, &link.device, Some(cursors), false).encode(HELLO_RID);
+    let token = ctx.token(who.0);
+    let device = World::device_id(who.1);
+    let hello = Request::hello(&token, &device, Some(cursors), false).encode(HELLO_RID);
     writer.lock().await.send_text(&hello).await?;
     let (ready_tx, ready_rx) = oneshot::channel();
     {
@@ -163,15 +245,15 @@ async fn session(
         reader,
         Arc::clone(&writer),
         Arc::clone(state),
-        (Arc::clone(&link.stats), Arc::clone(&link.acked)),
-        name.to_owned(),
+        (Arc::clone(ctx), who),
         ready_tx,
     ));
+    let name = || ctx.device_name(who);
     match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
         Ok(Ok(Ok(()))) => Ok((writer, reader)),
-        Ok(Ok(Err(why))) => bail!("{name}: {why}"),
-        Ok(Err(_)) => bail!("{name}: connection closed during hello"),
-        Err(_) => bail!("{name}: catch-up did not finish in {CONNECT_TIMEOUT:?}"),
+        Ok(Ok(Err(why))) => bail!("{}: {why}", name()),
+        Ok(Err(_)) => bail!("{}: connection closed during hello", name()),
+        Err(_) => bail!("{}: catch-up did not finish in {CONNECT_TIMEOUT:?}", name()),
     }
 }
 
@@ -217,18 +299,19 @@ pub async fn open_tcp(
 }
 
 impl Device {
-    /// Connects, says hello as `user`/`device`, and waits for the end of catch-up.
+    /// Connects device `device` of user `user` (both indexes in the run's world),
+    /// member of the world's conversations `convs`, from `source`; says hello and
+    /// waits for the end of catch-up.
     pub async fn connect(
-        url: &str,
-        token: &str,
-        (user, device): (&str, &str),
-        member_convs: HashMap<String, u32>,
-        (stats, acked): (Arc<RunHistograms>, Arc<Acked>),
-        (target, source): (std::net::SocketAddr, Option<std::net::IpAddr>),
+        ctx: &Arc<DeviceContext>,
+        (user, device): (u32, u32),
+        convs: Box<[u32]>,
+        source: Option<std::net::IpAddr>,
     ) -> anyhow::Result<Arc<Self>> {
         let state = Arc::new(Mutex::new(DeviceState {
-            pending: HashMap::new(),
-            member_convs,
+            pending: VecDeque::new(),
+            next_send: 0,
+            convs,
             order: OrderCheck::default(),
             violations: Tally::default(),
             send_errors: 0,
@@ -240,31 +323,23 @@ impl Device {
             last_presence_us: None,
             images_received: Vec::new(),
         }));
-        let name = format!("{user}/{device}");
-        let (host, path) = url
-            .strip_prefix("ws://")
-            .and_then(|rest| rest.find('/').map(|slash| rest.split_at(slash)))
-            .ok_or_else(|| anyhow!("{url}: not a ws://HOST:PORT/PATH URL"))?;
-        let link = Link {
-            host: host.to_owned(),
-            path: path.to_owned(),
-            token: token.to_owned(),
-            device: device.to_owned(),
-            target,
-            source,
-            stats,
-            acked,
-        };
-        let (writer, reader) = session(&link, &name, &state, &Default::default()).await?;
+        let (writer, reader) =
+            session(ctx, (user, device), source, &state, &BTreeMap::new()).await?;
         Ok(Arc::new(Self {
-            name,
+            ctx: Arc::clone(ctx),
+            user,
+            device,
+            source,
             writer: Mutex::new(writer),
             state,
-            next_rid: AtomicU64::new(0),
-            link,
             reader: Mutex::new(Some(reader)),
-            offline: std::sync::atomic::AtomicBool::new(false),
+            offline: AtomicBool::new(false),
         }))
+    }
+
+    /// `user/device`, for reports and logs.
+    pub fn name(&self) -> String {
+        self.ctx.device_name((self.user, self.device))
     }
 
     /// The current connection's writer.
@@ -282,7 +357,7 @@ impl Device {
                 .await
                 .is_err()
             {
-                tracing::warn!(device = self.name, "reader did not stop after close");
+                tracing::warn!(device = self.name(), "reader did not stop after close");
             }
         }
         self.state.lock().expect("device state").connected = false;
@@ -293,8 +368,17 @@ impl Device {
     /// with its original id.
     pub async fn reconnect(&self) -> anyhow::Result<Duration> {
         let started = std::time::Instant::now();
-        let cursors = self.state.lock().expect("device state").order.cursors();
-        let (writer, reader) = session(&self.link, &self.name, &self.state, &cursors).await?;
+        let cursors: BTreeMap<String, u64> = self
+            .state
+            .lock()
+            .expect("device state")
+            .order
+            .cursors()
+            .into_iter()
+            .map(|(k, seq)| (self.ctx.world.convs[k as usize].id.clone(), seq))
+            .collect();
+        let who = (self.user, self.device);
+        let (writer, reader) = session(&self.ctx, who, self.source, &self.state, &cursors).await?;
         let took = started.elapsed();
         *self.writer.lock().expect("writer") = Arc::clone(&writer);
         *self.reader.lock().expect("reader") = Some(reader);
@@ -304,8 +388,8 @@ impl Device {
             .lock()
             .expect("device state")
             .pending
-            .values()
-            .map(|p| p.frame.clone())
+            .iter()
+            .map(|(_, p)| p.frame.clone())
             .collect();
         let mut writer = writer.lock().await;
         for frame in frames {
@@ -314,9 +398,9 @@ impl Device {
         Ok(took)
     }
 
-    /// The bearer token of this device's user.
-    pub fn token(&self) -> &str {
-        &self.link.token
+    /// A fresh bearer token of this device's user.
+    pub fn token(&self) -> String {
+        self.ctx.token(self.user)
     }
 
     /// Whether the device is offline (churn).
@@ -337,37 +421,38 @@ impl Device {
         if self.offline.load(Ordering::SeqCst) {
             return Err(SendError::Offline);
         }
-        let n = self.next_rid.fetch_add(1, Ordering::Relaxed);
-        let rid = send_rid(n);
-        let frame = Request::Send {
-            conv,
-            message_id,
-            text: Some(text),
-            media,
-        };
-        let frame = Arc::<str>::from(frame.encode(&rid));
-        {
+        let (n, frame) = {
             let mut state = self.state.lock().expect("device state");
             if state.pending.len() >= PENDING_SENDS_MAX {
                 state.send_errors += 1;
                 return Err(anyhow!(
                     "{}: {PENDING_SENDS_MAX} sends already waiting for acks",
-                    self.name
+                    self.name()
                 )
                 .into());
             }
+            let n = state.next_send;
+            state.next_send += 1;
+            let frame = Request::Send {
+                conv,
+                message_id,
+                text: Some(text),
+                media,
+            };
+            let frame = Arc::<str>::from(frame.encode(&send_rid(n)));
             let pending = Pending {
                 scheduled_us,
                 frame: frame.clone(),
             };
-            state.pending.insert(n, pending);
-        }
+            state.pending.push_back((n, pending));
+            (n, frame)
+        };
         let sent = self.writer().lock().await.send_text(&frame).await;
         if let Err(e) = sent {
             let mut state = self.state.lock().expect("device state");
-            state.pending.remove(&n);
+            state.take_pending(n);
             state.send_errors += 1;
-            return Err(anyhow!("{}: {e}", self.name).into());
+            return Err(anyhow!("{}: {e}", self.name()).into());
         }
         Ok(())
     }
@@ -383,36 +468,37 @@ impl Device {
     }
 }
 
-/// Reads the connection until it ends: answers pings, and checks and times every
-/// frame ([`observe`]); says on `ready` when catch-up ended (or why it failed).
+/// Reads the connection of device `who` until it ends: answers pings, and checks
+/// and times every frame ([`observe`]); says on `ready` when catch-up ended (or why
+/// it failed).
+///
+/// This is the one task every connected device keeps, so its future is kept small:
+/// reads are polled in place ([`WireReader::poll_read`]), pongs are boxed.
 async fn read_loop(
     mut reader: WireReader,
     writer: Writer,
     state: Arc<Mutex<DeviceState>>,
-    (stats, acked): (Arc<RunHistograms>, Arc<Acked>),
-    name: String,
+    (ctx, who): (Arc<DeviceContext>, (u32, u32)),
     ready: oneshot::Sender<Result<(), String>>,
 ) {
     let mut ready = Some(ready);
     let mut pings: Vec<Vec<u8>> = Vec::new();
     loop {
-        let read = reader
-            .read(|incoming| match incoming {
-                Incoming::Text(text) => {
-                    observe(text, &state, (&stats, &acked), &name, &mut ready);
-                }
+        let read = std::future::poll_fn(|cx| {
+            reader.poll_read(cx, &mut |incoming| match incoming {
+                Incoming::Text(text) => observe(text, &state, (&ctx, who), &mut ready),
                 Incoming::Ping(payload) => pings.push(payload.to_vec()),
             })
-            .await;
-        for payload in pings.drain(..) {
-            // A failed pong shows as the end of the stream on the next read.
-            let _ = writer.lock().await.pong(&payload).await;
+        })
+        .await;
+        if !pings.is_empty() {
+            Box::pin(answer_pings(&writer, &mut pings)).await;
         }
         match read {
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {
-                tracing::debug!(device = name, error = %e, "connection ended");
+                tracing::debug!(device = ctx.device_name(who), error = %e, "connection ended");
                 break;
             }
         }
@@ -423,15 +509,25 @@ async fn read_loop(
     }
 }
 
+/// Answers each ping in `pings` (emptied) with its pong.
+async fn answer_pings(writer: &Writer, pings: &mut Vec<Vec<u8>>) {
+    let mut writer = writer.lock().await;
+    for payload in pings.drain(..) {
+        // A failed pong shows as the end of the stream on the next read.
+        let _ = writer.pong(&payload).await;
+    }
+}
+
 /// Checks and times one frame from the server (acks into `acked`, latencies into
-/// `stats`). `ready` is taken when catch-up ends.
+/// `stats`) by device `who`. `ready` is taken when catch-up ends.
 fn observe(
     text: &str,
     state: &Mutex<DeviceState>,
-    (stats, acked): (&RunHistograms, &Acked),
-    name: &str,
+    (ctx, who): (&DeviceContext, (u32, u32)),
     ready: &mut Option<oneshot::Sender<Result<(), String>>>,
 ) {
+    let (stats, acked, world) = (&*ctx.stats, &*ctx.acked, &*ctx.world);
+    let name = || ctx.device_name(who);
     let Ok(event) = ServerFrame::parse(text) else {
         return;
     };
@@ -450,23 +546,25 @@ fn observe(
         }
         (_, Some(HELLO_RID)) => {}
         (FrameKind::Ok, Some(rid)) => {
-            if let Some(p) = parse_send_rid(rid).and_then(|n| s.pending.remove(&n)) {
+            if let Some(p) = parse_send_rid(rid).and_then(|n| s.take_pending(n)) {
                 stats
                     .shard()
                     .lock()
                     .expect("stats")
                     .record_ack(p.scheduled_us, now);
                 match event.result::<SendResult>() {
-                    Some(sent) => match s.member_convs.get(sent.conv.as_ref()) {
-                        Some(&index) => {
+                    Some(sent) => match s.member_of(world, &sent.conv) {
+                        Some(index) => {
                             acked.record(index, sent.seq);
                         }
                         // It sends only to its conversations: an ack naming another
                         // is the server's mistake, and nothing can be expected of it.
                         None => s.violations.record(Violation::Phantom, || {
                             format!(
-                                "{name} got an ack for {} seq {}, a conversation it is not in",
-                                sent.conv, sent.seq
+                                "{} got an ack for {} seq {}, a conversation it is not in",
+                                name(),
+                                sent.conv,
+                                sent.seq
                             )
                         }),
                     },
@@ -475,25 +573,31 @@ fn observe(
             }
         }
         (FrameKind::Error, Some(rid))
-            if parse_send_rid(rid).is_some_and(|n| s.pending.remove(&n).is_some()) =>
+            if parse_send_rid(rid).is_some_and(|n| s.take_pending(n).is_some()) =>
         {
             s.send_errors += 1;
-            tracing::debug!(device = name, code = ?event.code, "send refused");
+            tracing::debug!(device = name(), code = ?event.code, "send refused");
         }
         (FrameKind::Msg, _) => {
             s.received += 1;
             let conv = event.conv.as_deref().unwrap_or_default();
             let seq = event.seq.unwrap_or(0);
-            let member = s.member_convs.contains_key(conv);
+            let member = s.member_of(world, conv);
             let DeviceState {
                 order, violations, ..
             } = &mut *s;
-            if !member {
-                violations.record(Violation::Phantom, || {
-                    format!("{name} received {conv} seq {seq} without being a member")
-                });
-            } else if let Err(fault) = order.observe(conv, seq) {
-                violations.record(fault.violation, || fault.describe(name, conv, seq));
+            match member {
+                None => violations.record(Violation::Phantom, || {
+                    format!(
+                        "{} received {conv} seq {seq} without being a member",
+                        name()
+                    )
+                }),
+                Some(index) => {
+                    if let Err(fault) = order.observe(&index, seq) {
+                        violations.record(fault.violation, || fault.describe(&name(), conv, seq));
+                    }
+                }
             }
             let Some(body) = event.body else { return };
             if body.kind.as_deref() == Some("image") && ready.is_none() {

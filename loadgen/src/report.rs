@@ -341,35 +341,28 @@ pub fn summarize_run(
     // Lost: every acknowledged message must be held by every connected device of every member.
     // Each device's user, indexed once rather than scanned per acknowledged message.
     let mut devices_of_user: std::collections::HashMap<
-        &str,
+        u32,
         Vec<&std::sync::Arc<crate::device::Device>>,
     > = std::collections::HashMap::new();
     for device in &devices {
-        let user = device.name.split('/').next().unwrap_or_default();
-        devices_of_user.entry(user).or_default().push(device);
+        devices_of_user.entry(device.user).or_default().push(device);
     }
-    let user_ids: Vec<String> = (0..config.world.user_count())
-        .map(|u| config.world.user_id(u))
-        .collect();
     for (index, seqs) in state.acked.by_conv() {
         if seqs.len() == 0 {
             continue;
         }
-        let c = &config.world.convs[index];
+        let c = &config.world.convs[index as usize];
         let conv = c.id.as_str();
-        let members = c
-            .members
-            .iter()
-            .flat_map(|u| devices_of_user.get(user_ids[*u as usize].as_str()));
+        let members = c.members.iter().flat_map(|u| devices_of_user.get(u));
         for device in members.flatten() {
             counts.deliveries_expected += seqs.len();
             let s = device.state.lock().expect("device state");
             for seq in seqs.iter() {
-                if s.holds(conv, seq) {
+                if s.holds(index, seq) {
                     counts.deliveries_received += 1;
                 } else {
                     violations.record(Violation::Lost, || {
-                        format!("{} never received {conv} seq {seq}", device.name)
+                        format!("{} never received {conv} seq {seq}", device.name())
                     });
                 }
             }

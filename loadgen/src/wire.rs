@@ -15,7 +15,6 @@
 //! tests, stays on tungstenite: it holds one connection, not hundreds of thousands.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 
@@ -169,31 +168,51 @@ impl WireReader {
     /// Waits for bytes from the server and hands every message they complete to
     /// `on`, in order. `Ok(false)` once the server closed the connection (a close
     /// frame or the end of the stream); an error for a protocol violation.
+    #[cfg(test)]
     pub async fn read(&mut self, mut on: impl FnMut(Incoming<'_>)) -> anyhow::Result<bool> {
+        std::future::poll_fn(|cx| self.poll_read(cx, &mut on)).await
+    }
+
+    /// [`Self::read`] as a poll: a caller that polls it in place keeps no read
+    /// future of its own (a device's task stays small).
+    pub fn poll_read(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        on: &mut impl FnMut(Incoming<'_>),
+    ) -> Poll<anyhow::Result<bool>> {
         if std::mem::take(&mut self.unparsed) {
             let bytes = std::mem::take(&mut self.partial);
-            let parsed = self.parse(&bytes, &mut on)?;
+            let parsed = self.parse(&bytes, on)?;
             self.keep_rest(&bytes[parsed.consumed..], parsed.needs);
             if parsed.consumed > 0 {
-                return Ok(!parsed.closed);
+                return Poll::Ready(Ok(!parsed.closed));
             }
         }
         if self.partial.is_empty() {
-            return poll_fn(|cx| self.poll_read_scratch(cx, &mut on)).await;
+            return self.poll_read_scratch(cx, on);
         }
-        // An incomplete frame: read the rest of it into its own buffer.
+        // An incomplete frame: read the rest of it into its own buffer, a chunk at a
+        // time (the chunk is zeroed before the read, so no more than a chunk at once).
         let want = self
             .partial_needs
             .saturating_sub(self.partial.len())
-            .max(PARTIAL_READ_MIN);
-        self.partial.reserve(want);
-        if self.half.read_buf(&mut self.partial).await? == 0 {
-            return Ok(false);
+            .clamp(PARTIAL_READ_MIN, SCRATCH_BYTES);
+        let had = self.partial.len();
+        self.partial.resize(had + want, 0);
+        let mut buf = ReadBuf::new(&mut self.partial[had..]);
+        let polled = Pin::new(&mut self.half).poll_read(cx, &mut buf);
+        let n = buf.filled().len();
+        self.partial.truncate(had + n);
+        match polled {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Ready(Ok(())) if n == 0 => return Poll::Ready(Ok(false)),
+            Poll::Ready(Ok(())) => {}
         }
         let bytes = std::mem::take(&mut self.partial);
-        let parsed = self.parse(&bytes, &mut on)?;
+        let parsed = self.parse(&bytes, on)?;
         self.keep_rest(&bytes[parsed.consumed..], parsed.needs);
-        Ok(!parsed.closed)
+        Poll::Ready(Ok(!parsed.closed))
     }
 
     /// One read into this thread's scratch buffer, parsed where it lies.

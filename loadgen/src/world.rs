@@ -116,11 +116,6 @@ impl World {
             .collect()
     }
 
-    /// Number of users.
-    pub fn user_count(&self) -> u32 {
-        self.users
-    }
-
     /// All users.
     pub fn all_users(&self) -> Vec<u32> {
         (0..self.users).collect()

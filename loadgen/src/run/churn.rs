@@ -62,7 +62,7 @@ pub async fn churn(state: Arc<RunState>) {
                             .histograms
                             .record(Measure::Reconnect, took.as_micros() as u64),
                         Err(e) => {
-                            tracing::warn!(device = d.name, error = %e, "reconnect failed");
+                            tracing::warn!(device = d.name(), error = %e, "reconnect failed");
                             state.counters.bump(Count::ReconnectFailures);
                         }
                     }

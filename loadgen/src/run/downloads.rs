@@ -39,7 +39,7 @@ pub async fn downloads(state: Arc<RunState>) {
                     .expect("never closed");
                 tokio::spawn(async move {
                     let _permit = permit;
-                    match http.download(device.token(), &id, size).await {
+                    match http.download(&device.token(), &id, size).await {
                         Ok(took) => {
                             state
                                 .histograms
@@ -47,7 +47,7 @@ pub async fn downloads(state: Arc<RunState>) {
                             state.counters.bump(Count::Downloads);
                         }
                         Err(e) => {
-                            tracing::warn!(device = device.name, error = %e, "download failed");
+                            tracing::warn!(device = device.name(), error = %e, "download failed");
                             state.counters.bump(Count::DownloadFailures);
                         }
                     }

@@ -5,7 +5,6 @@
 //! schedule of a driver is one goose transaction: a transaction per send cost more
 //! than the send.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -76,34 +75,17 @@ async fn connect_user(
     user: &mut GooseUser,
 ) -> Result<Vec<Arc<Device>>, Box<TransactionError>> {
     let world = &state.config.world;
-    let user_id = world.user_id(u);
-    let token = state
-        .config
-        .key
-        .mint(&user_id, now_us() / 1_000_000 + 24 * 3600);
-    let convs: HashMap<String, u32> = std::iter::once(world.direct_of(u))
+    let convs: Box<[u32]> = std::iter::once(world.direct_of(u))
         .chain(world.group_of(u))
-        .map(|k| (world.convs[k].id.clone(), k as u32))
+        .map(|k| k as u32)
         .collect();
-    let target = state.config.target_of(u);
+    let target = state.devices_ctx.target_of(u);
     let mut of_user = Vec::new();
     for d in 0..world.devices_per_user() {
         let started = std::time::Instant::now();
-        let result = Device::connect(
-            &target.url,
-            &token,
-            (&user_id, &World::device_id(d)),
-            convs.clone(),
-            (Arc::clone(&state.histograms), Arc::clone(&state.acked)),
-            (
-                target.addr,
-                crate::device::source_for(
-                    target.addr,
-                    state.counters.bump(Count::ConnectionsOpened),
-                ),
-            ),
-        )
-        .await;
+        let source =
+            crate::device::source_for(target.addr, state.counters.bump(Count::ConnectionsOpened));
+        let result = Device::connect(&state.devices_ctx, (u, d), convs.clone(), source).await;
         let took = started.elapsed();
         match result {
             Ok(device) => {
@@ -287,7 +269,7 @@ async fn send_image(
     bytes: Vec<u8>,
     scheduled_us: u64,
 ) {
-    match http.upload(device.token(), &conv, bytes).await {
+    match http.upload(&device.token(), &conv, bytes).await {
         Ok((id, took)) => {
             state
                 .histograms
@@ -303,11 +285,11 @@ async fn send_image(
                 Err(SendError::Offline) => {
                     state.counters.bump(Count::SkippedOffline);
                 }
-                Err(e) => tracing::warn!(device = device.name, error = %e, "image send failed"),
+                Err(e) => tracing::warn!(device = device.name(), error = %e, "image send failed"),
             }
         }
         Err(e) => {
-            tracing::warn!(device = device.name, error = %e, "upload failed");
+            tracing::warn!(device = device.name(), error = %e, "upload failed");
             state.counters.bump(Count::UploadFailures);
         }
     }

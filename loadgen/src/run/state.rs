@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Barrier;
 
 use crate::acked::Acked;
-use crate::device::{Device, Target};
+use crate::device::{Device, DeviceContext, Target};
 use crate::media::{ImageSet, MediaHttp};
 use crate::metrics::{latency_histogram, record_us, Histograms, LatencyStats, Measure};
 use crate::report::TimelinePoint;
@@ -47,7 +47,7 @@ pub struct RunConfig {
     /// The scenario (this process's share of it, for a worker or a part).
     pub scenario: Scenario,
     /// Its population.
-    pub world: World,
+    pub world: Arc<World>,
     /// The users this process drives (all, or one worker's share).
     pub users: Vec<u32>,
     /// When the schedule starts once this process's devices are connected.
@@ -84,7 +84,7 @@ impl RunConfig {
         let sends_per_driver = ((total / f64::from(l.drivers)).ceil() as u64).max(1);
         Self {
             scenario,
-            world,
+            world: Arc::new(world),
             users,
             start,
             targets,
@@ -94,11 +94,6 @@ impl RunConfig {
             interval,
             sends_per_driver,
         }
-    }
-
-    /// The server user `u`'s devices connect to.
-    pub fn target_of(&self, u: u32) -> &Target {
-        &self.targets[u as usize % self.targets.len()]
     }
 
     /// Devices this process drives.
@@ -320,6 +315,8 @@ pub struct RunState {
     pub histograms: Arc<RunHistograms>,
     /// Every acknowledged message so far, by conversation.
     pub acked: Arc<Acked>,
+    /// What every device shares.
+    pub devices_ctx: Arc<DeviceContext>,
     /// Every connected device.
     pub devices: Mutex<Vec<Arc<Device>>>,
     /// One point per second of the run.
@@ -332,12 +329,27 @@ impl RunState {
     /// The state of a run of `config`, nothing counted yet.
     pub fn new(config: RunConfig) -> Arc<Self> {
         let drivers = config.scenario.load.drivers;
-        let acked = Arc::new(Acked::new(config.world.convs.len()));
+        // The conversations of this process's users: a worker of a large run checks
+        // its share, never the whole world's.
+        let world = &config.world;
+        let convs = config
+            .users
+            .iter()
+            .flat_map(|&u| std::iter::once(world.direct_of(u)).chain(world.group_of(u)));
+        let acked = Arc::new(Acked::new(convs.map(|k| k as u32)));
+        let histograms = Arc::new(RunHistograms::new());
+        let devices_ctx = Arc::new(DeviceContext::new(
+            Arc::clone(&config.world),
+            config.key.clone(),
+            config.targets.clone(),
+            (Arc::clone(&histograms), Arc::clone(&acked)),
+        ));
         Arc::new(Self {
             config,
             counters: Counters::default(),
-            histograms: Arc::new(RunHistograms::new()),
+            histograms,
             acked,
+            devices_ctx,
             devices: Mutex::new(Vec::new()),
             timeline: Mutex::new(Vec::new()),
             gate: StartGate::new(drivers),
