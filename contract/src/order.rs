@@ -200,4 +200,25 @@ mod tests {
             "below the first visible seq is not a reorder"
         );
     }
+
+    /// Keyed by an index instead of the id, the check classifies and remembers
+    /// exactly as it does by id.
+    #[test]
+    fn an_index_keyed_check_matches_the_id_keyed_one() {
+        let seqs = [1, 2, 5, 3, 3, 6, 4, 9];
+        let mut by_id = OrderCheck::default();
+        let mut by_index: OrderCheck<u32> = OrderCheck::default();
+        for &seq in &seqs {
+            assert_eq!(
+                by_id.observe("g", seq),
+                by_index.observe(&7, seq),
+                "seq {seq}"
+            );
+        }
+        assert_eq!(by_index.cursors()[&7], by_id.cursors()["g"]);
+        for seq in 0..=10 {
+            assert_eq!(by_index.holds(&7, seq), by_id.holds("g", seq), "seq {seq}");
+        }
+        assert!(!by_index.holds(&8, 1), "another conversation holds nothing");
+    }
 }

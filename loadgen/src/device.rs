@@ -138,6 +138,26 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
+    /// Nothing observed yet by a device whose user is a member of the world's
+    /// conversations `convs`.
+    fn new(convs: Box<[u32]>) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            next_send: 0,
+            convs,
+            order: OrderCheck::default(),
+            violations: Tally::default(),
+            send_errors: 0,
+            received: 0,
+            connected: false,
+            presence_frames: 0,
+            presence_states: 0,
+            presence_gap_min_us: None,
+            last_presence_us: None,
+            images_received: Vec::new(),
+        }
+    }
+
     /// True if the device holds `seq` of the world's conversation `conv`.
     pub fn holds(&self, conv: u32, seq: u64) -> bool {
         self.order.holds(&conv, seq)
@@ -308,21 +328,7 @@ impl Device {
         convs: Box<[u32]>,
         source: Option<std::net::IpAddr>,
     ) -> anyhow::Result<Arc<Self>> {
-        let state = Arc::new(Mutex::new(DeviceState {
-            pending: VecDeque::new(),
-            next_send: 0,
-            convs,
-            order: OrderCheck::default(),
-            violations: Tally::default(),
-            send_errors: 0,
-            received: 0,
-            connected: false,
-            presence_frames: 0,
-            presence_states: 0,
-            presence_gap_min_us: None,
-            last_presence_us: None,
-            images_received: Vec::new(),
-        }));
+        let state = Arc::new(Mutex::new(DeviceState::new(convs)));
         let (writer, reader) =
             session(ctx, (user, device), source, &state, &BTreeMap::new()).await?;
         Ok(Arc::new(Self {
@@ -635,5 +641,46 @@ fn observe(
             }
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(n: u64) -> (u64, Pending) {
+        let frame = Arc::from(format!("frame {n}"));
+        (
+            n,
+            Pending {
+                scheduled_us: n,
+                frame,
+            },
+        )
+    }
+
+    /// Acks arrive in any order: each takes its own send, a second ack of the same
+    /// send takes nothing, and an idle device gives its queue's buffer back.
+    #[test]
+    fn pending_sends_are_taken_by_number_in_any_order() {
+        let mut state = DeviceState::new(Box::new([0]));
+        state.pending.extend((0..5).map(pending));
+        for n in [3, 0, 4] {
+            assert_eq!(state.take_pending(n).map(|p| p.scheduled_us), Some(n));
+            assert!(state.take_pending(n).is_none(), "send {n} taken twice");
+        }
+        assert_eq!(
+            state.pending.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(state.take_pending(7).is_none());
+        state.take_pending(1);
+        state.take_pending(2);
+        assert!(state.pending.is_empty());
+        assert_eq!(
+            state.pending.capacity(),
+            0,
+            "the buffer is returned when idle"
+        );
     }
 }

@@ -32,10 +32,16 @@ use crate::server::ConnGuard;
 use crate::service::{Caller, ChatService};
 use crate::transport::session;
 
+/// A WebSocket connection's read buffer, allocated with the connection and kept
+/// for its life. A client's request frame (a send of a short text is about 250
+/// bytes) fits in one read; a longer frame grows the buffer to its length. 4 KiB
+/// cost idle connections 3 KiB more each (`scenarios/bench/idle-19k.toml`).
+pub const READ_BUFFER_BYTES: usize = 1024;
+
 /// Per-connection WebSocket buffers: small, so idle connections stay cheap.
 pub fn websocket_config(frame_len_max_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(Some(frame_len_max_bytes))

@@ -116,7 +116,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                         Some(Err(e)) => break End::Transport(e),
                         Some(Ok(Message::Text(text))) => {
-                            match self.on_text(&text).await {
+                            // Boxed: a request's future (every handler's) would
+                            // otherwise sit in every idle session's task.
+                            match Box::pin(self.on_text(&text)).await {
                                 Ok(None) => {}
                                 Ok(Some(end)) => break end,
                                 Err(e) => break End::Transport(e),
