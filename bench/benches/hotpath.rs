@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use chatproof_server::domain::{DeviceStream, StreamStep};
-use chatproof_server::hub::{DeviceQueue, Hub, Push};
+use chatproof_server::hub::{DeviceQueue, Framed, Hub, Push};
 use chatproof_server::limits::Limits;
 use chatproof_server::protocol::{decode_request, Body, Entry, Request, ServerFrame};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -107,7 +107,7 @@ fn fanout(c: &mut Criterion) {
         .collect();
     let entry = Arc::new(group_entry());
     let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
-    let push = Push::Entry(entry, frame);
+    let push = Push::Entry(Framed::new(entry, frame));
     let mut group = c.benchmark_group("fanout");
     group.throughput(Throughput::Elements(FANOUT_DEVICES as u64));
     group.bench_with_input(

@@ -14,19 +14,37 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::{Entry, PresenceState, ProtocolError, Receipt};
 
-/// Something for one device's session to write.
+/// An event and its frame, serialized once for every device it is pushed to:
+/// queuing it for one more device costs one reference count.
+#[derive(Debug)]
+pub struct Framed<T> {
+    /// The event.
+    pub item: Arc<T>,
+    /// Its pre-serialized frame.
+    pub frame: Utf8Bytes,
+}
+
+impl<T> Framed<T> {
+    /// `item` with its `frame`, ready to be pushed.
+    pub fn new(item: Arc<T>, frame: Utf8Bytes) -> Arc<Self> {
+        Arc::new(Self { item, frame })
+    }
+}
+
+/// Something for one device's session to write. Kept small (a pointer and its
+/// kind): every device queue allocates its slots ahead, whatever it holds.
 #[derive(Debug, Clone)]
 pub enum Push {
     /// A conversation entry and its pre-serialized `msg` frame.
-    Entry(Arc<Entry>, Utf8Bytes),
+    Entry(Arc<Framed<Entry>>),
     /// A receipt and its pre-serialized frame.
-    Receipt(Arc<Receipt>, Utf8Bytes),
+    Receipt(Arc<Framed<Receipt>>),
     /// Presence changes (one or more users); sessions coalesce these into `presence` frames.
     Presence(Arc<[Arc<PresenceState>]>),
     /// Any other pre-serialized frame.
-    Frame(Utf8Bytes),
+    Frame(Box<Utf8Bytes>),
     /// Close the session with this error.
-    Close(ProtocolError),
+    Close(Box<ProtocolError>),
     /// Live events may have been lost (the cluster fabric was interrupted):
     /// re-read every conversation and deliver what is missing.
     Resync,
@@ -36,12 +54,20 @@ pub enum Push {
 /// about this much JSON).
 const PRESENCE_STATE_BYTES: usize = 64;
 
+// A queue's slots are allocated 32 at a time when it is made: one per connection.
+const _: () = assert!(
+    std::mem::size_of::<Push>() <= 24,
+    "a Push is a pointer and its kind"
+);
+
 impl Push {
     /// The bytes this push is counted as in a device's queue: its frame, or what
     /// it will be written as.
     pub fn queued_len(&self) -> usize {
         match self {
-            Push::Entry(_, frame) | Push::Receipt(_, frame) | Push::Frame(frame) => frame.len(),
+            Push::Entry(framed) => framed.frame.len(),
+            Push::Receipt(framed) => framed.frame.len(),
+            Push::Frame(frame) => frame.len(),
             Push::Presence(states) => states.len() * PRESENCE_STATE_BYTES,
             Push::Close(_) | Push::Resync => 0,
         }
@@ -169,10 +195,10 @@ impl Hub {
         let conn_id = self.next_conn_id.fetch_add(1, Ordering::Relaxed);
         if let Some(i) = again {
             let old = slots.swap_remove(i);
-            let _ = old.queue.try_send(Push::Close(ProtocolError::new(
+            let _ = old.queue.try_send(Push::Close(Box::new(ProtocolError::new(
                 crate::protocol::ErrorCode::Replaced,
                 "this device connected again; this connection is closed",
-            )));
+            ))));
         }
         slots.push(DeviceSlot {
             conn_id,
@@ -312,7 +338,7 @@ mod tests {
     use crate::limits::Limits;
 
     fn frame(len: usize) -> Push {
-        Push::Frame(Utf8Bytes::from("x".repeat(len)))
+        Push::Frame(Box::new(Utf8Bytes::from("x".repeat(len))))
     }
 
     fn state(user: &str, online: bool, last_seen_ms: Option<u64>) -> Arc<PresenceState> {

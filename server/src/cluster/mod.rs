@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::{Hub, Push};
+use crate::hub::{Framed, Hub, Push};
 use crate::protocol::{Entry, PresenceState, Receipt, ServerFrame};
 
 /// Why the fabric could not do something.
@@ -154,11 +154,11 @@ impl Envelope {
             (Some(entry), _, _) => {
                 let entry = Arc::new(entry);
                 let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&entry)).to_json());
-                Push::Entry(entry, frame)
+                Push::Entry(Framed::new(entry, frame))
             }
             (None, Some(receipt), _) => {
                 let frame = Utf8Bytes::from(ServerFrame::Receipt(receipt.clone()).to_json());
-                Push::Receipt(Arc::new(receipt), frame)
+                Push::Receipt(Framed::new(Arc::new(receipt), frame))
             }
             (None, None, Some(state)) => {
                 let admitted = hub.admit_presence(&[Arc::new(state)]);

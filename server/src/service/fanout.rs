@@ -112,7 +112,7 @@ impl ChatService {
     /// Fans an entry out to the devices connected to this server.
     pub(super) fn publish_here(&self, appended: &Appended) {
         let frame = Utf8Bytes::from(ServerFrame::Msg(Arc::clone(&appended.entry)).to_json());
-        let push = Push::Entry(Arc::clone(&appended.entry), frame);
+        let push = Push::Entry(Framed::new(Arc::clone(&appended.entry), frame));
         // Under the simulator, model what a multi-threaded runtime does for free: two
         // sends that commit in one order may fan out in the other.
         #[cfg(madsim)]

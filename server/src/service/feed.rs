@@ -341,10 +341,13 @@ impl DeviceFeed {
                 ErrorCode::SlowConsumer,
                 "too far behind on live events; reconnect to catch up",
             )),
-            Some(Push::Close(err)) => self.end(err),
-            Some(Push::Frame(frame)) => self.out.push(Out::Frame(frame)),
-            Some(Push::Receipt(receipt, frame)) => self.on_receipt(receipt, frame).await,
-            Some(Push::Entry(entry, frame)) => self.on_entry(&entry, frame).await,
+            Some(Push::Close(err)) => self.end(*err),
+            Some(Push::Frame(frame)) => self.out.push(Out::Frame(*frame)),
+            Some(Push::Receipt(framed)) => {
+                let Framed { item, frame } = &*framed;
+                self.on_receipt(Arc::clone(item), frame.clone()).await;
+            }
+            Some(Push::Entry(framed)) => self.on_entry(&framed.item, framed.frame.clone()).await,
             Some(Push::Resync) => self.resync().await,
             Some(Push::Presence(states)) => self.on_presence(&states),
         }

@@ -230,7 +230,8 @@ impl ChatService {
                 }
             });
         }
-        self.hub.publish(&targets, &Push::Receipt(receipt, frame));
+        self.hub
+            .publish(&targets, &Push::Receipt(Framed::new(receipt, frame)));
         Ok(())
     }
 

@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::cluster::outbox::{Outbox, Routing};
 use crate::cluster::{Fabric, Forwarded, Routed};
 use crate::domain::{Cursor, GroupChange};
-use crate::hub::{Hub, Push};
+use crate::hub::{Framed, Hub, Push};
 use crate::limits::Limits;
 use crate::media::BlobStore;
 use crate::metrics::{LimitHit, Metrics};
